@@ -1,0 +1,423 @@
+//! The signed model bundle: one tar file holding `manifest.json`, the files it lists (at least
+//! `model.onnx`) and detached signatures `signatures/<key-id>.sig` over the exact manifest bytes.
+//!
+//! Verification here covers what needs no model runtime, in this order: a signature by a trusted
+//! key, then the manifest, then every file's size and sha256. The agent goes on to check the
+//! contract against the loaded model and to replay the golden inputs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+
+use ed25519_dalek::Signature;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::drift::ReferenceSketch;
+use crate::keys::{KeyId, TrustedKeys};
+use crate::names;
+
+pub const MANIFEST_PATH: &str = "manifest.json";
+pub const MODEL_PATH: &str = "model.onnx";
+pub const SIGNATURE_DIR: &str = "signatures/";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Explicit size limits for reading an untrusted bundle.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_bundle_bytes: u64,
+    pub max_manifest_bytes: u64,
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_bundle_bytes: 512 << 20, max_manifest_bytes: 4 << 20, max_entries: 64 }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub version: semver::Version,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub files: Vec<FileEntry>,
+    pub contract: ModelContract,
+    pub golden: GoldenSet,
+    pub reference: ReferenceSketch,
+    pub lineage: Lineage,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Values in one sample: the shape without its leading batch dimension.
+    pub fn sample_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelContract {
+    pub input: TensorSpec,
+    pub output: TensorSpec,
+    /// One name per input value of a sample (tabular models); empty for images.
+    #[serde(default)]
+    pub feature_names: Vec<String>,
+    /// One label per output value (classes).
+    #[serde(default)]
+    pub output_labels: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GoldenSet {
+    /// Largest accepted absolute difference per output value.
+    pub tolerance: f32,
+    pub cases: Vec<GoldenCase>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GoldenCase {
+    pub input: Vec<f32>,
+    pub expected: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Lineage {
+    /// sha256 of the training data snapshot.
+    pub training_data: String,
+    /// Commit of the training code.
+    pub code_commit: String,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("manifest is not valid JSON for format {FORMAT_VERSION}: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("manifest format {0} is not supported (this build reads format {FORMAT_VERSION})")]
+    Format(u32),
+    #[error(transparent)]
+    Name(#[from] names::InvalidName),
+    #[error("manifest lists no {MODEL_PATH}")]
+    NoModel,
+    #[error("manifest file path {0:?} is not a plain file name")]
+    BadPath(String),
+    #[error("manifest lists {0:?} twice")]
+    DuplicatePath(String),
+    #[error("golden case {case} has {got} input values; the contract input takes {want}")]
+    GoldenInputLen { case: usize, got: usize, want: usize },
+    #[error("golden case {case} has {got} expected values; the contract output gives {want}")]
+    GoldenOutputLen { case: usize, got: usize, want: usize },
+}
+
+impl Manifest {
+    /// Parses and checks the manifest's own consistency (names, paths, golden case sizes).
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = serde_json::from_slice(bytes)?;
+        manifest.check()?;
+        Ok(manifest)
+    }
+
+    pub fn check(&self) -> Result<(), ManifestError> {
+        if self.format != FORMAT_VERSION {
+            return Err(ManifestError::Format(self.format));
+        }
+        names::validate("model name", &self.name)?;
+        let mut seen = BTreeSet::new();
+        for file in &self.files {
+            if !is_plain_file_name(&file.path) || file.path == MANIFEST_PATH {
+                return Err(ManifestError::BadPath(file.path.clone()));
+            }
+            if !seen.insert(file.path.as_str()) {
+                return Err(ManifestError::DuplicatePath(file.path.clone()));
+            }
+        }
+        if !seen.contains(MODEL_PATH) {
+            return Err(ManifestError::NoModel);
+        }
+        let (want_in, want_out) = (self.contract.input.sample_len(), self.contract.output.sample_len());
+        for (case, golden) in self.golden.cases.iter().enumerate() {
+            if golden.input.len() != want_in {
+                return Err(ManifestError::GoldenInputLen { case, got: golden.input.len(), want: want_in });
+            }
+            if golden.expected.len() != want_out {
+                return Err(ManifestError::GoldenOutputLen { case, got: golden.expected.len(), want: want_out });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        // A derived Serialize on plain data cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+}
+
+/// A file name with no directory part: what a bundle may carry besides manifest and signatures.
+fn is_plain_file_name(path: &str) -> bool {
+    !path.is_empty()
+        && path.len() <= 128
+        && path != "."
+        && path != ".."
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn file_entry(path: &str, bytes: &[u8]) -> FileEntry {
+    FileEntry { path: path.to_string(), size: bytes.len() as u64, sha256: sha256_hex(bytes) }
+}
+
+/// A bundle as read from bytes: nothing in it is trusted yet.
+#[derive(Clone, Debug, Default)]
+pub struct UnverifiedBundle {
+    pub manifest_bytes: Vec<u8>,
+    pub signatures: BTreeMap<KeyId, Vec<u8>>,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+/// A bundle whose signature and file digests checked out.
+#[derive(Clone, Debug)]
+pub struct VerifiedBundle {
+    pub manifest: Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub signed_by: KeyId,
+    pub signatures: BTreeMap<KeyId, Vec<u8>>,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl VerifiedBundle {
+    pub fn model_bytes(&self) -> &[u8] {
+        // check() guarantees the manifest lists model.onnx and verify() that every listed file is present.
+        self.files.get(MODEL_PATH).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ArchiveError {
+    #[error("bundle is larger than the {limit}-byte limit")]
+    TooLarge { limit: u64 },
+    #[error("bundle is not a readable tar archive: {0}")]
+    Tar(String),
+    #[error("bundle holds more than {limit} entries")]
+    TooManyEntries { limit: usize },
+    #[error("bundle entry {0:?} is not a regular file with a plain name (links, directories and paths are refused)")]
+    UnsafeEntry(String),
+    #[error("bundle entry {path:?} is larger than its {limit}-byte limit")]
+    EntryTooLarge { path: String, limit: u64 },
+    #[error("bundle holds {0:?} twice")]
+    Duplicate(String),
+    #[error("signature file {0:?} is not named signatures/<16-hex-key-id>.sig")]
+    BadSignatureName(String),
+    #[error("bundle has no {MANIFEST_PATH}")]
+    NoManifest,
+}
+
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("bundle carries no signature")]
+    MissingSignature,
+    #[error("bundle is signed only by untrusted key(s) {0}; add the signer's public key to the trusted keys or re-sign")]
+    UntrustedSigner(String),
+    #[error("signature by trusted key {key_id} does not match the manifest: the manifest or signature was altered")]
+    BadSignature { key_id: KeyId },
+    #[error("signed manifest is invalid: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("file {0:?} listed in the manifest is missing from the bundle")]
+    MissingFile(String),
+    #[error("file {0:?} is in the bundle but not in the signed manifest")]
+    UnlistedFile(String),
+    #[error("file {path:?} is {actual} bytes; the manifest says {expected}")]
+    SizeMismatch { path: String, expected: u64, actual: u64 },
+    #[error("file {path:?} has sha256 {actual}; the manifest says {expected}: the file was altered")]
+    DigestMismatch { path: String, expected: String, actual: String },
+}
+
+/// Reads a bundle from bytes with limits; accepts only regular files with plain names.
+pub fn read_archive(bytes: &[u8], limits: &Limits) -> Result<UnverifiedBundle, ArchiveError> {
+    if bytes.len() as u64 > limits.max_bundle_bytes {
+        return Err(ArchiveError::TooLarge { limit: limits.max_bundle_bytes });
+    }
+    let mut archive = tar::Archive::new(bytes);
+    let entries = archive.entries().map_err(|e| ArchiveError::Tar(e.to_string()))?;
+    let mut bundle = UnverifiedBundle::default();
+    let mut manifest = None;
+    for (index, entry) in entries.enumerate() {
+        if index >= limits.max_entries {
+            return Err(ArchiveError::TooManyEntries { limit: limits.max_entries });
+        }
+        let mut entry = entry.map_err(|e| ArchiveError::Tar(e.to_string()))?;
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if !entry.header().entry_type().is_file() {
+            return Err(ArchiveError::UnsafeEntry(path));
+        }
+        let limit = if path == MANIFEST_PATH { limits.max_manifest_bytes } else { limits.max_bundle_bytes };
+        let mut data = Vec::new();
+        (&mut entry)
+            .take(limit + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| ArchiveError::Tar(e.to_string()))?;
+        if data.len() as u64 > limit {
+            return Err(ArchiveError::EntryTooLarge { path, limit });
+        }
+        if path == MANIFEST_PATH {
+            if manifest.replace(data).is_some() {
+                return Err(ArchiveError::Duplicate(path));
+            }
+        } else if let Some(name) = path.strip_prefix(SIGNATURE_DIR) {
+            let key_id = name
+                .strip_suffix(".sig")
+                .and_then(|id| KeyId::parse(id).ok())
+                .ok_or_else(|| ArchiveError::BadSignatureName(path.clone()))?;
+            if bundle.signatures.insert(key_id, data).is_some() {
+                return Err(ArchiveError::Duplicate(path));
+            }
+        } else if !is_plain_file_name(&path) {
+            return Err(ArchiveError::UnsafeEntry(path));
+        } else if bundle.files.insert(path.clone(), data).is_some() {
+            return Err(ArchiveError::Duplicate(path));
+        }
+    }
+    bundle.manifest_bytes = manifest.ok_or(ArchiveError::NoManifest)?;
+    Ok(bundle)
+}
+
+impl UnverifiedBundle {
+    /// Signature first (over the exact manifest bytes), then the manifest, then every file.
+    pub fn verify(self, trusted: &TrustedKeys) -> Result<VerifiedBundle, VerifyError> {
+        let signed_by = verify_signatures(&self.manifest_bytes, &self.signatures, trusted)?;
+        let manifest = Manifest::parse(&self.manifest_bytes)?;
+        verify_files(&manifest, &self.files)?;
+        Ok(VerifiedBundle {
+            manifest,
+            manifest_bytes: self.manifest_bytes,
+            signed_by,
+            signatures: self.signatures,
+            files: self.files,
+        })
+    }
+}
+
+/// Accepts when at least one signature is by a trusted key and every trusted-key signature
+/// verifies. A bad signature by a trusted key is an error even when another one is good: it means
+/// somebody altered something.
+pub fn verify_signatures(
+    manifest_bytes: &[u8],
+    signatures: &BTreeMap<KeyId, Vec<u8>>,
+    trusted: &TrustedKeys,
+) -> Result<KeyId, VerifyError> {
+    if signatures.is_empty() {
+        return Err(VerifyError::MissingSignature);
+    }
+    let mut good = None;
+    for (key_id, sig_bytes) in signatures {
+        let Some(key) = trusted.get(key_id) else { continue };
+        let signature = Signature::from_slice(sig_bytes).map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
+        key.verify_strict(manifest_bytes, &signature)
+            .map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
+        good.get_or_insert(*key_id);
+    }
+    good.ok_or_else(|| {
+        let ids: Vec<String> = signatures.keys().map(|k| k.to_string()).collect();
+        VerifyError::UntrustedSigner(ids.join(", "))
+    })
+}
+
+pub fn verify_files(manifest: &Manifest, files: &BTreeMap<String, Vec<u8>>) -> Result<(), VerifyError> {
+    for entry in &manifest.files {
+        let data = files.get(&entry.path).ok_or_else(|| VerifyError::MissingFile(entry.path.clone()))?;
+        if data.len() as u64 != entry.size {
+            return Err(VerifyError::SizeMismatch {
+                path: entry.path.clone(),
+                expected: entry.size,
+                actual: data.len() as u64,
+            });
+        }
+        let actual = sha256_hex(data);
+        if actual != entry.sha256 {
+            return Err(VerifyError::DigestMismatch { path: entry.path.clone(), expected: entry.sha256.clone(), actual });
+        }
+    }
+    if let Some(extra) = files.keys().find(|p| !manifest.files.iter().any(|e| &e.path == *p)) {
+        return Err(VerifyError::UnlistedFile(extra.clone()));
+    }
+    Ok(())
+}
+
+/// Writes a bundle archive: manifest first, then files, then signatures; fixed mtime and mode so
+/// the same inputs give the same bytes.
+pub fn write_archive(
+    manifest_bytes: &[u8],
+    files: &BTreeMap<String, Vec<u8>>,
+    signatures: &BTreeMap<KeyId, Vec<u8>>,
+) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut append = |path: &str, data: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        // Writing into a Vec cannot fail; names are checked plain names shorter than 100 bytes.
+        let _ = builder.append_data(&mut header, path, data);
+    };
+    append(MANIFEST_PATH, manifest_bytes);
+    for (path, data) in files {
+        append(path, data);
+    }
+    for (key_id, sig) in signatures {
+        append(&format!("{SIGNATURE_DIR}{key_id}.sig"), sig);
+    }
+    builder.into_inner().unwrap_or_default()
+}
+
+/// Adds (or replaces) the signature of `key` over the bundle's manifest bytes.
+pub fn add_signature(
+    bundle: &mut UnverifiedBundle,
+    key: &ed25519_dalek::SigningKey,
+) -> KeyId {
+    let key_id = KeyId::of(&key.verifying_key());
+    let signature = crate::keys::sign(key, &bundle.manifest_bytes);
+    bundle.signatures.insert(key_id, signature.to_bytes().to_vec());
+    key_id
+}
+
+#[cfg(test)]
+#[path = "bundle_tests.rs"]
+mod tests;

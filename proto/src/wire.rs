@@ -1,0 +1,350 @@
+//! Wire messages. MQTT payloads are postcard (compact, not self-describing: the `v1` in every
+//! topic is the payload version). HTTP bodies are JSON. Every message that concerns one model
+//! carries the model name, so a device can host several models from the first version on.
+
+use std::collections::BTreeMap;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::drift::SketchCounts;
+use crate::names;
+
+/// Largest MQTT payload either side publishes or accepts.
+pub const MAX_MQTT_PAYLOAD: usize = 64 * 1024;
+pub const TOPIC_ROOT: &str = "fleet/v1/devices";
+
+/// Every topic of the protocol, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topic {
+    /// agent -> server: [`Heartbeat`]
+    Heartbeat { device: String },
+    /// agent -> server: [`UpdateStatus`] for one model
+    Status { device: String, model: String },
+    /// agent -> server: [`DriftSummary`] for one model
+    Drift { device: String, model: String },
+    /// server -> agent: [`DesiredChanged`]; the agent then checks in over HTTP
+    Desired { device: String },
+}
+
+impl Topic {
+    pub fn render(&self) -> String {
+        match self {
+            Topic::Heartbeat { device } => format!("{TOPIC_ROOT}/{device}/heartbeat"),
+            Topic::Status { device, model } => format!("{TOPIC_ROOT}/{device}/models/{model}/status"),
+            Topic::Drift { device, model } => format!("{TOPIC_ROOT}/{device}/models/{model}/drift"),
+            Topic::Desired { device } => format!("{TOPIC_ROOT}/{device}/desired"),
+        }
+    }
+
+    /// Parses a concrete topic; names that fail validation make it unknown.
+    pub fn parse(topic: &str) -> Option<Topic> {
+        let rest = topic.strip_prefix(TOPIC_ROOT)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let valid = |kind, name: &str| names::validate(kind, name).is_ok();
+        let parsed = match parts.as_slice() {
+            [device, "heartbeat"] => Topic::Heartbeat { device: device.to_string() },
+            [device, "desired"] => Topic::Desired { device: device.to_string() },
+            [device, "models", model, "status"] if valid("model name", model) => {
+                Topic::Status { device: device.to_string(), model: model.to_string() }
+            }
+            [device, "models", model, "drift"] if valid("model name", model) => {
+                Topic::Drift { device: device.to_string(), model: model.to_string() }
+            }
+            _ => return None,
+        };
+        let device = match &parsed {
+            Topic::Heartbeat { device } | Topic::Desired { device } => device,
+            Topic::Status { device, .. } | Topic::Drift { device, .. } => device,
+        };
+        valid("device id", device).then_some(parsed)
+    }
+
+    /// Filters the server subscribes to.
+    pub fn server_filters() -> [String; 3] {
+        [
+            format!("{TOPIC_ROOT}/+/heartbeat"),
+            format!("{TOPIC_ROOT}/+/models/+/status"),
+            format!("{TOPIC_ROOT}/+/models/+/drift"),
+        ]
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum PayloadError {
+    #[error("payload of {0} bytes exceeds the {MAX_MQTT_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("payload does not decode as {kind}: {source}")]
+    Decode { kind: &'static str, source: postcard::Error },
+}
+
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Plain derived data into a Vec: postcard cannot fail here.
+    postcard::to_allocvec(message).unwrap_or_default()
+}
+
+pub fn decode<T: DeserializeOwned>(kind: &'static str, bytes: &[u8]) -> Result<T, PayloadError> {
+    if bytes.len() > MAX_MQTT_PAYLOAD {
+        return Err(PayloadError::TooLarge(bytes.len()));
+    }
+    postcard::from_bytes(bytes).map_err(|source| PayloadError::Decode { kind, source })
+}
+
+/// The steps a model update goes through on a device.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateStep {
+    Downloading,
+    Verifying,
+    SelfTest,
+    Activating,
+    Active,
+    Failed,
+    RolledBack,
+}
+
+impl UpdateStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateStep::Downloading => "downloading",
+            UpdateStep::Verifying => "verifying",
+            UpdateStep::SelfTest => "self_test",
+            UpdateStep::Activating => "activating",
+            UpdateStep::Active => "active",
+            UpdateStep::Failed => "failed",
+            UpdateStep::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<UpdateStep> {
+        [
+            UpdateStep::Downloading,
+            UpdateStep::Verifying,
+            UpdateStep::SelfTest,
+            UpdateStep::Activating,
+            UpdateStep::Active,
+            UpdateStep::Failed,
+            UpdateStep::RolledBack,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct UpdateStatus {
+    pub model: String,
+    /// The version this step is about.
+    pub version: String,
+    pub step: UpdateStep,
+    /// Why, for failed and rolled_back; empty otherwise.
+    pub detail: String,
+    /// The version serving requests now, if any.
+    pub active_version: Option<String>,
+    pub at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Health {
+    pub cpu_percent: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub disk_total_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelCounters {
+    pub model: String,
+    pub version: String,
+    pub inferences: u64,
+    pub errors: u64,
+    /// Telemetry records dropped because the writer was behind.
+    pub telemetry_dropped: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub at_ms: u64,
+    pub uptime_secs: u64,
+    pub health: Health,
+    pub models: Vec<ModelCounters>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DriftSummary {
+    pub model: String,
+    pub version: String,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub counts: SketchCounts,
+    /// The agent's own PSI against the bundle's reference; the server recomputes from counts.
+    pub score: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DesiredChanged {
+    pub revision: u64,
+}
+
+// ---- HTTP JSON bodies ----
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EnrollResponse {
+    pub device_id: String,
+    /// Bearer credential for the device API; shown once, stored hashed on the server.
+    pub credential: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct CheckinRequest {
+    pub models: Vec<UpdateStatus>,
+}
+
+/// What the server wants on a device: one entry per model name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct DesiredState {
+    pub revision: u64,
+    pub models: Vec<DesiredModel>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DesiredModel {
+    pub name: String,
+    pub version: String,
+    /// Path under the server URL, e.g. `/api/v1/bundles/tabular/1.0.0`.
+    pub bundle_path: String,
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
+}
+
+pub fn bundle_path(model: &str, version: &str) -> String {
+    format!("/api/v1/bundles/{model}/{version}")
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BundleInfo {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: u64,
+    pub signed_by: String,
+    pub lineage: crate::bundle::Lineage,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub model: String,
+    pub version: String,
+    /// Device ids; all devices when absent.
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeployResponse {
+    pub devices: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeviceModelView {
+    pub name: String,
+    pub desired_version: Option<String>,
+    pub active_version: Option<String>,
+    pub step: Option<UpdateStep>,
+    pub detail: String,
+    pub inferences: u64,
+    pub drift_summaries: u64,
+    pub drift_score: Option<f64>,
+    pub mean_confidence: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DeviceView {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_at_ms: u64,
+    pub last_seen_ms: Option<u64>,
+    pub health: Option<Health>,
+    pub models: Vec<DeviceModelView>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenResponse {
+    pub tokens: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_topic_round_trips_and_foreign_topics_are_unknown() {
+        let device = "d-1".to_string();
+        let model = "tabular".to_string();
+        for topic in [
+            Topic::Heartbeat { device: device.clone() },
+            Topic::Status { device: device.clone(), model: model.clone() },
+            Topic::Drift { device: device.clone(), model },
+            Topic::Desired { device },
+        ] {
+            assert_eq!(Topic::parse(&topic.render()), Some(topic));
+        }
+        for foreign in ["fleet/v1/devices/d/unknown", "other/d/heartbeat", "fleet/v1/devices/D!/heartbeat", "fleet/v1/devices/d/models/../drift"] {
+            assert_eq!(Topic::parse(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn payloads_round_trip_and_garbage_is_a_decode_error() {
+        let status = UpdateStatus {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            step: UpdateStep::Failed,
+            detail: "bad signature".into(),
+            active_version: Some("0.9.0".into()),
+            at_ms: 7,
+        };
+        assert_eq!(decode::<UpdateStatus>("status", &encode(&status)).unwrap(), status);
+        let err = decode::<UpdateStatus>("status", &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(err.to_string().starts_with("payload does not decode as status"), "{err}");
+        assert!(matches!(decode::<Heartbeat>("heartbeat", &vec![0; MAX_MQTT_PAYLOAD + 1]), Err(PayloadError::TooLarge(_))));
+    }
+
+    #[test]
+    fn update_steps_parse_from_their_names() {
+        for step in [UpdateStep::Downloading, UpdateStep::SelfTest, UpdateStep::RolledBack] {
+            assert_eq!(UpdateStep::parse(step.as_str()), Some(step));
+        }
+        assert_eq!(UpdateStep::parse("nope"), None);
+    }
+}
