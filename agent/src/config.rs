@@ -1,0 +1,187 @@
+//! Agent configuration: one TOML file, unknown keys rejected, every default written here and in
+//! `agent/edge-agent.example.toml`. `EDGE_AGENT_*` environment variables override a few keys for
+//! containers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Base URL of the fleet server, e.g. `http://fleet.example:8080`.
+    pub server_url: String,
+    /// One-time token used on first start to enroll; ignored once enrolled.
+    #[serde(default)]
+    pub enrollment_token: Option<String>,
+    /// Name shown to operators; defaults to the host name given at enrollment.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub data_dir: PathBuf,
+    /// Hex ed25519 public keys whose signatures on bundles are accepted.
+    pub trusted_keys: Vec<String>,
+    /// `mqtt://host:port`.
+    pub mqtt_url: String,
+    #[serde(default = "default_api_listen")]
+    pub api_listen: SocketAddr,
+    #[serde(default)]
+    pub intervals: Intervals,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Intervals {
+    /// HTTP check-in when no MQTT notification arrives.
+    pub checkin_secs: f64,
+    pub heartbeat_secs: f64,
+    /// One drift summary per model per window.
+    pub drift_secs: f64,
+}
+
+impl Default for Intervals {
+    fn default() -> Self {
+        Intervals { checkin_secs: 60.0, heartbeat_secs: 30.0, drift_secs: 60.0 }
+    }
+}
+
+impl Intervals {
+    pub fn checkin(&self) -> Duration {
+        Duration::from_secs_f64(self.checkin_secs.max(0.05))
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs_f64(self.heartbeat_secs.max(0.05))
+    }
+    pub fn drift(&self) -> Duration {
+        Duration::from_secs_f64(self.drift_secs.max(0.05))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_bundle_bytes: u64,
+    pub max_request_bytes: usize,
+    pub telemetry_queue: usize,
+    pub telemetry_max_rows: u64,
+    pub outbox_max_rows: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bundle_bytes: 512 << 20,
+            max_request_bytes: 4 << 20,
+            telemetry_queue: 8192,
+            telemetry_max_rows: 1_000_000,
+            outbox_max_rows: 10_000,
+        }
+    }
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8686))
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut config: AgentConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
+        config.apply_env(|key| std::env::var(key).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = var("EDGE_AGENT_SERVER_URL") {
+            self.server_url = v;
+        }
+        if let Some(v) = var("EDGE_AGENT_MQTT_URL") {
+            self.mqtt_url = v;
+        }
+        if let Some(v) = var("EDGE_AGENT_ENROLLMENT_TOKEN") {
+            self.enrollment_token = Some(v);
+        }
+        if let Some(v) = var("EDGE_AGENT_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.server_url.starts_with("http://") || self.server_url.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!("server_url {:?} must start with http:// or https://", self.server_url)));
+        }
+        if self.trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid("trusted_keys is empty: no bundle could ever be accepted".into()));
+        }
+        proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
+            .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;
+        crate::uplink::parse_mqtt_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+server_url = "http://127.0.0.1:8080"
+data_dir = "/tmp/agent"
+trusted_keys = ["8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c"]
+mqtt_url = "mqtt://127.0.0.1:1884"
+"#;
+
+    #[test]
+    fn a_minimal_config_gets_documented_defaults() {
+        let config: AgentConfig = toml::from_str(MINIMAL).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.api_listen, default_api_listen());
+        assert_eq!(config.intervals.drift(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = toml::from_str::<AgentConfig>(&format!("{MINIMAL}\nserver_ulr = \"x\"")).unwrap_err();
+        assert!(err.message().contains("server_ulr"), "{}", err.message());
+    }
+
+    #[test]
+    fn the_example_file_parses_and_validates() {
+        let text = include_str!("../edge-agent.example.toml");
+        let config: AgentConfig = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_the_server_url() {
+        let mut config: AgentConfig = toml::from_str(MINIMAL).unwrap();
+        config.apply_env(|k| (k == "EDGE_AGENT_SERVER_URL").then(|| "http://10.0.0.9:1".to_string()));
+        assert_eq!(config.server_url, "http://10.0.0.9:1");
+    }
+
+    #[test]
+    fn a_bad_trusted_key_is_named_in_the_error() {
+        let mut config: AgentConfig = toml::from_str(MINIMAL).unwrap();
+        config.trusted_keys = vec!["zz".into()];
+        assert!(config.validate().unwrap_err().to_string().contains("trusted_keys"));
+    }
+}

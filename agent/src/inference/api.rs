@@ -1,0 +1,73 @@
+//! The local inference API, bound to 127.0.0.1 by default:
+//! `POST /v1/models/{name}/infer` and `POST /v1/infer` (when one model is active),
+//! body `{"inputs": [[f32, ...], ...]}`; `GET /v1/models`; `GET /healthz`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::engine::{EngineHandle, InferError};
+use proto::wire::ErrorBody;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferRequest {
+    pub inputs: Vec<Vec<f32>>,
+}
+
+pub fn router(engine: EngineHandle, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/infer", post(infer_default))
+        .route("/v1/models/{name}/infer", post(infer_named))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(engine)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(ErrorBody { error: message })).into_response()
+}
+
+fn body_error(rejection: JsonRejection) -> Response {
+    let message = match &rejection {
+        JsonRejection::MissingJsonContentType(_) => "send the body as JSON with content-type application/json".to_string(),
+        JsonRejection::JsonDataError(e) => format!("the body must be {{\"inputs\": [[numbers, ...], ...]}}: {}", e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => format!("the body is not valid JSON: {}", e.body_text()),
+        _ => rejection.body_text(),
+    };
+    error(rejection.status(), message)
+}
+
+async fn run(engine: &EngineHandle, model: Option<String>, body: Result<Json<InferRequest>, JsonRejection>) -> Response {
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(rejection) => return body_error(rejection),
+    };
+    match engine.infer(model, request.inputs).await {
+        Ok(response) => Json(response).into_response(),
+        Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ (InferError::Run(_) | InferError::Stopped)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn infer_default(State(engine): State<EngineHandle>, body: Result<Json<InferRequest>, JsonRejection>) -> Response {
+    run(&engine, None, body).await
+}
+
+async fn infer_named(
+    State(engine): State<EngineHandle>,
+    Path(name): Path<String>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Response {
+    run(&engine, Some(name), body).await
+}
+
+async fn models(State(engine): State<EngineHandle>) -> Response {
+    Json(engine.active().await).into_response()
+}

@@ -1,0 +1,241 @@
+//! The inference engine: one dedicated thread owns every serving model, its tract session and its
+//! drift window. Requests arrive on a bounded channel; telemetry leaves through `try_send`, so a
+//! request never waits for disk or network.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::drift::{drift, SketchCounts};
+use proto::wire::{DriftSummary, ModelCounters};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use super::model::{LoadedModel, ModelError, Session};
+use crate::telemetry::{TelemetryRecord, TelemetrySink};
+use crate::unix_ms;
+
+/// Most rows accepted in one request.
+pub const MAX_BATCH_ROWS: usize = 1024;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum InferError {
+    #[error("no model named {0:?} is active on this device")]
+    UnknownModel(String),
+    #[error("no model is active on this device yet")]
+    NoModel,
+    #[error("several models are active ({0}); name one in the path /v1/models/<name>/infer")]
+    Ambiguous(String),
+    #[error("the batch is empty; send at least one row in \"inputs\"")]
+    EmptyBatch,
+    #[error("the batch has {0} rows; at most {MAX_BATCH_ROWS} are accepted")]
+    TooManyRows(usize),
+    #[error("input row {row} has {got} values; model {model:?} expects {want}{features}")]
+    RowLength { row: usize, got: usize, want: usize, model: String, features: String },
+    #[error("input row {row} holds a value that is not a finite number")]
+    NotFinite { row: usize },
+    #[error("inference failed: {0}")]
+    Run(String),
+    #[error("the inference engine has stopped")]
+    Stopped,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct InferResponse {
+    pub model: String,
+    pub version: String,
+    pub outputs: Vec<Vec<f32>>,
+}
+
+enum EngineMsg {
+    Infer { model: Option<String>, rows: Vec<Vec<f32>>, reply: oneshot::Sender<Result<InferResponse, InferError>> },
+    Install { model: Box<LoadedModel>, reply: oneshot::Sender<Result<(), ModelError>> },
+    TakeWindow { model: String, reply: oneshot::Sender<Option<DriftSummary>> },
+    Counters { reply: oneshot::Sender<Vec<ModelCounters>> },
+    Active { reply: oneshot::Sender<BTreeMap<String, String>> },
+}
+
+/// Cheap to clone; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<EngineMsg>,
+}
+
+struct Serving {
+    model: LoadedModel,
+    session: Session,
+    name: Arc<str>,
+    version: Arc<str>,
+    window: SketchCounts,
+    window_start_ms: u64,
+    inferences: u64,
+    errors: u64,
+}
+
+impl Serving {
+    fn new(model: LoadedModel) -> Result<Serving, ModelError> {
+        let session = model.session()?;
+        let window = SketchCounts::empty_for(&model.reference, model.contract.output.sample_len());
+        Ok(Serving {
+            name: model.name.as_str().into(),
+            version: model.version.as_str().into(),
+            session,
+            model,
+            window,
+            window_start_ms: unix_ms(),
+            inferences: 0,
+            errors: 0,
+        })
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; `queue` bounds the requests waiting for it.
+    pub fn spawn(telemetry: TelemetrySink, queue: usize) -> std::io::Result<EngineHandle> {
+        let (tx, rx) = mpsc::channel(queue);
+        std::thread::Builder::new().name("inference".into()).spawn(move || run_engine(rx, telemetry))?;
+        Ok(EngineHandle { tx })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> EngineMsg) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn infer(&self, model: Option<String>, rows: Vec<Vec<f32>>) -> Result<InferResponse, InferError> {
+        self.ask(|reply| EngineMsg::Infer { model, rows, reply }).await.unwrap_or(Err(InferError::Stopped))
+    }
+
+    /// Swaps a model in (replacing any version of the same name) between two requests.
+    pub async fn install(&self, model: LoadedModel) -> Result<(), ModelError> {
+        self.ask(|reply| EngineMsg::Install { model: Box::new(model), reply })
+            .await
+            .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
+    }
+
+    /// Closes the model's current drift window and opens a new one.
+    pub async fn take_window(&self, model: String) -> Option<DriftSummary> {
+        self.ask(|reply| EngineMsg::TakeWindow { model, reply }).await.flatten()
+    }
+
+    pub async fn counters(&self) -> Vec<ModelCounters> {
+        self.ask(|reply| EngineMsg::Counters { reply }).await.unwrap_or_default()
+    }
+
+    /// Active model name -> version.
+    pub async fn active(&self) -> BTreeMap<String, String> {
+        self.ask(|reply| EngineMsg::Active { reply }).await.unwrap_or_default()
+    }
+}
+
+fn run_engine(mut rx: mpsc::Receiver<EngineMsg>, telemetry: TelemetrySink) {
+    let mut serving: BTreeMap<String, Serving> = BTreeMap::new();
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            EngineMsg::Infer { model, rows, reply } => {
+                let result = pick(&mut serving, model).and_then(|s| infer(s, rows, &telemetry));
+                let _ = reply.send(result);
+            }
+            EngineMsg::Install { model, reply } => {
+                let result = Serving::new(*model).map(|s| {
+                    serving.insert(s.model.name.clone(), s);
+                });
+                let _ = reply.send(result);
+            }
+            EngineMsg::TakeWindow { model, reply } => {
+                let _ = reply.send(serving.get_mut(&model).map(take_window));
+            }
+            EngineMsg::Counters { reply } => {
+                let counters = serving
+                    .values()
+                    .map(|s| ModelCounters {
+                        model: s.name.to_string(),
+                        version: s.version.to_string(),
+                        inferences: s.inferences,
+                        errors: s.errors,
+                        telemetry_dropped: telemetry.dropped(),
+                    })
+                    .collect();
+                let _ = reply.send(counters);
+            }
+            EngineMsg::Active { reply } => {
+                let _ = reply.send(serving.values().map(|s| (s.name.to_string(), s.version.to_string())).collect());
+            }
+        }
+    }
+}
+
+fn pick(serving: &mut BTreeMap<String, Serving>, model: Option<String>) -> Result<&mut Serving, InferError> {
+    match model {
+        Some(name) => serving.get_mut(&name).ok_or(InferError::UnknownModel(name)),
+        None if serving.len() > 1 => Err(InferError::Ambiguous(serving.keys().cloned().collect::<Vec<_>>().join(", "))),
+        None => serving.values_mut().next().ok_or(InferError::NoModel),
+    }
+}
+
+fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
+    if rows.is_empty() {
+        return Err(InferError::EmptyBatch);
+    }
+    if rows.len() > MAX_BATCH_ROWS {
+        return Err(InferError::TooManyRows(rows.len()));
+    }
+    let want = serving.model.contract.input.sample_len();
+    for (row, values) in rows.iter().enumerate() {
+        if values.len() != want {
+            let names = &serving.model.contract.feature_names;
+            let features = if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) };
+            return Err(InferError::RowLength { row, got: values.len(), want, model: serving.model.name.clone(), features });
+        }
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(InferError::NotFinite { row });
+        }
+    }
+    Ok(())
+}
+
+fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) -> Result<InferResponse, InferError> {
+    validate(serving, &rows)?;
+    let mut outputs = Vec::with_capacity(rows.len());
+    for features in rows {
+        let started = Instant::now();
+        let output = match serving.session.run(&features) {
+            Ok(output) => output,
+            Err(e) => {
+                serving.errors += 1;
+                return Err(InferError::Run(e.to_string()));
+            }
+        };
+        let latency_us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        serving.inferences += 1;
+        serving.window.observe(&serving.model.reference.edges, &features, &output);
+        telemetry.offer(TelemetryRecord {
+            at_ms: unix_ms(),
+            model: serving.name.clone(),
+            version: serving.version.clone(),
+            latency_us,
+            features,
+            outputs: output.clone(),
+        });
+        outputs.push(output);
+    }
+    Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs })
+}
+
+fn take_window(serving: &mut Serving) -> DriftSummary {
+    let fresh = SketchCounts::empty_for(&serving.model.reference, serving.model.contract.output.sample_len());
+    let counts = std::mem::replace(&mut serving.window, fresh);
+    let now = unix_ms();
+    let start = std::mem::replace(&mut serving.window_start_ms, now);
+    let score = drift(&serving.model.reference, &counts).map(|r| r.score).unwrap_or(0.0);
+    DriftSummary {
+        model: serving.name.to_string(),
+        version: serving.version.to_string(),
+        window_start_ms: start,
+        window_end_ms: now,
+        counts,
+        score,
+    }
+}

@@ -1,0 +1,273 @@
+//! Starts the agent's actors and ties their lifetimes to one cancellation token.
+//!
+//! Order matters: the engine and installed models come up first, so a device that boots offline
+//! serves its last good model at once; enrollment, the MQTT session and the updater follow in the
+//! background and retry until the server is reachable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::bundle::Limits;
+use proto::wire::{EnrollRequest, EnrollResponse, Heartbeat};
+use proto::TrustedKeys;
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::health::HealthProbe;
+use crate::inference::{api, EngineHandle};
+use crate::state::{Identity, StateDb, StateError};
+use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
+use crate::updater::disk::Layout;
+use crate::updater::{restore_installed, UpdateError, Updater};
+use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Telemetry(#[from] WriterError),
+    #[error("cannot start the inference engine: {0}")]
+    Engine(std::io::Error),
+    #[error("cannot listen on {addr} for the local API: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Restore(#[from] UpdateError),
+    #[error("not enrolled and no enrollment_token in the config: get one with `fleetctl tokens create`")]
+    NoToken,
+}
+
+/// A running agent. Dropping it does not stop it; call [`AgentHandle::shutdown`].
+#[derive(Clone)]
+pub struct AgentHandle {
+    pub api_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub engine: EngineHandle,
+    pub telemetry: TelemetrySink,
+    device: watch::Receiver<Option<String>>,
+    cancel: CancellationToken,
+}
+
+impl AgentHandle {
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The device id once enrolled.
+    pub fn device_id(&self) -> Option<String> {
+        self.device.borrow().clone()
+    }
+
+    pub async fn enrolled(&self) -> Option<String> {
+        let mut rx = self.device.clone();
+        let device = rx.wait_for(Option::is_some).await.ok()?.clone();
+        device
+    }
+
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.cancel.clone().cancelled_owned()
+    }
+}
+
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+    let state_path = data_dir.join("agent.db");
+    let state = StateDb::open(&state_path)?;
+    if state.identity()?.is_none() && config.enrollment_token.is_none() {
+        return Err(StartError::NoToken);
+    }
+    let telemetry = spawn_writer(WriterConfig {
+        path: data_dir.join("telemetry.db"),
+        queue: config.limits.telemetry_queue,
+        batch: 512,
+        max_rows: config.limits.telemetry_max_rows,
+    })?;
+    let engine = EngineHandle::spawn(telemetry.clone(), 1024).map_err(StartError::Engine)?;
+    let trusted = Arc::new(
+        TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))
+            .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?,
+    );
+    let limits = Limits { max_bundle_bytes: config.limits.max_bundle_bytes, ..Limits::default() };
+    let layout = Layout::new(&data_dir);
+    restore_installed(&layout, &state, &engine, &trusted, &limits).await?;
+
+    let cancel = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.api_listen, source })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.api_listen, source })?;
+    let app = api::router(engine.clone(), config.limits.max_request_bytes);
+    let api_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(api_cancel.cancelled_owned()).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "local API stopped");
+        }
+    });
+
+    let (device_tx, device) = watch::channel(state.identity()?.map(|i| i.device_id));
+    let connected = Connected { config, state, layout, engine: engine.clone(), trusted, limits, state_path };
+    tokio::spawn(connected.run(device_tx, cancel.clone()));
+    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, cancel })
+}
+
+/// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
+struct Connected {
+    config: AgentConfig,
+    state: StateDb,
+    layout: Layout,
+    engine: EngineHandle,
+    trusted: Arc<TrustedKeys>,
+    limits: Limits,
+    state_path: PathBuf,
+}
+
+impl Connected {
+    async fn run(self, device_tx: watch::Sender<Option<String>>, cancel: CancellationToken) {
+        let http = match reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build() {
+            Ok(http) => http,
+            Err(e) => return tracing::error!(error = %e, "cannot build the HTTP client"),
+        };
+        let identity = tokio::select! {
+            _ = cancel.cancelled() => return,
+            identity = self.enroll_until_done(&http) => identity,
+        };
+        let Some(identity) = identity else { return };
+        let _ = device_tx.send(Some(identity.device_id.clone()));
+        let (updater_tx, updater_rx) = mpsc::channel(8);
+        let uplink = match spawn_uplink(
+            UplinkConfig {
+                mqtt_url: self.config.mqtt_url.clone(),
+                device_id: identity.device_id.clone(),
+                credential: identity.credential.clone(),
+                state_path: self.state_path.clone(),
+                outbox_max_rows: self.config.limits.outbox_max_rows,
+            },
+            updater_tx,
+            cancel.clone(),
+        ) {
+            Ok(uplink) => uplink,
+            Err(e) => return tracing::error!(error = %e, "cannot start the MQTT session"),
+        };
+        tokio::spawn(report_drift(self.engine.clone(), uplink.clone(), self.config.intervals.drift(), cancel.clone()));
+        tokio::spawn(report_health(
+            self.engine.clone(),
+            uplink.clone(),
+            self.config.data_dir.clone(),
+            self.config.intervals.heartbeat(),
+            cancel.clone(),
+        ));
+        let updater = Updater {
+            http,
+            server_url: self.config.server_url.trim_end_matches('/').to_string(),
+            device_id: identity.device_id,
+            credential: identity.credential,
+            layout: self.layout,
+            state: self.state,
+            engine: self.engine,
+            uplink,
+            trusted: self.trusted,
+            limits: self.limits,
+            checkin_every: self.config.intervals.checkin(),
+        };
+        updater.run(updater_rx, cancel).await;
+    }
+
+    async fn enroll_until_done(&self, http: &reqwest::Client) -> Option<Identity> {
+        if let Ok(Some(identity)) = self.state.identity() {
+            return Some(identity);
+        }
+        let token = self.config.enrollment_token.clone()?;
+        let url = format!("{}/api/v1/enroll", self.config.server_url.trim_end_matches('/'));
+        let request = EnrollRequest { token, name: self.config.name.clone(), labels: self.config.labels.clone() };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match enroll_once(http, &url, &request).await {
+                Ok(response) => {
+                    let identity = Identity { device_id: response.device_id, credential: response.credential };
+                    match self.state.save_identity(&identity) {
+                        Ok(()) => return Some(identity),
+                        Err(e) => tracing::error!(error = %e, "cannot save the enrolled identity"),
+                    }
+                }
+                Err(EnrollFailure::Refused(reason)) => {
+                    tracing::error!(%reason, "enrollment refused; fix the enrollment_token and restart");
+                    return None;
+                }
+                Err(EnrollFailure::Unreachable(reason)) => tracing::warn!(%reason, "server unreachable; retrying enrollment"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+enum EnrollFailure {
+    Refused(String),
+    Unreachable(String),
+}
+
+async fn enroll_once(http: &reqwest::Client, url: &str, request: &EnrollRequest) -> Result<EnrollResponse, EnrollFailure> {
+    let response = http.post(url).json(request).send().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))?;
+    let status = response.status();
+    if status.is_client_error() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(EnrollFailure::Refused(format!("HTTP {status}: {body}")));
+    }
+    if !status.is_success() {
+        return Err(EnrollFailure::Unreachable(format!("HTTP {status}")));
+    }
+    response.json().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))
+}
+
+async fn report_drift(engine: EngineHandle, uplink: UplinkHandle, every: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for model in engine.active().await.into_keys() {
+            if let Some(summary) = engine.take_window(model).await {
+                if summary.counts.samples > 0 {
+                    uplink.drift(&summary).await;
+                }
+            }
+        }
+    }
+}
+
+async fn report_health(engine: EngineHandle, uplink: UplinkHandle, data_dir: PathBuf, every: Duration, cancel: CancellationToken) {
+    let started = std::time::Instant::now();
+    let mut probe = HealthProbe::new(&data_dir);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (health, returned) = match tokio::task::spawn_blocking(move || (probe.sample(), probe)).await {
+            Ok((health, probe)) => (health, probe),
+            Err(_) => return,
+        };
+        probe = returned;
+        let heartbeat = Heartbeat {
+            at_ms: crate::unix_ms(),
+            uptime_secs: started.elapsed().as_secs(),
+            health,
+            models: engine.counters().await,
+        };
+        uplink.heartbeat(&heartbeat);
+    }
+}

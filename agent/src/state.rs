@@ -1,0 +1,182 @@
+//! `agent.db`: the agent's durable state — its identity, the last recorded step of each model's
+//! update, and the MQTT outbox. Each actor opens its own connection (WAL mode), so none shares a
+//! lock with another.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use proto::wire::UpdateStep;
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("agent state database {path}: {source}")]
+pub struct StateError {
+    pub path: PathBuf,
+    #[source]
+    pub source: rusqlite::Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub device_id: String,
+    pub credential: String,
+}
+
+/// The last recorded step of a model's update: written before the step starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateRecord {
+    pub model: String,
+    pub version: String,
+    pub step: UpdateStep,
+    pub detail: String,
+}
+
+/// One connection behind a mutex that is never held across an await (every method is sync),
+/// so the handle can live in async tasks.
+pub struct StateDb {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl StateDb {
+    pub fn open(path: &Path) -> Result<StateDb, StateError> {
+        let err = |source| StateError { path: path.into(), source };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS identity (
+                one INTEGER PRIMARY KEY CHECK (one = 1),
+                device_id TEXT NOT NULL,
+                credential TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS updates (
+                model TEXT PRIMARY KEY,
+                version TEXT NOT NULL,
+                step TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                updated_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS outbox (
+                id INTEGER PRIMARY KEY,
+                topic TEXT NOT NULL,
+                payload BLOB NOT NULL);",
+        )
+        .map_err(err)?;
+        Ok(StateDb { conn: Mutex::new(conn), path: path.into() })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection itself usable.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
+        |source| StateError { path: self.path.clone(), source }
+    }
+
+    pub fn identity(&self) -> Result<Option<Identity>, StateError> {
+        self.conn()
+            .query_row("SELECT device_id, credential FROM identity", [], |r| {
+                Ok(Identity { device_id: r.get(0)?, credential: r.get(1)? })
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn save_identity(&self, identity: &Identity) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO identity (one, device_id, credential) VALUES (1, ?1, ?2)",
+                params![identity.device_id, identity.credential],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub fn record(&self, record: &UpdateRecord) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO updates (model, version, step, detail, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![record.model, record.version, record.step.as_str(), record.detail, crate::unix_ms() as i64],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub fn records(&self) -> Result<Vec<UpdateRecord>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT model, version, step, detail FROM updates ORDER BY model").map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                let step: String = r.get(2)?;
+                Ok(UpdateRecord {
+                    model: r.get(0)?,
+                    version: r.get(1)?,
+                    step: UpdateStep::parse(&step).unwrap_or(UpdateStep::Failed),
+                    detail: r.get(3)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Appends to the outbox, dropping the oldest rows beyond `max_rows`; returns the row id.
+    pub fn outbox_push(&self, topic: &str, payload: &[u8], max_rows: u64) -> Result<i64, StateError> {
+        self.conn().execute("INSERT INTO outbox (topic, payload) VALUES (?1, ?2)", params![topic, payload]).map_err(self.err())?;
+        let id = self.conn().last_insert_rowid();
+        self.conn()
+            .execute("DELETE FROM outbox WHERE id <= ?1", params![id - max_rows as i64])
+            .map_err(self.err())?;
+        Ok(id)
+    }
+
+    pub fn outbox_pending(&self, limit: usize) -> Result<Vec<(i64, String, Vec<u8>)>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?1").map_err(self.err())?;
+        let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    pub fn outbox_delete(&self, id: i64) -> Result<(), StateError> {
+        self.conn().execute("DELETE FROM outbox WHERE id = ?1", params![id]).map(drop).map_err(self.err())
+    }
+
+    pub fn outbox_len(&self) -> Result<u64, StateError> {
+        self.conn().query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_records_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(db.identity().unwrap(), None);
+        let id = Identity { device_id: "d1".into(), credential: "c".into() };
+        db.save_identity(&id).unwrap();
+        let rec = UpdateRecord { model: "m".into(), version: "1.0.0".into(), step: UpdateStep::SelfTest, detail: String::new() };
+        db.record(&rec).unwrap();
+        drop(db);
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(db.identity().unwrap(), Some(id));
+        assert_eq!(db.records().unwrap(), vec![rec]);
+    }
+
+    #[test]
+    fn the_outbox_keeps_order_and_drops_the_oldest_beyond_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("agent.db")).unwrap();
+        for i in 0..5u8 {
+            db.outbox_push("t", &[i], 3).unwrap();
+        }
+        let payloads: Vec<Vec<u8>> = db.outbox_pending(10).unwrap().into_iter().map(|r| r.2).collect();
+        assert_eq!(payloads, vec![vec![2], vec![3], vec![4]]);
+        let first = db.outbox_pending(1).unwrap()[0].0;
+        db.outbox_delete(first).unwrap();
+        assert_eq!(db.outbox_len().unwrap(), 2);
+    }
+}

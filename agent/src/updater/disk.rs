@@ -1,0 +1,199 @@
+//! On-disk layout of installed models and the atomic switch.
+//!
+//! ```text
+//! <data>/models/<name>/versions/<version>/   manifest.json, model.onnx, signatures/<key>.sig
+//! <data>/models/<name>/current  -> versions/<version>     (the serving version)
+//! <data>/models/<name>/previous -> versions/<version>     (kept for rollback)
+//! <data>/downloads/<name>-<version>.bundle[.part]
+//! ```
+//! A version directory is written as `<version>.staging` and renamed into place; `current` is
+//! switched by renaming a fresh symlink over it, which is atomic on POSIX file systems. Every load
+//! re-verifies signatures and digests, so a file altered on disk never runs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use proto::bundle::{Limits, UnverifiedBundle, VerifiedBundle, MANIFEST_PATH, SIGNATURE_DIR};
+use proto::{KeyId, TrustedKeys};
+use thiserror::Error;
+
+use crate::inference::{LoadedModel, ModelError};
+
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("installed bundle {path} failed verification: {source}")]
+    Verify { path: PathBuf, source: proto::VerifyError },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
+    move |source| DiskError::Io { action, path: path.to_path_buf(), source }
+}
+
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: &Path) -> Layout {
+        Layout { root: data_dir.to_path_buf() }
+    }
+
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        self.root.join("models").join(name)
+    }
+
+    pub fn version_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.model_dir(name).join("versions").join(version)
+    }
+
+    pub fn download_path(&self, name: &str, version: &str) -> PathBuf {
+        self.root.join("downloads").join(format!("{name}-{version}.bundle"))
+    }
+
+    fn link(&self, name: &str, which: &str) -> PathBuf {
+        self.model_dir(name).join(which)
+    }
+
+    /// The version a link (`current` or `previous`) points to.
+    pub fn linked_version(&self, name: &str, which: &str) -> Option<String> {
+        let target = fs::read_link(self.link(name, which)).ok()?;
+        target.file_name()?.to_str().map(str::to_string)
+    }
+
+    pub fn current(&self, name: &str) -> Option<String> {
+        self.linked_version(name, "current")
+    }
+
+    /// Model names that have a `current` link.
+    pub fn installed(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.root.join("models")) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| self.current(name).is_some())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Writes a verified bundle into `versions/<version>` via a staging directory.
+    pub fn stage(&self, bundle: &VerifiedBundle) -> Result<PathBuf, DiskError> {
+        let name = &bundle.manifest.name;
+        let version = bundle.manifest.version.to_string();
+        let final_dir = self.version_dir(name, &version);
+        let staging = final_dir.with_extension("staging");
+        remove_dir_if_present(&staging)?;
+        remove_dir_if_present(&final_dir)?;
+        fs::create_dir_all(staging.join(SIGNATURE_DIR)).map_err(io("create", &staging))?;
+        write_synced(&staging.join(MANIFEST_PATH), &bundle.manifest_bytes)?;
+        for (path, data) in &bundle.files {
+            write_synced(&staging.join(path), data)?;
+        }
+        for (key_id, sig) in &bundle.signatures {
+            write_synced(&staging.join(SIGNATURE_DIR).join(format!("{key_id}.sig")), sig)?;
+        }
+        fs::rename(&staging, &final_dir).map_err(io("rename staging to", &final_dir))?;
+        sync_dir(final_dir.parent().unwrap_or(&final_dir))?;
+        Ok(final_dir)
+    }
+
+    /// Reads an installed version back, verifies it and loads the model (contract checked).
+    pub fn load(&self, name: &str, version: &str, trusted: &TrustedKeys, limits: &Limits) -> Result<LoadedModel, DiskError> {
+        let dir = self.version_dir(name, version);
+        let bundle = read_dir_bundle(&dir, limits)?;
+        let verified = bundle.verify(trusted).map_err(|source| DiskError::Verify { path: dir.clone(), source })?;
+        Ok(LoadedModel::load(&verified.manifest, verified.model_bytes())?)
+    }
+
+    /// Points `current` at `version`, keeping the old target as `previous`. Returns the old one.
+    pub fn activate(&self, name: &str, version: &str) -> Result<Option<String>, DiskError> {
+        let old = self.current(name);
+        if let Some(old) = old.as_deref().filter(|old| *old != version) {
+            self.point(name, "previous", old)?;
+        }
+        self.point(name, "current", version)?;
+        Ok(old)
+    }
+
+    /// Atomically (re)points a link by renaming a fresh symlink over it.
+    fn point(&self, name: &str, which: &str, version: &str) -> Result<(), DiskError> {
+        let link = self.link(name, which);
+        let tmp = self.link(name, &format!("{which}.new"));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(Path::new("versions").join(version), &tmp).map_err(io("create link", &tmp))?;
+        fs::rename(&tmp, &link).map_err(io("switch link", &link))?;
+        sync_dir(&self.model_dir(name))
+    }
+
+    /// Removes versions other than `current` and `previous`, and leftover staging directories.
+    pub fn collect_garbage(&self, name: &str) -> Result<(), DiskError> {
+        let keep: Vec<String> = ["current", "previous"].iter().filter_map(|w| self.linked_version(name, w)).collect();
+        let versions = self.model_dir(name).join("versions");
+        let Ok(entries) = fs::read_dir(&versions) else { return Ok(()) };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&file_name) {
+                remove_dir_if_present(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn remove_dir_if_present(path: &Path) -> Result<(), DiskError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DiskError::Io { action: "remove", path: path.into(), source: e }),
+        _ => Ok(()),
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), DiskError> {
+    let mut file = fs::File::create(path).map_err(io("create", path))?;
+    file.write_all(data).map_err(io("write", path))?;
+    file.sync_all().map_err(io("sync", path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), DiskError> {
+    fs::File::open(path).and_then(|d| d.sync_all()).map_err(io("sync", path))
+}
+
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, DiskError> {
+    let len = fs::metadata(path).map_err(io("stat", path))?.len();
+    if len > limit {
+        return Err(DiskError::Io {
+            action: "read",
+            path: path.into(),
+            source: std::io::Error::other(format!("file is {len} bytes, over the {limit}-byte limit")),
+        });
+    }
+    fs::read(path).map_err(io("read", path))
+}
+
+/// Reads an installed version directory as an (unverified) bundle.
+fn read_dir_bundle(dir: &Path, limits: &Limits) -> Result<UnverifiedBundle, DiskError> {
+    let manifest_bytes = read_limited(&dir.join(MANIFEST_PATH), limits.max_manifest_bytes)?;
+    let mut files = BTreeMap::new();
+    let mut signatures = BTreeMap::new();
+    for entry in fs::read_dir(dir).map_err(io("list", dir))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name == MANIFEST_PATH || path.is_dir() {
+            continue;
+        }
+        files.insert(name, read_limited(&path, limits.max_bundle_bytes)?);
+    }
+    let sig_dir = dir.join(SIGNATURE_DIR);
+    for entry in fs::read_dir(&sig_dir).map_err(io("list", &sig_dir))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(key_id) = name.strip_suffix(".sig").and_then(|id| KeyId::parse(id).ok()) {
+            signatures.insert(key_id, read_limited(&entry.path(), 1024)?);
+        }
+    }
+    Ok(UnverifiedBundle { manifest_bytes, signatures, files })
+}

@@ -1,0 +1,96 @@
+//! Bundle download with resume: bytes go to `<name>-<version>.bundle.part`; a restart continues
+//! with an HTTP Range request. The finished file must have the size and sha256 the server
+//! announced (transport integrity; authenticity comes from the signature check after).
+
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, Error)]
+pub enum DownloadError {
+    #[error("download of {url} failed: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("download of {url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("bundle {url} is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { url: String, size: u64, limit: u64 },
+    #[error("bundle {url} sent more than the announced {expected} bytes")]
+    Overrun { url: String, expected: u64 },
+    #[error("bundle {url} has sha256 {actual}, the server announced {expected}: discarded, will download again")]
+    Digest { url: String, expected: String, actual: String },
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+pub struct Download<'a> {
+    pub client: &'a reqwest::Client,
+    pub url: String,
+    pub credential: &'a str,
+    pub dest: PathBuf,
+    pub size: u64,
+    pub sha256: &'a str,
+    pub limit: u64,
+}
+
+impl Download<'_> {
+    /// Fetches (or resumes) into `dest` and returns the verified bytes.
+    pub async fn run(&self) -> Result<Vec<u8>, DownloadError> {
+        let url = self.url.clone();
+        if self.size > self.limit {
+            return Err(DownloadError::TooLarge { url, size: self.size, limit: self.limit });
+        }
+        let part = self.dest.with_extension("bundle.part");
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DownloadError::Io { action, path, source }
+        };
+        if let Some(parent) = self.dest.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io("create", parent))?;
+        }
+        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
+        if have < self.size {
+            self.fetch_from(have, &part).await?;
+        }
+        let bytes = tokio::fs::read(&part).await.map_err(io("read", &part))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if bytes.len() as u64 != self.size || actual != self.sha256 {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(DownloadError::Digest { url, expected: self.sha256.to_string(), actual });
+        }
+        tokio::fs::rename(&part, &self.dest).await.map_err(io("rename", &self.dest))?;
+        Ok(bytes)
+    }
+
+    async fn fetch_from(&self, have: u64, part: &Path) -> Result<(), DownloadError> {
+        let url = self.url.clone();
+        let http = |source| DownloadError::Http { url: url.clone(), source };
+        let mut request = self.client.get(&self.url).bearer_auth(self.credential);
+        if have > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let response = request.send().await.map_err(http)?;
+        let status = response.status().as_u16();
+        let mut file = match status {
+            206 => tokio::fs::OpenOptions::new().append(true).open(part).await,
+            200 => tokio::fs::File::create(part).await,
+            _ => return Err(DownloadError::Status { url, status }),
+        }
+        .map_err(|source| DownloadError::Io { action: "open", path: part.into(), source })?;
+        let mut written = if status == 206 { have } else { 0 };
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(http)?;
+            written += chunk.len() as u64;
+            if written > self.size {
+                drop(file);
+                let _ = tokio::fs::remove_file(part).await;
+                return Err(DownloadError::Overrun { url, expected: self.size });
+            }
+            file.write_all(&chunk).await.map_err(|source| DownloadError::Io { action: "write", path: part.into(), source })?;
+        }
+        file.sync_all().await.map_err(|source| DownloadError::Io { action: "sync", path: part.into(), source })
+    }
+}
