@@ -36,7 +36,9 @@ pub struct SketchCounts {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SketchError {
-    #[error("sketch layouts differ ({0}); sketches from different model contracts cannot be compared")]
+    #[error(
+        "sketch layouts differ ({0}); sketches from different model contracts cannot be compared"
+    )]
     LayoutMismatch(&'static str),
 }
 
@@ -44,7 +46,11 @@ impl SketchCounts {
     pub fn empty_for(reference: &ReferenceSketch, classes: usize) -> SketchCounts {
         SketchCounts {
             samples: 0,
-            features: reference.edges.iter().map(|e| vec![0; e.len() + 1]).collect(),
+            features: reference
+                .edges
+                .iter()
+                .map(|e| vec![0; e.len() + 1])
+                .collect(),
             classes: vec![0; classes],
             confidence_micros: 0,
         }
@@ -69,7 +75,11 @@ impl SketchCounts {
 
     pub fn merge(&mut self, other: &SketchCounts) -> Result<(), SketchError> {
         if self.features.len() != other.features.len()
-            || self.features.iter().zip(&other.features).any(|(a, b)| a.len() != b.len())
+            || self
+                .features
+                .iter()
+                .zip(&other.features)
+                .any(|(a, b)| a.len() != b.len())
         {
             return Err(SketchError::LayoutMismatch("feature bins"));
         }
@@ -108,7 +118,11 @@ pub fn build_reference(samples: &[Vec<f32>], outputs: &[Vec<f32>], bins: usize) 
     let width = samples.first().map_or(0, Vec::len);
     let edges: Vec<Vec<f32>> = (0..width)
         .map(|feature| {
-            let mut column: Vec<f32> = samples.iter().map(|s| s[feature]).filter(|v| v.is_finite()).collect();
+            let mut column: Vec<f32> = samples
+                .iter()
+                .map(|s| s[feature])
+                .filter(|v| v.is_finite())
+                .collect();
             column.sort_by(f32::total_cmp);
             let mut edges: Vec<f32> = (1..bins)
                 .filter_map(|q| column.get(q * column.len() / bins).copied())
@@ -118,7 +132,10 @@ pub fn build_reference(samples: &[Vec<f32>], outputs: &[Vec<f32>], bins: usize) 
         })
         .collect();
     let classes = outputs.first().map_or(0, Vec::len);
-    let mut reference = ReferenceSketch { edges, counts: SketchCounts::default() };
+    let mut reference = ReferenceSketch {
+        edges,
+        counts: SketchCounts::default(),
+    };
     let mut counts = SketchCounts::empty_for(&reference, classes);
     for (sample, output) in samples.iter().zip(outputs) {
         counts.observe(&reference.edges, sample, output);
@@ -141,18 +158,30 @@ pub struct DriftReport {
 }
 
 /// Compares a window (or a merge of windows) with the reference.
-pub fn drift(reference: &ReferenceSketch, current: &SketchCounts) -> Result<DriftReport, SketchError> {
+pub fn drift(
+    reference: &ReferenceSketch,
+    current: &SketchCounts,
+) -> Result<DriftReport, SketchError> {
     let expected_layout = SketchCounts::empty_for(reference, reference.counts.classes.len());
     if current.features.len() != expected_layout.features.len()
-        || current.features.iter().zip(&expected_layout.features).any(|(a, b)| a.len() != b.len())
+        || current
+            .features
+            .iter()
+            .zip(&expected_layout.features)
+            .any(|(a, b)| a.len() != b.len())
     {
         return Err(SketchError::LayoutMismatch("feature bins"));
     }
     if current.classes.len() != reference.counts.classes.len() {
         return Err(SketchError::LayoutMismatch("classes"));
     }
-    let feature_psi: Vec<f64> =
-        reference.counts.features.iter().zip(&current.features).map(|(r, c)| psi(r, c)).collect();
+    let feature_psi: Vec<f64> = reference
+        .counts
+        .features
+        .iter()
+        .zip(&current.features)
+        .map(|(r, c)| psi(r, c))
+        .collect();
     let prediction_psi = psi(&reference.counts.classes, &current.classes);
     let score = feature_psi.iter().copied().fold(prediction_psi, f64::max);
     Ok(DriftReport {
@@ -167,7 +196,8 @@ pub fn drift(reference: &ReferenceSketch, current: &SketchCounts) -> Result<Drif
 
 /// Population stability index with add-half smoothing so empty bins stay finite.
 pub fn psi(reference: &[u32], current: &[u32]) -> f64 {
-    let total_r: f64 = reference.iter().map(|&c| c as f64).sum::<f64>() + 0.5 * reference.len() as f64;
+    let total_r: f64 =
+        reference.iter().map(|&c| c as f64).sum::<f64>() + 0.5 * reference.len() as f64;
     let total_c: f64 = current.iter().map(|&c| c as f64).sum::<f64>() + 0.5 * current.len() as f64;
     if current.iter().all(|&c| c == 0) {
         return 0.0;
@@ -188,13 +218,27 @@ mod tests {
     use super::*;
 
     fn grid(n: usize, shift: f32) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let samples: Vec<Vec<f32>> =
-            (0..n).map(|i| vec![(i % 100) as f32 / 10.0 + shift, ((i * 7) % 100) as f32]).collect();
-        let outputs = samples.iter().map(|s| if s[0] < 5.0 { vec![0.9, 0.1] } else { vec![0.2, 0.8] }).collect();
+        let samples: Vec<Vec<f32>> = (0..n)
+            .map(|i| vec![(i % 100) as f32 / 10.0 + shift, ((i * 7) % 100) as f32])
+            .collect();
+        let outputs = samples
+            .iter()
+            .map(|s| {
+                if s[0] < 5.0 {
+                    vec![0.9, 0.1]
+                } else {
+                    vec![0.2, 0.8]
+                }
+            })
+            .collect();
         (samples, outputs)
     }
 
-    fn window(reference: &ReferenceSketch, samples: &[Vec<f32>], outputs: &[Vec<f32>]) -> SketchCounts {
+    fn window(
+        reference: &ReferenceSketch,
+        samples: &[Vec<f32>],
+        outputs: &[Vec<f32>],
+    ) -> SketchCounts {
         let mut counts = SketchCounts::empty_for(reference, 2);
         for (s, o) in samples.iter().zip(outputs) {
             counts.observe(&reference.edges, s, o);
@@ -212,7 +256,10 @@ mod tests {
         assert!(!same.drifted);
         let (shifted, shifted_out) = grid(1000, 4.0);
         let moved = drift(&reference, &window(&reference, &shifted, &shifted_out)).unwrap();
-        assert!(moved.drifted && moved.feature_psi[0] > 1.0 && moved.feature_psi[1] < 0.01, "{moved:?}");
+        assert!(
+            moved.drifted && moved.feature_psi[0] > 1.0 && moved.feature_psi[1] < 0.01,
+            "{moved:?}"
+        );
     }
 
     #[test]
@@ -228,9 +275,20 @@ mod tests {
 
     #[test]
     fn sketches_of_different_layouts_refuse_to_merge() {
-        let mut a = SketchCounts { features: vec![vec![0; 3]], classes: vec![0; 2], ..Default::default() };
-        let b = SketchCounts { features: vec![vec![0; 4]], classes: vec![0; 2], ..Default::default() };
-        assert_eq!(a.merge(&b), Err(SketchError::LayoutMismatch("feature bins")));
+        let mut a = SketchCounts {
+            features: vec![vec![0; 3]],
+            classes: vec![0; 2],
+            ..Default::default()
+        };
+        let b = SketchCounts {
+            features: vec![vec![0; 4]],
+            classes: vec![0; 2],
+            ..Default::default()
+        };
+        assert_eq!(
+            a.merge(&b),
+            Err(SketchError::LayoutMismatch("feature bins"))
+        );
     }
 
     #[test]
@@ -238,13 +296,27 @@ mod tests {
         let (samples, outputs) = grid(100, 0.0);
         let reference = build_reference(&samples, &outputs, DEFAULT_BINS);
         let report = drift(&reference, &SketchCounts::empty_for(&reference, 2)).unwrap();
-        assert_eq!((report.score, report.drifted, report.mean_confidence), (0.0, false, None));
+        assert_eq!(
+            (report.score, report.drifted, report.mean_confidence),
+            (0.0, false, None)
+        );
     }
 
     #[test]
     fn a_window_of_an_eight_feature_model_encodes_small() {
-        let samples: Vec<Vec<f32>> = (0..5000).map(|i| (0..8).map(|f| ((i * (f + 3)) % 97) as f32).collect()).collect();
-        let outputs: Vec<Vec<f32>> = (0..5000).map(|i| vec![0.1, 0.2, 0.7].into_iter().cycle().skip(i % 3).take(3).collect()).collect();
+        let samples: Vec<Vec<f32>> = (0..5000)
+            .map(|i| (0..8).map(|f| ((i * (f + 3)) % 97) as f32).collect())
+            .collect();
+        let outputs: Vec<Vec<f32>> = (0..5000)
+            .map(|i| {
+                vec![0.1, 0.2, 0.7]
+                    .into_iter()
+                    .cycle()
+                    .skip(i % 3)
+                    .take(3)
+                    .collect()
+            })
+            .collect();
         let reference = build_reference(&samples, &outputs, DEFAULT_BINS);
         let counts = window(&reference, &samples, &outputs);
         let bytes = postcard::to_allocvec(&counts).unwrap();

@@ -17,12 +17,17 @@ pub struct InvalidName {
 pub fn validate(kind: &'static str, name: &str) -> Result<(), InvalidName> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
-        Err(InvalidName { kind, name: name.to_string() })
+        Err(InvalidName {
+            kind,
+            name: name.to_string(),
+        })
     }
 }
 

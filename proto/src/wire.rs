@@ -31,7 +31,9 @@ impl Topic {
     pub fn render(&self) -> String {
         match self {
             Topic::Heartbeat { device } => format!("{TOPIC_ROOT}/{device}/heartbeat"),
-            Topic::Status { device, model } => format!("{TOPIC_ROOT}/{device}/models/{model}/status"),
+            Topic::Status { device, model } => {
+                format!("{TOPIC_ROOT}/{device}/models/{model}/status")
+            }
             Topic::Drift { device, model } => format!("{TOPIC_ROOT}/{device}/models/{model}/drift"),
             Topic::Desired { device } => format!("{TOPIC_ROOT}/{device}/desired"),
         }
@@ -43,14 +45,20 @@ impl Topic {
         let parts: Vec<&str> = rest.split('/').collect();
         let valid = |kind, name: &str| names::validate(kind, name).is_ok();
         let parsed = match parts.as_slice() {
-            [device, "heartbeat"] => Topic::Heartbeat { device: device.to_string() },
-            [device, "desired"] => Topic::Desired { device: device.to_string() },
-            [device, "models", model, "status"] if valid("model name", model) => {
-                Topic::Status { device: device.to_string(), model: model.to_string() }
-            }
-            [device, "models", model, "drift"] if valid("model name", model) => {
-                Topic::Drift { device: device.to_string(), model: model.to_string() }
-            }
+            [device, "heartbeat"] => Topic::Heartbeat {
+                device: device.to_string(),
+            },
+            [device, "desired"] => Topic::Desired {
+                device: device.to_string(),
+            },
+            [device, "models", model, "status"] if valid("model name", model) => Topic::Status {
+                device: device.to_string(),
+                model: model.to_string(),
+            },
+            [device, "models", model, "drift"] if valid("model name", model) => Topic::Drift {
+                device: device.to_string(),
+                model: model.to_string(),
+            },
             _ => return None,
         };
         let device = match &parsed {
@@ -75,7 +83,10 @@ pub enum PayloadError {
     #[error("payload of {0} bytes exceeds the {MAX_MQTT_PAYLOAD}-byte limit")]
     TooLarge(usize),
     #[error("payload does not decode as {kind}: {source}")]
-    Decode { kind: &'static str, source: postcard::Error },
+    Decode {
+        kind: &'static str,
+        source: postcard::Error,
+    },
 }
 
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
@@ -276,7 +287,7 @@ pub struct DeviceView {
     pub id: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub enrolled_at_ms: u64,
+    pub enrolled_ms: u64,
     pub last_seen_ms: Option<u64>,
     pub health: Option<Health>,
     pub models: Vec<DeviceModelView>,
@@ -312,14 +323,27 @@ mod tests {
         let device = "d-1".to_string();
         let model = "tabular".to_string();
         for topic in [
-            Topic::Heartbeat { device: device.clone() },
-            Topic::Status { device: device.clone(), model: model.clone() },
-            Topic::Drift { device: device.clone(), model },
+            Topic::Heartbeat {
+                device: device.clone(),
+            },
+            Topic::Status {
+                device: device.clone(),
+                model: model.clone(),
+            },
+            Topic::Drift {
+                device: device.clone(),
+                model,
+            },
             Topic::Desired { device },
         ] {
             assert_eq!(Topic::parse(&topic.render()), Some(topic));
         }
-        for foreign in ["fleet/v1/devices/d/unknown", "other/d/heartbeat", "fleet/v1/devices/D!/heartbeat", "fleet/v1/devices/d/models/../drift"] {
+        for foreign in [
+            "fleet/v1/devices/d/unknown",
+            "other/d/heartbeat",
+            "fleet/v1/devices/D!/heartbeat",
+            "fleet/v1/devices/d/models/../drift",
+        ] {
             assert_eq!(Topic::parse(foreign), None, "{foreign}");
         }
     }
@@ -334,15 +358,29 @@ mod tests {
             active_version: Some("0.9.0".into()),
             at_ms: 7,
         };
-        assert_eq!(decode::<UpdateStatus>("status", &encode(&status)).unwrap(), status);
+        assert_eq!(
+            decode::<UpdateStatus>("status", &encode(&status)).unwrap(),
+            status
+        );
         let err = decode::<UpdateStatus>("status", &[0xff, 0xff, 0xff]).unwrap_err();
-        assert!(err.to_string().starts_with("payload does not decode as status"), "{err}");
-        assert!(matches!(decode::<Heartbeat>("heartbeat", &vec![0; MAX_MQTT_PAYLOAD + 1]), Err(PayloadError::TooLarge(_))));
+        assert!(
+            err.to_string()
+                .starts_with("payload does not decode as status"),
+            "{err}"
+        );
+        assert!(matches!(
+            decode::<Heartbeat>("heartbeat", &vec![0; MAX_MQTT_PAYLOAD + 1]),
+            Err(PayloadError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn update_steps_parse_from_their_names() {
-        for step in [UpdateStep::Downloading, UpdateStep::SelfTest, UpdateStep::RolledBack] {
+        for step in [
+            UpdateStep::Downloading,
+            UpdateStep::SelfTest,
+            UpdateStep::RolledBack,
+        ] {
             assert_eq!(UpdateStep::parse(step.as_str()), Some(step));
         }
         assert_eq!(UpdateStep::parse("nope"), None);

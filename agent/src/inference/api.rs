@@ -35,28 +35,46 @@ fn error(status: StatusCode, message: String) -> Response {
 
 fn body_error(rejection: JsonRejection) -> Response {
     let message = match &rejection {
-        JsonRejection::MissingJsonContentType(_) => "send the body as JSON with content-type application/json".to_string(),
-        JsonRejection::JsonDataError(e) => format!("the body must be {{\"inputs\": [[numbers, ...], ...]}}: {}", e.body_text()),
-        JsonRejection::JsonSyntaxError(e) => format!("the body is not valid JSON: {}", e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => {
+            "send the body as JSON with content-type application/json".to_string()
+        }
+        JsonRejection::JsonDataError(e) => format!(
+            "the body must be {{\"inputs\": [[numbers, ...], ...]}}: {}",
+            e.body_text()
+        ),
+        JsonRejection::JsonSyntaxError(e) => {
+            format!("the body is not valid JSON: {}", e.body_text())
+        }
         _ => rejection.body_text(),
     };
     error(rejection.status(), message)
 }
 
-async fn run(engine: &EngineHandle, model: Option<String>, body: Result<Json<InferRequest>, JsonRejection>) -> Response {
+async fn run(
+    engine: &EngineHandle,
+    model: Option<String>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Response {
     let request = match body {
         Ok(Json(request)) => request,
         Err(rejection) => return body_error(rejection),
     };
     match engine.infer(model, request.inputs).await {
         Ok(response) => Json(response).into_response(),
-        Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ (InferError::Run(_) | InferError::Stopped)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ (InferError::Run(_) | InferError::Stopped)) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
-async fn infer_default(State(engine): State<EngineHandle>, body: Result<Json<InferRequest>, JsonRejection>) -> Response {
+async fn infer_default(
+    State(engine): State<EngineHandle>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Response {
     run(&engine, None, body).await
 }
 

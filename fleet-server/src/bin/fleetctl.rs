@@ -1,1 +1,341 @@
-fn main(){}
+//! fleetctl: the operator CLI. `fleetctl --help` lists the commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use fleet_server::client::FleetClient;
+use fleet_server::demo::{self, DemoOptions};
+use fleet_server::packaging;
+use proto::bundle::{read_archive, write_archive, Limits};
+use proto::keys::{parse_public_key, parse_secret_key, public_key_hex, secret_key_hex};
+use proto::wire::DeployRequest;
+use proto::{KeyId, TrustedKeys};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Operate a fleet of edge ML devices: keys, bundles, devices, deployments, and a local demo."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Fleet server base URL.
+    #[arg(long, env = "FLEET_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Operator token (the server writes one to <data-dir>/operator.token).
+    #[arg(long, env = "FLEET_TOKEN")]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an ed25519 signing key pair: <out>/<name>.key (secret) and <out>/<name>.pub.
+    Keygen {
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[arg(long, default_value = "fleet-signing")]
+        name: String,
+    },
+    /// Build, sign and verify model bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Upload a signed bundle to the server.
+    Publish {
+        bundle: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List devices with their models, status and last health.
+    Devices {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Make a published version the desired one on all (or the listed) devices.
+    Deploy {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        /// Comma-separated device ids; all devices when omitted.
+        #[arg(long, value_delimiter = ',')]
+        devices: Option<Vec<String>>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Create one-time enrollment tokens for new devices.
+    Tokens {
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run a real fleet on this machine: server, embedded broker, N agents, a deployment, drift.
+    Demo {
+        #[arg(long, default_value_t = 5)]
+        agents: usize,
+        /// Rows of traffic per agent (the second half is shifted).
+        #[arg(long, default_value_t = 400)]
+        rows: usize,
+        /// Use this MQTT broker (mqtt://host:port) instead of the embedded one.
+        #[arg(long)]
+        mqtt_url: Option<String>,
+        /// Print the final result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Package an .onnx model and its metadata TOML into an unsigned bundle.
+    Build {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        metadata: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a signature over the bundle's manifest (in place unless --out is given).
+    Sign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify signature, digests, contract and golden inputs, as a device would.
+    Verify {
+        bundle: PathBuf,
+        /// Public key files (or hex) to trust; repeatable.
+        #[arg(long = "trusted-key", required = true)]
+        trusted_keys: Vec<String>,
+    },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn key_text(arg: &str) -> Result<String> {
+    if Path::new(arg).exists() {
+        Ok(String::from_utf8_lossy(&read(Path::new(arg))?)
+            .trim()
+            .to_string())
+    } else {
+        Ok(arg.to_string())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Keygen { out, name } => keygen(&out, &name),
+        Command::Bundle(command) => bundle(command),
+        Command::Publish { bundle, server } => {
+            let info = FleetClient::new(&server.server, &server.token)
+                .publish(read(&bundle)?)
+                .await?;
+            println!(
+                "published {} {} ({} bytes, sha256 {}, signed by {})",
+                info.name, info.version, info.size, info.sha256, info.signed_by
+            );
+            Ok(())
+        }
+        Command::Devices { json, server } => devices(json, &server).await,
+        Command::Deploy {
+            model,
+            version,
+            devices,
+            server,
+        } => {
+            let response = FleetClient::new(&server.server, &server.token)
+                .deploy(&DeployRequest {
+                    model,
+                    version,
+                    devices,
+                })
+                .await?;
+            println!(
+                "desired on {} device(s): {}",
+                response.devices.len(),
+                response.devices.join(", ")
+            );
+            Ok(())
+        }
+        Command::Tokens { count, server } => {
+            for token in FleetClient::new(&server.server, &server.token)
+                .tokens(count)
+                .await?
+            {
+                println!("{token}");
+            }
+            Ok(())
+        }
+        Command::Demo {
+            agents,
+            rows,
+            mqtt_url,
+            json,
+        } => run_demo(agents, rows, mqtt_url, json).await,
+    }
+}
+
+fn keygen(out: &Path, name: &str) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let key = parse_secret_key(&hex::encode(rand::random::<[u8; 32]>()))?;
+    let secret_path = out.join(format!("{name}.key"));
+    let public_path = out.join(format!("{name}.pub"));
+    if secret_path.exists() {
+        bail!(
+            "{} exists; refusing to overwrite a signing key",
+            secret_path.display()
+        );
+    }
+    write(&secret_path, secret_key_hex(&key).as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o600))?;
+    write(
+        &public_path,
+        public_key_hex(&key.verifying_key()).as_bytes(),
+    )?;
+    println!(
+        "key id {}: secret {} public {}",
+        KeyId::of(&key.verifying_key()),
+        secret_path.display(),
+        public_path.display()
+    );
+    Ok(())
+}
+
+fn bundle(command: BundleCommand) -> Result<()> {
+    match command {
+        BundleCommand::Build {
+            model,
+            metadata,
+            out,
+        } => {
+            let created_at = fleet_server::unix_ms() / 1000;
+            let bundle = packaging::build(packaging::read_inputs(&model, &metadata, created_at)?)?;
+            write(
+                &out,
+                &write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures),
+            )?;
+            println!(
+                "built {} (unsigned): contract checked, golden cases reproduced",
+                out.display()
+            );
+        }
+        BundleCommand::Sign { bundle, key, out } => {
+            let key =
+                parse_secret_key(&key_text(&key.to_string_lossy())?).context("signing key")?;
+            let mut archive = read_archive(&read(&bundle)?, &Limits::default())?;
+            let key_id = proto::bundle::add_signature(&mut archive, &key);
+            let out = out.unwrap_or(bundle);
+            write(
+                &out,
+                &write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures),
+            )?;
+            println!("signed {} with key {key_id}", out.display());
+        }
+        BundleCommand::Verify {
+            bundle,
+            trusted_keys,
+        } => {
+            let keys = trusted_keys
+                .iter()
+                .map(|k| key_text(k).and_then(|t| Ok(parse_public_key(&t)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let verified = read_archive(&read(&bundle)?, &Limits::default())?
+                .verify(&TrustedKeys::new(keys))?;
+            let loaded = edge_agent::inference::LoadedModel::load(
+                &verified.manifest,
+                verified.model_bytes(),
+            )?;
+            loaded.self_test()?;
+            let m = &verified.manifest;
+            println!(
+                "ok: {} {} signed by {}; {} file(s) match; contract holds; {} golden case(s) reproduce within {}",
+                m.name,
+                m.version,
+                verified.signed_by,
+                m.files.len(),
+                m.golden.cases.len(),
+                m.golden.tolerance
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn devices(json: bool, server: &ServerArgs) -> Result<()> {
+    let devices = FleetClient::new(&server.server, &server.token)
+        .devices()
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<12} {:<10} {:<10} {:<10} {:<12} {:>10} {:>7}",
+        "id", "name", "model", "desired", "active", "status", "inferences", "drift"
+    );
+    for d in &devices {
+        if d.models.is_empty() {
+            println!("{:<18} {:<12} {:<10}", d.id, d.name, "-");
+        }
+        for m in &d.models {
+            println!(
+                "{:<18} {:<12} {:<10} {:<10} {:<10} {:<12} {:>10} {:>7}",
+                d.id,
+                d.name,
+                m.name,
+                m.desired_version.as_deref().unwrap_or("-"),
+                m.active_version.as_deref().unwrap_or("-"),
+                m.step.map_or("-", |s| s.as_str()),
+                m.inferences,
+                m.drift_score.map_or("-".into(), |s| format!("{s:.3}")),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_demo(agents: usize, rows: usize, mqtt_url: Option<String>, json: bool) -> Result<()> {
+    if agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let options = DemoOptions {
+        agents,
+        rows_per_agent: rows.max(2),
+        mqtt_url,
+        ..DemoOptions::default()
+    };
+    let result = demo::run(options, |line| eprintln!("==> {line}")).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        print!("{}", demo::render_table(&result));
+    }
+    if !result.ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}

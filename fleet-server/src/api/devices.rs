@@ -1,0 +1,115 @@
+//! Device endpoints: enrollment, check-in (desired state), bundle download with Range.
+
+use axum::extract::{Path, Request, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use proto::names;
+use proto::wire::{CheckinRequest, DesiredState, EnrollRequest, EnrollResponse};
+use tower::ServiceExt;
+
+use super::{blocking, sha256_hex, ApiError, AppState};
+use crate::store::NewDevice;
+
+pub async fn enroll(
+    State(state): State<AppState>,
+    body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "enrollment body must be {{\"token\": ..., \"name\": ..., \"labels\": {{...}}}}: {}",
+            e.body_text()
+        ))
+    })?;
+    for (key, value) in &request.labels {
+        if key.is_empty() || key.len() > 64 || value.len() > 256 {
+            return Err(ApiError::BadRequest(format!("label {key:?} must have a 1-64 character key and a value of at most 256 characters")));
+        }
+    }
+    let token_hash = sha256_hex(&request.token);
+    let now = crate::unix_ms();
+    if !blocking(&state.store, move |s| s.consume_token(&token_hash, now)).await? {
+        return Err(ApiError::Forbidden(
+            "enrollment token is unknown or already used; create one with `fleetctl tokens create`"
+                .into(),
+        ));
+    }
+    let device_id = format!("dev-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let credential = hex::encode(rand::random::<[u8; 32]>());
+    let device = NewDevice {
+        id: device_id.clone(),
+        name: if request.name.is_empty() {
+            device_id.clone()
+        } else {
+            request.name.clone()
+        },
+        labels: request.labels,
+        credential_hash: sha256_hex(&credential),
+        enrolled_ms: now,
+    };
+    blocking(&state.store, move |s| s.insert_device(&device)).await?;
+    tracing::info!(device = %device_id, "device enrolled");
+    Ok(Json(EnrollResponse {
+        device_id,
+        credential,
+    }))
+}
+
+pub async fn checkin(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<CheckinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<DesiredState>, ApiError> {
+    let device = state.require_device(&headers).await?;
+    if device != id {
+        return Err(ApiError::Forbidden(format!(
+            "this credential belongs to device {device}, not {id}"
+        )));
+    }
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!("check-in body is invalid: {}", e.body_text()))
+    })?;
+    let now = crate::unix_ms();
+    let desired = blocking(&state.store, move |s| {
+        s.touch(&device, now)?;
+        for status in &request.models {
+            if names::validate("model name", &status.model).is_ok() {
+                s.record_status(&device, status)?;
+            }
+        }
+        s.desired_state(&device)
+    })
+    .await?;
+    Ok(Json(desired))
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if state.require_operator(&headers).is_err() {
+        state.require_device(&headers).await?;
+    }
+    names::validate("model name", &name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    semver::Version::parse(&version).map_err(|_| {
+        ApiError::BadRequest(format!("version {version:?} is not a semantic version"))
+    })?;
+    let (n, v) = (name.clone(), version.clone());
+    if blocking(&state.store, move |s| s.bundle(&n, &v))
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!(
+            "no bundle {name} {version} is published"
+        )));
+    }
+    let path = crate::server::bundle_file(&state.bundle_dir, &name, &version);
+    let response = tower_http::services::ServeFile::new(path)
+        .oneshot(request)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(response.map(axum::body::Body::new).into_response())
+}

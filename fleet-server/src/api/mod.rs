@@ -1,0 +1,142 @@
+//! The HTTP API under /api/v1. Devices authenticate with the bearer credential they got at
+//! enrollment; operators with the operator token. Every error body is `{"error": "<sentence>"}`.
+
+mod devices;
+mod operator;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use proto::wire::ErrorBody;
+use proto::TrustedKeys;
+use sha2::{Digest, Sha256};
+
+use crate::ingest::Notifier;
+use crate::store::{Store, StoreError};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub bundle_dir: PathBuf,
+    pub operator_token: Arc<str>,
+    pub trusted: Arc<TrustedKeys>,
+    pub notifier: Notifier,
+    pub max_bundle_bytes: usize,
+}
+
+pub fn router(state: AppState) -> Router {
+    let bundle_limit = state.max_bundle_bytes;
+    Router::new()
+        .route("/api/v1/enroll", post(devices::enroll))
+        .route("/api/v1/devices/{id}/checkin", post(devices::checkin))
+        .route("/api/v1/bundles/{name}/{version}", get(devices::download))
+        .route(
+            "/api/v1/bundles",
+            post(operator::publish).layer(DefaultBodyLimit::max(bundle_limit)),
+        )
+        .route("/api/v1/devices", get(operator::devices))
+        .route("/api/v1/deployments", post(operator::deploy))
+        .route("/api/v1/enrollment-tokens", post(operator::tokens))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+/// Errors as the API reports them.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(message) => ApiError::Conflict(message),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Runs a store call on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+impl AppState {
+    pub fn require_operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match bearer(headers) {
+            // Compare digests so the comparison time does not depend on the secret's prefix.
+            Some(token) if sha256_hex(token) == sha256_hex(&self.operator_token) => Ok(()),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+
+    /// The device id behind a device credential.
+    pub async fn require_device(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let hash = sha256_hex(bearer(headers).ok_or(ApiError::Unauthorized)?);
+        blocking(&self.store, move |s| s.device_for_credential(&hash))
+            .await?
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! Operator endpoints: publish bundles, list devices, deploy, create enrollment tokens.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use proto::bundle::{read_archive, sha256_hex as bytes_sha256, Limits};
+use proto::wire::{
+    BundleInfo, DeployRequest, DeployResponse, DeviceView, TokenRequest, TokenResponse,
+};
+
+use super::{blocking, sha256_hex, ApiError, AppState};
+use crate::store::BundleRecord;
+
+/// Most tokens created by one request.
+const MAX_TOKENS_PER_REQUEST: u32 = 10_000;
+
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<BundleInfo>, ApiError> {
+    state.require_operator(&headers)?;
+    let limits = Limits {
+        max_bundle_bytes: state.max_bundle_bytes as u64,
+        ..Limits::default()
+    };
+    let trusted = state.trusted.clone();
+    let bytes = body.clone();
+    let verified = tokio::task::spawn_blocking(move || {
+        read_archive(&bytes, &limits)
+            .map_err(proto::VerifyError::from)?
+            .verify(&trusted)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::BadRequest(format!("bundle refused: {e}")))?;
+    let manifest = &verified.manifest;
+    let record = BundleRecord {
+        name: manifest.name.clone(),
+        version: manifest.version.to_string(),
+        sha256: bytes_sha256(&body),
+        size: body.len() as u64,
+        created_at: manifest.created_at,
+        signed_by: verified.signed_by.to_string(),
+        manifest_json: verified.manifest_bytes.clone(),
+    };
+    let path = crate::server::bundle_file(&state.bundle_dir, &record.name, &record.version);
+    write_bundle_file(&path, &body).await?;
+    let stored = record.clone();
+    blocking(&state.store, move |s| s.put_bundle(&stored)).await?;
+    tracing::info!(model = %record.name, version = %record.version, "bundle published");
+    Ok(Json(BundleInfo {
+        name: record.name,
+        version: record.version,
+        sha256: record.sha256,
+        size: record.size,
+        created_at: record.created_at,
+        signed_by: record.signed_by,
+        lineage: manifest.lineage.clone(),
+    }))
+}
+
+/// Writes beside the target and renames, so a download never sees a half-written file. An
+/// existing file with the same version is left alone (the store refuses different contents).
+async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), ApiError> {
+    if tokio::fs::metadata(path).await.is_ok() {
+        let existing = tokio::fs::read(path)
+            .await
+            .map_err(|e| ApiError::Internal(format!("read {}: {e}", path.display())))?;
+        if existing != bytes {
+            return Err(ApiError::Conflict("this bundle version is already published with different contents; publish a new version instead".into()));
+        }
+        return Ok(());
+    }
+    let io = |e: std::io::Error| ApiError::Internal(format!("write {}: {e}", path.display()));
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(io)?;
+    }
+    let tmp = path.with_extension("bundle.tmp");
+    tokio::fs::write(&tmp, bytes).await.map_err(io)?;
+    tokio::fs::rename(&tmp, path).await.map_err(io)
+}
+
+pub async fn devices(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<DeviceView>>, ApiError> {
+    state.require_operator(&headers)?;
+    Ok(Json(blocking(&state.store, |s| s.list_devices()).await?))
+}
+
+pub async fn deploy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<DeployResponse>, ApiError> {
+    state.require_operator(&headers)?;
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "deployment body must be {{\"model\", \"version\", \"devices\"?}}: {}",
+            e.body_text()
+        ))
+    })?;
+    let (model, version) = (request.model.clone(), request.version.clone());
+    if blocking(&state.store, move |s| s.bundle(&model, &version))
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::NotFound(format!(
+            "no bundle {} {} is published; run `fleetctl publish` first",
+            request.model, request.version
+        )));
+    }
+    let known = blocking(&state.store, |s| s.device_ids()).await?;
+    let devices = match request.devices {
+        None => known,
+        Some(wanted) => {
+            if let Some(unknown) = wanted.iter().find(|d| !known.contains(d)) {
+                return Err(ApiError::NotFound(format!(
+                    "device {unknown:?} is not enrolled"
+                )));
+            }
+            wanted
+        }
+    };
+    let (targets, model, version) = (
+        devices.clone(),
+        request.model.clone(),
+        request.version.clone(),
+    );
+    let revisions = blocking(&state.store, move |s| {
+        s.set_desired(&targets, &model, &version)
+    })
+    .await?;
+    for (device, revision) in revisions {
+        state.notifier.desired_changed(&device, revision);
+    }
+    tracing::info!(model = %request.model, version = %request.version, devices = devices.len(), "deployment set");
+    Ok(Json(DeployResponse { devices }))
+}
+
+pub async fn tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    state.require_operator(&headers)?;
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "token body must be {{\"count\": n}}: {}",
+            e.body_text()
+        ))
+    })?;
+    if request.count == 0 || request.count > MAX_TOKENS_PER_REQUEST {
+        return Err(ApiError::BadRequest(format!(
+            "count must be between 1 and {MAX_TOKENS_PER_REQUEST}"
+        )));
+    }
+    let tokens: Vec<String> = (0..request.count)
+        .map(|_| hex::encode(rand::random::<[u8; 16]>()))
+        .collect();
+    let hashes: Vec<String> = tokens.iter().map(|t| sha256_hex(t)).collect();
+    let now = crate::unix_ms();
+    blocking(&state.store, move |s| s.create_tokens(&hashes, now)).await?;
+    Ok(Json(TokenResponse { tokens }))
+}

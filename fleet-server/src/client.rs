@@ -1,0 +1,100 @@
+//! A small client for the operator API, used by fleetctl and the demo.
+
+use proto::wire::{
+    BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse,
+};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the fleet server at {url}: {source}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("the fleet server refused {what}: {message}")]
+    Refused { what: &'static str, message: String },
+}
+
+#[derive(Clone)]
+pub struct FleetClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl FleetClient {
+    pub fn new(base: &str, token: &str) -> FleetClient {
+        FleetClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let url = self.base.clone();
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let message = match response.json::<ErrorBody>().await {
+                Ok(body) => body.error,
+                Err(_) => format!("HTTP {status}"),
+            };
+            return Err(ClientError::Refused { what, message });
+        }
+        response
+            .json()
+            .await
+            .map_err(|source| ClientError::Unreachable { url, source })
+    }
+
+    pub async fn publish(&self, bundle: Vec<u8>) -> Result<BundleInfo, ClientError> {
+        self.send(
+            "the bundle",
+            self.http
+                .post(format!("{}/api/v1/bundles", self.base))
+                .body(bundle),
+        )
+        .await
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
+        self.send(
+            "the device list",
+            self.http.get(format!("{}/api/v1/devices", self.base)),
+        )
+        .await
+    }
+
+    pub async fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse, ClientError> {
+        self.send(
+            "the deployment",
+            self.http
+                .post(format!("{}/api/v1/deployments", self.base))
+                .json(request),
+        )
+        .await
+    }
+
+    pub async fn tokens(&self, count: u32) -> Result<Vec<String>, ClientError> {
+        let response: TokenResponse = self
+            .send(
+                "the token request",
+                self.http
+                    .post(format!("{}/api/v1/enrollment-tokens", self.base))
+                    .json(&TokenRequest { count }),
+            )
+            .await?;
+        Ok(response.tokens)
+    }
+}

@@ -1,0 +1,401 @@
+//! `fleetctl demo`: a real fleet on one machine. A fleet server (embedded MQTT broker, SQLite in a
+//! temporary directory), a fresh signing key, a bundle built and signed from the fixture model,
+//! N real agents in this process (each with its own data directory, local API and MQTT session),
+//! a deployment, synthetic traffic that shifts halfway, and the drift the server receives.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use edge_agent::config::{Intervals, Limits as AgentLimits};
+use edge_agent::{AgentConfig, AgentHandle};
+use proto::bundle::write_archive;
+use proto::keys::{parse_secret_key, public_key_hex};
+use proto::wire::{DeployRequest, DeviceView};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::client::{ClientError, FleetClient};
+use crate::packaging::{self, BuildInputs, BundleMetadata, PackagingError};
+use crate::server::{self, Mqtt, ServerConfig, ServerError};
+
+const MODEL: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
+const METADATA: &str = include_str!("../../tests/fixtures/bundles/tabular.toml");
+const GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp.golden.json");
+const REFERENCE: &str = include_str!("../../tests/fixtures/bundles/reference.csv");
+const SITES: [&str; 3] = ["plant-a", "plant-b", "plant-c"];
+
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("demo setup: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Packaging(#[from] PackagingError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("agent {index} did not start: {source}")]
+    Agent {
+        index: usize,
+        source: edge_agent::StartError,
+    },
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: String, secs: u64 },
+    #[error("traffic to agent {index} failed: {message}")]
+    Traffic { index: usize, message: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub agents: usize,
+    /// Rows sent to each agent; the second half is shifted.
+    pub rows_per_agent: usize,
+    /// Use this broker instead of the embedded one.
+    pub mqtt_url: Option<String>,
+    pub timeout: Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            agents: 5,
+            rows_per_agent: 400,
+            mqtt_url: None,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct DemoDevice {
+    pub id: String,
+    pub name: String,
+    pub site: String,
+    pub model_version: Option<String>,
+    pub inferences: u64,
+    pub drift_summaries: u64,
+    pub drift_score: Option<f64>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct DemoResult {
+    pub ok: bool,
+    pub model: String,
+    pub version: String,
+    pub devices: Vec<DemoDevice>,
+}
+
+/// Builds and signs the fixture bundle with `key_hex`; returns the archive bytes.
+pub fn fixture_bundle(
+    secret_key_hex: &str,
+    version: &str,
+    model: &[u8],
+) -> Result<Vec<u8>, DemoError> {
+    let mut metadata: BundleMetadata =
+        toml::from_str(METADATA).map_err(|e| DemoError::Setup(e.to_string()))?;
+    metadata.version = version.to_string();
+    let golden: serde_json::Value =
+        serde_json::from_str(GOLDEN).map_err(|e| DemoError::Setup(e.to_string()))?;
+    let golden = serde_json::from_value(golden["cases"].clone())
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let reference_rows = packaging::parse_csv(Path::new("reference.csv"), REFERENCE)?;
+    let mut bundle = packaging::build(BuildInputs {
+        model: model.to_vec(),
+        metadata,
+        golden,
+        reference_rows,
+        created_at: crate::unix_ms() / 1000,
+    })?;
+    let key = parse_secret_key(secret_key_hex).map_err(|e| DemoError::Setup(e.to_string()))?;
+    proto::bundle::add_signature(&mut bundle, &key);
+    Ok(write_archive(
+        &bundle.manifest_bytes,
+        &bundle.files,
+        &bundle.signatures,
+    ))
+}
+
+pub fn fixture_model() -> &'static [u8] {
+    MODEL
+}
+
+/// Agent config for a demo or test fleet: fast intervals, loopback API on a free port.
+pub fn agent_config(
+    server_url: &str,
+    mqtt_url: &str,
+    token: &str,
+    public_key: &str,
+    data_dir: PathBuf,
+    index: usize,
+) -> AgentConfig {
+    AgentConfig {
+        server_url: server_url.to_string(),
+        enrollment_token: Some(token.to_string()),
+        name: format!("edge-{index:03}"),
+        labels: [("site".to_string(), SITES[index % SITES.len()].to_string())].into(),
+        data_dir,
+        trusted_keys: vec![public_key.to_string()],
+        mqtt_url: mqtt_url.to_string(),
+        api_listen: "127.0.0.1:0".parse().expect("literal socket address"),
+        intervals: Intervals {
+            checkin_secs: 2.0,
+            heartbeat_secs: 0.5,
+            drift_secs: 1.0,
+        },
+        limits: AgentLimits::default(),
+    }
+}
+
+/// Deterministic N(0,1) rows (Box-Muller over a xorshift generator), shifted by `shift` on the
+/// first four features.
+pub fn synthetic_rows(seed: u64, count: usize, shift: f32) -> Vec<Vec<f32>> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..count)
+        .map(|_| {
+            (0..8)
+                .map(|feature| {
+                    let normal = (-2.0 * uniform().ln()).sqrt()
+                        * (2.0 * std::f64::consts::PI * uniform()).cos();
+                    normal as f32 + if feature < 4 { shift } else { 0.0 }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Polls `check` every 100 ms until it returns Some, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> Result<T, DemoError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DemoError::Timeout {
+                what: what.to_string(),
+                secs: timeout.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn send_rows(
+    http: &reqwest::Client,
+    agent: &AgentHandle,
+    rows: &[Vec<f32>],
+) -> Result<(), String> {
+    for batch in rows.chunks(50) {
+        let response = http
+            .post(format!("http://{}/v1/infer", agent.api_addr))
+            .json(&serde_json::json!({ "inputs": batch }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "HTTP {}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoResult, DemoError> {
+    let dir = tempfile::tempdir().map_err(|e| DemoError::Setup(e.to_string()))?;
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let public = public_key_hex(
+        &parse_secret_key(&secret)
+            .map_err(|e| DemoError::Setup(e.to_string()))?
+            .verifying_key(),
+    );
+    progress("building and signing bundle tabular 1.0.0 from tests/fixtures/models/mlp.onnx");
+    let bundle = fixture_bundle(&secret, "1.0.0", MODEL)?;
+
+    let mqtt = match &options.mqtt_url {
+        Some(url) => Mqtt::External { url: url.clone() },
+        None => {
+            let port = server::free_loopback_port().map_err(|e| DemoError::Setup(e.to_string()))?;
+            Mqtt::Embedded {
+                listen: ([127, 0, 0, 1], port).into(),
+            }
+        }
+    };
+    let server = server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal socket address"),
+        data_dir: dir.path().join("server"),
+        mqtt,
+        operator_token: None,
+        trusted_keys: vec![public.clone()],
+        max_bundle_bytes: 64 << 20,
+    })
+    .await?;
+    progress(&format!(
+        "fleet server on {} with MQTT at {}",
+        server.url(),
+        server.mqtt_url
+    ));
+    let client = FleetClient::new(&server.url(), &server.operator_token);
+
+    let tokens = client.tokens(options.agents as u32).await?;
+    let mut agents = Vec::with_capacity(options.agents);
+    for (index, token) in tokens.iter().enumerate() {
+        let config = agent_config(
+            &server.url(),
+            &server.mqtt_url,
+            token,
+            &public,
+            dir.path().join(format!("agent-{index:03}")),
+            index,
+        );
+        agents.push(
+            edge_agent::start(config)
+                .await
+                .map_err(|source| DemoError::Agent { index, source })?,
+        );
+    }
+    let timeout = options.timeout;
+    wait_for("agents to enroll", timeout, || async {
+        (client.devices().await.ok()?.len() == options.agents).then_some(())
+    })
+    .await?;
+    progress(&format!("{} agents enrolled", options.agents));
+
+    let info = client.publish(bundle).await?;
+    progress(&format!(
+        "published {} {} ({} bytes, signed by key {})",
+        info.name, info.version, info.size, info.signed_by
+    ));
+    let deployed = client
+        .deploy(&DeployRequest {
+            model: info.name.clone(),
+            version: info.version.clone(),
+            devices: None,
+        })
+        .await?;
+    progress(&format!(
+        "deployed to {} devices; waiting for download, verification, self-test and activation",
+        deployed.devices.len()
+    ));
+    wait_for("every agent to activate the model", timeout, || async {
+        let devices = client.devices().await.ok()?;
+        let active = devices
+            .iter()
+            .filter(|d| active_version(d, &info.name) == Some(info.version.as_str()))
+            .count();
+        (active == options.agents).then_some(())
+    })
+    .await?;
+    progress("every agent serves tabular 1.0.0; sending traffic (second half shifted by +1.5 on 4 features)");
+
+    let http = reqwest::Client::new();
+    let half = options.rows_per_agent / 2;
+    for (phase, shift) in [("normal", 0.0), ("shifted", 1.5)] {
+        let sends = agents.iter().enumerate().map(|(index, agent)| {
+            let rows = synthetic_rows(index as u64 * 2 + (shift > 0.0) as u64, half, shift);
+            let http = http.clone();
+            async move {
+                send_rows(&http, agent, &rows)
+                    .await
+                    .map_err(|message| DemoError::Traffic { index, message })
+            }
+        });
+        futures_util::future::try_join_all(sends).await?;
+        progress(&format!("{phase} traffic sent: {half} rows per agent"));
+        // Let the window close so normal and shifted rows land in different drift summaries.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    let sent = (half * 2) as u64;
+    let devices = wait_for(
+        "drift summaries and inference counts from every agent",
+        timeout,
+        || async {
+            let devices = client.devices().await.ok()?;
+            let done = devices.iter().all(|d| {
+                d.models
+                    .iter()
+                    .any(|m| m.name == info.name && m.inferences >= sent && m.drift_summaries >= 2)
+            });
+            done.then_some(devices)
+        },
+    )
+    .await?;
+
+    for agent in &agents {
+        agent.shutdown();
+    }
+    server.shutdown();
+    let devices: Vec<DemoDevice> = devices.iter().map(|d| demo_device(d, &info.name)).collect();
+    let ok = devices.iter().all(|d| {
+        d.model_version.as_deref() == Some(info.version.as_str()) && d.drift_summaries > 0
+    });
+    Ok(DemoResult {
+        ok,
+        model: info.name,
+        version: info.version,
+        devices,
+    })
+}
+
+fn active_version<'a>(device: &'a DeviceView, model: &str) -> Option<&'a str> {
+    device
+        .models
+        .iter()
+        .find(|m| m.name == model)?
+        .active_version
+        .as_deref()
+}
+
+fn demo_device(device: &DeviceView, model: &str) -> DemoDevice {
+    let view = device.models.iter().find(|m| m.name == model);
+    DemoDevice {
+        id: device.id.clone(),
+        name: device.name.clone(),
+        site: device.labels.get("site").cloned().unwrap_or_default(),
+        model_version: active_version(device, model).map(str::to_string),
+        inferences: view.map_or(0, |m| m.inferences),
+        drift_summaries: view.map_or(0, |m| m.drift_summaries),
+        drift_score: view.and_then(|m| m.drift_score),
+    }
+}
+
+pub fn render_table(result: &DemoResult) -> String {
+    let mut out = format!(
+        "{:<10} {:<18} {:<8} {:<8} {:>10} {:>8} {:>11}\n",
+        "device", "id", "site", "version", "inferences", "drift#", "drift score"
+    );
+    for d in &result.devices {
+        out.push_str(&format!(
+            "{:<10} {:<18} {:<8} {:<8} {:>10} {:>8} {:>11}\n",
+            d.name,
+            d.id,
+            d.site,
+            d.model_version.as_deref().unwrap_or("-"),
+            d.inferences,
+            d.drift_summaries,
+            d.drift_score.map_or("-".to_string(), |s| format!("{s:.3}")),
+        ));
+    }
+    out.push_str(if result.ok {
+        "result: every agent runs the deployed version and reported drift\n"
+    } else {
+        "result: FAILED: not every agent runs the deployed version with drift reported\n"
+    });
+    out
+}

@@ -1,0 +1,172 @@
+//! Starts a fleet server: store, HTTP API, MQTT (embedded broker or an external one) and ingest.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use proto::TrustedKeys;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{router, AppState};
+use crate::store::{SqliteStore, Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub enum Mqtt {
+    /// Start rumqttd in-process on this address.
+    Embedded { listen: SocketAddr },
+    /// Use a broker that runs elsewhere (`mqtt://host:port`), e.g. Mosquitto.
+    External { url: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub mqtt: Mqtt,
+    /// Secret for operator endpoints; `None` generates one and writes it to `<data>/operator.token`.
+    pub operator_token: Option<String>,
+    /// Hex public keys accepted on published bundles.
+    pub trusted_keys: Vec<String>,
+    pub max_bundle_bytes: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot prepare data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("trusted keys: {0}")]
+    Keys(#[from] proto::keys::KeyError),
+    #[error("no trusted keys: pass --trusted-key with a public key from `fleetctl keygen`")]
+    NoKeys,
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("{0}")]
+    MqttUrl(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct ServerHandle {
+    pub http_addr: SocketAddr,
+    /// The broker URL devices should use.
+    pub mqtt_url: String,
+    pub operator_token: String,
+    pub store: Arc<dyn Store>,
+    cancel: CancellationToken,
+}
+
+impl ServerHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn bundle_file(bundle_dir: &Path, name: &str, version: &str) -> PathBuf {
+    bundle_dir.join(name).join(format!("{version}.bundle"))
+}
+
+fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
+    if let Some(token) = &config.operator_token {
+        return Ok(token.clone());
+    }
+    let path = config.data_dir.join("operator.token");
+    let io = |source| ServerError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok(token.trim().to_string()),
+        Err(_) => {
+            let token = hex::encode(rand::random::<[u8; 24]>());
+            std::fs::write(&path, &token).map_err(io)?;
+            Ok(token)
+        }
+    }
+}
+
+pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir.join("bundles")).map_err(|source| ServerError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    if config.trusted_keys.is_empty() {
+        return Err(ServerError::NoKeys);
+    }
+    let trusted = Arc::new(TrustedKeys::from_hex(
+        config.trusted_keys.iter().map(String::as_str),
+    )?);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir.join("fleet.db"))?);
+    let operator_token = operator_token(&config)?;
+    let cancel = CancellationToken::new();
+
+    let mqtt_url = match &config.mqtt {
+        Mqtt::Embedded { listen } => {
+            crate::broker::start_embedded(*listen, proto::wire::MAX_MQTT_PAYLOAD + 1024)?;
+            format!("mqtt://{listen}")
+        }
+        Mqtt::External { url } => url.clone(),
+    };
+    let (host, port) = edge_agent::uplink::parse_mqtt_url(&mqtt_url)
+        .map_err(|e| ServerError::MqttUrl(e.to_string()))?;
+    let notifier = crate::ingest::connect(&host, port, cancel.clone(), store.clone());
+
+    let state = AppState {
+        store: store.clone(),
+        bundle_dir: data_dir.join("bundles"),
+        operator_token: operator_token.as_str().into(),
+        trusted,
+        notifier,
+        max_bundle_bytes: config.max_bundle_bytes,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let app = router(state);
+    let shutdown = cancel.clone();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+    tracing::info!(%http_addr, %mqtt_url, "fleet-server running");
+    Ok(ServerHandle {
+        http_addr,
+        mqtt_url,
+        operator_token,
+        store,
+        cancel,
+    })
+}
+
+/// A free loopback port for the embedded broker (rumqttd cannot report a port-0 choice back).
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

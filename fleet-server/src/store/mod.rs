@@ -1,0 +1,77 @@
+//! Server storage behind a trait. The SQLite implementation (`sqlite.rs`) is the default, one file
+//! in the data directory. Methods are synchronous and short; callers on async tasks run them on
+//! the blocking pool through [`crate::api::blocking`].
+
+mod sqlite;
+
+use proto::wire::{DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus};
+pub use sqlite::SqliteStore;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewDevice {
+    pub id: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub credential_hash: String,
+    pub enrolled_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BundleRecord {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: u64,
+    pub signed_by: String,
+    pub manifest_json: Vec<u8>,
+}
+
+/// A drift window as stored, with the server's own score against the bundle's reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredDrift<'a> {
+    pub summary: &'a DriftSummary,
+    pub score: f64,
+    pub mean_confidence: Option<f64>,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn create_tokens(&self, token_hashes: &[String], now_ms: u64) -> Result<(), StoreError>;
+    /// Marks a token used; false when unknown or already used.
+    fn consume_token(&self, token_hash: &str, now_ms: u64) -> Result<bool, StoreError>;
+    fn insert_device(&self, device: &NewDevice) -> Result<(), StoreError>;
+    fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError>;
+    fn device_exists(&self, id: &str) -> Result<bool, StoreError>;
+    fn device_ids(&self) -> Result<Vec<String>, StoreError>;
+    fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError>;
+
+    /// Stores a bundle's record; the same name and version with other bytes is a conflict.
+    fn put_bundle(&self, bundle: &BundleRecord) -> Result<(), StoreError>;
+    fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>, StoreError>;
+
+    /// Sets the desired version of a model on devices; returns each device's new revision.
+    fn set_desired(
+        &self,
+        devices: &[String],
+        model: &str,
+        version: &str,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError>;
+
+    fn record_status(&self, device: &str, status: &UpdateStatus) -> Result<(), StoreError>;
+    fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError>;
+    /// Stores a window once; a duplicate delivery (same device, model, start) returns false.
+    fn record_drift(&self, device: &str, drift: &StoredDrift<'_>) -> Result<bool, StoreError>;
+    fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError>;
+}

@@ -1,0 +1,391 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use proto::wire::{
+    bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
+    UpdateStep,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{BundleRecord, NewDevice, Store, StoreError, StoredDrift};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, used_ms INTEGER);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL,
+    credential_hash TEXT NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER, health TEXT, revision INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS bundles (
+    name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, signed_by TEXT NOT NULL, manifest BLOB NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS desired (
+    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, PRIMARY KEY (device, model));
+CREATE TABLE IF NOT EXISTS model_status (
+    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT, step TEXT, detail TEXT NOT NULL DEFAULT '',
+    active_version TEXT, at_ms INTEGER, inferences INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, model));
+CREATE TABLE IF NOT EXISTS drift (
+    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    window_start_ms INTEGER NOT NULL, window_end_ms INTEGER NOT NULL, samples INTEGER NOT NULL,
+    score REAL NOT NULL, mean_confidence REAL, counts BLOB NOT NULL,
+    PRIMARY KEY (device, model, window_start_ms));
+";
+
+/// One connection behind a mutex; every method is short and synchronous.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+impl Store for SqliteStore {
+    fn create_tokens(&self, token_hashes: &[String], now_ms: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for hash in token_hashes {
+            tx.execute(
+                "INSERT INTO tokens (hash, created_ms) VALUES (?1, ?2)",
+                params![hash, now_ms as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn consume_token(&self, token_hash: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE tokens SET used_ms = ?2 WHERE hash = ?1 AND used_ms IS NULL",
+            params![token_hash, now_ms as i64],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id FROM devices WHERE credential_hash = ?1",
+                params![credential_hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn device_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    fn device_ids(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id FROM devices ORDER BY name, id")?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+
+    fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, labels, enrolled_ms, last_seen_ms, health FROM devices ORDER BY name, id",
+        )?;
+        let mut devices: Vec<DeviceView> = stmt
+            .query_map([], |r| {
+                let labels: String = r.get(2)?;
+                let health: Option<String> = r.get(5)?;
+                Ok(DeviceView {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    enrolled_ms: r.get::<_, i64>(3)? as u64,
+                    last_seen_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    health: health.and_then(|h| serde_json::from_str(&h).ok()),
+                    models: Vec::new(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut models: BTreeMap<(String, String), DeviceModelView> = BTreeMap::new();
+        let blank = |name: &str| DeviceModelView {
+            name: name.to_string(),
+            desired_version: None,
+            active_version: None,
+            step: None,
+            detail: String::new(),
+            inferences: 0,
+            drift_summaries: 0,
+            drift_score: None,
+            mean_confidence: None,
+        };
+        let mut desired = conn.prepare("SELECT device, model, version FROM desired")?;
+        for row in desired.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })? {
+            let (device, model, version) = row?;
+            models
+                .entry((device, model.clone()))
+                .or_insert_with(|| blank(&model))
+                .desired_version = Some(version);
+        }
+        let mut status = conn.prepare(
+            "SELECT device, model, step, detail, active_version, inferences FROM model_status",
+        )?;
+        let rows = status.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (device, model, step, detail, active, inferences) = row?;
+            let view = models
+                .entry((device, model.clone()))
+                .or_insert_with(|| blank(&model));
+            view.step = step.as_deref().and_then(UpdateStep::parse);
+            view.detail = detail;
+            view.active_version = active;
+            view.inferences = inferences as u64;
+        }
+        let mut drift = conn.prepare(
+            "SELECT device, model, COUNT(*),
+                    (SELECT score FROM drift d2 WHERE d2.device = d.device AND d2.model = d.model ORDER BY window_start_ms DESC LIMIT 1),
+                    (SELECT mean_confidence FROM drift d2 WHERE d2.device = d.device AND d2.model = d.model ORDER BY window_start_ms DESC LIMIT 1)
+             FROM drift d GROUP BY device, model",
+        )?;
+        let rows = drift.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<f64>>(3)?,
+                r.get::<_, Option<f64>>(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (device, model, count, score, confidence) = row?;
+            let view = models
+                .entry((device, model.clone()))
+                .or_insert_with(|| blank(&model));
+            view.drift_summaries = count as u64;
+            view.drift_score = score;
+            view.mean_confidence = confidence;
+        }
+        for device in &mut devices {
+            device.models = models
+                .range((device.id.clone(), String::new())..)
+                .take_while(|((d, _), _)| d == &device.id)
+                .map(|(_, v)| v.clone())
+                .collect();
+        }
+        Ok(devices)
+    }
+
+    fn put_bundle(&self, b: &BundleRecord) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let existing: Option<String> = conn
+            .query_row(
+                "SELECT sha256 FROM bundles WHERE name = ?1 AND version = ?2",
+                params![b.name, b.version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match existing {
+            Some(sha) if sha == b.sha256 => Ok(()),
+            Some(_) => Err(StoreError::Conflict(format!(
+                "bundle {} {} is already published with different contents; publish a new version instead",
+                b.name, b.version
+            ))),
+            None => {
+                conn.execute(
+                    "INSERT INTO bundles (name, version, sha256, size, created_at, signed_by, manifest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![b.name, b.version, b.sha256, b.size as i64, b.created_at as i64, b.signed_by, b.manifest_json],
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT sha256, size, created_at, signed_by, manifest FROM bundles WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                |r| {
+                    Ok(BundleRecord {
+                        name: name.to_string(),
+                        version: version.to_string(),
+                        sha256: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        created_at: r.get::<_, i64>(2)? as u64,
+                        signed_by: r.get(3)?,
+                        manifest_json: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn set_desired(
+        &self,
+        devices: &[String],
+        model: &str,
+        version: &str,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut revisions = Vec::with_capacity(devices.len());
+        for device in devices {
+            tx.execute(
+                "INSERT INTO desired (device, model, version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device, model) DO UPDATE SET version = excluded.version",
+                params![device, model, version],
+            )?;
+            let revision: i64 = tx.query_row(
+                "UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
+                params![device],
+                |r| r.get(0),
+            )?;
+            revisions.push((device.clone(), revision as u64));
+        }
+        tx.commit()?;
+        Ok(revisions)
+    }
+
+    fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError> {
+        let conn = self.conn();
+        let revision: i64 = conn.query_row(
+            "SELECT revision FROM devices WHERE id = ?1",
+            params![device],
+            |r| r.get(0),
+        )?;
+        let mut stmt = conn.prepare(
+            "SELECT d.model, d.version, b.sha256, b.size FROM desired d
+             JOIN bundles b ON b.name = d.model AND b.version = d.version
+             WHERE d.device = ?1 ORDER BY d.model",
+        )?;
+        let models = stmt
+            .query_map(params![device], |r| {
+                let (name, version): (String, String) = (r.get(0)?, r.get(1)?);
+                Ok(DesiredModel {
+                    bundle_path: bundle_path(&name, &version),
+                    name,
+                    version,
+                    bundle_sha256: r.get(2)?,
+                    bundle_size: r.get::<_, i64>(3)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(DesiredState {
+            revision: revision as u64,
+            models,
+        })
+    }
+
+    fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO model_status (device, model, version, step, detail, active_version, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, step = excluded.step,
+               detail = excluded.detail, active_version = excluded.active_version, at_ms = excluded.at_ms
+             WHERE model_status.at_ms IS NULL OR model_status.at_ms <= excluded.at_ms",
+            params![device, s.model, s.version, s.step.as_str(), s.detail, s.active_version, s.at_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE devices SET health = ?2, last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) WHERE id = ?1",
+            params![device, json(&heartbeat.health), heartbeat.at_ms as i64],
+        )?;
+        for m in &heartbeat.models {
+            tx.execute(
+                "INSERT INTO model_status (device, model, active_version, inferences) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
+                   active_version = excluded.active_version",
+                params![device, m.model, m.version, m.inferences as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn record_drift(&self, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
+        let s = d.summary;
+        let inserted = self.conn().execute(
+            "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                device,
+                s.model,
+                s.version,
+                s.window_start_ms as i64,
+                s.window_end_ms as i64,
+                s.counts.samples as i64,
+                d.score,
+                d.mean_confidence,
+                proto::wire::encode(&s.counts)
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
+            params![device, at_ms as i64],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "sqlite_tests.rs"]
+mod tests;
