@@ -13,10 +13,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -61,11 +58,7 @@ pub struct Intervals {
 
 impl Default for Intervals {
     fn default() -> Self {
-        Intervals {
-            checkin_secs: 60.0,
-            heartbeat_secs: 30.0,
-            drift_secs: 60.0,
-        }
+        Intervals { checkin_secs: 60.0, heartbeat_secs: 30.0, drift_secs: 60.0 }
     }
 }
 
@@ -109,14 +102,9 @@ fn default_api_listen() -> SocketAddr {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let mut config: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.message().to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut config: AgentConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
         config.apply_env(|key| std::env::var(key).ok());
         config.validate()?;
         Ok(config)
@@ -145,14 +133,11 @@ impl AgentConfig {
             )));
         }
         if self.trusted_keys.is_empty() {
-            return Err(ConfigError::Invalid(
-                "trusted_keys is empty: no bundle could ever be accepted".into(),
-            ));
+            return Err(ConfigError::Invalid("trusted_keys is empty: no bundle could ever be accepted".into()));
         }
         proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;
-        crate::uplink::parse_mqtt_url(&self.mqtt_url)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        crate::uplink::parse_mqtt_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 }
@@ -178,8 +163,7 @@ mqtt_url = "mqtt://127.0.0.1:1884"
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let err =
-            toml::from_str::<AgentConfig>(&format!("{MINIMAL}\nserver_ulr = \"x\"")).unwrap_err();
+        let err = toml::from_str::<AgentConfig>(&format!("{MINIMAL}\nserver_ulr = \"x\"")).unwrap_err();
         assert!(err.message().contains("server_ulr"), "{}", err.message());
     }
 
@@ -193,8 +177,7 @@ mqtt_url = "mqtt://127.0.0.1:1884"
     #[test]
     fn environment_overrides_the_server_url() {
         let mut config: AgentConfig = toml::from_str(MINIMAL).unwrap();
-        config
-            .apply_env(|k| (k == "EDGE_AGENT_SERVER_URL").then(|| "http://10.0.0.9:1".to_string()));
+        config.apply_env(|k| (k == "EDGE_AGENT_SERVER_URL").then(|| "http://10.0.0.9:1".to_string()));
         assert_eq!(config.server_url, "http://10.0.0.9:1");
     }
 
@@ -202,10 +185,6 @@ mqtt_url = "mqtt://127.0.0.1:1884"
     fn a_bad_trusted_key_is_named_in_the_error() {
         let mut config: AgentConfig = toml::from_str(MINIMAL).unwrap();
         config.trusted_keys = vec!["zz".into()];
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("trusted_keys"));
+        assert!(config.validate().unwrap_err().to_string().contains("trusted_keys"));
     }
 }

@@ -17,12 +17,7 @@ impl HealthProbe {
         if let Some(system) = system.as_mut() {
             system.refresh_cpu_usage();
         }
-        HealthProbe {
-            system,
-            data_dir: data_dir
-                .canonicalize()
-                .unwrap_or_else(|_| data_dir.to_path_buf()),
-        }
+        HealthProbe { system, data_dir: data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf()) }
     }
 
     /// CPU usage is measured since the previous call.
@@ -54,9 +49,7 @@ mod tests {
     fn a_sample_reports_real_memory_and_the_data_disk() {
         let dir = tempfile::tempdir().unwrap();
         let health = super::HealthProbe::new(dir.path()).sample();
-        assert!(
-            health.memory_total_bytes > 0 && health.memory_used_bytes <= health.memory_total_bytes
-        );
+        assert!(health.memory_total_bytes > 0 && health.memory_used_bytes <= health.memory_total_bytes);
         assert!(health.disk_total_bytes > 0, "{health:?}");
     }
 }

@@ -10,27 +10,18 @@ use clap::Parser;
 #[command(version)]
 struct Args {
     /// Path to the TOML config (see agent/edge-agent.example.toml).
-    #[arg(
-        long,
-        short,
-        env = "EDGE_AGENT_CONFIG",
-        default_value = "/etc/edge-agent/config.toml"
-    )]
+    #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = "/etc/edge-agent/config.toml")]
     config: PathBuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
     let config = edge_agent::AgentConfig::load(&args.config)?;
-    let agent = edge_agent::start(config)
-        .await
-        .context("edge-agent failed to start")?;
+    let agent = edge_agent::start(config).await.context("edge-agent failed to start")?;
     tracing::info!(api = %agent.api_addr, "edge-agent running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -28,10 +28,7 @@ use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error("cannot create data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -41,15 +38,10 @@ pub enum StartError {
     #[error("cannot start the inference engine: {0}")]
     Engine(std::io::Error),
     #[error("cannot listen on {addr} for the local API: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Restore(#[from] UpdateError),
-    #[error(
-        "not enrolled and no enrollment_token in the config: get one with `fleetctl tokens create`"
-    )]
+    #[error("not enrolled and no enrollment_token in the config: get one with `fleetctl tokens create`")]
     NoToken,
 }
 
@@ -88,10 +80,7 @@ impl AgentHandle {
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     config.validate()?;
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
     let state_path = data_dir.join("agent.db");
     let state = StateDb::open(&state_path)?;
     if state.identity()?.is_none() && config.enrollment_token.is_none() {
@@ -108,54 +97,28 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?,
     );
-    let limits = Limits {
-        max_bundle_bytes: config.limits.max_bundle_bytes,
-        ..Limits::default()
-    };
+    let limits = Limits { max_bundle_bytes: config.limits.max_bundle_bytes, ..Limits::default() };
     let layout = Layout::new(&data_dir);
     restore_installed(&layout, &state, &engine, &trusted, &limits).await?;
 
     let cancel = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
-        .map_err(|source| StartError::Listen {
-            addr: config.api_listen,
-            source,
-        })?;
-    let api_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.api_listen,
-        source,
-    })?;
+        .map_err(|source| StartError::Listen { addr: config.api_listen, source })?;
+    let api_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.api_listen, source })?;
     let app = api::router(engine.clone(), config.limits.max_request_bytes);
     let api_cancel = cancel.clone();
     tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(api_cancel.cancelled_owned())
-            .await;
+        let served = axum::serve(listener, app).with_graceful_shutdown(api_cancel.cancelled_owned()).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "local API stopped");
         }
     });
 
     let (device_tx, device) = watch::channel(state.identity()?.map(|i| i.device_id));
-    let connected = Connected {
-        config,
-        state,
-        layout,
-        engine: engine.clone(),
-        trusted,
-        limits,
-        state_path,
-    };
+    let connected = Connected { config, state, layout, engine: engine.clone(), trusted, limits, state_path };
     tokio::spawn(connected.run(device_tx, cancel.clone()));
-    Ok(AgentHandle {
-        api_addr,
-        data_dir,
-        engine,
-        telemetry,
-        device,
-        cancel,
-    })
+    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, cancel })
 }
 
 /// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
@@ -171,10 +134,7 @@ struct Connected {
 
 impl Connected {
     async fn run(self, device_tx: watch::Sender<Option<String>>, cancel: CancellationToken) {
-        let http = match reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-        {
+        let http = match reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build() {
             Ok(http) => http,
             Err(e) => return tracing::error!(error = %e, "cannot build the HTTP client"),
         };
@@ -199,12 +159,7 @@ impl Connected {
             Ok(uplink) => uplink,
             Err(e) => return tracing::error!(error = %e, "cannot start the MQTT session"),
         };
-        tokio::spawn(report_drift(
-            self.engine.clone(),
-            uplink.clone(),
-            self.config.intervals.drift(),
-            cancel.clone(),
-        ));
+        tokio::spawn(report_drift(self.engine.clone(), uplink.clone(), self.config.intervals.drift(), cancel.clone()));
         tokio::spawn(report_health(
             self.engine.clone(),
             uplink.clone(),
@@ -233,23 +188,13 @@ impl Connected {
             return Some(identity);
         }
         let token = self.config.enrollment_token.clone()?;
-        let url = format!(
-            "{}/api/v1/enroll",
-            self.config.server_url.trim_end_matches('/')
-        );
-        let request = EnrollRequest {
-            token,
-            name: self.config.name.clone(),
-            labels: self.config.labels.clone(),
-        };
+        let url = format!("{}/api/v1/enroll", self.config.server_url.trim_end_matches('/'));
+        let request = EnrollRequest { token, name: self.config.name.clone(), labels: self.config.labels.clone() };
         let mut backoff = Duration::from_millis(200);
         loop {
             match enroll_once(http, &url, &request).await {
                 Ok(response) => {
-                    let identity = Identity {
-                        device_id: response.device_id,
-                        credential: response.credential,
-                    };
+                    let identity = Identity { device_id: response.device_id, credential: response.credential };
                     match self.state.save_identity(&identity) {
                         Ok(()) => return Some(identity),
                         Err(e) => tracing::error!(error = %e, "cannot save the enrolled identity"),
@@ -279,12 +224,7 @@ async fn enroll_once(
     url: &str,
     request: &EnrollRequest,
 ) -> Result<EnrollResponse, EnrollFailure> {
-    let response = http
-        .post(url)
-        .json(request)
-        .send()
-        .await
-        .map_err(|e| EnrollFailure::Unreachable(e.to_string()))?;
+    let response = http.post(url).json(request).send().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))?;
     let status = response.status();
     if status.is_client_error() {
         let body = response.text().await.unwrap_or_default();
@@ -293,18 +233,10 @@ async fn enroll_once(
     if !status.is_success() {
         return Err(EnrollFailure::Unreachable(format!("HTTP {status}")));
     }
-    response
-        .json()
-        .await
-        .map_err(|e| EnrollFailure::Unreachable(e.to_string()))
+    response.json().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))
 }
 
-async fn report_drift(
-    engine: EngineHandle,
-    uplink: UplinkHandle,
-    every: Duration,
-    cancel: CancellationToken,
-) {
+async fn report_drift(engine: EngineHandle, uplink: UplinkHandle, every: Duration, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -337,11 +269,10 @@ async fn report_health(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (health, returned) =
-            match tokio::task::spawn_blocking(move || (probe.sample(), probe)).await {
-                Ok((health, probe)) => (health, probe),
-                Err(_) => return,
-            };
+        let (health, returned) = match tokio::task::spawn_blocking(move || (probe.sample(), probe)).await {
+            Ok((health, probe)) => (health, probe),
+            Err(_) => return,
+        };
         probe = returned;
         let heartbeat = Heartbeat {
             at_ms: crate::unix_ms(),

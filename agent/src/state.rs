@@ -41,15 +41,10 @@ pub struct StateDb {
 
 impl StateDb {
     pub fn open(path: &Path) -> Result<StateDb, StateError> {
-        let err = |source| StateError {
-            path: path.into(),
-            source,
-        };
+        let err = |source| StateError { path: path.into(), source };
         let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS identity (
                 one INTEGER PRIMARY KEY CHECK (one = 1),
@@ -67,33 +62,22 @@ impl StateDb {
                 payload BLOB NOT NULL);",
         )
         .map_err(err)?;
-        Ok(StateDb {
-            conn: Mutex::new(conn),
-            path: path.into(),
-        })
+        Ok(StateDb { conn: Mutex::new(conn), path: path.into() })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves the connection itself usable.
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StateError + '_ {
-        |source| StateError {
-            path: self.path.clone(),
-            source,
-        }
+        |source| StateError { path: self.path.clone(), source }
     }
 
     pub fn identity(&self) -> Result<Option<Identity>, StateError> {
         self.conn()
             .query_row("SELECT device_id, credential FROM identity", [], |r| {
-                Ok(Identity {
-                    device_id: r.get(0)?,
-                    credential: r.get(1)?,
-                })
+                Ok(Identity { device_id: r.get(0)?, credential: r.get(1)? })
             })
             .optional()
             .map_err(self.err())
@@ -121,9 +105,8 @@ impl StateDb {
 
     pub fn records(&self) -> Result<Vec<UpdateRecord>, StateError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT model, version, step, detail FROM updates ORDER BY model")
-            .map_err(self.err())?;
+        let mut stmt =
+            conn.prepare("SELECT model, version, step, detail FROM updates ORDER BY model").map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
                 let step: String = r.get(2)?;
@@ -139,46 +122,26 @@ impl StateDb {
     }
 
     /// Appends to the outbox, dropping the oldest rows beyond `max_rows`; returns the row id.
-    pub fn outbox_push(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        max_rows: u64,
-    ) -> Result<i64, StateError> {
+    pub fn outbox_push(&self, topic: &str, payload: &[u8], max_rows: u64) -> Result<i64, StateError> {
         self.conn()
-            .execute(
-                "INSERT INTO outbox (topic, payload) VALUES (?1, ?2)",
-                params![topic, payload],
-            )
+            .execute("INSERT INTO outbox (topic, payload) VALUES (?1, ?2)", params![topic, payload])
             .map_err(self.err())?;
         let id = self.conn().last_insert_rowid();
-        self.conn()
-            .execute(
-                "DELETE FROM outbox WHERE id <= ?1",
-                params![id - max_rows as i64],
-            )
-            .map_err(self.err())?;
+        self.conn().execute("DELETE FROM outbox WHERE id <= ?1", params![id - max_rows as i64]).map_err(self.err())?;
         Ok(id)
     }
 
     pub fn outbox_pending(&self, limit: usize) -> Result<Vec<(i64, String, Vec<u8>)>, StateError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?1")
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map(params![limit as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .map_err(self.err())?;
+        let mut stmt =
+            conn.prepare_cached("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?1").map_err(self.err())?;
+        let rows =
+            stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
     pub fn outbox_delete(&self, id: i64) -> Result<(), StateError> {
-        self.conn()
-            .execute("DELETE FROM outbox WHERE id = ?1", params![id])
-            .map(drop)
-            .map_err(self.err())
+        self.conn().execute("DELETE FROM outbox WHERE id = ?1", params![id]).map(drop).map_err(self.err())
     }
 
     pub fn outbox_len(&self) -> Result<u64, StateError> {
@@ -199,10 +162,7 @@ mod tests {
         let path = dir.path().join("agent.db");
         let db = StateDb::open(&path).unwrap();
         assert_eq!(db.identity().unwrap(), None);
-        let id = Identity {
-            device_id: "d1".into(),
-            credential: "c".into(),
-        };
+        let id = Identity { device_id: "d1".into(), credential: "c".into() };
         db.save_identity(&id).unwrap();
         let rec = UpdateRecord {
             model: "m".into(),
@@ -224,12 +184,7 @@ mod tests {
         for i in 0..5u8 {
             db.outbox_push("t", &[i], 3).unwrap();
         }
-        let payloads: Vec<Vec<u8>> = db
-            .outbox_pending(10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.2)
-            .collect();
+        let payloads: Vec<Vec<u8>> = db.outbox_pending(10).unwrap().into_iter().map(|r| r.2).collect();
         assert_eq!(payloads, vec![vec![2], vec![3], vec![4]]);
         let first = db.outbox_pending(1).unwrap()[0].0;
         db.outbox_delete(first).unwrap();

@@ -38,8 +38,7 @@ next_connection_delay_ms = 1
     dynamic_filters = true
 "#
     );
-    let config: rumqttd::Config =
-        toml::from_str(&config_text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    let config: rumqttd::Config = toml::from_str(&config_text).map_err(|e| BrokerError::Config(e.to_string()))?;
     let mut broker = rumqttd::Broker::new(config);
     std::thread::Builder::new()
         .name("mqtt-broker".into())

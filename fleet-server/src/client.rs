@@ -1,8 +1,6 @@
 //! A small client for the operator API, used by fleetctl and the demo.
 
-use proto::wire::{
-    BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse,
-};
+use proto::wire::{BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
@@ -40,10 +38,7 @@ impl FleetClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
         if !response.status().is_success() {
             let status = response.status();
             let message = match response.json::<ErrorBody>().await {
@@ -52,47 +47,26 @@ impl FleetClient {
             };
             return Err(ClientError::Refused { what, message });
         }
-        response
-            .json()
-            .await
-            .map_err(|source| ClientError::Unreachable { url, source })
+        response.json().await.map_err(|source| ClientError::Unreachable { url, source })
     }
 
     pub async fn publish(&self, bundle: Vec<u8>) -> Result<BundleInfo, ClientError> {
-        self.send(
-            "the bundle",
-            self.http
-                .post(format!("{}/api/v1/bundles", self.base))
-                .body(bundle),
-        )
-        .await
+        self.send("the bundle", self.http.post(format!("{}/api/v1/bundles", self.base)).body(bundle)).await
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {
-        self.send(
-            "the device list",
-            self.http.get(format!("{}/api/v1/devices", self.base)),
-        )
-        .await
+        self.send("the device list", self.http.get(format!("{}/api/v1/devices", self.base))).await
     }
 
     pub async fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse, ClientError> {
-        self.send(
-            "the deployment",
-            self.http
-                .post(format!("{}/api/v1/deployments", self.base))
-                .json(request),
-        )
-        .await
+        self.send("the deployment", self.http.post(format!("{}/api/v1/deployments", self.base)).json(request)).await
     }
 
     pub async fn tokens(&self, count: u32) -> Result<Vec<String>, ClientError> {
         let response: TokenResponse = self
             .send(
                 "the token request",
-                self.http
-                    .post(format!("{}/api/v1/enrollment-tokens", self.base))
-                    .json(&TokenRequest { count }),
+                self.http.post(format!("{}/api/v1/enrollment-tokens", self.base)).json(&TokenRequest { count }),
             )
             .await?;
         Ok(response.tokens)

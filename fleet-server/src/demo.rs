@@ -35,10 +35,7 @@ pub enum DemoError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("agent {index} did not start: {source}")]
-    Agent {
-        index: usize,
-        source: edge_agent::StartError,
-    },
+    Agent { index: usize, source: edge_agent::StartError },
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout { what: String, secs: u64 },
     #[error("traffic to agent {index} failed: {message}")]
@@ -57,12 +54,7 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions {
-            agents: 5,
-            rows_per_agent: 400,
-            mqtt_url: None,
-            timeout: Duration::from_secs(60),
-        }
+        DemoOptions { agents: 5, rows_per_agent: 400, mqtt_url: None, timeout: Duration::from_secs(60) }
     }
 }
 
@@ -86,18 +78,21 @@ pub struct DemoResult {
 }
 
 /// Builds and signs the fixture bundle with `key_hex`; returns the archive bytes.
-pub fn fixture_bundle(
+pub fn fixture_bundle(secret_key_hex: &str, version: &str, model: &[u8]) -> Result<Vec<u8>, DemoError> {
+    bundle_with_golden(secret_key_hex, version, model, GOLDEN)
+}
+
+/// Like [`fixture_bundle`] for another model of the same contract, with its own golden file.
+pub fn bundle_with_golden(
     secret_key_hex: &str,
     version: &str,
     model: &[u8],
+    golden_json: &str,
 ) -> Result<Vec<u8>, DemoError> {
-    let mut metadata: BundleMetadata =
-        toml::from_str(METADATA).map_err(|e| DemoError::Setup(e.to_string()))?;
+    let mut metadata: BundleMetadata = toml::from_str(METADATA).map_err(|e| DemoError::Setup(e.to_string()))?;
     metadata.version = version.to_string();
-    let golden: serde_json::Value =
-        serde_json::from_str(GOLDEN).map_err(|e| DemoError::Setup(e.to_string()))?;
-    let golden = serde_json::from_value(golden["cases"].clone())
-        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let golden: serde_json::Value = serde_json::from_str(golden_json).map_err(|e| DemoError::Setup(e.to_string()))?;
+    let golden = serde_json::from_value(golden["cases"].clone()).map_err(|e| DemoError::Setup(e.to_string()))?;
     let reference_rows = packaging::parse_csv(Path::new("reference.csv"), REFERENCE)?;
     let mut bundle = packaging::build(BuildInputs {
         model: model.to_vec(),
@@ -108,11 +103,7 @@ pub fn fixture_bundle(
     })?;
     let key = parse_secret_key(secret_key_hex).map_err(|e| DemoError::Setup(e.to_string()))?;
     proto::bundle::add_signature(&mut bundle, &key);
-    Ok(write_archive(
-        &bundle.manifest_bytes,
-        &bundle.files,
-        &bundle.signatures,
-    ))
+    Ok(write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures))
 }
 
 pub fn fixture_model() -> &'static [u8] {
@@ -137,11 +128,7 @@ pub fn agent_config(
         trusted_keys: vec![public_key.to_string()],
         mqtt_url: mqtt_url.to_string(),
         api_listen: "127.0.0.1:0".parse().expect("literal socket address"),
-        intervals: Intervals {
-            checkin_secs: 2.0,
-            heartbeat_secs: 0.5,
-            drift_secs: 1.0,
-        },
+        intervals: Intervals { checkin_secs: 2.0, heartbeat_secs: 0.5, drift_secs: 1.0 },
         limits: AgentLimits::default(),
     }
 }
@@ -160,8 +147,7 @@ pub fn synthetic_rows(seed: u64, count: usize, shift: f32) -> Vec<Vec<f32>> {
         .map(|_| {
             (0..8)
                 .map(|feature| {
-                    let normal = (-2.0 * uniform().ln()).sqrt()
-                        * (2.0 * std::f64::consts::PI * uniform()).cos();
+                    let normal = (-2.0 * uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * uniform()).cos();
                     normal as f32 + if feature < 4 { shift } else { 0.0 }
                 })
                 .collect()
@@ -170,11 +156,7 @@ pub fn synthetic_rows(seed: u64, count: usize, shift: f32) -> Vec<Vec<f32>> {
 }
 
 /// Polls `check` every 100 ms until it returns Some, or fails after `timeout`.
-pub async fn wait_for<T, F, Fut>(
-    what: &str,
-    timeout: Duration,
-    mut check: F,
-) -> Result<T, DemoError>
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, DemoError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -185,20 +167,13 @@ where
             return Ok(value);
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(DemoError::Timeout {
-                what: what.to_string(),
-                secs: timeout.as_secs(),
-            });
+            return Err(DemoError::Timeout { what: what.to_string(), secs: timeout.as_secs() });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-pub async fn send_rows(
-    http: &reqwest::Client,
-    agent: &AgentHandle,
-    rows: &[Vec<f32>],
-) -> Result<(), String> {
+pub async fn send_rows(http: &reqwest::Client, agent: &AgentHandle, rows: &[Vec<f32>]) -> Result<(), String> {
     for batch in rows.chunks(50) {
         let response = http
             .post(format!("http://{}/v1/infer", agent.api_addr))
@@ -207,11 +182,7 @@ pub async fn send_rows(
             .await
             .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
-            return Err(format!(
-                "HTTP {}: {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            ));
+            return Err(format!("HTTP {}: {}", response.status(), response.text().await.unwrap_or_default()));
         }
     }
     Ok(())
@@ -220,11 +191,8 @@ pub async fn send_rows(
 pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoResult, DemoError> {
     let dir = tempfile::tempdir().map_err(|e| DemoError::Setup(e.to_string()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    let public = public_key_hex(
-        &parse_secret_key(&secret)
-            .map_err(|e| DemoError::Setup(e.to_string()))?
-            .verifying_key(),
-    );
+    let public =
+        public_key_hex(&parse_secret_key(&secret).map_err(|e| DemoError::Setup(e.to_string()))?.verifying_key());
     progress("building and signing bundle tabular 1.0.0 from tests/fixtures/models/mlp.onnx");
     let bundle = fixture_bundle(&secret, "1.0.0", MODEL)?;
 
@@ -232,9 +200,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         Some(url) => Mqtt::External { url: url.clone() },
         None => {
             let port = server::free_loopback_port().map_err(|e| DemoError::Setup(e.to_string()))?;
-            Mqtt::Embedded {
-                listen: ([127, 0, 0, 1], port).into(),
-            }
+            Mqtt::Embedded { listen: ([127, 0, 0, 1], port).into() }
         }
     };
     let server = server::start(ServerConfig {
@@ -246,11 +212,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         max_bundle_bytes: 64 << 20,
     })
     .await?;
-    progress(&format!(
-        "fleet server on {} with MQTT at {}",
-        server.url(),
-        server.mqtt_url
-    ));
+    progress(&format!("fleet server on {} with MQTT at {}", server.url(), server.mqtt_url));
     let client = FleetClient::new(&server.url(), &server.operator_token);
 
     let tokens = client.tokens(options.agents as u32).await?;
@@ -264,11 +226,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
             dir.path().join(format!("agent-{index:03}")),
             index,
         );
-        agents.push(
-            edge_agent::start(config)
-                .await
-                .map_err(|source| DemoError::Agent { index, source })?,
-        );
+        agents.push(edge_agent::start(config).await.map_err(|source| DemoError::Agent { index, source })?);
     }
     let timeout = options.timeout;
     wait_for("agents to enroll", timeout, || async {
@@ -283,11 +241,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         info.name, info.version, info.size, info.signed_by
     ));
     let deployed = client
-        .deploy(&DeployRequest {
-            model: info.name.clone(),
-            version: info.version.clone(),
-            devices: None,
-        })
+        .deploy(&DeployRequest { model: info.name.clone(), version: info.version.clone(), devices: None })
         .await?;
     progress(&format!(
         "deployed to {} devices; waiting for download, verification, self-test and activation",
@@ -295,10 +249,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
     ));
     wait_for("every agent to activate the model", timeout, || async {
         let devices = client.devices().await.ok()?;
-        let active = devices
-            .iter()
-            .filter(|d| active_version(d, &info.name) == Some(info.version.as_str()))
-            .count();
+        let active = devices.iter().filter(|d| active_version(d, &info.name) == Some(info.version.as_str())).count();
         (active == options.agents).then_some(())
     })
     .await?;
@@ -310,11 +261,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         let sends = agents.iter().enumerate().map(|(index, agent)| {
             let rows = synthetic_rows(index as u64 * 2 + (shift > 0.0) as u64, half, shift);
             let http = http.clone();
-            async move {
-                send_rows(&http, agent, &rows)
-                    .await
-                    .map_err(|message| DemoError::Traffic { index, message })
-            }
+            async move { send_rows(&http, agent, &rows).await.map_err(|message| DemoError::Traffic { index, message }) }
         });
         futures_util::future::try_join_all(sends).await?;
         progress(&format!("{phase} traffic sent: {half} rows per agent"));
@@ -322,19 +269,13 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
     let sent = (half * 2) as u64;
-    let devices = wait_for(
-        "drift summaries and inference counts from every agent",
-        timeout,
-        || async {
-            let devices = client.devices().await.ok()?;
-            let done = devices.iter().all(|d| {
-                d.models
-                    .iter()
-                    .any(|m| m.name == info.name && m.inferences >= sent && m.drift_summaries >= 2)
-            });
-            done.then_some(devices)
-        },
-    )
+    let devices = wait_for("drift summaries and inference counts from every agent", timeout, || async {
+        let devices = client.devices().await.ok()?;
+        let done = devices
+            .iter()
+            .all(|d| d.models.iter().any(|m| m.name == info.name && m.inferences >= sent && m.drift_summaries >= 2));
+        done.then_some(devices)
+    })
     .await?;
 
     for agent in &agents {
@@ -342,24 +283,12 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
     }
     server.shutdown();
     let devices: Vec<DemoDevice> = devices.iter().map(|d| demo_device(d, &info.name)).collect();
-    let ok = devices.iter().all(|d| {
-        d.model_version.as_deref() == Some(info.version.as_str()) && d.drift_summaries > 0
-    });
-    Ok(DemoResult {
-        ok,
-        model: info.name,
-        version: info.version,
-        devices,
-    })
+    let ok = devices.iter().all(|d| d.model_version.as_deref() == Some(info.version.as_str()) && d.drift_summaries > 0);
+    Ok(DemoResult { ok, model: info.name, version: info.version, devices })
 }
 
 fn active_version<'a>(device: &'a DeviceView, model: &str) -> Option<&'a str> {
-    device
-        .models
-        .iter()
-        .find(|m| m.name == model)?
-        .active_version
-        .as_deref()
+    device.models.iter().find(|m| m.name == model)?.active_version.as_deref()
 }
 
 fn demo_device(device: &DeviceView, model: &str) -> DemoDevice {

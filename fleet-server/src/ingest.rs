@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::drift::{drift, ReferenceSketch};
-use proto::wire::{
-    decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD,
-};
+use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use proto::Manifest;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
@@ -24,40 +22,19 @@ pub struct Notifier {
 impl Notifier {
     /// Best effort: a device that misses it still checks in on its own interval.
     pub fn desired_changed(&self, device: &str, revision: u64) {
-        let topic = Topic::Desired {
-            device: device.to_string(),
-        }
-        .render();
-        if let Err(e) = self.client.try_publish(
-            topic,
-            QoS::AtLeastOnce,
-            false,
-            encode(&DesiredChanged { revision }),
-        ) {
+        let topic = Topic::Desired { device: device.to_string() }.render();
+        if let Err(e) = self.client.try_publish(topic, QoS::AtLeastOnce, false, encode(&DesiredChanged { revision })) {
             tracing::warn!(%device, error = %e, "desired-state notification not sent");
         }
     }
 }
 
-pub fn connect(
-    host: &str,
-    port: u16,
-    cancel: CancellationToken,
-    store: Arc<dyn Store>,
-) -> Notifier {
-    let mut options = MqttOptions::new(
-        format!("fleet-server-{}", hex::encode(rand::random::<[u8; 4]>())),
-        host,
-        port,
-    );
+pub fn connect(host: &str, port: u16, cancel: CancellationToken, store: Arc<dyn Store>) -> Notifier {
+    let mut options = MqttOptions::new(format!("fleet-server-{}", hex::encode(rand::random::<[u8; 4]>())), host, port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     let (client, eventloop) = AsyncClient::new(options, 1024);
-    let ingest = Ingest {
-        store,
-        references: HashMap::new(),
-        client: client.clone(),
-    };
+    let ingest = Ingest { store, references: HashMap::new(), client: client.clone() };
     tokio::spawn(ingest.run(eventloop, cancel));
     Notifier { client }
 }
@@ -106,54 +83,29 @@ impl Ingest {
         match parsed {
             Topic::Heartbeat { device } => {
                 let heartbeat: Heartbeat = decode("heartbeat", payload)?;
-                self.on_store(move |s| {
-                    known(s, &device)?
-                        .then(|| s.record_heartbeat(&device, &heartbeat))
-                        .transpose()
-                })
-                .await?;
+                self.on_store(move |s| known(s, &device)?.then(|| s.record_heartbeat(&device, &heartbeat)).transpose())
+                    .await?;
             }
             Topic::Status { device, model } => {
                 let status: UpdateStatus = decode("update status", payload)?;
                 if status.model != model {
-                    return Err(IngestError::Mismatch(format!(
-                        "status for {} on the topic of {model}",
-                        status.model
-                    )));
+                    return Err(IngestError::Mismatch(format!("status for {} on the topic of {model}", status.model)));
                 }
-                self.on_store(move |s| {
-                    known(s, &device)?
-                        .then(|| s.record_status(&device, &status))
-                        .transpose()
-                })
-                .await?;
+                self.on_store(move |s| known(s, &device)?.then(|| s.record_status(&device, &status)).transpose())
+                    .await?;
             }
             Topic::Drift { device, model } => {
                 let summary: DriftSummary = decode("drift summary", payload)?;
                 if summary.model != model {
-                    return Err(IngestError::Mismatch(format!(
-                        "drift for {} on the topic of {model}",
-                        summary.model
-                    )));
+                    return Err(IngestError::Mismatch(format!("drift for {} on the topic of {model}", summary.model)));
                 }
                 let reference = self.reference(&summary.model, &summary.version).await?;
-                let report = reference
-                    .as_ref()
-                    .and_then(|r| drift(r, &summary.counts).ok());
+                let report = reference.as_ref().and_then(|r| drift(r, &summary.counts).ok());
                 let score = report.as_ref().map_or(summary.score, |r| r.score);
                 let mean_confidence = summary.counts.mean_confidence();
                 self.on_store(move |s| {
                     known(s, &device)?
-                        .then(|| {
-                            s.record_drift(
-                                &device,
-                                &StoredDrift {
-                                    summary: &summary,
-                                    score,
-                                    mean_confidence,
-                                },
-                            )
-                        })
+                        .then(|| s.record_drift(&device, &StoredDrift { summary: &summary, score, mean_confidence }))
                         .transpose()
                 })
                 .await?;
@@ -163,20 +115,14 @@ impl Ingest {
         Ok(())
     }
 
-    async fn reference(
-        &mut self,
-        model: &str,
-        version: &str,
-    ) -> Result<Option<ReferenceSketch>, IngestError> {
+    async fn reference(&mut self, model: &str, version: &str) -> Result<Option<ReferenceSketch>, IngestError> {
         let key = (model.to_string(), version.to_string());
         if let Some(cached) = self.references.get(&key) {
             return Ok(cached.clone());
         }
         let (m, v) = key.clone();
         let record = self.on_store(move |s| s.bundle(&m, &v)).await?;
-        let reference = record
-            .and_then(|r| Manifest::parse(&r.manifest_json).ok())
-            .map(|m| m.reference);
+        let reference = record.and_then(|r| Manifest::parse(&r.manifest_json).ok()).map(|m| m.reference);
         self.references.insert(key, reference.clone());
         Ok(reference)
     }

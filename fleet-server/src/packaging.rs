@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use edge_agent::inference::{LoadedModel, ModelError};
 use proto::bundle::{
-    file_entry, DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec,
-    UnverifiedBundle, FORMAT_VERSION, MODEL_PATH,
+    file_entry, DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec, UnverifiedBundle,
+    FORMAT_VERSION, MODEL_PATH,
 };
 use proto::drift::{build_reference, ReferenceSketch, DEFAULT_BINS};
 use serde::Deserialize;
@@ -18,20 +18,13 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum PackagingError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("metadata {path} is invalid: {message}")]
     Metadata { path: PathBuf, message: String },
     #[error("golden file {path} is invalid: {message}")]
     Golden { path: PathBuf, message: String },
     #[error("reference file {path} line {line}: {message}")]
-    Reference {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Reference { path: PathBuf, line: usize, message: String },
     #[error("version {0:?} is not a semantic version like 1.2.0")]
     Version(String),
     #[error(transparent)]
@@ -101,31 +94,19 @@ pub struct BuildInputs {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, PackagingError> {
-    std::fs::read(path).map_err(|source| PackagingError::Read {
-        path: path.into(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| PackagingError::Read { path: path.into(), source })
 }
 
 /// Reads the model, metadata and the files the metadata names.
-pub fn read_inputs(
-    model_path: &Path,
-    metadata_path: &Path,
-    created_at: u64,
-) -> Result<BuildInputs, PackagingError> {
+pub fn read_inputs(model_path: &Path, metadata_path: &Path, created_at: u64) -> Result<BuildInputs, PackagingError> {
     let model = read(model_path)?;
     let text = String::from_utf8_lossy(&read(metadata_path)?).into_owned();
-    let metadata: BundleMetadata = toml::from_str(&text).map_err(|e| PackagingError::Metadata {
-        path: metadata_path.into(),
-        message: e.message().to_string(),
-    })?;
+    let metadata: BundleMetadata = toml::from_str(&text)
+        .map_err(|e| PackagingError::Metadata { path: metadata_path.into(), message: e.message().to_string() })?;
     let base = metadata_path.parent().unwrap_or(Path::new("."));
     let golden_path = base.join(&metadata.golden.file);
-    let golden: GoldenFile =
-        serde_json::from_slice(&read(&golden_path)?).map_err(|e| PackagingError::Golden {
-            path: golden_path.clone(),
-            message: e.to_string(),
-        })?;
+    let golden: GoldenFile = serde_json::from_slice(&read(&golden_path)?)
+        .map_err(|e| PackagingError::Golden { path: golden_path.clone(), message: e.to_string() })?;
     let reference_rows = match &metadata.reference {
         Some(reference) => {
             let path = base.join(&reference.file);
@@ -133,13 +114,7 @@ pub fn read_inputs(
         }
         None => Vec::new(),
     };
-    Ok(BuildInputs {
-        model,
-        metadata,
-        golden: golden.cases,
-        reference_rows,
-        created_at,
-    })
+    Ok(BuildInputs { model, metadata, golden: golden.cases, reference_rows, created_at })
 }
 
 pub fn parse_csv(path: &Path, text: &str) -> Result<Vec<Vec<f32>>, PackagingError> {
@@ -150,11 +125,7 @@ pub fn parse_csv(path: &Path, text: &str) -> Result<Vec<Vec<f32>>, PackagingErro
             line.split(',')
                 .map(|v| v.trim().parse::<f32>())
                 .collect::<Result<Vec<f32>, _>>()
-                .map_err(|e| PackagingError::Reference {
-                    path: path.into(),
-                    line: i + 1,
-                    message: e.to_string(),
-                })
+                .map_err(|e| PackagingError::Reference { path: path.into(), line: i + 1, message: e.to_string() })
         })
         .collect()
 }
@@ -162,13 +133,8 @@ pub fn parse_csv(path: &Path, text: &str) -> Result<Vec<Vec<f32>>, PackagingErro
 /// Builds the manifest and files of an unsigned bundle.
 pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
     let meta = &inputs.metadata;
-    let version = semver::Version::parse(&meta.version)
-        .map_err(|_| PackagingError::Version(meta.version.clone()))?;
-    let spec = |t: &TensorMetadata| TensorSpec {
-        name: t.name.clone(),
-        dtype: DType::F32,
-        shape: t.shape.clone(),
-    };
+    let version = semver::Version::parse(&meta.version).map_err(|_| PackagingError::Version(meta.version.clone()))?;
+    let spec = |t: &TensorMetadata| TensorSpec { name: t.name.clone(), dtype: DType::F32, shape: t.shape.clone() };
     let mut manifest = Manifest {
         format: FORMAT_VERSION,
         name: meta.name.clone(),
@@ -181,10 +147,7 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
             feature_names: meta.contract.feature_names.clone(),
             output_labels: meta.contract.output_labels.clone(),
         },
-        golden: GoldenSet {
-            tolerance: meta.golden.tolerance,
-            cases: inputs.golden,
-        },
+        golden: GoldenSet { tolerance: meta.golden.tolerance, cases: inputs.golden },
         reference: ReferenceSketch::default(),
         lineage: meta.lineage.clone(),
     };
@@ -192,12 +155,7 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
     let loaded = LoadedModel::load(&manifest, &inputs.model)?;
     loaded.self_test()?;
     let width = manifest.contract.input.sample_len();
-    if let Some((line, row)) = inputs
-        .reference_rows
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.len() != width)
-    {
+    if let Some((line, row)) = inputs.reference_rows.iter().enumerate().find(|(_, r)| r.len() != width) {
         return Err(PackagingError::Reference {
             path: PathBuf::from("reference"),
             line: line + 1,
@@ -205,11 +163,7 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
         });
     }
     let mut session = loaded.session()?;
-    let outputs = inputs
-        .reference_rows
-        .iter()
-        .map(|row| session.run(row))
-        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = inputs.reference_rows.iter().map(|row| session.run(row)).collect::<Result<Vec<_>, _>>()?;
     manifest.reference = build_reference(&inputs.reference_rows, &outputs, DEFAULT_BINS);
     Ok(UnverifiedBundle {
         manifest_bytes: manifest.to_json_bytes(),
@@ -223,19 +177,12 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
     }
 
     #[test]
     fn the_fixture_metadata_builds_a_bundle_with_a_reference_sketch() {
-        let inputs = read_inputs(
-            &fixture("models/mlp.onnx"),
-            &fixture("bundles/tabular.toml"),
-            1,
-        )
-        .unwrap();
+        let inputs = read_inputs(&fixture("models/mlp.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap();
         let bundle = build(inputs).unwrap();
         let manifest = Manifest::parse(&bundle.manifest_bytes).unwrap();
         assert_eq!(manifest.reference.edges.len(), 8);
@@ -245,28 +192,15 @@ mod tests {
 
     #[test]
     fn a_model_that_breaks_the_declared_contract_is_not_packaged() {
-        let inputs = read_inputs(
-            &fixture("models/broken.onnx"),
-            &fixture("bundles/tabular.toml"),
-            1,
-        )
-        .unwrap();
+        let inputs = read_inputs(&fixture("models/broken.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap();
         let err = build(inputs).unwrap_err();
         assert!(err.to_string().contains("breaks its contract"), "{err}");
     }
 
     #[test]
     fn golden_cases_from_another_model_fail_the_build() {
-        let mut inputs = read_inputs(
-            &fixture("models/mlp_v2.onnx"),
-            &fixture("bundles/tabular.toml"),
-            1,
-        )
-        .unwrap();
+        let mut inputs = read_inputs(&fixture("models/mlp_v2.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap();
         inputs.metadata.version = "2.0.0".into();
-        assert!(matches!(
-            build(inputs),
-            Err(PackagingError::Model(ModelError::Golden { .. }))
-        ));
+        assert!(matches!(build(inputs), Err(PackagingError::Model(ModelError::Golden { .. }))));
     }
 }

@@ -34,10 +34,7 @@ pub struct ServerConfig {
 #[derive(Debug, Error)]
 pub enum ServerError {
     #[error("cannot prepare data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("trusted keys: {0}")]
@@ -49,10 +46,7 @@ pub enum ServerError {
     #[error("{0}")]
     MqttUrl(String),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 pub struct ServerHandle {
@@ -83,10 +77,7 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
         return Ok(token.clone());
     }
     let path = config.data_dir.join("operator.token");
-    let io = |source| ServerError::DataDir {
-        path: path.clone(),
-        source,
-    };
+    let io = |source| ServerError::DataDir { path: path.clone(), source };
     match std::fs::read_to_string(&path) {
         Ok(token) => Ok(token.trim().to_string()),
         Err(_) => {
@@ -99,16 +90,12 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
 
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir.join("bundles")).map_err(|source| ServerError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(data_dir.join("bundles"))
+        .map_err(|source| ServerError::DataDir { path: data_dir.clone(), source })?;
     if config.trusted_keys.is_empty() {
         return Err(ServerError::NoKeys);
     }
-    let trusted = Arc::new(TrustedKeys::from_hex(
-        config.trusted_keys.iter().map(String::as_str),
-    )?);
+    let trusted = Arc::new(TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))?);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir.join("fleet.db"))?);
     let operator_token = operator_token(&config)?;
     let cancel = CancellationToken::new();
@@ -120,8 +107,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         Mqtt::External { url } => url.clone(),
     };
-    let (host, port) = edge_agent::uplink::parse_mqtt_url(&mqtt_url)
-        .map_err(|e| ServerError::MqttUrl(e.to_string()))?;
+    let (host, port) =
+        edge_agent::uplink::parse_mqtt_url(&mqtt_url).map_err(|e| ServerError::MqttUrl(e.to_string()))?;
     let notifier = crate::ingest::connect(&host, port, cancel.clone(), store.clone());
 
     let state = AppState {
@@ -134,39 +121,20 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| ServerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let http_addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let app = router(state);
     let shutdown = cancel.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
             tracing::error!(error = %e, "HTTP API stopped");
         }
     });
     tracing::info!(%http_addr, %mqtt_url, "fleet-server running");
-    Ok(ServerHandle {
-        http_addr,
-        mqtt_url,
-        operator_token,
-        store,
-        cancel,
-    })
+    Ok(ServerHandle { http_addr, mqtt_url, operator_token, store, cancel })
 }
 
 /// A free loopback port for the embedded broker (rumqttd cannot report a port-0 choice back).
 pub fn free_loopback_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -32,11 +32,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_bundle_bytes: 512 << 20,
-            max_manifest_bytes: 4 << 20,
-            max_entries: 64,
-        }
+        Limits { max_bundle_bytes: 512 << 20, max_manifest_bytes: 4 << 20, max_entries: 64 }
     }
 }
 
@@ -140,17 +136,9 @@ pub enum ManifestError {
     #[error("manifest lists {0:?} twice")]
     DuplicatePath(String),
     #[error("golden case {case} has {got} input values; the contract input takes {want}")]
-    GoldenInputLen {
-        case: usize,
-        got: usize,
-        want: usize,
-    },
+    GoldenInputLen { case: usize, got: usize, want: usize },
     #[error("golden case {case} has {got} expected values; the contract output gives {want}")]
-    GoldenOutputLen {
-        case: usize,
-        got: usize,
-        want: usize,
-    },
+    GoldenOutputLen { case: usize, got: usize, want: usize },
 }
 
 impl Manifest {
@@ -178,24 +166,13 @@ impl Manifest {
         if !seen.contains(MODEL_PATH) {
             return Err(ManifestError::NoModel);
         }
-        let (want_in, want_out) = (
-            self.contract.input.sample_len(),
-            self.contract.output.sample_len(),
-        );
+        let (want_in, want_out) = (self.contract.input.sample_len(), self.contract.output.sample_len());
         for (case, golden) in self.golden.cases.iter().enumerate() {
             if golden.input.len() != want_in {
-                return Err(ManifestError::GoldenInputLen {
-                    case,
-                    got: golden.input.len(),
-                    want: want_in,
-                });
+                return Err(ManifestError::GoldenInputLen { case, got: golden.input.len(), want: want_in });
             }
             if golden.expected.len() != want_out {
-                return Err(ManifestError::GoldenOutputLen {
-                    case,
-                    got: golden.expected.len(),
-                    want: want_out,
-                });
+                return Err(ManifestError::GoldenOutputLen { case, got: golden.expected.len(), want: want_out });
             }
         }
         Ok(())
@@ -213,9 +190,7 @@ fn is_plain_file_name(path: &str) -> bool {
         && path.len() <= 128
         && path != "."
         && path != ".."
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -223,11 +198,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 pub fn file_entry(path: &str, bytes: &[u8]) -> FileEntry {
-    FileEntry {
-        path: path.to_string(),
-        size: bytes.len() as u64,
-        sha256: sha256_hex(bytes),
-    }
+    FileEntry { path: path.to_string(), size: bytes.len() as u64, sha256: sha256_hex(bytes) }
 }
 
 /// A bundle as read from bytes: nothing in it is trusted yet.
@@ -251,10 +222,7 @@ pub struct VerifiedBundle {
 impl VerifiedBundle {
     pub fn model_bytes(&self) -> &[u8] {
         // check() guarantees the manifest lists model.onnx and verify() that every listed file is present.
-        self.files
-            .get(MODEL_PATH)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+        self.files.get(MODEL_PATH).map(Vec::as_slice).unwrap_or_default()
     }
 }
 
@@ -284,7 +252,9 @@ pub enum VerifyError {
     Archive(#[from] ArchiveError),
     #[error("bundle carries no signature")]
     MissingSignature,
-    #[error("bundle is signed only by untrusted key(s) {0}; add the signer's public key to the trusted keys or re-sign")]
+    #[error(
+        "bundle is signed only by untrusted key(s) {0}; add the signer's public key to the trusted keys or re-sign"
+    )]
     UntrustedSigner(String),
     #[error("signature by trusted key {key_id} does not match the manifest: the manifest or signature was altered")]
     BadSignature { key_id: KeyId },
@@ -295,55 +265,32 @@ pub enum VerifyError {
     #[error("file {0:?} is in the bundle but not in the signed manifest")]
     UnlistedFile(String),
     #[error("file {path:?} is {actual} bytes; the manifest says {expected}")]
-    SizeMismatch {
-        path: String,
-        expected: u64,
-        actual: u64,
-    },
-    #[error(
-        "file {path:?} has sha256 {actual}; the manifest says {expected}: the file was altered"
-    )]
-    DigestMismatch {
-        path: String,
-        expected: String,
-        actual: String,
-    },
+    SizeMismatch { path: String, expected: u64, actual: u64 },
+    #[error("file {path:?} has sha256 {actual}; the manifest says {expected}: the file was altered")]
+    DigestMismatch { path: String, expected: String, actual: String },
 }
 
 /// Reads a bundle from bytes with limits; accepts only regular files with plain names.
 pub fn read_archive(bytes: &[u8], limits: &Limits) -> Result<UnverifiedBundle, ArchiveError> {
     if bytes.len() as u64 > limits.max_bundle_bytes {
-        return Err(ArchiveError::TooLarge {
-            limit: limits.max_bundle_bytes,
-        });
+        return Err(ArchiveError::TooLarge { limit: limits.max_bundle_bytes });
     }
     let mut archive = tar::Archive::new(bytes);
-    let entries = archive
-        .entries()
-        .map_err(|e| ArchiveError::Tar(e.to_string()))?;
+    let entries = archive.entries().map_err(|e| ArchiveError::Tar(e.to_string()))?;
     let mut bundle = UnverifiedBundle::default();
     let mut manifest = None;
     for (index, entry) in entries.enumerate() {
         if index >= limits.max_entries {
-            return Err(ArchiveError::TooManyEntries {
-                limit: limits.max_entries,
-            });
+            return Err(ArchiveError::TooManyEntries { limit: limits.max_entries });
         }
         let mut entry = entry.map_err(|e| ArchiveError::Tar(e.to_string()))?;
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         if !entry.header().entry_type().is_file() {
             return Err(ArchiveError::UnsafeEntry(path));
         }
-        let limit = if path == MANIFEST_PATH {
-            limits.max_manifest_bytes
-        } else {
-            limits.max_bundle_bytes
-        };
+        let limit = if path == MANIFEST_PATH { limits.max_manifest_bytes } else { limits.max_bundle_bytes };
         let mut data = Vec::new();
-        (&mut entry)
-            .take(limit + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| ArchiveError::Tar(e.to_string()))?;
+        (&mut entry).take(limit + 1).read_to_end(&mut data).map_err(|e| ArchiveError::Tar(e.to_string()))?;
         if data.len() as u64 > limit {
             return Err(ArchiveError::EntryTooLarge { path, limit });
         }
@@ -401,10 +348,8 @@ pub fn verify_signatures(
         let Some(key) = trusted.get(key_id) else {
             continue;
         };
-        let signature = Signature::from_slice(sig_bytes)
-            .map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
-        key.verify_strict(manifest_bytes, &signature)
-            .map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
+        let signature = Signature::from_slice(sig_bytes).map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
+        key.verify_strict(manifest_bytes, &signature).map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
         good.get_or_insert(*key_id);
     }
     good.ok_or_else(|| {
@@ -413,14 +358,9 @@ pub fn verify_signatures(
     })
 }
 
-pub fn verify_files(
-    manifest: &Manifest,
-    files: &BTreeMap<String, Vec<u8>>,
-) -> Result<(), VerifyError> {
+pub fn verify_files(manifest: &Manifest, files: &BTreeMap<String, Vec<u8>>) -> Result<(), VerifyError> {
     for entry in &manifest.files {
-        let data = files
-            .get(&entry.path)
-            .ok_or_else(|| VerifyError::MissingFile(entry.path.clone()))?;
+        let data = files.get(&entry.path).ok_or_else(|| VerifyError::MissingFile(entry.path.clone()))?;
         if data.len() as u64 != entry.size {
             return Err(VerifyError::SizeMismatch {
                 path: entry.path.clone(),
@@ -437,10 +377,7 @@ pub fn verify_files(
             });
         }
     }
-    if let Some(extra) = files
-        .keys()
-        .find(|p| !manifest.files.iter().any(|e| &e.path == *p))
-    {
+    if let Some(extra) = files.keys().find(|p| !manifest.files.iter().any(|e| &e.path == *p)) {
         return Err(VerifyError::UnlistedFile(extra.clone()));
     }
     Ok(())
@@ -478,9 +415,7 @@ pub fn write_archive(
 pub fn add_signature(bundle: &mut UnverifiedBundle, key: &ed25519_dalek::SigningKey) -> KeyId {
     let key_id = KeyId::of(&key.verifying_key());
     let signature = crate::keys::sign(key, &bundle.manifest_bytes);
-    bundle
-        .signatures
-        .insert(key_id, signature.to_bytes().to_vec());
+    bundle.signatures.insert(key_id, signature.to_bytes().to_vec());
     key_id
 }
 

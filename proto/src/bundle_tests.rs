@@ -15,25 +15,14 @@ fn manifest(model: &[u8]) -> Manifest {
         created_at: 1,
         files: vec![file_entry(MODEL_PATH, model)],
         contract: ModelContract {
-            input: TensorSpec {
-                name: "features".into(),
-                dtype: DType::F32,
-                shape: vec![1, 2],
-            },
-            output: TensorSpec {
-                name: "probabilities".into(),
-                dtype: DType::F32,
-                shape: vec![1, 2],
-            },
+            input: TensorSpec { name: "features".into(), dtype: DType::F32, shape: vec![1, 2] },
+            output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 2] },
             feature_names: vec!["a".into(), "b".into()],
             output_labels: vec![],
         },
         golden: GoldenSet {
             tolerance: 1e-4,
-            cases: vec![GoldenCase {
-                input: vec![0.0, 1.0],
-                expected: vec![0.5, 0.5],
-            }],
+            cases: vec![GoldenCase { input: vec![0.0, 1.0], expected: vec![0.5, 0.5] }],
         },
         reference: ReferenceSketch::default(),
         lineage: Lineage::default(),
@@ -64,10 +53,7 @@ fn a_signed_bundle_verifies_with_its_key() {
     let verified = verify(&signed_bundle(&key(1)), &trusted()).unwrap();
     assert_eq!(verified.manifest.name, "tabular");
     assert_eq!(verified.model_bytes(), b"onnx bytes");
-    assert_eq!(
-        verified.signed_by,
-        crate::KeyId::of(&key(1).verifying_key())
-    );
+    assert_eq!(verified.signed_by, crate::KeyId::of(&key(1).verifying_key()));
 }
 
 #[test]
@@ -77,19 +63,12 @@ fn writing_the_same_bundle_twice_gives_the_same_bytes() {
 
 /// Replaces the first occurrence of `from` in the archive bytes by `to` (same length).
 fn patch(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
-    let at = bytes
-        .windows(from.len())
-        .position(|w| w == from)
-        .expect("pattern present");
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("pattern present");
     let mut out = bytes.to_vec();
     out[at..at + to.len()].copy_from_slice(to);
     // Keep the tar header checksums right so only our tamper is detected, not a broken archive.
     let mut bundle = read_archive(&out, &Limits::default()).unwrap();
-    let rewritten = write_archive(
-        &bundle.manifest_bytes,
-        &bundle.files,
-        &std::mem::take(&mut bundle.signatures),
-    );
+    let rewritten = write_archive(&bundle.manifest_bytes, &bundle.files, &std::mem::take(&mut bundle.signatures));
     let original = read_archive(bytes, &Limits::default()).unwrap();
     let mut again = read_archive(&rewritten, &Limits::default()).unwrap();
     again.signatures = original.signatures;
@@ -100,10 +79,7 @@ fn patch(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 fn a_changed_model_byte_is_rejected_as_a_digest_mismatch() {
     let tampered = patch(&signed_bundle(&key(1)), b"onnx bytes", b"onnx bytez");
     let err = verify(&tampered, &trusted()).unwrap_err();
-    assert!(
-        matches!(err, VerifyError::DigestMismatch { ref path, .. } if path == MODEL_PATH),
-        "{err}"
-    );
+    assert!(matches!(err, VerifyError::DigestMismatch { ref path, .. } if path == MODEL_PATH), "{err}");
 }
 
 #[test]
@@ -117,10 +93,7 @@ fn a_changed_manifest_byte_is_rejected_as_a_bad_signature() {
 fn a_bundle_signed_by_an_unknown_key_is_rejected_naming_the_key() {
     let err = verify(&signed_bundle(&key(2)), &trusted()).unwrap_err();
     let id = crate::KeyId::of(&key(2).verifying_key()).to_string();
-    assert!(
-        matches!(err, VerifyError::UntrustedSigner(ref ids) if ids == &id),
-        "{err}"
-    );
+    assert!(matches!(err, VerifyError::UntrustedSigner(ref ids) if ids == &id), "{err}");
 }
 
 #[test]
@@ -128,22 +101,15 @@ fn a_bundle_without_signatures_is_rejected() {
     let mut bundle = read_archive(&signed_bundle(&key(1)), &Limits::default()).unwrap();
     bundle.signatures.clear();
     let bytes = write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures);
-    assert!(matches!(
-        verify(&bytes, &trusted()),
-        Err(VerifyError::MissingSignature)
-    ));
+    assert!(matches!(verify(&bytes, &trusted()), Err(VerifyError::MissingSignature)));
 }
 
 #[test]
 fn a_file_not_in_the_manifest_is_rejected() {
     let mut bundle = read_archive(&signed_bundle(&key(1)), &Limits::default()).unwrap();
-    bundle
-        .files
-        .insert("extra.bin".into(), b"surprise".to_vec());
+    bundle.files.insert("extra.bin".into(), b"surprise".to_vec());
     let bytes = write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures);
-    assert!(
-        matches!(verify(&bytes, &trusted()), Err(VerifyError::UnlistedFile(p)) if p == "extra.bin")
-    );
+    assert!(matches!(verify(&bytes, &trusted()), Err(VerifyError::UnlistedFile(p)) if p == "extra.bin"));
 }
 
 #[test]
@@ -151,23 +117,16 @@ fn a_missing_listed_file_is_rejected() {
     let mut bundle = read_archive(&signed_bundle(&key(1)), &Limits::default()).unwrap();
     bundle.files.clear();
     let bytes = write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures);
-    assert!(
-        matches!(verify(&bytes, &trusted()), Err(VerifyError::MissingFile(p)) if p == MODEL_PATH)
-    );
+    assert!(matches!(verify(&bytes, &trusted()), Err(VerifyError::MissingFile(p)) if p == MODEL_PATH));
 }
 
 #[test]
 fn a_second_trusted_signature_that_is_bad_fails_verification() {
     let mut bundle = read_archive(&signed_bundle(&key(1)), &Limits::default()).unwrap();
-    bundle
-        .signatures
-        .insert(crate::KeyId::of(&key(3).verifying_key()), vec![0; 64]);
+    bundle.signatures.insert(crate::KeyId::of(&key(3).verifying_key()), vec![0; 64]);
     let bytes = write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures);
     let both = TrustedKeys::new([key(1).verifying_key(), key(3).verifying_key()]);
-    assert!(matches!(
-        verify(&bytes, &both),
-        Err(VerifyError::BadSignature { .. })
-    ));
+    assert!(matches!(verify(&bytes, &both), Err(VerifyError::BadSignature { .. })));
 }
 
 #[test]
@@ -187,35 +146,20 @@ fn path_traversal_and_links_in_the_archive_are_refused() {
     let mut header = tar::Header::new_gnu();
     header.set_size(0);
     header.set_entry_type(tar::EntryType::Symlink);
-    builder
-        .append_link(&mut header, "model.onnx", "/etc/passwd")
-        .unwrap();
+    builder.append_link(&mut header, "model.onnx", "/etc/passwd").unwrap();
     let err = read_archive(&builder.into_inner().unwrap(), &Limits::default()).unwrap_err();
     assert!(matches!(err, ArchiveError::UnsafeEntry(_)), "{err}");
 }
 
 #[test]
 fn a_bundle_over_the_size_limit_is_refused_before_parsing() {
-    let limits = Limits {
-        max_bundle_bytes: 100,
-        ..Limits::default()
-    };
-    assert!(matches!(
-        read_archive(&signed_bundle(&key(1)), &limits),
-        Err(ArchiveError::TooLarge { limit: 100 })
-    ));
+    let limits = Limits { max_bundle_bytes: 100, ..Limits::default() };
+    assert!(matches!(read_archive(&signed_bundle(&key(1)), &limits), Err(ArchiveError::TooLarge { limit: 100 })));
 }
 
 #[test]
 fn golden_cases_that_do_not_fit_the_contract_are_refused() {
     let mut m = manifest(b"x");
     m.golden.cases[0].input.push(1.0);
-    assert!(matches!(
-        m.check(),
-        Err(ManifestError::GoldenInputLen {
-            case: 0,
-            got: 3,
-            want: 2
-        })
-    ));
+    assert!(matches!(m.check(), Err(ManifestError::GoldenInputLen { case: 0, got: 3, want: 2 })));
 }

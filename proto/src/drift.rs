@@ -36,9 +36,7 @@ pub struct SketchCounts {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SketchError {
-    #[error(
-        "sketch layouts differ ({0}); sketches from different model contracts cannot be compared"
-    )]
+    #[error("sketch layouts differ ({0}); sketches from different model contracts cannot be compared")]
     LayoutMismatch(&'static str),
 }
 
@@ -46,11 +44,7 @@ impl SketchCounts {
     pub fn empty_for(reference: &ReferenceSketch, classes: usize) -> SketchCounts {
         SketchCounts {
             samples: 0,
-            features: reference
-                .edges
-                .iter()
-                .map(|e| vec![0; e.len() + 1])
-                .collect(),
+            features: reference.edges.iter().map(|e| vec![0; e.len() + 1]).collect(),
             classes: vec![0; classes],
             confidence_micros: 0,
         }
@@ -75,11 +69,7 @@ impl SketchCounts {
 
     pub fn merge(&mut self, other: &SketchCounts) -> Result<(), SketchError> {
         if self.features.len() != other.features.len()
-            || self
-                .features
-                .iter()
-                .zip(&other.features)
-                .any(|(a, b)| a.len() != b.len())
+            || self.features.iter().zip(&other.features).any(|(a, b)| a.len() != b.len())
         {
             return Err(SketchError::LayoutMismatch("feature bins"));
         }
@@ -105,12 +95,7 @@ impl SketchCounts {
 }
 
 fn top_class(outputs: &[f32]) -> Option<(usize, f32)> {
-    outputs
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, v)| !v.is_nan())
-        .max_by(|a, b| a.1.total_cmp(&b.1))
+    outputs.iter().copied().enumerate().filter(|(_, v)| !v.is_nan()).max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 /// Edges at the deciles (or `bins` quantiles) of each feature column.
@@ -118,24 +103,15 @@ pub fn build_reference(samples: &[Vec<f32>], outputs: &[Vec<f32>], bins: usize) 
     let width = samples.first().map_or(0, Vec::len);
     let edges: Vec<Vec<f32>> = (0..width)
         .map(|feature| {
-            let mut column: Vec<f32> = samples
-                .iter()
-                .map(|s| s[feature])
-                .filter(|v| v.is_finite())
-                .collect();
+            let mut column: Vec<f32> = samples.iter().map(|s| s[feature]).filter(|v| v.is_finite()).collect();
             column.sort_by(f32::total_cmp);
-            let mut edges: Vec<f32> = (1..bins)
-                .filter_map(|q| column.get(q * column.len() / bins).copied())
-                .collect();
+            let mut edges: Vec<f32> = (1..bins).filter_map(|q| column.get(q * column.len() / bins).copied()).collect();
             edges.dedup();
             edges
         })
         .collect();
     let classes = outputs.first().map_or(0, Vec::len);
-    let mut reference = ReferenceSketch {
-        edges,
-        counts: SketchCounts::default(),
-    };
+    let mut reference = ReferenceSketch { edges, counts: SketchCounts::default() };
     let mut counts = SketchCounts::empty_for(&reference, classes);
     for (sample, output) in samples.iter().zip(outputs) {
         counts.observe(&reference.edges, sample, output);
@@ -158,30 +134,18 @@ pub struct DriftReport {
 }
 
 /// Compares a window (or a merge of windows) with the reference.
-pub fn drift(
-    reference: &ReferenceSketch,
-    current: &SketchCounts,
-) -> Result<DriftReport, SketchError> {
+pub fn drift(reference: &ReferenceSketch, current: &SketchCounts) -> Result<DriftReport, SketchError> {
     let expected_layout = SketchCounts::empty_for(reference, reference.counts.classes.len());
     if current.features.len() != expected_layout.features.len()
-        || current
-            .features
-            .iter()
-            .zip(&expected_layout.features)
-            .any(|(a, b)| a.len() != b.len())
+        || current.features.iter().zip(&expected_layout.features).any(|(a, b)| a.len() != b.len())
     {
         return Err(SketchError::LayoutMismatch("feature bins"));
     }
     if current.classes.len() != reference.counts.classes.len() {
         return Err(SketchError::LayoutMismatch("classes"));
     }
-    let feature_psi: Vec<f64> = reference
-        .counts
-        .features
-        .iter()
-        .zip(&current.features)
-        .map(|(r, c)| psi(r, c))
-        .collect();
+    let feature_psi: Vec<f64> =
+        reference.counts.features.iter().zip(&current.features).map(|(r, c)| psi(r, c)).collect();
     let prediction_psi = psi(&reference.counts.classes, &current.classes);
     let score = feature_psi.iter().copied().fold(prediction_psi, f64::max);
     Ok(DriftReport {
@@ -196,8 +160,7 @@ pub fn drift(
 
 /// Population stability index with add-half smoothing so empty bins stay finite.
 pub fn psi(reference: &[u32], current: &[u32]) -> f64 {
-    let total_r: f64 =
-        reference.iter().map(|&c| c as f64).sum::<f64>() + 0.5 * reference.len() as f64;
+    let total_r: f64 = reference.iter().map(|&c| c as f64).sum::<f64>() + 0.5 * reference.len() as f64;
     let total_c: f64 = current.iter().map(|&c| c as f64).sum::<f64>() + 0.5 * current.len() as f64;
     if current.iter().all(|&c| c == 0) {
         return 0.0;
@@ -218,27 +181,13 @@ mod tests {
     use super::*;
 
     fn grid(n: usize, shift: f32) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let samples: Vec<Vec<f32>> = (0..n)
-            .map(|i| vec![(i % 100) as f32 / 10.0 + shift, ((i * 7) % 100) as f32])
-            .collect();
-        let outputs = samples
-            .iter()
-            .map(|s| {
-                if s[0] < 5.0 {
-                    vec![0.9, 0.1]
-                } else {
-                    vec![0.2, 0.8]
-                }
-            })
-            .collect();
+        let samples: Vec<Vec<f32>> =
+            (0..n).map(|i| vec![(i % 100) as f32 / 10.0 + shift, ((i * 7) % 100) as f32]).collect();
+        let outputs = samples.iter().map(|s| if s[0] < 5.0 { vec![0.9, 0.1] } else { vec![0.2, 0.8] }).collect();
         (samples, outputs)
     }
 
-    fn window(
-        reference: &ReferenceSketch,
-        samples: &[Vec<f32>],
-        outputs: &[Vec<f32>],
-    ) -> SketchCounts {
+    fn window(reference: &ReferenceSketch, samples: &[Vec<f32>], outputs: &[Vec<f32>]) -> SketchCounts {
         let mut counts = SketchCounts::empty_for(reference, 2);
         for (s, o) in samples.iter().zip(outputs) {
             counts.observe(&reference.edges, s, o);
@@ -256,10 +205,7 @@ mod tests {
         assert!(!same.drifted);
         let (shifted, shifted_out) = grid(1000, 4.0);
         let moved = drift(&reference, &window(&reference, &shifted, &shifted_out)).unwrap();
-        assert!(
-            moved.drifted && moved.feature_psi[0] > 1.0 && moved.feature_psi[1] < 0.01,
-            "{moved:?}"
-        );
+        assert!(moved.drifted && moved.feature_psi[0] > 1.0 && moved.feature_psi[1] < 0.01, "{moved:?}");
     }
 
     #[test]
@@ -275,20 +221,9 @@ mod tests {
 
     #[test]
     fn sketches_of_different_layouts_refuse_to_merge() {
-        let mut a = SketchCounts {
-            features: vec![vec![0; 3]],
-            classes: vec![0; 2],
-            ..Default::default()
-        };
-        let b = SketchCounts {
-            features: vec![vec![0; 4]],
-            classes: vec![0; 2],
-            ..Default::default()
-        };
-        assert_eq!(
-            a.merge(&b),
-            Err(SketchError::LayoutMismatch("feature bins"))
-        );
+        let mut a = SketchCounts { features: vec![vec![0; 3]], classes: vec![0; 2], ..Default::default() };
+        let b = SketchCounts { features: vec![vec![0; 4]], classes: vec![0; 2], ..Default::default() };
+        assert_eq!(a.merge(&b), Err(SketchError::LayoutMismatch("feature bins")));
     }
 
     #[test]
@@ -296,27 +231,14 @@ mod tests {
         let (samples, outputs) = grid(100, 0.0);
         let reference = build_reference(&samples, &outputs, DEFAULT_BINS);
         let report = drift(&reference, &SketchCounts::empty_for(&reference, 2)).unwrap();
-        assert_eq!(
-            (report.score, report.drifted, report.mean_confidence),
-            (0.0, false, None)
-        );
+        assert_eq!((report.score, report.drifted, report.mean_confidence), (0.0, false, None));
     }
 
     #[test]
     fn a_window_of_an_eight_feature_model_encodes_small() {
-        let samples: Vec<Vec<f32>> = (0..5000)
-            .map(|i| (0..8).map(|f| ((i * (f + 3)) % 97) as f32).collect())
-            .collect();
-        let outputs: Vec<Vec<f32>> = (0..5000)
-            .map(|i| {
-                vec![0.1, 0.2, 0.7]
-                    .into_iter()
-                    .cycle()
-                    .skip(i % 3)
-                    .take(3)
-                    .collect()
-            })
-            .collect();
+        let samples: Vec<Vec<f32>> = (0..5000).map(|i| (0..8).map(|f| ((i * (f + 3)) % 97) as f32).collect()).collect();
+        let outputs: Vec<Vec<f32>> =
+            (0..5000).map(|i| vec![0.1, 0.2, 0.7].into_iter().cycle().skip(i % 3).take(3).collect()).collect();
         let reference = build_reference(&samples, &outputs, DEFAULT_BINS);
         let counts = window(&reference, &samples, &outputs);
         let bytes = postcard::to_allocvec(&counts).unwrap();

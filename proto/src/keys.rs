@@ -21,9 +21,7 @@ impl KeyId {
 
     pub fn parse(text: &str) -> Result<KeyId, KeyError> {
         let bytes = hex::decode(text).map_err(|_| KeyError::BadKeyId(text.to_string()))?;
-        let id: [u8; 8] = bytes
-            .try_into()
-            .map_err(|_| KeyError::BadKeyId(text.to_string()))?;
+        let id: [u8; 8] = bytes.try_into().map_err(|_| KeyError::BadKeyId(text.to_string()))?;
         Ok(KeyId(id))
     }
 }
@@ -72,16 +70,11 @@ pub struct TrustedKeys {
 
 impl TrustedKeys {
     pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> TrustedKeys {
-        TrustedKeys {
-            keys: keys.into_iter().map(|k| (KeyId::of(&k), k)).collect(),
-        }
+        TrustedKeys { keys: keys.into_iter().map(|k| (KeyId::of(&k), k)).collect() }
     }
 
     pub fn from_hex<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<TrustedKeys, KeyError> {
-        let keys = texts
-            .into_iter()
-            .map(parse_public_key)
-            .collect::<Result<Vec<_>, _>>()?;
+        let keys = texts.into_iter().map(parse_public_key).collect::<Result<Vec<_>, _>>()?;
         Ok(TrustedKeys::new(keys))
     }
 

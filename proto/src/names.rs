@@ -7,7 +7,9 @@ use thiserror::Error;
 pub const MAX_NAME_LEN: usize = 64;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("{kind} {name:?} is not valid: use 1-64 characters from a-z, 0-9, '-' and '_', starting with a letter or digit")]
+#[error(
+    "{kind} {name:?} is not valid: use 1-64 characters from a-z, 0-9, '-' and '_', starting with a letter or digit"
+)]
 pub struct InvalidName {
     pub kind: &'static str,
     pub name: String,
@@ -17,17 +19,12 @@ pub struct InvalidName {
 pub fn validate(kind: &'static str, name: &str) -> Result<(), InvalidName> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
-        Err(InvalidName {
-            kind,
-            name: name.to_string(),
-        })
+        Err(InvalidName { kind, name: name.to_string() })
     }
 }
 

@@ -45,20 +45,14 @@ impl Topic {
         let parts: Vec<&str> = rest.split('/').collect();
         let valid = |kind, name: &str| names::validate(kind, name).is_ok();
         let parsed = match parts.as_slice() {
-            [device, "heartbeat"] => Topic::Heartbeat {
-                device: device.to_string(),
-            },
-            [device, "desired"] => Topic::Desired {
-                device: device.to_string(),
-            },
-            [device, "models", model, "status"] if valid("model name", model) => Topic::Status {
-                device: device.to_string(),
-                model: model.to_string(),
-            },
-            [device, "models", model, "drift"] if valid("model name", model) => Topic::Drift {
-                device: device.to_string(),
-                model: model.to_string(),
-            },
+            [device, "heartbeat"] => Topic::Heartbeat { device: device.to_string() },
+            [device, "desired"] => Topic::Desired { device: device.to_string() },
+            [device, "models", model, "status"] if valid("model name", model) => {
+                Topic::Status { device: device.to_string(), model: model.to_string() }
+            }
+            [device, "models", model, "drift"] if valid("model name", model) => {
+                Topic::Drift { device: device.to_string(), model: model.to_string() }
+            }
             _ => return None,
         };
         let device = match &parsed {
@@ -83,10 +77,7 @@ pub enum PayloadError {
     #[error("payload of {0} bytes exceeds the {MAX_MQTT_PAYLOAD}-byte limit")]
     TooLarge(usize),
     #[error("payload does not decode as {kind}: {source}")]
-    Decode {
-        kind: &'static str,
-        source: postcard::Error,
-    },
+    Decode { kind: &'static str, source: postcard::Error },
 }
 
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
@@ -323,17 +314,9 @@ mod tests {
         let device = "d-1".to_string();
         let model = "tabular".to_string();
         for topic in [
-            Topic::Heartbeat {
-                device: device.clone(),
-            },
-            Topic::Status {
-                device: device.clone(),
-                model: model.clone(),
-            },
-            Topic::Drift {
-                device: device.clone(),
-                model,
-            },
+            Topic::Heartbeat { device: device.clone() },
+            Topic::Status { device: device.clone(), model: model.clone() },
+            Topic::Drift { device: device.clone(), model },
             Topic::Desired { device },
         ] {
             assert_eq!(Topic::parse(&topic.render()), Some(topic));
@@ -358,16 +341,9 @@ mod tests {
             active_version: Some("0.9.0".into()),
             at_ms: 7,
         };
-        assert_eq!(
-            decode::<UpdateStatus>("status", &encode(&status)).unwrap(),
-            status
-        );
+        assert_eq!(decode::<UpdateStatus>("status", &encode(&status)).unwrap(), status);
         let err = decode::<UpdateStatus>("status", &[0xff, 0xff, 0xff]).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("payload does not decode as status"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("payload does not decode as status"), "{err}");
         assert!(matches!(
             decode::<Heartbeat>("heartbeat", &vec![0; MAX_MQTT_PAYLOAD + 1]),
             Err(PayloadError::TooLarge(_))
@@ -376,11 +352,7 @@ mod tests {
 
     #[test]
     fn update_steps_parse_from_their_names() {
-        for step in [
-            UpdateStep::Downloading,
-            UpdateStep::SelfTest,
-            UpdateStep::RolledBack,
-        ] {
+        for step in [UpdateStep::Downloading, UpdateStep::SelfTest, UpdateStep::RolledBack] {
             assert_eq!(UpdateStep::parse(step.as_str()), Some(step));
         }
         assert_eq!(UpdateStep::parse("nope"), None);

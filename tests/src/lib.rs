@@ -1,1 +1,146 @@
+//! A real fleet for integration tests: a fleet server (embedded broker, or the broker named by
+//! `FLEET_TEST_MQTT_URL`), a signing key, and in-process agents with their own data directories.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edge_agent::AgentHandle;
+use fleet_server::client::FleetClient;
+use fleet_server::demo::{agent_config, wait_for};
+use fleet_server::server::{self, Mqtt, ServerConfig, ServerHandle};
+use proto::keys::{parse_secret_key, public_key_hex};
+use proto::wire::{BundleInfo, DeployRequest, DeviceModelView, DeviceView};
+
+pub use fleet_server::demo::{bundle_with_golden, fixture_bundle, fixture_model, synthetic_rows};
+
+pub const MLP: &[u8] = include_bytes!("../fixtures/models/mlp.onnx");
+pub const MLP_V2: &[u8] = include_bytes!("../fixtures/models/mlp_v2.onnx");
+pub const MLP_V2_GOLDEN: &str = include_str!("../fixtures/models/mlp_v2.golden.json");
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The broker tests use: `FLEET_TEST_MQTT_URL` (e.g. mqtt://127.0.0.1:1883) or an embedded one.
+pub fn mqtt_from_env() -> Mqtt {
+    match std::env::var("FLEET_TEST_MQTT_URL") {
+        Ok(url) if !url.is_empty() => Mqtt::External { url },
+        _ => embedded_mqtt(),
+    }
+}
+
+pub fn embedded_mqtt() -> Mqtt {
+    let port = server::free_loopback_port().expect("a free loopback port");
+    Mqtt::Embedded { listen: ([127, 0, 0, 1], port).into() }
+}
+
+pub fn new_key() -> (String, String) {
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let public = public_key_hex(&parse_secret_key(&secret).unwrap().verifying_key());
+    (secret, public)
+}
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub server: ServerHandle,
+    pub client: FleetClient,
+    /// The key the server and agents trust.
+    pub secret: String,
+    pub public: String,
+    pub agents: Vec<AgentHandle>,
+}
+
+impl Fleet {
+    /// A server trusting the fleet key (plus `extra_server_keys`) and `agents` enrolled agents.
+    pub async fn start(agents: usize, mqtt: Mqtt, extra_server_keys: &[String]) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = new_key();
+        let mut trusted_keys = vec![public.clone()];
+        trusted_keys.extend_from_slice(extra_server_keys);
+        let server = server::start(ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("server"),
+            mqtt,
+            operator_token: Some("test-operator".into()),
+            trusted_keys,
+            max_bundle_bytes: 64 << 20,
+        })
+        .await
+        .unwrap();
+        let client = FleetClient::new(&server.url(), &server.operator_token);
+        let mut fleet = Fleet { dir, server, client, secret, public, agents: Vec::new() };
+        for index in 0..agents {
+            let agent = fleet.start_agent(index).await;
+            fleet.agents.push(agent);
+        }
+        let expected = agents;
+        let client = fleet.client.clone();
+        wait_for("agents to enroll", TIMEOUT, || async {
+            (client.devices().await.ok()?.len() == expected).then_some(())
+        })
+        .await
+        .unwrap();
+        fleet
+    }
+
+    pub fn agent_dir(&self, index: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{index:03}"))
+    }
+
+    /// Starts agent `index` (enrolling with a fresh token, or reusing its saved identity).
+    pub async fn start_agent(&self, index: usize) -> AgentHandle {
+        let token = self.client.tokens(1).await.unwrap().remove(0);
+        let config =
+            agent_config(&self.server.url(), &self.server.mqtt_url, &token, &self.public, self.agent_dir(index), index);
+        edge_agent::start(config).await.unwrap()
+    }
+
+    pub async fn publish(&self, bundle: Vec<u8>) -> BundleInfo {
+        self.client.publish(bundle).await.unwrap()
+    }
+
+    pub async fn deploy_all(&self, model: &str, version: &str) {
+        self.client
+            .deploy(&DeployRequest { model: model.into(), version: version.into(), devices: None })
+            .await
+            .unwrap();
+    }
+
+    /// Waits until `check` holds for every device's view of `model`; returns the devices.
+    pub async fn wait_devices(
+        &self,
+        what: &str,
+        model: &str,
+        check: impl Fn(&DeviceModelView) -> bool,
+    ) -> Vec<DeviceView> {
+        let client = self.client.clone();
+        let count = self.agents.len();
+        wait_for(what, TIMEOUT, || async {
+            let devices = client.devices().await.ok()?;
+            let ok =
+                devices.len() == count && devices.iter().all(|d| d.models.iter().any(|m| m.name == model && check(m)));
+            ok.then_some(devices)
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn wait_active(&self, model: &str, version: &str) -> Vec<DeviceView> {
+        self.wait_devices(&format!("{model} {version} active everywhere"), model, |m| {
+            m.active_version.as_deref() == Some(version) && m.step == Some(proto::wire::UpdateStep::Active)
+        })
+        .await
+    }
+
+    pub fn shutdown(&self) {
+        for agent in &self.agents {
+            agent.shutdown();
+        }
+        self.server.shutdown();
+    }
+}
+
+/// POSTs rows to an agent's local API; returns the JSON answer and the HTTP status.
+pub async fn infer(agent: &AgentHandle, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response =
+        reqwest::Client::new().post(format!("http://{}/v1/infer", agent.api_addr)).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}

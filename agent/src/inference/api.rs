@@ -38,10 +38,9 @@ fn body_error(rejection: JsonRejection) -> Response {
         JsonRejection::MissingJsonContentType(_) => {
             "send the body as JSON with content-type application/json".to_string()
         }
-        JsonRejection::JsonDataError(e) => format!(
-            "the body must be {{\"inputs\": [[numbers, ...], ...]}}: {}",
-            e.body_text()
-        ),
+        JsonRejection::JsonDataError(e) => {
+            format!("the body must be {{\"inputs\": [[numbers, ...], ...]}}: {}", e.body_text())
+        }
         JsonRejection::JsonSyntaxError(e) => {
             format!("the body is not valid JSON: {}", e.body_text())
         }
@@ -61,12 +60,8 @@ async fn run(
     };
     match engine.infer(model, request.inputs).await {
         Ok(response) => Json(response).into_response(),
-        Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => {
-            error(StatusCode::NOT_FOUND, e.to_string())
-        }
-        Err(e @ (InferError::Run(_) | InferError::Stopped)) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
+        Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ (InferError::Run(_) | InferError::Stopped)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }

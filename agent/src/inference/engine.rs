@@ -32,13 +32,7 @@ pub enum InferError {
     #[error("the batch has {0} rows; at most {MAX_BATCH_ROWS} are accepted")]
     TooManyRows(usize),
     #[error("input row {row} has {got} values; model {model:?} expects {want}{features}")]
-    RowLength {
-        row: usize,
-        got: usize,
-        want: usize,
-        model: String,
-        features: String,
-    },
+    RowLength { row: usize, got: usize, want: usize, model: String, features: String },
     #[error("input row {row} holds a value that is not a finite number")]
     NotFinite { row: usize },
     #[error("inference failed: {0}")]
@@ -55,25 +49,11 @@ pub struct InferResponse {
 }
 
 enum EngineMsg {
-    Infer {
-        model: Option<String>,
-        rows: Vec<Vec<f32>>,
-        reply: oneshot::Sender<Result<InferResponse, InferError>>,
-    },
-    Install {
-        model: Box<LoadedModel>,
-        reply: oneshot::Sender<Result<(), ModelError>>,
-    },
-    TakeWindow {
-        model: String,
-        reply: oneshot::Sender<Option<DriftSummary>>,
-    },
-    Counters {
-        reply: oneshot::Sender<Vec<ModelCounters>>,
-    },
-    Active {
-        reply: oneshot::Sender<BTreeMap<String, String>>,
-    },
+    Infer { model: Option<String>, rows: Vec<Vec<f32>>, reply: oneshot::Sender<Result<InferResponse, InferError>> },
+    Install { model: Box<LoadedModel>, reply: oneshot::Sender<Result<(), ModelError>> },
+    TakeWindow { model: String, reply: oneshot::Sender<Option<DriftSummary>> },
+    Counters { reply: oneshot::Sender<Vec<ModelCounters>> },
+    Active { reply: oneshot::Sender<BTreeMap<String, String>> },
 }
 
 /// Cheap to clone; every clone talks to the same engine thread.
@@ -114,9 +94,7 @@ impl EngineHandle {
     /// Starts the engine thread; `queue` bounds the requests waiting for it.
     pub fn spawn(telemetry: TelemetrySink, queue: usize) -> std::io::Result<EngineHandle> {
         let (tx, rx) = mpsc::channel(queue);
-        std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || run_engine(rx, telemetry))?;
+        std::thread::Builder::new().name("inference".into()).spawn(move || run_engine(rx, telemetry))?;
         Ok(EngineHandle { tx })
     }
 
@@ -126,44 +104,29 @@ impl EngineHandle {
         rx.await.ok()
     }
 
-    pub async fn infer(
-        &self,
-        model: Option<String>,
-        rows: Vec<Vec<f32>>,
-    ) -> Result<InferResponse, InferError> {
-        self.ask(|reply| EngineMsg::Infer { model, rows, reply })
-            .await
-            .unwrap_or(Err(InferError::Stopped))
+    pub async fn infer(&self, model: Option<String>, rows: Vec<Vec<f32>>) -> Result<InferResponse, InferError> {
+        self.ask(|reply| EngineMsg::Infer { model, rows, reply }).await.unwrap_or(Err(InferError::Stopped))
     }
 
     /// Swaps a model in (replacing any version of the same name) between two requests.
     pub async fn install(&self, model: LoadedModel) -> Result<(), ModelError> {
-        self.ask(|reply| EngineMsg::Install {
-            model: Box::new(model),
-            reply,
-        })
-        .await
-        .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
+        self.ask(|reply| EngineMsg::Install { model: Box::new(model), reply })
+            .await
+            .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
     }
 
     /// Closes the model's current drift window and opens a new one.
     pub async fn take_window(&self, model: String) -> Option<DriftSummary> {
-        self.ask(|reply| EngineMsg::TakeWindow { model, reply })
-            .await
-            .flatten()
+        self.ask(|reply| EngineMsg::TakeWindow { model, reply }).await.flatten()
     }
 
     pub async fn counters(&self) -> Vec<ModelCounters> {
-        self.ask(|reply| EngineMsg::Counters { reply })
-            .await
-            .unwrap_or_default()
+        self.ask(|reply| EngineMsg::Counters { reply }).await.unwrap_or_default()
     }
 
     /// Active model name -> version.
     pub async fn active(&self) -> BTreeMap<String, String> {
-        self.ask(|reply| EngineMsg::Active { reply })
-            .await
-            .unwrap_or_default()
+        self.ask(|reply| EngineMsg::Active { reply }).await.unwrap_or_default()
     }
 }
 
@@ -198,26 +161,16 @@ fn run_engine(mut rx: mpsc::Receiver<EngineMsg>, telemetry: TelemetrySink) {
                 let _ = reply.send(counters);
             }
             EngineMsg::Active { reply } => {
-                let _ = reply.send(
-                    serving
-                        .values()
-                        .map(|s| (s.name.to_string(), s.version.to_string()))
-                        .collect(),
-                );
+                let _ = reply.send(serving.values().map(|s| (s.name.to_string(), s.version.to_string())).collect());
             }
         }
     }
 }
 
-fn pick(
-    serving: &mut BTreeMap<String, Serving>,
-    model: Option<String>,
-) -> Result<&mut Serving, InferError> {
+fn pick(serving: &mut BTreeMap<String, Serving>, model: Option<String>) -> Result<&mut Serving, InferError> {
     match model {
         Some(name) => serving.get_mut(&name).ok_or(InferError::UnknownModel(name)),
-        None if serving.len() > 1 => Err(InferError::Ambiguous(
-            serving.keys().cloned().collect::<Vec<_>>().join(", "),
-        )),
+        None if serving.len() > 1 => Err(InferError::Ambiguous(serving.keys().cloned().collect::<Vec<_>>().join(", "))),
         None => serving.values_mut().next().ok_or(InferError::NoModel),
     }
 }
@@ -233,11 +186,7 @@ fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
     for (row, values) in rows.iter().enumerate() {
         if values.len() != want {
             let names = &serving.model.contract.feature_names;
-            let features = if names.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", names.join(", "))
-            };
+            let features = if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) };
             return Err(InferError::RowLength {
                 row,
                 got: values.len(),
@@ -253,11 +202,7 @@ fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
     Ok(())
 }
 
-fn infer(
-    serving: &mut Serving,
-    rows: Vec<Vec<f32>>,
-    telemetry: &TelemetrySink,
-) -> Result<InferResponse, InferError> {
+fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) -> Result<InferResponse, InferError> {
     validate(serving, &rows)?;
     let mut outputs = Vec::with_capacity(rows.len());
     for features in rows {
@@ -271,9 +216,7 @@ fn infer(
         };
         let latency_us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
         serving.inferences += 1;
-        serving
-            .window
-            .observe(&serving.model.reference.edges, &features, &output);
+        serving.window.observe(&serving.model.reference.edges, &features, &output);
         telemetry.offer(TelemetryRecord {
             at_ms: unix_ms(),
             model: serving.name.clone(),
@@ -284,24 +227,15 @@ fn infer(
         });
         outputs.push(output);
     }
-    Ok(InferResponse {
-        model: serving.name.to_string(),
-        version: serving.version.to_string(),
-        outputs,
-    })
+    Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs })
 }
 
 fn take_window(serving: &mut Serving) -> DriftSummary {
-    let fresh = SketchCounts::empty_for(
-        &serving.model.reference,
-        serving.model.contract.output.sample_len(),
-    );
+    let fresh = SketchCounts::empty_for(&serving.model.reference, serving.model.contract.output.sample_len());
     let counts = std::mem::replace(&mut serving.window, fresh);
     let now = unix_ms();
     let start = std::mem::replace(&mut serving.window_start_ms, now);
-    let score = drift(&serving.model.reference, &counts)
-        .map(|r| r.score)
-        .unwrap_or(0.0);
+    let score = drift(&serving.model.reference, &counts).map(|r| r.score).unwrap_or(0.0);
     DriftSummary {
         model: serving.name.to_string(),
         version: serving.version.to_string(),

@@ -13,27 +13,11 @@ use tract_onnx::prelude::*;
 #[derive(Debug, Error)]
 pub enum ModelError {
     #[error("model {name} {version} does not load as ONNX: {reason}")]
-    Load {
-        name: String,
-        version: String,
-        reason: String,
-    },
+    Load { name: String, version: String, reason: String },
     #[error("model {name} {version} breaks its contract: {what}")]
-    Contract {
-        name: String,
-        version: String,
-        what: String,
-    },
+    Contract { name: String, version: String, what: String },
     #[error("model {name} {version} fails golden case {case}: output {index} is {got}, expected {expected} within {tolerance}")]
-    Golden {
-        name: String,
-        version: String,
-        case: usize,
-        index: usize,
-        got: f32,
-        expected: f32,
-        tolerance: f32,
-    },
+    Golden { name: String, version: String, case: usize, index: usize, got: f32, expected: f32, tolerance: f32 },
     #[error("inference failed: {0}")]
     Run(String),
 }
@@ -65,21 +49,12 @@ impl LoadedModel {
     pub fn load(manifest: &Manifest, model_bytes: &[u8]) -> Result<LoadedModel, ModelError> {
         let name = manifest.name.clone();
         let version = manifest.version.to_string();
-        let load_err = |e: TractError| ModelError::Load {
-            name: name.clone(),
-            version: version.clone(),
-            reason: format!("{e:#}"),
-        };
-        let contract_err = |what: String| ModelError::Contract {
-            name: name.clone(),
-            version: version.clone(),
-            what,
-        };
+        let load_err =
+            |e: TractError| ModelError::Load { name: name.clone(), version: version.clone(), reason: format!("{e:#}") };
+        let contract_err = |what: String| ModelError::Contract { name: name.clone(), version: version.clone(), what };
         let contract = &manifest.contract;
 
-        let mut inference = tract_onnx::onnx()
-            .model_for_read(&mut &model_bytes[..])
-            .map_err(load_err)?;
+        let mut inference = tract_onnx::onnx().model_for_read(&mut &model_bytes[..]).map_err(load_err)?;
         let inputs = inference.input_outlets().map_err(load_err)?.to_vec();
         let outputs = inference.output_outlets().map_err(load_err)?.to_vec();
         if inputs.len() != 1 || outputs.len() != 1 {
@@ -106,15 +81,10 @@ impl LoadedModel {
                 contract.output.name
             )));
         }
-        inference
-            .set_input_fact(0, f32::fact(contract.input.shape.clone()).into())
-            .map_err(load_err)?;
-        let typed = inference.into_optimized().map_err(|e| {
-            contract_err(format!(
-                "it does not accept input shape {:?}: {e}",
-                contract.input.shape
-            ))
-        })?;
+        inference.set_input_fact(0, f32::fact(contract.input.shape.clone()).into()).map_err(load_err)?;
+        let typed = inference
+            .into_optimized()
+            .map_err(|e| contract_err(format!("it does not accept input shape {:?}: {e}", contract.input.shape)))?;
         check_output(&typed, &contract.output).map_err(contract_err)?;
         let plan = typed.into_runnable().map_err(load_err)?;
         Ok(LoadedModel {
@@ -128,14 +98,8 @@ impl LoadedModel {
     }
 
     pub fn session(&self) -> Result<Session, ModelError> {
-        let state = self
-            .plan
-            .spawn()
-            .map_err(|e| ModelError::Run(e.to_string()))?;
-        Ok(Session {
-            state,
-            input_shape: self.contract.input.shape.clone(),
-        })
+        let state = self.plan.spawn().map_err(|e| ModelError::Run(e.to_string()))?;
+        Ok(Session { state, input_shape: self.contract.input.shape.clone() })
     }
 
     /// Replays every golden case; the first output beyond tolerance fails the self-test.
@@ -166,17 +130,11 @@ fn check_output(model: &TypedModel, spec: &TensorSpec) -> Result<(), String> {
     let outlet = model.output_outlets().map_err(|e| e.to_string())?[0];
     let fact = model.outlet_fact(outlet).map_err(|e| e.to_string())?;
     if fact.datum_type != f32::datum_type() {
-        return Err(format!(
-            "its output is {:?}, the contract says f32",
-            fact.datum_type
-        ));
+        return Err(format!("its output is {:?}, the contract says f32", fact.datum_type));
     }
     match fact.shape.as_concrete() {
         Some(shape) if shape == spec.shape.as_slice() => Ok(()),
-        Some(shape) => Err(format!(
-            "its output shape is {shape:?}, the contract says {:?}",
-            spec.shape
-        )),
+        Some(shape) => Err(format!("its output shape is {shape:?}, the contract says {:?}", spec.shape)),
         None => Err(format!("its output shape {:?} is not fixed", fact.shape)),
     }
 }
@@ -184,15 +142,9 @@ fn check_output(model: &TypedModel, spec: &TensorSpec) -> Result<(), String> {
 impl Session {
     /// Runs one sample; `input` has exactly the contract's sample length (callers check).
     pub fn run(&mut self, input: &[f32]) -> Result<Vec<f32>, ModelError> {
-        let tensor = Tensor::from_shape(&self.input_shape, input)
-            .map_err(|e| ModelError::Run(e.to_string()))?;
-        let outputs = self
-            .state
-            .run(tvec!(tensor.into()))
-            .map_err(|e| ModelError::Run(e.to_string()))?;
-        let view = outputs[0]
-            .to_plain_array_view::<f32>()
-            .map_err(|e| ModelError::Run(e.to_string()))?;
+        let tensor = Tensor::from_shape(&self.input_shape, input).map_err(|e| ModelError::Run(e.to_string()))?;
+        let outputs = self.state.run(tvec!(tensor.into())).map_err(|e| ModelError::Run(e.to_string()))?;
+        let view = outputs[0].to_plain_array_view::<f32>().map_err(|e| ModelError::Run(e.to_string()))?;
         Ok(view.iter().copied().collect())
     }
 }
@@ -205,9 +157,5 @@ pub fn raw_tract_run(model_bytes: &[u8], shape: &[usize], input: &[f32]) -> Trac
         .into_optimized()?
         .into_runnable()?;
     let out = plan.run(tvec!(Tensor::from_shape(shape, input)?.into()))?;
-    Ok(out[0]
-        .to_plain_array_view::<f32>()?
-        .iter()
-        .copied()
-        .collect())
+    Ok(out[0].to_plain_array_view::<f32>()?.iter().copied().collect())
 }

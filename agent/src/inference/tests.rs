@@ -1,8 +1,7 @@
 //! Engine and model tests on the checked-in fixture models.
 
 use proto::bundle::{
-    file_entry, DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec,
-    FORMAT_VERSION, MODEL_PATH,
+    file_entry, DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec, FORMAT_VERSION, MODEL_PATH,
 };
 use proto::drift::{build_reference, ReferenceSketch};
 
@@ -25,10 +24,7 @@ fn golden() -> GoldenSet {
             expected: serde_json::from_value(c["expected"].clone()).unwrap(),
         })
         .collect();
-    GoldenSet {
-        tolerance: 1e-4,
-        cases,
-    }
+    GoldenSet { tolerance: 1e-4, cases }
 }
 
 fn manifest(model: &[u8], reference: ReferenceSketch) -> Manifest {
@@ -39,16 +35,8 @@ fn manifest(model: &[u8], reference: ReferenceSketch) -> Manifest {
         created_at: 0,
         files: vec![file_entry(MODEL_PATH, model)],
         contract: ModelContract {
-            input: TensorSpec {
-                name: "features".into(),
-                dtype: DType::F32,
-                shape: vec![1, 8],
-            },
-            output: TensorSpec {
-                name: "probabilities".into(),
-                dtype: DType::F32,
-                shape: vec![1, 3],
-            },
+            input: TensorSpec { name: "features".into(), dtype: DType::F32, shape: vec![1, 8] },
+            output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 3] },
             feature_names: (0..8).map(|i| format!("f{i}")).collect(),
             output_labels: vec!["a".into(), "b".into(), "c".into()],
         },
@@ -59,13 +47,7 @@ fn manifest(model: &[u8], reference: ReferenceSketch) -> Manifest {
 }
 
 fn rows(n: usize, shift: f32) -> Vec<Vec<f32>> {
-    (0..n)
-        .map(|i| {
-            (0..8)
-                .map(|f| (((i * 31 + f * 17) % 97) as f32 / 97.0 - 0.5) * 3.0 + shift)
-                .collect()
-        })
-        .collect()
+    (0..n).map(|i| (0..8).map(|f| (((i * 31 + f * 17) % 97) as f32 / 97.0 - 0.5) * 3.0 + shift).collect()).collect()
 }
 
 fn reference() -> ReferenceSketch {
@@ -78,10 +60,7 @@ fn reference() -> ReferenceSketch {
 
 #[test]
 fn the_fixture_model_passes_its_golden_self_test() {
-    LoadedModel::load(&manifest(MLP, ReferenceSketch::default()), MLP)
-        .unwrap()
-        .self_test()
-        .unwrap();
+    LoadedModel::load(&manifest(MLP, ReferenceSketch::default()), MLP).unwrap().self_test().unwrap();
 }
 
 #[test]
@@ -96,10 +75,7 @@ fn a_wrong_input_name_in_the_contract_is_refused() {
     let mut m = manifest(MLP, ReferenceSketch::default());
     m.contract.input.name = "pixels".into();
     let err = LoadedModel::load(&m, MLP).unwrap_err();
-    assert!(
-        err.to_string().contains("input is named \"features\""),
-        "{err}"
-    );
+    assert!(err.to_string().contains("input is named \"features\""), "{err}");
 }
 
 #[test]
@@ -107,34 +83,14 @@ fn golden_outputs_that_differ_fail_the_self_test() {
     let mut m = manifest(MLP, ReferenceSketch::default());
     m.golden.cases[1].expected[2] += 0.01;
     let err = LoadedModel::load(&m, MLP).unwrap().self_test().unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ModelError::Golden {
-                case: 1,
-                index: 2,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, ModelError::Golden { case: 1, index: 2, .. }), "{err}");
 }
 
-async fn engine_with_model(
-    dir: &tempfile::TempDir,
-) -> (EngineHandle, crate::telemetry::TelemetrySink) {
-    let sink = spawn_writer(WriterConfig {
-        path: dir.path().join("t.db"),
-        queue: 1024,
-        batch: 64,
-        max_rows: 10_000,
-    })
-    .unwrap();
+async fn engine_with_model(dir: &tempfile::TempDir) -> (EngineHandle, crate::telemetry::TelemetrySink) {
+    let sink =
+        spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
     let engine = EngineHandle::spawn(sink.clone(), 16).unwrap();
-    engine
-        .install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap())
-        .await
-        .unwrap();
+    engine.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap()).await.unwrap();
     (engine, sink)
 }
 
@@ -147,10 +103,7 @@ async fn engine_answers_exactly_what_raw_tract_answers_and_records_telemetry() {
     for (row, output) in batch.iter().zip(&response.outputs) {
         assert_eq!(output, &raw_tract_run(MLP, &[1, 8], row).unwrap());
     }
-    assert_eq!(
-        (response.model.as_str(), response.version.as_str()),
-        ("tabular", "1.0.0")
-    );
+    assert_eq!((response.model.as_str(), response.version.as_str()), ("tabular", "1.0.0"));
     assert_eq!(sink.flush().await, Some(5));
 }
 
@@ -158,23 +111,14 @@ async fn engine_answers_exactly_what_raw_tract_answers_and_records_telemetry() {
 async fn bad_requests_get_errors_that_say_what_to_fix() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, _sink) = engine_with_model(&dir).await;
-    let err = engine
-        .infer(None, vec![vec![0.0; 8], vec![0.0; 7]])
-        .await
-        .unwrap_err();
+    let err = engine.infer(None, vec![vec![0.0; 8], vec![0.0; 7]]).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "input row 1 has 7 values; model \"tabular\" expects 8 (f0, f1, f2, f3, f4, f5, f6, f7)"
     );
+    assert_eq!(engine.infer(None, vec![]).await.unwrap_err(), InferError::EmptyBatch);
     assert_eq!(
-        engine.infer(None, vec![]).await.unwrap_err(),
-        InferError::EmptyBatch
-    );
-    assert_eq!(
-        engine
-            .infer(Some("nope".into()), rows(1, 0.0))
-            .await
-            .unwrap_err(),
+        engine.infer(Some("nope".into()), rows(1, 0.0)).await.unwrap_err(),
         InferError::UnknownModel("nope".into())
     );
 }
@@ -188,19 +132,6 @@ async fn a_shifted_input_window_scores_higher_drift_than_an_unshifted_one() {
     engine.infer(None, rows(300, 1.5)).await.unwrap();
     let shifted = engine.take_window("tabular".into()).await.unwrap();
     assert_eq!((calm.counts.samples, shifted.counts.samples), (300, 300));
-    assert!(
-        calm.score < 0.1 && shifted.score > 0.25,
-        "calm {} shifted {}",
-        calm.score,
-        shifted.score
-    );
-    assert!(
-        engine
-            .take_window("tabular".into())
-            .await
-            .unwrap()
-            .counts
-            .samples
-            == 0
-    );
+    assert!(calm.score < 0.1 && shifted.score > 0.25, "calm {} shifted {}", calm.score, shifted.score);
+    assert!(engine.take_window("tabular".into()).await.unwrap().counts.samples == 0);
 }

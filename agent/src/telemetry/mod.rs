@@ -5,10 +5,7 @@
 
 mod writer;
 
-pub use writer::{
-    decode_f32s, encode_f32s, spawn_writer, TelemetryRecord, TelemetrySink, WriterConfig,
-    WriterError,
-};
+pub use writer::{decode_f32s, encode_f32s, spawn_writer, TelemetryRecord, TelemetrySink, WriterConfig, WriterError};
 
 /// What to delete when the buffer is over budget: the oldest rows first.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,9 +15,7 @@ pub struct EvictionPlan {
 
 /// Evicts down to 90% of the budget once over it, so eviction runs in chunks, not per insert.
 pub fn evict(rows: u64, max_rows: u64) -> Option<EvictionPlan> {
-    (rows > max_rows).then(|| EvictionPlan {
-        delete_oldest: rows - max_rows * 9 / 10,
-    })
+    (rows > max_rows).then(|| EvictionPlan { delete_oldest: rows - max_rows * 9 / 10 })
 }
 
 #[cfg(test)]

@@ -19,10 +19,7 @@ pub struct TelemetryRecord {
 #[derive(Debug, Error)]
 pub enum WriterError {
     #[error("telemetry database {path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Sqlite { path: PathBuf, source: rusqlite::Error },
     #[error("cannot start the telemetry writer thread: {0}")]
     Thread(std::io::Error),
 }
@@ -96,22 +93,14 @@ pub fn encode_f32s(values: &[f32]) -> Vec<u8> {
 }
 
 pub fn decode_f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Opens the database and starts the writer thread.
 pub fn spawn_writer(config: WriterConfig) -> Result<TelemetrySink, WriterError> {
-    let sqlite = |source| WriterError::Sqlite {
-        path: config.path.clone(),
-        source,
-    };
+    let sqlite = |source| WriterError::Sqlite { path: config.path.clone(), source };
     let conn = open(&config.path).map_err(sqlite)?;
-    let rows = conn
-        .query_row("SELECT COUNT(*) FROM telemetry", [], |r| r.get::<_, i64>(0))
-        .map_err(sqlite)? as u64;
+    let rows = conn.query_row("SELECT COUNT(*) FROM telemetry", [], |r| r.get::<_, i64>(0)).map_err(sqlite)? as u64;
     let (tx, rx) = mpsc::channel(config.queue);
     std::thread::Builder::new()
         .name("telemetry-writer".into())
@@ -121,10 +110,7 @@ pub fn spawn_writer(config: WriterConfig) -> Result<TelemetrySink, WriterError> 
             }
         })
         .map_err(WriterError::Thread)?;
-    Ok(TelemetrySink {
-        tx,
-        dropped: Arc::new(AtomicU64::new(0)),
-    })
+    Ok(TelemetrySink { tx, dropped: Arc::new(AtomicU64::new(0)) })
 }
 
 fn run_writer(
@@ -142,11 +128,7 @@ fn run_writer(
                 Msg::Record(record) => batch.push(record),
                 Msg::Flush(reply) => flushes.push(reply),
             }
-            next = if batch.len() < config.batch {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            next = if batch.len() < config.batch { rx.try_recv().ok() } else { None };
         }
         rows += insert_batch(&mut conn, &batch)?;
         batch.clear();
@@ -203,12 +185,7 @@ mod tests {
     }
 
     fn config(dir: &tempfile::TempDir, queue: usize, max_rows: u64) -> WriterConfig {
-        WriterConfig {
-            path: dir.path().join("telemetry.db"),
-            queue,
-            batch: 64,
-            max_rows,
-        }
+        WriterConfig { path: dir.path().join("telemetry.db"), queue, batch: 64, max_rows }
     }
 
     #[tokio::test]
@@ -221,16 +198,9 @@ mod tests {
         assert_eq!(sink.flush().await, Some(300));
         let conn = Connection::open(dir.path().join("telemetry.db")).unwrap();
         let (model, features): (String, Vec<u8>) = conn
-            .query_row(
-                "SELECT model, features FROM telemetry WHERE latency_us = 7",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT model, features FROM telemetry WHERE latency_us = 7", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap();
-        assert_eq!(
-            (model.as_str(), decode_f32s(&features)),
-            ("tabular", vec![7.0, 0.5])
-        );
+        assert_eq!((model.as_str(), decode_f32s(&features)), ("tabular", vec![7.0, 0.5]));
     }
 
     #[tokio::test]
@@ -243,19 +213,14 @@ mod tests {
         let rows = sink.flush().await.unwrap();
         assert!(rows <= 100, "{rows} rows kept");
         let conn = Connection::open(dir.path().join("telemetry.db")).unwrap();
-        let oldest: u32 = conn
-            .query_row("SELECT MIN(latency_us) FROM telemetry", [], |r| r.get(0))
-            .unwrap();
+        let oldest: u32 = conn.query_row("SELECT MIN(latency_us) FROM telemetry", [], |r| r.get(0)).unwrap();
         assert!(oldest >= 900, "oldest kept record is {oldest}");
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_queue_drops_and_counts_instead_of_blocking() {
         let (tx, _rx) = mpsc::channel(2);
-        let sink = TelemetrySink {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-        };
+        let sink = TelemetrySink { tx, dropped: Arc::new(AtomicU64::new(0)) };
         let accepted = (0..5).filter(|i| sink.offer(record(*i))).count();
         assert_eq!((accepted, sink.dropped()), (2, 3));
     }

@@ -24,26 +24,15 @@ use crate::inference::{LoadedModel, ModelError};
 #[derive(Debug, Error)]
 pub enum DiskError {
     #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("installed bundle {path} failed verification: {source}")]
-    Verify {
-        path: PathBuf,
-        source: proto::VerifyError,
-    },
+    Verify { path: PathBuf, source: proto::VerifyError },
     #[error(transparent)]
     Model(#[from] ModelError),
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
-    move |source| DiskError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| DiskError::Io { action, path: path.to_path_buf(), source }
 }
 
 #[derive(Clone, Debug)]
@@ -53,9 +42,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(data_dir: &Path) -> Layout {
-        Layout {
-            root: data_dir.to_path_buf(),
-        }
+        Layout { root: data_dir.to_path_buf() }
     }
 
     pub fn model_dir(&self, name: &str) -> PathBuf {
@@ -67,9 +54,7 @@ impl Layout {
     }
 
     pub fn download_path(&self, name: &str, version: &str) -> PathBuf {
-        self.root
-            .join("downloads")
-            .join(format!("{name}-{version}.bundle"))
+        self.root.join("downloads").join(format!("{name}-{version}.bundle"))
     }
 
     fn link(&self, name: &str, which: &str) -> PathBuf {
@@ -113,10 +98,7 @@ impl Layout {
             write_synced(&staging.join(path), data)?;
         }
         for (key_id, sig) in &bundle.signatures {
-            write_synced(
-                &staging.join(SIGNATURE_DIR).join(format!("{key_id}.sig")),
-                sig,
-            )?;
+            write_synced(&staging.join(SIGNATURE_DIR).join(format!("{key_id}.sig")), sig)?;
         }
         fs::rename(&staging, &final_dir).map_err(io("rename staging to", &final_dir))?;
         sync_dir(final_dir.parent().unwrap_or(&final_dir))?;
@@ -133,14 +115,8 @@ impl Layout {
     ) -> Result<LoadedModel, DiskError> {
         let dir = self.version_dir(name, version);
         let bundle = read_dir_bundle(&dir, limits)?;
-        let verified = bundle.verify(trusted).map_err(|source| DiskError::Verify {
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(LoadedModel::load(
-            &verified.manifest,
-            verified.model_bytes(),
-        )?)
+        let verified = bundle.verify(trusted).map_err(|source| DiskError::Verify { path: dir.clone(), source })?;
+        Ok(LoadedModel::load(&verified.manifest, verified.model_bytes())?)
     }
 
     /// Points `current` at `version`, keeping the old target as `previous`. Returns the old one.
@@ -158,18 +134,14 @@ impl Layout {
         let link = self.link(name, which);
         let tmp = self.link(name, &format!("{which}.new"));
         let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(Path::new("versions").join(version), &tmp)
-            .map_err(io("create link", &tmp))?;
+        std::os::unix::fs::symlink(Path::new("versions").join(version), &tmp).map_err(io("create link", &tmp))?;
         fs::rename(&tmp, &link).map_err(io("switch link", &link))?;
         sync_dir(&self.model_dir(name))
     }
 
     /// Removes versions other than `current` and `previous`, and leftover staging directories.
     pub fn collect_garbage(&self, name: &str) -> Result<(), DiskError> {
-        let keep: Vec<String> = ["current", "previous"]
-            .iter()
-            .filter_map(|w| self.linked_version(name, w))
-            .collect();
+        let keep: Vec<String> = ["current", "previous"].iter().filter_map(|w| self.linked_version(name, w)).collect();
         let versions = self.model_dir(name).join("versions");
         let Ok(entries) = fs::read_dir(&versions) else {
             return Ok(());
@@ -186,11 +158,9 @@ impl Layout {
 
 fn remove_dir_if_present(path: &Path) -> Result<(), DiskError> {
     match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DiskError::Io {
-            action: "remove",
-            path: path.into(),
-            source: e,
-        }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(DiskError::Io { action: "remove", path: path.into(), source: e })
+        }
         _ => Ok(()),
     }
 }
@@ -202,9 +172,7 @@ fn write_synced(path: &Path, data: &[u8]) -> Result<(), DiskError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), DiskError> {
-    fs::File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync", path))
+    fs::File::open(path).and_then(|d| d.sync_all()).map_err(io("sync", path))
 }
 
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, DiskError> {
@@ -213,9 +181,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, DiskError> {
         return Err(DiskError::Io {
             action: "read",
             path: path.into(),
-            source: std::io::Error::other(format!(
-                "file is {len} bytes, over the {limit}-byte limit"
-            )),
+            source: std::io::Error::other(format!("file is {len} bytes, over the {limit}-byte limit")),
         });
     }
     fs::read(path).map_err(io("read", path))
@@ -235,21 +201,11 @@ fn read_dir_bundle(dir: &Path, limits: &Limits) -> Result<UnverifiedBundle, Disk
         files.insert(name, read_limited(&path, limits.max_bundle_bytes)?);
     }
     let sig_dir = dir.join(SIGNATURE_DIR);
-    for entry in fs::read_dir(&sig_dir)
-        .map_err(io("list", &sig_dir))?
-        .flatten()
-    {
+    for entry in fs::read_dir(&sig_dir).map_err(io("list", &sig_dir))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(key_id) = name
-            .strip_suffix(".sig")
-            .and_then(|id| KeyId::parse(id).ok())
-        {
+        if let Some(key_id) = name.strip_suffix(".sig").and_then(|id| KeyId::parse(id).ok()) {
             signatures.insert(key_id, read_limited(&entry.path(), 1024)?);
         }
     }
-    Ok(UnverifiedBundle {
-        manifest_bytes,
-        signatures,
-        files,
-    })
+    Ok(UnverifiedBundle { manifest_bytes, signatures, files })
 }

@@ -20,17 +20,9 @@ pub enum DownloadError {
     #[error("bundle {url} sent more than the announced {expected} bytes")]
     Overrun { url: String, expected: u64 },
     #[error("bundle {url} has sha256 {actual}, the server announced {expected}: discarded, will download again")]
-    Digest {
-        url: String,
-        expected: String,
-        actual: String,
-    },
+    Digest { url: String, expected: String, actual: String },
     #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
 }
 
 pub struct Download<'a> {
@@ -48,30 +40,17 @@ impl Download<'_> {
     pub async fn run(&self) -> Result<Vec<u8>, DownloadError> {
         let url = self.url.clone();
         if self.size > self.limit {
-            return Err(DownloadError::TooLarge {
-                url,
-                size: self.size,
-                limit: self.limit,
-            });
+            return Err(DownloadError::TooLarge { url, size: self.size, limit: self.limit });
         }
         let part = self.dest.with_extension("bundle.part");
         let io = |action, path: &Path| {
             let path = path.to_path_buf();
-            move |source| DownloadError::Io {
-                action,
-                path,
-                source,
-            }
+            move |source| DownloadError::Io { action, path, source }
         };
         if let Some(parent) = self.dest.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(io("create", parent))?;
+            tokio::fs::create_dir_all(parent).await.map_err(io("create", parent))?;
         }
-        let have = tokio::fs::metadata(&part)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
         if have < self.size {
             self.fetch_from(have, &part).await?;
         }
@@ -79,24 +58,15 @@ impl Download<'_> {
         let actual = hex::encode(Sha256::digest(&bytes));
         if bytes.len() as u64 != self.size || actual != self.sha256 {
             let _ = tokio::fs::remove_file(&part).await;
-            return Err(DownloadError::Digest {
-                url,
-                expected: self.sha256.to_string(),
-                actual,
-            });
+            return Err(DownloadError::Digest { url, expected: self.sha256.to_string(), actual });
         }
-        tokio::fs::rename(&part, &self.dest)
-            .await
-            .map_err(io("rename", &self.dest))?;
+        tokio::fs::rename(&part, &self.dest).await.map_err(io("rename", &self.dest))?;
         Ok(bytes)
     }
 
     async fn fetch_from(&self, have: u64, part: &Path) -> Result<(), DownloadError> {
         let url = self.url.clone();
-        let http = |source| DownloadError::Http {
-            url: url.clone(),
-            source,
-        };
+        let http = |source| DownloadError::Http { url: url.clone(), source };
         let mut request = self.client.get(&self.url).bearer_auth(self.credential);
         if have > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={have}-"));
@@ -108,11 +78,7 @@ impl Download<'_> {
             200 => tokio::fs::File::create(part).await,
             _ => return Err(DownloadError::Status { url, status }),
         }
-        .map_err(|source| DownloadError::Io {
-            action: "open",
-            path: part.into(),
-            source,
-        })?;
+        .map_err(|source| DownloadError::Io { action: "open", path: part.into(), source })?;
         let mut written = if status == 206 { have } else { 0 };
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
@@ -121,23 +87,14 @@ impl Download<'_> {
             if written > self.size {
                 drop(file);
                 let _ = tokio::fs::remove_file(part).await;
-                return Err(DownloadError::Overrun {
-                    url,
-                    expected: self.size,
-                });
+                return Err(DownloadError::Overrun { url, expected: self.size });
             }
-            file.write_all(&chunk)
-                .await
-                .map_err(|source| DownloadError::Io {
-                    action: "write",
-                    path: part.into(),
-                    source,
-                })?;
+            file.write_all(&chunk).await.map_err(|source| DownloadError::Io {
+                action: "write",
+                path: part.into(),
+                source,
+            })?;
         }
-        file.sync_all().await.map_err(|source| DownloadError::Io {
-            action: "sync",
-            path: part.into(),
-            source,
-        })
+        file.sync_all().await.map_err(|source| DownloadError::Io { action: "sync", path: part.into(), source })
     }
 }

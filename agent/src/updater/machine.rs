@@ -18,9 +18,7 @@ pub fn plan<'a>(
         .iter()
         .filter(|d| active.get(&d.name) != Some(&d.version))
         .filter(|d| {
-            !records.iter().any(|r| {
-                r.model == d.name && r.version == d.version && r.step == UpdateStep::Failed
-            })
+            !records.iter().any(|r| r.model == d.name && r.version == d.version && r.step == UpdateStep::Failed)
         })
         .collect()
 }
@@ -40,13 +38,10 @@ pub enum Recovery {
 pub fn recover(record: &UpdateRecord, current: Option<&str>) -> Recovery {
     match record.step {
         UpdateStep::Active | UpdateStep::Failed | UpdateStep::RolledBack => Recovery::Nothing,
-        UpdateStep::Activating if current == Some(record.version.as_str()) => {
-            Recovery::CommitActive
+        UpdateStep::Activating if current == Some(record.version.as_str()) => Recovery::CommitActive,
+        UpdateStep::Downloading | UpdateStep::Verifying | UpdateStep::SelfTest | UpdateStep::Activating => {
+            Recovery::Restart
         }
-        UpdateStep::Downloading
-        | UpdateStep::Verifying
-        | UpdateStep::SelfTest
-        | UpdateStep::Activating => Recovery::Restart,
     }
 }
 
@@ -65,12 +60,7 @@ mod tests {
     }
 
     fn record(step: UpdateStep, version: &str) -> UpdateRecord {
-        UpdateRecord {
-            model: "m".into(),
-            version: version.into(),
-            step,
-            detail: String::new(),
-        }
+        UpdateRecord { model: "m".into(), version: version.into(), step, detail: String::new() }
     }
 
     #[test]
@@ -90,45 +80,25 @@ mod tests {
     fn a_version_that_failed_is_not_retried_in_a_loop_but_a_newer_one_is() {
         let failed = [record(UpdateStep::Failed, "1.1.0")];
         assert!(plan(&[desired("m", "1.1.0")], &BTreeMap::new(), &failed).is_empty());
-        assert_eq!(
-            plan(&[desired("m", "1.2.0")], &BTreeMap::new(), &failed).len(),
-            1
-        );
+        assert_eq!(plan(&[desired("m", "1.2.0")], &BTreeMap::new(), &failed).len(), 1);
     }
 
     #[test]
     fn an_interrupted_step_before_the_switch_restarts() {
-        for step in [
-            UpdateStep::Downloading,
-            UpdateStep::Verifying,
-            UpdateStep::SelfTest,
-        ] {
-            assert_eq!(
-                recover(&record(step, "2.0.0"), Some("1.0.0")),
-                Recovery::Restart
-            );
+        for step in [UpdateStep::Downloading, UpdateStep::Verifying, UpdateStep::SelfTest] {
+            assert_eq!(recover(&record(step, "2.0.0"), Some("1.0.0")), Recovery::Restart);
         }
-        assert_eq!(
-            recover(&record(UpdateStep::Activating, "2.0.0"), Some("1.0.0")),
-            Recovery::Restart
-        );
+        assert_eq!(recover(&record(UpdateStep::Activating, "2.0.0"), Some("1.0.0")), Recovery::Restart);
     }
 
     #[test]
     fn an_interrupted_activation_whose_switch_landed_is_committed() {
-        assert_eq!(
-            recover(&record(UpdateStep::Activating, "2.0.0"), Some("2.0.0")),
-            Recovery::CommitActive
-        );
+        assert_eq!(recover(&record(UpdateStep::Activating, "2.0.0"), Some("2.0.0")), Recovery::CommitActive);
     }
 
     #[test]
     fn settled_records_need_no_recovery() {
-        for step in [
-            UpdateStep::Active,
-            UpdateStep::Failed,
-            UpdateStep::RolledBack,
-        ] {
+        for step in [UpdateStep::Active, UpdateStep::Failed, UpdateStep::RolledBack] {
             assert_eq!(recover(&record(step, "1.0.0"), None), Recovery::Nothing);
         }
     }

@@ -29,11 +29,7 @@ pub enum UpdateError {
     #[error(transparent)]
     Download(#[from] download::DownloadError),
     #[error("bundle {model} {version} refused: {source}")]
-    Verify {
-        model: String,
-        version: String,
-        source: proto::VerifyError,
-    },
+    Verify { model: String, version: String, source: proto::VerifyError },
     #[error("bundle names {got}, but {want} was desired: refused")]
     WrongBundle { want: String, got: String },
     #[error(transparent)]
@@ -88,39 +84,22 @@ impl Updater {
         let desired = self.check_in().await?;
         let active = self.engine.active().await;
         let records = self.state.records()?;
-        let todo: Vec<DesiredModel> = machine::plan(&desired.models, &active, &records)
-            .into_iter()
-            .cloned()
-            .collect();
+        let todo: Vec<DesiredModel> = machine::plan(&desired.models, &active, &records).into_iter().cloned().collect();
         for model in todo {
             if let Err(e) = self.install(&model).await {
                 tracing::warn!(device = %self.device_id, model = %model.name, version = %model.version, error = %e, "update failed");
-                self.report(
-                    &model.name,
-                    &model.version,
-                    UpdateStep::Failed,
-                    e.to_string(),
-                )
-                .await?;
+                self.report(&model.name, &model.version, UpdateStep::Failed, e.to_string()).await?;
             }
         }
         Ok(())
     }
 
     async fn check_in(&self) -> Result<DesiredState, UpdateError> {
-        let url = format!(
-            "{}/api/v1/devices/{}/checkin",
-            self.server_url, self.device_id
-        );
-        let failed = |reason: String| UpdateError::Checkin {
-            url: url.clone(),
-            reason,
-        };
+        let url = format!("{}/api/v1/devices/{}/checkin", self.server_url, self.device_id);
+        let failed = |reason: String| UpdateError::Checkin { url: url.clone(), reason };
         let records = self.state.records()?;
         let active = self.engine.active().await;
-        let body = CheckinRequest {
-            models: records.iter().map(|r| status_of(r, &active)).collect(),
-        };
+        let body = CheckinRequest { models: records.iter().map(|r| status_of(r, &active)).collect() };
         let response = self
             .http
             .post(&url)
@@ -136,19 +115,8 @@ impl Updater {
     }
 
     /// Records the step (persist before act) and queues its status report.
-    async fn report(
-        &self,
-        model: &str,
-        version: &str,
-        step: UpdateStep,
-        detail: String,
-    ) -> Result<(), UpdateError> {
-        let record = UpdateRecord {
-            model: model.into(),
-            version: version.into(),
-            step,
-            detail,
-        };
+    async fn report(&self, model: &str, version: &str, step: UpdateStep, detail: String) -> Result<(), UpdateError> {
+        let record = UpdateRecord { model: model.into(), version: version.into(), step, detail };
         self.state.record(&record)?;
         let active = self.engine.active().await;
         self.uplink.status(status_of(&record, &active)).await;
@@ -157,8 +125,7 @@ impl Updater {
 
     async fn install(&self, desired: &DesiredModel) -> Result<(), UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
-        self.report(name, version, UpdateStep::Downloading, String::new())
-            .await?;
+        self.report(name, version, UpdateStep::Downloading, String::new()).await?;
         let bytes = Download {
             client: &self.http,
             url: format!("{}{}", self.server_url, desired.bundle_path),
@@ -171,29 +138,20 @@ impl Updater {
         .run()
         .await?;
 
-        self.report(name, version, UpdateStep::Verifying, String::new())
-            .await?;
-        let verify_err = |source| UpdateError::Verify {
-            model: name.into(),
-            version: version.into(),
-            source,
-        };
+        self.report(name, version, UpdateStep::Verifying, String::new()).await?;
+        let verify_err = |source| UpdateError::Verify { model: name.into(), version: version.into(), source };
         let verified = read_archive(&bytes, &self.limits)
             .map_err(|e| verify_err(e.into()))?
             .verify(&self.trusted)
             .map_err(verify_err)?;
         let got = format!("{} {}", verified.manifest.name, verified.manifest.version);
         if verified.manifest.name != name || verified.manifest.version.to_string() != version {
-            return Err(UpdateError::WrongBundle {
-                want: format!("{name} {version}"),
-                got,
-            });
+            return Err(UpdateError::WrongBundle { want: format!("{name} {version}"), got });
         }
         let layout = self.layout.clone();
         blocking(move || layout.stage(&verified)).await??;
 
-        self.report(name, version, UpdateStep::SelfTest, String::new())
-            .await?;
+        self.report(name, version, UpdateStep::SelfTest, String::new()).await?;
         let (layout, trusted, limits) = (self.layout.clone(), self.trusted.clone(), self.limits);
         let (n, v) = (name.to_string(), version.to_string());
         let loaded = blocking(move || {
@@ -203,12 +161,10 @@ impl Updater {
         })
         .await??;
 
-        self.report(name, version, UpdateStep::Activating, String::new())
-            .await?;
+        self.report(name, version, UpdateStep::Activating, String::new()).await?;
         self.layout.activate(name, version)?;
         self.engine.install(loaded).await?;
-        self.report(name, version, UpdateStep::Active, String::new())
-            .await?;
+        self.report(name, version, UpdateStep::Active, String::new()).await?;
         let _ = std::fs::remove_file(self.layout.download_path(name, version));
         self.layout.collect_garbage(name)?;
         tracing::info!(device = %self.device_id, model = name, version, "model active");
@@ -216,12 +172,8 @@ impl Updater {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, UpdateError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| UpdateError::Join(e.to_string()))
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, UpdateError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| UpdateError::Join(e.to_string()))
 }
 
 pub fn status_of(record: &UpdateRecord, active: &BTreeMap<String, String>) -> UpdateStatus {
@@ -249,11 +201,7 @@ pub async fn restore_installed(
         match machine::recover(&record, current.as_deref()) {
             machine::Recovery::Nothing => {}
             machine::Recovery::CommitActive => {
-                state.record(&UpdateRecord {
-                    step: UpdateStep::Active,
-                    detail: String::new(),
-                    ..record.clone()
-                })?;
+                state.record(&UpdateRecord { step: UpdateStep::Active, detail: String::new(), ..record.clone() })?;
             }
             // The record stays in flight, so the next check-in installs again; the download resumes.
             machine::Recovery::Restart => layout.collect_garbage(&record.model)?,
@@ -264,13 +212,7 @@ pub async fn restore_installed(
             let Some(version) = layout.linked_version(&name, which) else {
                 continue;
             };
-            let (l, t, lim, n, v) = (
-                layout.clone(),
-                trusted.clone(),
-                *limits,
-                name.clone(),
-                version.clone(),
-            );
+            let (l, t, lim, n, v) = (layout.clone(), trusted.clone(), *limits, name.clone(), version.clone());
             match blocking(move || l.load(&n, &v, &t, &lim)).await? {
                 Ok(loaded) => {
                     engine.install(loaded).await?;

@@ -28,25 +28,13 @@ pub enum UplinkError {
 }
 
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), UplinkError> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| UplinkError::BadUrl(url.into()))?;
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| UplinkError::BadUrl(url.into()))?;
-    let port = port
-        .trim_end_matches('/')
-        .parse()
-        .map_err(|_| UplinkError::BadUrl(url.into()))?;
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| UplinkError::BadUrl(url.into()))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| UplinkError::BadUrl(url.into()))?;
+    let port = port.trim_end_matches('/').parse().map_err(|_| UplinkError::BadUrl(url.into()))?;
     if host.is_empty() {
         return Err(UplinkError::BadUrl(url.into()));
     }
-    Ok((
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        port,
-    ))
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
 enum UplinkMsg {
@@ -63,20 +51,12 @@ pub struct UplinkHandle {
 
 impl UplinkHandle {
     pub async fn status(&self, status: UpdateStatus) {
-        let topic = Topic::Status {
-            device: self.device_id.clone(),
-            model: status.model.clone(),
-        }
-        .render();
+        let topic = Topic::Status { device: self.device_id.clone(), model: status.model.clone() }.render();
         self.durable(topic, encode(&status)).await;
     }
 
     pub async fn drift(&self, summary: &proto::wire::DriftSummary) {
-        let topic = Topic::Drift {
-            device: self.device_id.clone(),
-            model: summary.model.clone(),
-        }
-        .render();
+        let topic = Topic::Drift { device: self.device_id.clone(), model: summary.model.clone() }.render();
         self.durable(topic, encode(summary)).await;
     }
 
@@ -90,14 +70,8 @@ impl UplinkHandle {
 
     /// Heartbeats: dropped when the session is busy or offline, the next one replaces them.
     pub fn heartbeat(&self, heartbeat: &proto::wire::Heartbeat) {
-        let topic = Topic::Heartbeat {
-            device: self.device_id.clone(),
-        }
-        .render();
-        let _ = self.tx.try_send(UplinkMsg::BestEffort {
-            topic,
-            payload: encode(heartbeat),
-        });
+        let topic = Topic::Heartbeat { device: self.device_id.clone() }.render();
+        let _ = self.tx.try_send(UplinkMsg::BestEffort { topic, payload: encode(heartbeat) });
     }
 }
 
@@ -136,14 +110,7 @@ pub fn spawn_uplink(
     options.set_credentials(config.device_id.clone(), config.credential.clone());
     let (client, eventloop) = AsyncClient::new(options, 256);
     let (tx, rx) = mpsc::channel(256);
-    let session = Session {
-        client,
-        state,
-        updater,
-        config,
-        inflight: Inflight::default(),
-        connected: false,
-    };
+    let session = Session { client, state, updater, config, inflight: Inflight::default(), connected: false };
     let device_id = session.config.device_id.clone();
     tokio::spawn(session.run(eventloop, rx, cancel));
     Ok(UplinkHandle { tx, device_id })
@@ -159,16 +126,8 @@ struct Session {
 }
 
 impl Session {
-    async fn run(
-        mut self,
-        mut eventloop: EventLoop,
-        mut rx: mpsc::Receiver<UplinkMsg>,
-        cancel: CancellationToken,
-    ) {
-        let desired = Topic::Desired {
-            device: self.config.device_id.clone(),
-        }
-        .render();
+    async fn run(mut self, mut eventloop: EventLoop, mut rx: mpsc::Receiver<UplinkMsg>, cancel: CancellationToken) {
+        let desired = Topic::Desired { device: self.config.device_id.clone() }.render();
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -205,10 +164,7 @@ impl Session {
     fn accept(&mut self, msg: UplinkMsg) {
         match msg {
             UplinkMsg::Durable { topic, payload } => {
-                match self
-                    .state
-                    .outbox_push(&topic, &payload, self.config.outbox_max_rows)
-                {
+                match self.state.outbox_push(&topic, &payload, self.config.outbox_max_rows) {
                     Ok(id) if self.connected => self.publish(id, topic, payload),
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "outbox write failed; message lost"),
@@ -216,20 +172,14 @@ impl Session {
             }
             UplinkMsg::BestEffort { topic, payload } => {
                 if self.connected {
-                    let _ = self
-                        .client
-                        .try_publish(topic, QoS::AtMostOnce, false, payload);
+                    let _ = self.client.try_publish(topic, QoS::AtMostOnce, false, payload);
                 }
             }
         }
     }
 
     fn publish(&mut self, id: i64, topic: String, payload: Vec<u8>) {
-        if self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .is_ok()
-        {
+        if self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_ok() {
             self.inflight.queued.push_back(id);
         }
     }
@@ -283,14 +233,8 @@ mod tests {
 
     #[test]
     fn mqtt_urls_parse_to_host_and_port() {
-        assert_eq!(
-            parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
-        );
-        assert_eq!(
-            parse_mqtt_url("mqtt://[::1]:1883").unwrap(),
-            ("::1".into(), 1883)
-        );
+        assert_eq!(parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".into(), 1884));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]:1883").unwrap(), ("::1".into(), 1883));
         for bad in ["127.0.0.1:1883", "mqtt://host", "mqtt://:1", "mqtt://h:x"] {
             assert!(parse_mqtt_url(bad).is_err(), "{bad}");
         }

@@ -23,36 +23,30 @@ pub async fn enroll(
     })?;
     for (key, value) in &request.labels {
         if key.is_empty() || key.len() > 64 || value.len() > 256 {
-            return Err(ApiError::BadRequest(format!("label {key:?} must have a 1-64 character key and a value of at most 256 characters")));
+            return Err(ApiError::BadRequest(format!(
+                "label {key:?} must have a 1-64 character key and a value of at most 256 characters"
+            )));
         }
     }
     let token_hash = sha256_hex(&request.token);
     let now = crate::unix_ms();
     if !blocking(&state.store, move |s| s.consume_token(&token_hash, now)).await? {
         return Err(ApiError::Forbidden(
-            "enrollment token is unknown or already used; create one with `fleetctl tokens create`"
-                .into(),
+            "enrollment token is unknown or already used; create one with `fleetctl tokens create`".into(),
         ));
     }
     let device_id = format!("dev-{}", hex::encode(rand::random::<[u8; 6]>()));
     let credential = hex::encode(rand::random::<[u8; 32]>());
     let device = NewDevice {
         id: device_id.clone(),
-        name: if request.name.is_empty() {
-            device_id.clone()
-        } else {
-            request.name.clone()
-        },
+        name: if request.name.is_empty() { device_id.clone() } else { request.name.clone() },
         labels: request.labels,
         credential_hash: sha256_hex(&credential),
         enrolled_ms: now,
     };
     blocking(&state.store, move |s| s.insert_device(&device)).await?;
     tracing::info!(device = %device_id, "device enrolled");
-    Ok(Json(EnrollResponse {
-        device_id,
-        credential,
-    }))
+    Ok(Json(EnrollResponse { device_id, credential }))
 }
 
 pub async fn checkin(
@@ -63,13 +57,10 @@ pub async fn checkin(
 ) -> Result<Json<DesiredState>, ApiError> {
     let device = state.require_device(&headers).await?;
     if device != id {
-        return Err(ApiError::Forbidden(format!(
-            "this credential belongs to device {device}, not {id}"
-        )));
+        return Err(ApiError::Forbidden(format!("this credential belongs to device {device}, not {id}")));
     }
-    let Json(request) = body.map_err(|e| {
-        ApiError::BadRequest(format!("check-in body is invalid: {}", e.body_text()))
-    })?;
+    let Json(request) =
+        body.map_err(|e| ApiError::BadRequest(format!("check-in body is invalid: {}", e.body_text())))?;
     let now = crate::unix_ms();
     let desired = blocking(&state.store, move |s| {
         s.touch(&device, now)?;
@@ -94,17 +85,11 @@ pub async fn download(
         state.require_device(&headers).await?;
     }
     names::validate("model name", &name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    semver::Version::parse(&version).map_err(|_| {
-        ApiError::BadRequest(format!("version {version:?} is not a semantic version"))
-    })?;
+    semver::Version::parse(&version)
+        .map_err(|_| ApiError::BadRequest(format!("version {version:?} is not a semantic version")))?;
     let (n, v) = (name.clone(), version.clone());
-    if blocking(&state.store, move |s| s.bundle(&n, &v))
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::NotFound(format!(
-            "no bundle {name} {version} is published"
-        )));
+    if blocking(&state.store, move |s| s.bundle(&n, &v)).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no bundle {name} {version} is published")));
     }
     let path = crate::server::bundle_file(&state.bundle_dir, &name, &version);
     let response = tower_http::services::ServeFile::new(path)

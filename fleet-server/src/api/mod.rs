@@ -35,10 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/enroll", post(devices::enroll))
         .route("/api/v1/devices/{id}/checkin", post(devices::checkin))
         .route("/api/v1/bundles/{name}/{version}", get(devices::download))
-        .route(
-            "/api/v1/bundles",
-            post(operator::publish).layer(DefaultBodyLimit::max(bundle_limit)),
-        )
+        .route("/api/v1/bundles", post(operator::publish).layer(DefaultBodyLimit::max(bundle_limit)))
         .route("/api/v1/devices", get(operator::devices))
         .route("/api/v1/deployments", post(operator::deploy))
         .route("/api/v1/enrollment-tokens", post(operator::tokens))
@@ -86,13 +83,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response()
+        (status, Json(ErrorBody { error: self.to_string() })).into_response()
     }
 }
 
@@ -101,11 +92,7 @@ pub fn sha256_hex(text: &str) -> String {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
 /// Runs a store call on the blocking pool.
@@ -132,9 +119,7 @@ impl AppState {
     /// The device id behind a device credential.
     pub async fn require_device(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         let hash = sha256_hex(bearer(headers).ok_or(ApiError::Unauthorized)?);
-        blocking(&self.store, move |s| s.device_for_credential(&hash))
-            .await?
-            .ok_or(ApiError::Unauthorized)
+        blocking(&self.store, move |s| s.device_for_credential(&hash)).await?.ok_or(ApiError::Unauthorized)
     }
 }
 

@@ -5,9 +5,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use proto::bundle::{read_archive, sha256_hex as bytes_sha256, Limits};
-use proto::wire::{
-    BundleInfo, DeployRequest, DeployResponse, DeviceView, TokenRequest, TokenResponse,
-};
+use proto::wire::{BundleInfo, DeployRequest, DeployResponse, DeviceView, TokenRequest, TokenResponse};
 
 use super::{blocking, sha256_hex, ApiError, AppState};
 use crate::store::BundleRecord;
@@ -21,16 +19,11 @@ pub async fn publish(
     body: Bytes,
 ) -> Result<Json<BundleInfo>, ApiError> {
     state.require_operator(&headers)?;
-    let limits = Limits {
-        max_bundle_bytes: state.max_bundle_bytes as u64,
-        ..Limits::default()
-    };
+    let limits = Limits { max_bundle_bytes: state.max_bundle_bytes as u64, ..Limits::default() };
     let trusted = state.trusted.clone();
     let bytes = body.clone();
     let verified = tokio::task::spawn_blocking(move || {
-        read_archive(&bytes, &limits)
-            .map_err(proto::VerifyError::from)?
-            .verify(&trusted)
+        read_archive(&bytes, &limits).map_err(proto::VerifyError::from)?.verify(&trusted)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -65,11 +58,13 @@ pub async fn publish(
 /// existing file with the same version is left alone (the store refuses different contents).
 async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), ApiError> {
     if tokio::fs::metadata(path).await.is_ok() {
-        let existing = tokio::fs::read(path)
-            .await
-            .map_err(|e| ApiError::Internal(format!("read {}: {e}", path.display())))?;
+        let existing =
+            tokio::fs::read(path).await.map_err(|e| ApiError::Internal(format!("read {}: {e}", path.display())))?;
         if existing != bytes {
-            return Err(ApiError::Conflict("this bundle version is already published with different contents; publish a new version instead".into()));
+            return Err(ApiError::Conflict(
+                "this bundle version is already published with different contents; publish a new version instead"
+                    .into(),
+            ));
         }
         return Ok(());
     }
@@ -82,10 +77,7 @@ async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), A
     tokio::fs::rename(&tmp, path).await.map_err(io)
 }
 
-pub async fn devices(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<Vec<DeviceView>>, ApiError> {
+pub async fn devices(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeviceView>>, ApiError> {
     state.require_operator(&headers)?;
     Ok(Json(blocking(&state.store, |s| s.list_devices()).await?))
 }
@@ -103,10 +95,7 @@ pub async fn deploy(
         ))
     })?;
     let (model, version) = (request.model.clone(), request.version.clone());
-    if blocking(&state.store, move |s| s.bundle(&model, &version))
-        .await?
-        .is_none()
-    {
+    if blocking(&state.store, move |s| s.bundle(&model, &version)).await?.is_none() {
         return Err(ApiError::NotFound(format!(
             "no bundle {} {} is published; run `fleetctl publish` first",
             request.model, request.version
@@ -117,22 +106,13 @@ pub async fn deploy(
         None => known,
         Some(wanted) => {
             if let Some(unknown) = wanted.iter().find(|d| !known.contains(d)) {
-                return Err(ApiError::NotFound(format!(
-                    "device {unknown:?} is not enrolled"
-                )));
+                return Err(ApiError::NotFound(format!("device {unknown:?} is not enrolled")));
             }
             wanted
         }
     };
-    let (targets, model, version) = (
-        devices.clone(),
-        request.model.clone(),
-        request.version.clone(),
-    );
-    let revisions = blocking(&state.store, move |s| {
-        s.set_desired(&targets, &model, &version)
-    })
-    .await?;
+    let (targets, model, version) = (devices.clone(), request.model.clone(), request.version.clone());
+    let revisions = blocking(&state.store, move |s| s.set_desired(&targets, &model, &version)).await?;
     for (device, revision) in revisions {
         state.notifier.desired_changed(&device, revision);
     }
@@ -146,20 +126,12 @@ pub async fn tokens(
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     state.require_operator(&headers)?;
-    let Json(request) = body.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "token body must be {{\"count\": n}}: {}",
-            e.body_text()
-        ))
-    })?;
+    let Json(request) =
+        body.map_err(|e| ApiError::BadRequest(format!("token body must be {{\"count\": n}}: {}", e.body_text())))?;
     if request.count == 0 || request.count > MAX_TOKENS_PER_REQUEST {
-        return Err(ApiError::BadRequest(format!(
-            "count must be between 1 and {MAX_TOKENS_PER_REQUEST}"
-        )));
+        return Err(ApiError::BadRequest(format!("count must be between 1 and {MAX_TOKENS_PER_REQUEST}")));
     }
-    let tokens: Vec<String> = (0..request.count)
-        .map(|_| hex::encode(rand::random::<[u8; 16]>()))
-        .collect();
+    let tokens: Vec<String> = (0..request.count).map(|_| hex::encode(rand::random::<[u8; 16]>())).collect();
     let hashes: Vec<String> = tokens.iter().map(|t| sha256_hex(t)).collect();
     let now = crate::unix_ms();
     blocking(&state.store, move |s| s.create_tokens(&hashes, now)).await?;

@@ -8,10 +8,7 @@ use clap::Parser;
 use fleet_server::server::{start, Mqtt, ServerConfig};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Fleet server: device registry, signed bundle store, desired state, MQTT ingest."
-)]
+#[command(version, about = "Fleet server: device registry, signed bundle store, desired state, MQTT ingest.")]
 struct Args {
     /// HTTP API address.
     #[arg(long, env = "FLEET_LISTEN", default_value = "0.0.0.0:8080")]
@@ -26,12 +23,7 @@ struct Args {
     #[arg(long, env = "FLEET_MQTT_URL")]
     mqtt_url: Option<String>,
     /// Public key (hex or a .pub file) accepted on published bundles; repeatable.
-    #[arg(
-        long = "trusted-key",
-        env = "FLEET_TRUSTED_KEYS",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "trusted-key", env = "FLEET_TRUSTED_KEYS", value_delimiter = ',', required = true)]
     trusted_keys: Vec<String>,
     /// Operator token; generated into <data-dir>/operator.token when omitted.
     #[arg(long, env = "FLEET_OPERATOR_TOKEN")]
@@ -44,9 +36,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
     let trusted_keys = args
@@ -59,9 +49,7 @@ async fn main() -> Result<()> {
         .collect();
     let mqtt = match args.mqtt_url {
         Some(url) => Mqtt::External { url },
-        None => Mqtt::Embedded {
-            listen: args.mqtt_listen,
-        },
+        None => Mqtt::Embedded { listen: args.mqtt_listen },
     };
     let config = ServerConfig {
         listen: args.listen,
@@ -71,14 +59,9 @@ async fn main() -> Result<()> {
         trusted_keys,
         max_bundle_bytes: args.max_bundle_bytes,
     };
-    let server = start(config)
-        .await
-        .context("fleet-server failed to start")?;
+    let server = start(config).await.context("fleet-server failed to start")?;
     if std::env::var("FLEET_OPERATOR_TOKEN").is_err() {
-        eprintln!(
-            "operator token in {}",
-            args.data_dir.join("operator.token").display()
-        );
+        eprintln!("operator token in {}", args.data_dir.join("operator.token").display());
     }
     tokio::signal::ctrl_c().await?;
     server.shutdown();

@@ -130,9 +130,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 fn key_text(arg: &str) -> Result<String> {
     if Path::new(arg).exists() {
-        Ok(String::from_utf8_lossy(&read(Path::new(arg))?)
-            .trim()
-            .to_string())
+        Ok(String::from_utf8_lossy(&read(Path::new(arg))?).trim().to_string())
     } else {
         Ok(arg.to_string())
     }
@@ -142,17 +140,13 @@ fn key_text(arg: &str) -> Result<String> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     match Cli::parse().command {
         Command::Keygen { out, name } => keygen(&out, &name),
         Command::Bundle(command) => bundle(command),
         Command::Publish { bundle, server } => {
-            let info = FleetClient::new(&server.server, &server.token)
-                .publish(read(&bundle)?)
-                .await?;
+            let info = FleetClient::new(&server.server, &server.token).publish(read(&bundle)?).await?;
             println!(
                 "published {} {} ({} bytes, sha256 {}, signed by {})",
                 info.name, info.version, info.size, info.sha256, info.signed_by
@@ -160,41 +154,20 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Devices { json, server } => devices(json, &server).await,
-        Command::Deploy {
-            model,
-            version,
-            devices,
-            server,
-        } => {
+        Command::Deploy { model, version, devices, server } => {
             let response = FleetClient::new(&server.server, &server.token)
-                .deploy(&DeployRequest {
-                    model,
-                    version,
-                    devices,
-                })
+                .deploy(&DeployRequest { model, version, devices })
                 .await?;
-            println!(
-                "desired on {} device(s): {}",
-                response.devices.len(),
-                response.devices.join(", ")
-            );
+            println!("desired on {} device(s): {}", response.devices.len(), response.devices.join(", "));
             Ok(())
         }
         Command::Tokens { count, server } => {
-            for token in FleetClient::new(&server.server, &server.token)
-                .tokens(count)
-                .await?
-            {
+            for token in FleetClient::new(&server.server, &server.token).tokens(count).await? {
                 println!("{token}");
             }
             Ok(())
         }
-        Command::Demo {
-            agents,
-            rows,
-            mqtt_url,
-            json,
-        } => run_demo(agents, rows, mqtt_url, json).await,
+        Command::Demo { agents, rows, mqtt_url, json } => run_demo(agents, rows, mqtt_url, json).await,
     }
 }
 
@@ -204,18 +177,12 @@ fn keygen(out: &Path, name: &str) -> Result<()> {
     let secret_path = out.join(format!("{name}.key"));
     let public_path = out.join(format!("{name}.pub"));
     if secret_path.exists() {
-        bail!(
-            "{} exists; refusing to overwrite a signing key",
-            secret_path.display()
-        );
+        bail!("{} exists; refusing to overwrite a signing key", secret_path.display());
     }
     write(&secret_path, secret_key_hex(&key).as_bytes())?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o600))?;
-    write(
-        &public_path,
-        public_key_hex(&key.verifying_key()).as_bytes(),
-    )?;
+    write(&public_path, public_key_hex(&key.verifying_key()).as_bytes())?;
     println!(
         "key id {}: secret {} public {}",
         KeyId::of(&key.verifying_key()),
@@ -227,48 +194,27 @@ fn keygen(out: &Path, name: &str) -> Result<()> {
 
 fn bundle(command: BundleCommand) -> Result<()> {
     match command {
-        BundleCommand::Build {
-            model,
-            metadata,
-            out,
-        } => {
+        BundleCommand::Build { model, metadata, out } => {
             let created_at = fleet_server::unix_ms() / 1000;
             let bundle = packaging::build(packaging::read_inputs(&model, &metadata, created_at)?)?;
-            write(
-                &out,
-                &write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures),
-            )?;
-            println!(
-                "built {} (unsigned): contract checked, golden cases reproduced",
-                out.display()
-            );
+            write(&out, &write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures))?;
+            println!("built {} (unsigned): contract checked, golden cases reproduced", out.display());
         }
         BundleCommand::Sign { bundle, key, out } => {
-            let key =
-                parse_secret_key(&key_text(&key.to_string_lossy())?).context("signing key")?;
+            let key = parse_secret_key(&key_text(&key.to_string_lossy())?).context("signing key")?;
             let mut archive = read_archive(&read(&bundle)?, &Limits::default())?;
             let key_id = proto::bundle::add_signature(&mut archive, &key);
             let out = out.unwrap_or(bundle);
-            write(
-                &out,
-                &write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures),
-            )?;
+            write(&out, &write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures))?;
             println!("signed {} with key {key_id}", out.display());
         }
-        BundleCommand::Verify {
-            bundle,
-            trusted_keys,
-        } => {
+        BundleCommand::Verify { bundle, trusted_keys } => {
             let keys = trusted_keys
                 .iter()
                 .map(|k| key_text(k).and_then(|t| Ok(parse_public_key(&t)?)))
                 .collect::<Result<Vec<_>>>()?;
-            let verified = read_archive(&read(&bundle)?, &Limits::default())?
-                .verify(&TrustedKeys::new(keys))?;
-            let loaded = edge_agent::inference::LoadedModel::load(
-                &verified.manifest,
-                verified.model_bytes(),
-            )?;
+            let verified = read_archive(&read(&bundle)?, &Limits::default())?.verify(&TrustedKeys::new(keys))?;
+            let loaded = edge_agent::inference::LoadedModel::load(&verified.manifest, verified.model_bytes())?;
             loaded.self_test()?;
             let m = &verified.manifest;
             println!(
@@ -286,9 +232,7 @@ fn bundle(command: BundleCommand) -> Result<()> {
 }
 
 async fn devices(json: bool, server: &ServerArgs) -> Result<()> {
-    let devices = FleetClient::new(&server.server, &server.token)
-        .devices()
-        .await?;
+    let devices = FleetClient::new(&server.server, &server.token).devices().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&devices)?);
         return Ok(());
@@ -322,12 +266,7 @@ async fn run_demo(agents: usize, rows: usize, mqtt_url: Option<String>, json: bo
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
-    let options = DemoOptions {
-        agents,
-        rows_per_agent: rows.max(2),
-        mqtt_url,
-        ..DemoOptions::default()
-    };
+    let options = DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() };
     let result = demo::run(options, |line| eprintln!("==> {line}")).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);

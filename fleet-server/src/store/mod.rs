@@ -61,12 +61,7 @@ pub trait Store: Send + Sync + 'static {
     fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>, StoreError>;
 
     /// Sets the desired version of a model on devices; returns each device's new revision.
-    fn set_desired(
-        &self,
-        devices: &[String],
-        model: &str,
-        version: &str,
-    ) -> Result<Vec<(String, u64)>, StoreError>;
+    fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError>;
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError>;
 
     fn record_status(&self, device: &str, status: &UpdateStatus) -> Result<(), StoreError>;

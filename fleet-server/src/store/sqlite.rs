@@ -3,8 +3,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use proto::wire::{
-    bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
-    UpdateStep,
+    bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus, UpdateStep,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -46,15 +45,11 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(SqliteStore {
-            conn: Mutex::new(conn),
-        })
+        Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -67,10 +62,7 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for hash in token_hashes {
-            tx.execute(
-                "INSERT INTO tokens (hash, created_ms) VALUES (?1, ?2)",
-                params![hash, now_ms as i64],
-            )?;
+            tx.execute("INSERT INTO tokens (hash, created_ms) VALUES (?1, ?2)", params![hash, now_ms as i64])?;
         }
         tx.commit()?;
         Ok(())
@@ -95,38 +87,25 @@ impl Store for SqliteStore {
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id FROM devices WHERE credential_hash = ?1",
-                params![credential_hash],
-                |r| r.get(0),
-            )
+            .query_row("SELECT id FROM devices WHERE credential_hash = ?1", params![credential_hash], |r| r.get(0))
             .optional()?)
     }
 
     fn device_exists(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| {
-                Ok(())
-            })
-            .optional()?
-            .is_some())
+        Ok(self.conn().query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| Ok(())).optional()?.is_some())
     }
 
     fn device_ids(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT id FROM devices ORDER BY name, id")?;
-        let ids = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+        let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(ids)
     }
 
     fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, name, labels, enrolled_ms, last_seen_ms, health FROM devices ORDER BY name, id",
-        )?;
+        let mut stmt =
+            conn.prepare("SELECT id, name, labels, enrolled_ms, last_seen_ms, health FROM devices ORDER BY name, id")?;
         let mut devices: Vec<DeviceView> = stmt
             .query_map([], |r| {
                 let labels: String = r.get(2)?;
@@ -155,22 +134,14 @@ impl Store for SqliteStore {
             mean_confidence: None,
         };
         let mut desired = conn.prepare("SELECT device, model, version FROM desired")?;
-        for row in desired.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })? {
+        for row in
+            desired.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+        {
             let (device, model, version) = row?;
-            models
-                .entry((device, model.clone()))
-                .or_insert_with(|| blank(&model))
-                .desired_version = Some(version);
+            models.entry((device, model.clone())).or_insert_with(|| blank(&model)).desired_version = Some(version);
         }
-        let mut status = conn.prepare(
-            "SELECT device, model, step, detail, active_version, inferences FROM model_status",
-        )?;
+        let mut status =
+            conn.prepare("SELECT device, model, step, detail, active_version, inferences FROM model_status")?;
         let rows = status.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -183,9 +154,7 @@ impl Store for SqliteStore {
         })?;
         for row in rows {
             let (device, model, step, detail, active, inferences) = row?;
-            let view = models
-                .entry((device, model.clone()))
-                .or_insert_with(|| blank(&model));
+            let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
             view.step = step.as_deref().and_then(UpdateStep::parse);
             view.detail = detail;
             view.active_version = active;
@@ -208,9 +177,7 @@ impl Store for SqliteStore {
         })?;
         for row in rows {
             let (device, model, count, score, confidence) = row?;
-            let view = models
-                .entry((device, model.clone()))
-                .or_insert_with(|| blank(&model));
+            let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
             view.drift_summaries = count as u64;
             view.drift_score = score;
             view.mean_confidence = confidence;
@@ -228,11 +195,9 @@ impl Store for SqliteStore {
     fn put_bundle(&self, b: &BundleRecord) -> Result<(), StoreError> {
         let conn = self.conn();
         let existing: Option<String> = conn
-            .query_row(
-                "SELECT sha256 FROM bundles WHERE name = ?1 AND version = ?2",
-                params![b.name, b.version],
-                |r| r.get(0),
-            )
+            .query_row("SELECT sha256 FROM bundles WHERE name = ?1 AND version = ?2", params![b.name, b.version], |r| {
+                r.get(0)
+            })
             .optional()?;
         match existing {
             Some(sha) if sha == b.sha256 => Ok(()),
@@ -271,12 +236,7 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
-    fn set_desired(
-        &self,
-        devices: &[String],
-        model: &str,
-        version: &str,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
+    fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let mut revisions = Vec::with_capacity(devices.len());
@@ -299,11 +259,8 @@ impl Store for SqliteStore {
 
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError> {
         let conn = self.conn();
-        let revision: i64 = conn.query_row(
-            "SELECT revision FROM devices WHERE id = ?1",
-            params![device],
-            |r| r.get(0),
-        )?;
+        let revision: i64 =
+            conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
         let mut stmt = conn.prepare(
             "SELECT d.model, d.version, b.sha256, b.size FROM desired d
              JOIN bundles b ON b.name = d.model AND b.version = d.version
@@ -321,10 +278,7 @@ impl Store for SqliteStore {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        Ok(DesiredState {
-            revision: revision as u64,
-            models,
-        })
+        Ok(DesiredState { revision: revision as u64, models })
     }
 
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {

@@ -46,32 +46,12 @@ fn desired_state_names_the_published_bundle_and_bumps_the_revision() {
     let (_dir, store) = store();
     device(&store, "d1");
     store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
-    assert_eq!(
-        store
-            .set_desired(&["d1".into()], "tabular", "1.0.0")
-            .unwrap(),
-        vec![("d1".to_string(), 1)]
-    );
+    assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap(), vec![("d1".to_string(), 1)]);
     let desired = store.desired_state("d1").unwrap();
     assert_eq!(desired.revision, 1);
-    assert_eq!(
-        desired.models[0].bundle_path,
-        "/api/v1/bundles/tabular/1.0.0"
-    );
-    assert_eq!(
-        (
-            desired.models[0].bundle_sha256.as_str(),
-            desired.models[0].bundle_size
-        ),
-        ("aa", 10)
-    );
-    assert_eq!(
-        store
-            .set_desired(&["d1".into()], "tabular", "1.0.0")
-            .unwrap()[0]
-            .1,
-        2
-    );
+    assert_eq!(desired.models[0].bundle_path, "/api/v1/bundles/tabular/1.0.0");
+    assert_eq!((desired.models[0].bundle_sha256.as_str(), desired.models[0].bundle_size), ("aa", 10));
+    assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap()[0].1, 2);
 }
 
 #[test]
@@ -80,11 +60,7 @@ fn republishing_a_version_with_other_bytes_is_a_conflict() {
     store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
     store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
     let err = store.put_bundle(&bundle("1.0.0", "bb")).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("already published with different contents"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("already published with different contents"), "{err}");
 }
 
 #[test]
@@ -96,17 +72,10 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
         version: "1.0.0".into(),
         window_start_ms: 10,
         window_end_ms: 20,
-        counts: SketchCounts {
-            samples: 5,
-            ..Default::default()
-        },
+        counts: SketchCounts { samples: 5, ..Default::default() },
         score: 0.3,
     };
-    let stored = StoredDrift {
-        summary: &summary,
-        score: 0.31,
-        mean_confidence: Some(0.8),
-    };
+    let stored = StoredDrift { summary: &summary, score: 0.31, mean_confidence: Some(0.8) };
     assert!(store.record_drift("d1", &stored).unwrap());
     assert!(!store.record_drift("d1", &stored).unwrap());
     store
@@ -115,10 +84,7 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
             &Heartbeat {
                 at_ms: 30,
                 uptime_secs: 1,
-                health: Health {
-                    cpu_percent: 5.0,
-                    ..Default::default()
-                },
+                health: Health { cpu_percent: 5.0, ..Default::default() },
                 models: vec![ModelCounters {
                     model: "tabular".into(),
                     version: "1.0.0".into(),
@@ -133,10 +99,7 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
     assert_eq!(view.last_seen_ms, Some(30));
     assert_eq!(view.health.as_ref().unwrap().cpu_percent, 5.0);
     let model = &view.models[0];
-    assert_eq!(
-        (model.drift_summaries, model.drift_score, model.inferences),
-        (1, Some(0.31), 42)
-    );
+    assert_eq!((model.drift_summaries, model.drift_score, model.inferences), (1, Some(0.31), 42));
     assert_eq!(model.active_version.as_deref(), Some("1.0.0"));
 }
 
@@ -152,14 +115,7 @@ fn an_older_status_does_not_overwrite_a_newer_one() {
         active_version: None,
         at_ms,
     };
-    store
-        .record_status("d1", &status(UpdateStep::Active, 20))
-        .unwrap();
-    store
-        .record_status("d1", &status(UpdateStep::Downloading, 10))
-        .unwrap();
-    assert_eq!(
-        store.list_devices().unwrap()[0].models[0].step,
-        Some(UpdateStep::Active)
-    );
+    store.record_status("d1", &status(UpdateStep::Active, 20)).unwrap();
+    store.record_status("d1", &status(UpdateStep::Downloading, 10)).unwrap();
+    assert_eq!(store.list_devices().unwrap()[0].models[0].step, Some(UpdateStep::Active));
 }
