@@ -35,7 +35,7 @@ pub enum DemoError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("agent {index} did not start: {source}")]
-    Agent { index: usize, source: edge_agent::StartError },
+    Agent { index: usize, source: Box<edge_agent::StartError> },
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout { what: String, secs: u64 },
     #[error("traffic to agent {index} failed: {message}")]
@@ -226,7 +226,9 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
             dir.path().join(format!("agent-{index:03}")),
             index,
         );
-        agents.push(edge_agent::start(config).await.map_err(|source| DemoError::Agent { index, source })?);
+        agents.push(
+            edge_agent::start(config).await.map_err(|source| DemoError::Agent { index, source: Box::new(source) })?,
+        );
     }
     let timeout = options.timeout;
     wait_for("agents to enroll", timeout, || async {

@@ -20,6 +20,13 @@ pub struct Notifier {
 }
 
 impl Notifier {
+    /// A notifier with no broker behind it, for handler tests: every notification is dropped.
+    #[cfg(test)]
+    pub fn detached() -> Notifier {
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("detached", "127.0.0.1", 9), 1);
+        Notifier { client }
+    }
+
     /// Best effort: a device that misses it still checks in on its own interval.
     pub fn desired_changed(&self, device: &str, revision: u64) {
         let topic = Topic::Desired { device: device.to_string() }.render();

@@ -1,1 +1,202 @@
+//! Handler tests through the real router, store and bundle verification (no network).
 
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use proto::keys::{parse_secret_key, public_key_hex};
+use proto::TrustedKeys;
+use tower::ServiceExt;
+
+use super::{router, AppState};
+use crate::ingest::Notifier;
+use crate::store::SqliteStore;
+
+const OPERATOR: &str = "operator-secret";
+
+struct Api {
+    _dir: tempfile::TempDir,
+    app: axum::Router,
+    secret: String,
+}
+
+fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = hex::encode([7u8; 32]);
+    let public = public_key_hex(&parse_secret_key(&secret).unwrap().verifying_key());
+    let state = AppState {
+        store: Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap()),
+        bundle_dir: dir.path().join("bundles"),
+        operator_token: OPERATOR.into(),
+        trusted: Arc::new(TrustedKeys::from_hex([public.as_str()]).unwrap()),
+        notifier: Notifier::detached(),
+        max_bundle_bytes: 16 << 20,
+    };
+    Api { _dir: dir, app: router(state), secret }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        bearer: Option<&str>,
+        body: Body,
+        extra: Option<(&str, &str)>,
+    ) -> (StatusCode, Vec<u8>) {
+        let mut request = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some((name, value)) = extra {
+            request = request.header(name, value);
+        }
+        let response = self.app.clone().oneshot(request.body(body).unwrap()).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec();
+        (status, bytes)
+    }
+
+    async fn json(
+        &self,
+        method: &str,
+        uri: &str,
+        bearer: Option<&str>,
+        body: serde_json::Value,
+    ) -> (StatusCode, serde_json::Value) {
+        let (status, bytes) = self.call(method, uri, bearer, Body::from(body.to_string()), None).await;
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    async fn enroll(&self) -> (String, String) {
+        let (_, tokens) =
+            self.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 1})).await;
+        let token = tokens["tokens"][0].as_str().unwrap().to_string();
+        let (status, body) =
+            self.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token, "name": "cam"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (body["device_id"].as_str().unwrap().into(), body["credential"].as_str().unwrap().into())
+    }
+}
+
+#[tokio::test]
+async fn an_enrollment_token_enrolls_one_device_and_is_then_refused() {
+    let api = api();
+    let (_, tokens) =
+        api.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 1})).await;
+    let token = tokens["tokens"][0].clone();
+    let (first, _) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
+    let (second, body) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
+    assert_eq!((first, second), (StatusCode::OK, StatusCode::FORBIDDEN));
+    assert_eq!(body["error"], "enrollment token is unknown or already used; create one with `fleetctl tokens create`");
+}
+
+#[tokio::test]
+async fn operator_endpoints_refuse_a_missing_or_wrong_token() {
+    let api = api();
+    for token in [None, Some("wrong")] {
+        let (status, body) = api.json("GET", "/api/v1/devices", token, serde_json::Value::Null).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "missing or invalid bearer token");
+    }
+}
+
+#[tokio::test]
+async fn a_device_cannot_check_in_as_another_device() {
+    let api = api();
+    let (_, credential) = api.enroll().await;
+    let (other, _) = api.enroll().await;
+    let (status, body) = api
+        .json("POST", &format!("/api/v1/devices/{other}/checkin"), Some(&credential), serde_json::json!({"models": []}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) =
+        api.json("POST", &format!("/api/v1/devices/{other}/checkin"), None, serde_json::json!({"models": []})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn deploying_an_unpublished_version_says_to_publish_first() {
+    let api = api();
+    let (status, body) = api
+        .json(
+            "POST",
+            "/api/v1/deployments",
+            Some(OPERATOR),
+            serde_json::json!({"model": "tabular", "version": "9.9.9"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "no bundle tabular 9.9.9 is published; run `fleetctl publish` first");
+}
+
+#[tokio::test]
+async fn token_counts_outside_the_limit_are_refused_with_the_range() {
+    let api = api();
+    let (status, body) =
+        api.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 0})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "count must be between 1 and 10000");
+}
+
+#[tokio::test]
+async fn a_published_bundle_downloads_whole_or_by_range_and_the_desired_state_names_it() {
+    let api = api();
+    let bundle = crate::demo::fixture_bundle(&api.secret, "1.0.0", crate::demo::fixture_model()).unwrap();
+    let (status, info) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(bundle.clone()), None).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&info));
+    let (device, credential) = api.enroll().await;
+    let (status, _) = api
+        .json(
+            "POST",
+            "/api/v1/deployments",
+            Some(OPERATOR),
+            serde_json::json!({"model": "tabular", "version": "1.0.0"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, desired) = api
+        .json(
+            "POST",
+            &format!("/api/v1/devices/{device}/checkin"),
+            Some(&credential),
+            serde_json::json!({"models": []}),
+        )
+        .await;
+    assert_eq!(desired["models"][0]["bundle_sha256"], proto::bundle::sha256_hex(&bundle));
+    assert_eq!(desired["revision"], 1);
+
+    let path = "/api/v1/bundles/tabular/1.0.0";
+    let (status, whole) = api.call("GET", path, Some(&credential), Body::empty(), None).await;
+    assert_eq!((status, whole.len()), (StatusCode::OK, bundle.len()));
+    let (status, tail) = api.call("GET", path, Some(&credential), Body::empty(), Some(("range", "bytes=1000-"))).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(tail, bundle[1000..]);
+    let (status, _) = api.call("GET", path, None, Body::empty(), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn republishing_a_version_with_other_contents_is_a_conflict() {
+    let api = api();
+    let model = crate::demo::fixture_model();
+    let first = crate::demo::fixture_bundle(&api.secret, "1.0.0", model).unwrap();
+    let (status, _) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(first.clone()), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(first), None).await;
+    assert_eq!(status, StatusCode::OK, "the identical bundle again is accepted");
+    // Same version, built a second later: different created_at, so different bytes.
+    let mut archive = proto::bundle::read_archive(
+        &crate::demo::fixture_bundle(&api.secret, "1.0.0", model).unwrap(),
+        &proto::bundle::Limits::default(),
+    )
+    .unwrap();
+    let text =
+        String::from_utf8(archive.manifest_bytes.clone()).unwrap().replace("\"accuracy\": 0.91", "\"accuracy\": 0.92");
+    archive.manifest_bytes = text.into_bytes();
+    archive.signatures.clear();
+    proto::bundle::add_signature(&mut archive, &parse_secret_key(&api.secret).unwrap());
+    let other = proto::bundle::write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures);
+    let (status, body) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(other), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&body));
+}

@@ -1,0 +1,42 @@
+//! An offline site loses nothing: while the MQTT broker is unreachable the agent keeps serving
+//! and keeps its drift summaries in the SQLite outbox; when the broker comes back every summary
+//! reaches the server and the outbox drains.
+
+use fleet_server::demo::wait_for;
+use fleet_server::server::{free_loopback_port, Mqtt};
+use fleet_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drift_summaries_buffered_while_the_broker_is_down_arrive_when_it_returns() {
+    let port = free_loopback_port().unwrap();
+    let fleet = Fleet::start(1, Mqtt::External { url: format!("mqtt://127.0.0.1:{port}") }, &[]).await;
+    fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
+    fleet.deploy_all("tabular", "1.0.0").await;
+    // Desired state and status still flow over HTTP check-in while MQTT is down.
+    fleet.wait_active("tabular", "1.0.0").await;
+
+    let agent = &fleet.agents[0];
+    let state = edge_agent::state::StateDb::open(&agent.data_dir.join("agent.db")).unwrap();
+    let drift_rows = |state: &edge_agent::state::StateDb| {
+        state.outbox_pending(1000).unwrap().iter().filter(|(_, topic, _)| topic.ends_with("/drift")).count()
+    };
+    for window in 0..3 {
+        let (status, _) = infer(agent, serde_json::json!({ "inputs": synthetic_rows(window, 20, 0.0) })).await;
+        assert_eq!(status, 200);
+        wait_for("the drift window to close into the outbox", TIMEOUT, || async {
+            (drift_rows(&state) as u64 > window).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    let buffered = drift_rows(&state);
+    let devices = fleet.client.devices().await.unwrap();
+    assert_eq!(devices[0].models[0].drift_summaries, 0, "nothing can have arrived without a broker");
+
+    fleet_server::broker::start_embedded(([127, 0, 0, 1], port).into(), 70_000).unwrap();
+    fleet
+        .wait_devices("every buffered drift summary to arrive", "tabular", |m| m.drift_summaries as usize >= buffered)
+        .await;
+    wait_for("the outbox to drain", TIMEOUT, || async { (drift_rows(&state) == 0).then_some(()) }).await.unwrap();
+    fleet.shutdown();
+}
