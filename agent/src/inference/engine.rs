@@ -62,7 +62,9 @@ pub struct EngineHandle {
     tx: mpsc::Sender<EngineMsg>,
 }
 
-struct Serving {
+/// A model being served: its tract session, drift window and counters. Owned by the engine
+/// thread; public so benchmarks can drive the exact hot path without the channel hop.
+pub struct Serving {
     model: LoadedModel,
     session: Session,
     name: Arc<str>,
@@ -74,7 +76,7 @@ struct Serving {
 }
 
 impl Serving {
-    fn new(model: LoadedModel) -> Result<Serving, ModelError> {
+    pub fn new(model: LoadedModel) -> Result<Serving, ModelError> {
         let session = model.session()?;
         let window = SketchCounts::empty_for(&model.reference, model.contract.output.sample_len());
         Ok(Serving {
@@ -202,7 +204,12 @@ fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
     Ok(())
 }
 
-fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) -> Result<InferResponse, InferError> {
+/// The hot path: validate, run each row, update the drift window, hand telemetry off.
+pub fn infer(
+    serving: &mut Serving,
+    rows: Vec<Vec<f32>>,
+    telemetry: &TelemetrySink,
+) -> Result<InferResponse, InferError> {
     validate(serving, &rows)?;
     let mut outputs = Vec::with_capacity(rows.len());
     for features in rows {

@@ -61,6 +61,11 @@ impl TelemetrySink {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Waits for queue space instead of dropping: for replays and benchmarks, never the hot path.
+    pub async fn send_waiting(&self, record: TelemetryRecord) -> bool {
+        self.tx.send(Msg::Record(record)).await.is_ok()
+    }
+
     /// Waits until every record offered before this call is committed; returns rows on disk.
     pub async fn flush(&self) -> Option<u64> {
         let (reply, rx) = oneshot::channel();

@@ -69,13 +69,9 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Create one-time enrollment tokens for new devices.
-    Tokens {
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
+    /// Enrollment tokens for new devices.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
     /// Run a real fleet on this machine: server, embedded broker, N agents, a deployment, drift.
     Demo {
         #[arg(long, default_value_t = 5)]
@@ -89,6 +85,17 @@ enum Command {
         /// Print the final result as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create one-time enrollment tokens, one per line.
+    Create {
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }
 
@@ -161,7 +168,7 @@ async fn main() -> Result<()> {
             println!("desired on {} device(s): {}", response.devices.len(), response.devices.join(", "));
             Ok(())
         }
-        Command::Tokens { count, server } => {
+        Command::Tokens(TokensCommand::Create { count, server }) => {
             for token in FleetClient::new(&server.server, &server.token).tokens(count).await? {
                 println!("{token}");
             }

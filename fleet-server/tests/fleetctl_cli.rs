@@ -1,0 +1,104 @@
+//! The fleetctl binary as an operator runs it: keys, bundle build/sign/verify, and the demo's
+//! JSON contract.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn fleetctl(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetctl")).args(args).current_dir(cwd).output().expect("fleetctl runs")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn fixture(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(path).display().to_string()
+}
+
+#[test]
+fn an_operator_builds_signs_and_verifies_a_bundle_and_tampering_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    assert!(fleetctl(&["keygen", "--out", "keys"], cwd).status.success());
+    let again = fleetctl(&["keygen", "--out", "keys"], cwd);
+    assert!(
+        !again.status.success() && text(&again).contains("refusing to overwrite a signing key"),
+        "{}",
+        text(&again)
+    );
+
+    let built = fleetctl(
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &fixture("models/mlp.onnx"),
+            "--metadata",
+            &fixture("bundles/tabular.toml"),
+            "--out",
+            "m.bundle",
+        ],
+        cwd,
+    );
+    assert!(built.status.success(), "{}", text(&built));
+    let unsigned = fleetctl(&["bundle", "verify", "m.bundle", "--trusted-key", "keys/fleet-signing.pub"], cwd);
+    assert!(
+        !unsigned.status.success() && text(&unsigned).contains("bundle carries no signature"),
+        "{}",
+        text(&unsigned)
+    );
+
+    assert!(fleetctl(&["bundle", "sign", "m.bundle", "--key", "keys/fleet-signing.key"], cwd).status.success());
+    let verified = fleetctl(&["bundle", "verify", "m.bundle", "--trusted-key", "keys/fleet-signing.pub"], cwd);
+    assert!(verified.status.success(), "{}", text(&verified));
+    assert!(text(&verified).contains("ok: tabular 1.0.0 signed by"), "{}", text(&verified));
+
+    let mut bytes = std::fs::read(cwd.join("m.bundle")).unwrap();
+    let at = bytes.windows(9).position(|w| w == b"\"tabular\"").unwrap();
+    bytes[at + 1] = b'T';
+    std::fs::write(cwd.join("m.bundle"), bytes).unwrap();
+    let tampered = fleetctl(&["bundle", "verify", "m.bundle", "--trusted-key", "keys/fleet-signing.pub"], cwd);
+    assert!(!tampered.status.success());
+    assert!(
+        text(&tampered).contains("does not match the manifest: the manifest or signature was altered"),
+        "{}",
+        text(&tampered)
+    );
+}
+
+#[test]
+fn a_broken_model_is_refused_at_build_time_with_the_contract_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = fleetctl(
+        &[
+            "bundle",
+            "build",
+            "--model",
+            &fixture("models/broken.onnx"),
+            "--metadata",
+            &fixture("bundles/tabular.toml"),
+            "--out",
+            "b.bundle",
+        ],
+        dir.path(),
+    );
+    assert!(!output.status.success());
+    assert!(text(&output).contains("its output shape is [1, 4], the contract says [1, 3]"), "{}", text(&output));
+}
+
+#[test]
+fn the_demo_prints_its_result_as_json_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = fleetctl(&["demo", "--agents", "2", "--rows", "100", "--json"], dir.path());
+    assert!(output.status.success(), "{}", text(&output));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let devices = result["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    for device in devices {
+        assert!(device["id"].as_str().unwrap().starts_with("dev-"));
+        assert_eq!(device["model_version"], "1.0.0");
+        assert_eq!(device["inferences"], 100);
+        assert!(device["drift_summaries"].as_u64().unwrap() >= 2);
+    }
+}
