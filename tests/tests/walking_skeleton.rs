@@ -71,7 +71,7 @@ async fn a_malformed_inference_request_gets_a_400_that_says_what_is_wrong() {
         "{body}"
     );
     let (status, body) = infer(agent, serde_json::json!({ "rows": [] })).await;
-    assert_eq!(status, 422);
+    assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("inputs"), "{body}");
     fleet.shutdown();
 }

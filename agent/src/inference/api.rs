@@ -46,7 +46,12 @@ fn body_error(rejection: JsonRejection) -> Response {
         }
         _ => rejection.body_text(),
     };
-    error(rejection.status(), message)
+    let status = match rejection {
+        JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        JsonRejection::BytesRejection(ref e) => e.status(),
+        _ => StatusCode::BAD_REQUEST,
+    };
+    error(status, message)
 }
 
 async fn run(

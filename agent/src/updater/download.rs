@@ -98,3 +98,91 @@ impl Download<'_> {
         file.sync_all().await.map_err(|source| DownloadError::Io { action: "sync", path: part.into(), source })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    /// Serves `body`, honouring `Range: bytes=N-`, and records every Range header it saw.
+    async fn serve(body: Vec<u8>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let state = (Arc::new(body), seen.clone());
+        let app = axum::Router::new()
+            .route(
+                "/b",
+                axum::routing::get(|State((body, seen)): State<(Arc<Vec<u8>>, Arc<Mutex<Vec<String>>>)>, headers: HeaderMap| async move {
+                    match headers.get("range").and_then(|v| v.to_str().ok()) {
+                        Some(range) => {
+                            seen.lock().unwrap().push(range.to_string());
+                            let from: usize = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+                            (StatusCode::PARTIAL_CONTENT, body[from..].to_vec()).into_response()
+                        }
+                        None => (StatusCode::OK, body.to_vec()).into_response(),
+                    }
+                }),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/b", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, seen)
+    }
+
+    fn download<'a>(client: &'a reqwest::Client, url: &str, dest: PathBuf, body: &[u8], sha: &'a str) -> Download<'a> {
+        Download {
+            client,
+            url: url.to_string(),
+            credential: "c",
+            dest,
+            size: body.len() as u64,
+            sha256: sha,
+            limit: 1 << 20,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_download_resumes_with_a_range_request() {
+        let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let sha = hex::encode(Sha256::digest(&body));
+        let (url, seen) = serve(body.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("m-1.0.0.bundle");
+        std::fs::write(dest.with_extension("bundle.part"), &body[..20_000]).unwrap();
+        let client = reqwest::Client::new();
+        let got = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap();
+        assert_eq!(got, body);
+        assert_eq!(*seen.lock().unwrap(), vec!["bytes=20000-".to_string()]);
+        assert!(dest.exists() && !dest.with_extension("bundle.part").exists());
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_partial_file_is_discarded_and_the_next_attempt_starts_over() {
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i % 13) as u8).collect();
+        let sha = hex::encode(Sha256::digest(&body));
+        let (url, seen) = serve(body.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("m-1.0.0.bundle");
+        std::fs::write(dest.with_extension("bundle.part"), vec![0xAA; 4_000]).unwrap();
+        let client = reqwest::Client::new();
+        let err = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap_err();
+        assert!(err.to_string().contains("discarded, will download again"), "{err}");
+        let got = download(&client, &url, dest, &body, &sha).run().await.unwrap();
+        assert_eq!(got, body);
+        assert_eq!(seen.lock().unwrap().len(), 1, "the second attempt must not resume from the bad bytes");
+    }
+
+    #[tokio::test]
+    async fn an_announced_size_over_the_limit_is_refused_before_downloading() {
+        let client = reqwest::Client::new();
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = download(&client, "http://127.0.0.1:9/b", dir.path().join("x.bundle"), &[0; 10], "00");
+        d.size = 2 << 20;
+        assert!(matches!(d.run().await, Err(DownloadError::TooLarge { .. })));
+    }
+}

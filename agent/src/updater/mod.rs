@@ -86,9 +86,18 @@ impl Updater {
         let records = self.state.records()?;
         let todo: Vec<DesiredModel> = machine::plan(&desired.models, &active, &records).into_iter().cloned().collect();
         for model in todo {
-            if let Err(e) = self.install(&model).await {
-                tracing::warn!(device = %self.device_id, model = %model.name, version = %model.version, error = %e, "update failed");
-                self.report(&model.name, &model.version, UpdateStep::Failed, e.to_string()).await?;
+            match self.install(&model).await {
+                Ok(()) => {}
+                // A failed transfer says nothing about the bundle: stay in `downloading` so the
+                // next check-in resumes it, instead of giving up on the version.
+                Err(e @ UpdateError::Download(_)) => {
+                    tracing::warn!(device = %self.device_id, model = %model.name, error = %e, "download failed; will resume");
+                    self.report(&model.name, &model.version, UpdateStep::Downloading, e.to_string()).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.device_id, model = %model.name, version = %model.version, error = %e, "update failed");
+                    self.report(&model.name, &model.version, UpdateStep::Failed, e.to_string()).await?;
+                }
             }
         }
         Ok(())
