@@ -6,6 +6,7 @@ pub mod api;
 pub mod broker;
 pub mod client;
 pub mod demo;
+pub mod rollout;
 pub mod ingest;
 pub mod packaging;
 pub mod server;

@@ -7,9 +7,11 @@
 #![forbid(unsafe_code)]
 
 pub mod bundle;
+pub mod cohort;
 pub mod drift;
 pub mod keys;
 pub mod names;
+pub mod rollout;
 pub mod wire;
 
 pub use bundle::{Manifest, VerifiedBundle, VerifyError};

@@ -1,0 +1,164 @@
+//! Creating a rollout from a plan and the fleet, and the operator actions on it. Pure.
+
+use std::collections::BTreeMap;
+
+use proto::cohort::{bucket, matches};
+use proto::rollout::RolloutPlan;
+use thiserror::Error;
+
+use super::decide::{revert_touched, Decision};
+use super::state::{Effect, Member, MemberStatus, Phase, Rollout};
+
+#[derive(Debug, Error, PartialEq)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Plan(#[from] proto::rollout::PlanError),
+    #[error("no enrolled device matches the selector {0}")]
+    EmptyCohort(String),
+    #[error("every matching device falls in the holdout; lower `holdout` or widen the selector")]
+    NoEligible,
+    #[error("device {device} is already in active rollout {rollout} of model {model}; pause or abort that rollout first")]
+    Overlap { device: String, rollout: String, model: String },
+    #[error("rollout {id} is {phase}; {action} needs a {needs} rollout")]
+    WrongPhase { id: String, phase: &'static str, action: &'static str, needs: &'static str },
+    #[error("rollout {id} wave {wave} is not soaking yet: promote ends a soak early, it does not skip a wave's checks")]
+    NotSoaking { id: String, wave: usize },
+}
+
+pub struct DeviceInfo {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub active_version: Option<String>,
+}
+
+/// Active rollouts of the same model already holding devices: device -> rollout id.
+pub type Busy = BTreeMap<String, String>;
+
+pub fn create(id: &str, plan: RolloutPlan, devices: &[DeviceInfo], busy: &Busy, now_ms: u64) -> Result<Rollout, RolloutError> {
+    plan.validate()?;
+    let salt = id.to_string();
+    let cohort: Vec<&DeviceInfo> = devices.iter().filter(|d| matches(&plan.selector, &d.labels)).collect();
+    if cohort.is_empty() {
+        return Err(RolloutError::EmptyCohort(format!("{:?}", plan.selector)));
+    }
+    if let Some((device, rollout)) = cohort.iter().find_map(|d| busy.get(&d.id).map(|r| (d.id.clone(), r.clone()))) {
+        return Err(RolloutError::Overlap { device, rollout, model: plan.model.clone() });
+    }
+    let mut members = BTreeMap::new();
+    for device in &cohort {
+        let b = bucket(&device.id, &salt);
+        members.insert(
+            device.id.clone(),
+            Member {
+                holdout: b < plan.holdout,
+                bucket: b,
+                previous_version: device.active_version.clone(),
+                wave: None,
+                assigned_ms: None,
+                status: MemberStatus::Waiting,
+                attempt: 0,
+            },
+        );
+    }
+    let mut order: Vec<(&String, f64)> = members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)));
+    let order: Vec<String> = order.into_iter().map(|(id, _)| id.clone()).collect();
+    if order.is_empty() {
+        return Err(RolloutError::NoEligible);
+    }
+    Ok(Rollout {
+        id: id.to_string(),
+        plan,
+        salt,
+        phase: Phase::Running,
+        wave: 0,
+        soak_until_ms: None,
+        reason: None,
+        evidence: None,
+        created_ms: now_ms,
+        members,
+        order,
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperatorAction {
+    Pause,
+    Resume,
+    Abort,
+    Promote,
+    RetryFailed,
+}
+
+impl OperatorAction {
+    pub fn parse(text: &str) -> Option<OperatorAction> {
+        Some(match text {
+            "pause" => OperatorAction::Pause,
+            "resume" => OperatorAction::Resume,
+            "abort" => OperatorAction::Abort,
+            "promote" => OperatorAction::Promote,
+            "retry" => OperatorAction::RetryFailed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::Pause => "pause",
+            OperatorAction::Resume => "resume",
+            OperatorAction::Abort => "abort",
+            OperatorAction::Promote => "promote",
+            OperatorAction::RetryFailed => "retry",
+        }
+    }
+}
+
+pub fn operate(current: &Rollout, action: OperatorAction, now_ms: u64) -> Result<Decision, RolloutError> {
+    let mut r = current.clone();
+    let mut effects = Vec::new();
+    let wrong = |needs| RolloutError::WrongPhase { id: r.id.clone(), phase: r.phase.as_str(), action: action.as_str(), needs };
+    match action {
+        OperatorAction::Pause if r.phase == Phase::Running => r.phase = Phase::Paused,
+        OperatorAction::Pause => return Err(wrong("running")),
+        OperatorAction::Resume if r.phase == Phase::Paused => r.phase = Phase::Running,
+        OperatorAction::Resume => return Err(wrong("paused")),
+        OperatorAction::Abort if r.phase.is_active() || r.phase == Phase::Halted => {
+            revert_touched(&mut r, &mut effects);
+            r.phase = Phase::Aborted;
+            r.reason = Some("aborted by an operator".into());
+        }
+        OperatorAction::Abort => return Err(wrong("running, paused or halted")),
+        OperatorAction::Promote if r.phase.is_active() => match r.soak_until_ms {
+            Some(_) => r.soak_until_ms = Some(now_ms),
+            None => return Err(RolloutError::NotSoaking { id: r.id.clone(), wave: r.wave + 1 }),
+        },
+        OperatorAction::Promote => return Err(wrong("running or paused")),
+        OperatorAction::RetryFailed if r.phase.is_active() || r.phase == Phase::Halted => {
+            for member in r.members.values_mut().filter(|m| m.status.failed()) {
+                member.status = MemberStatus::Waiting;
+                member.attempt += 1;
+                member.assigned_ms = None;
+                member.wave = None;
+            }
+            if r.phase == Phase::Halted {
+                r.phase = Phase::Running;
+                r.reason = None;
+                r.evidence = None;
+            }
+        }
+        OperatorAction::RetryFailed => return Err(wrong("running, paused or halted")),
+    }
+    effects.push(Effect::Audit { action: action.as_str().to_string(), detail: format!("rollout is now {}", r.phase.as_str()) });
+    Ok(Decision { rollout: r, effects })
+}
+
+/// Devices a set of active rollouts hold, for overlap checks.
+pub fn busy_devices<'a>(rollouts: impl Iterator<Item = &'a Rollout>, model: &str) -> Busy {
+    let mut busy = Busy::new();
+    for r in rollouts.filter(|r| r.phase.is_active() && r.plan.model == model) {
+        for id in r.members.keys() {
+            busy.insert(id.clone(), r.id.clone());
+        }
+    }
+    busy
+}

@@ -1,0 +1,182 @@
+//! The rollout decision: `decide(rollout, observations, now) -> Decision`. Pure; every transition
+//! is covered by the fixture tests in `decide_tests.rs`.
+
+use super::gates::{control_group, group, judge, Observations};
+use super::state::{DeviceObservation, Effect, Evidence, MemberStatus, Phase, Rollout};
+use proto::rollout::OnBreach;
+use proto::wire::UpdateStep;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub rollout: Rollout,
+    pub effects: Vec<Effect>,
+}
+
+fn audit(effects: &mut Vec<Effect>, action: &str, detail: String) {
+    effects.push(Effect::Audit { action: action.to_string(), detail });
+}
+
+pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> Decision {
+    let mut r = current.clone();
+    let mut effects = Vec::new();
+    if r.phase != Phase::Running {
+        return Decision { rollout: r, effects };
+    }
+    observe_members(&mut r, observations, now_ms, &mut effects);
+
+    let candidate_version = r.plan.version.clone();
+    let (executed, failed) = r.members.values().filter(|m| m.wave.is_some()).fold((0, 0), |(e, f), m| {
+        (e + m.status.executed() as usize, f + m.status.failed() as usize)
+    });
+    let evidence = evidence(&r, observations, executed, failed, now_ms);
+    let mut breaches = Vec::new();
+    if executed >= r.plan.min_executed && executed > 0 && failed as f64 / executed as f64 > r.plan.failure_threshold {
+        breaches.push(format!(
+            "install failure rate {:.0}% ({failed} of {executed} executed) exceeds {:.0}%",
+            failed as f64 * 100.0 / executed as f64,
+            r.plan.failure_threshold * 100.0
+        ));
+    }
+    breaches.extend(evidence.breaches.iter().cloned());
+    if !breaches.is_empty() {
+        breach(&mut r, breaches, evidence, &mut effects);
+        return Decision { rollout: r, effects };
+    }
+
+    let target = r.plan.wave_target(r.wave, r.order.len());
+    assign(&mut r, target, now_ms, &candidate_version, &mut effects);
+
+    let wave_done = r.order[..target].iter().all(|id| r.members[id].status.executed());
+    if wave_done {
+        let active = r.order[..target].iter().filter(|id| r.members[*id].status == MemberStatus::Active).count();
+        let success = if target == 0 { 0.0 } else { active as f64 / target as f64 };
+        if success < r.plan.success_threshold {
+            let reason = format!(
+                "wave {} ended with {active} of {target} devices active ({:.0}%), below the {:.0}% success threshold",
+                r.wave + 1,
+                success * 100.0,
+                r.plan.success_threshold * 100.0
+            );
+            let mut evidence = evidence;
+            evidence.breaches.push(reason.clone());
+            breach(&mut r, vec![reason], evidence, &mut effects);
+        } else {
+            advance(&mut r, target, now_ms, &mut effects);
+        }
+    }
+    Decision { rollout: r, effects }
+}
+
+/// Moves assigned members to active, failed or timed out from what their devices report.
+fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, effects: &mut Vec<Effect>) {
+    let version = r.plan.version.clone();
+    let timeout_ms = (r.plan.device_timeout_secs * 1000.0) as u64;
+    let empty = DeviceObservation::default();
+    for (id, member) in r.members.iter_mut().filter(|(_, m)| m.status == MemberStatus::Assigned) {
+        let o = observations.get(id).unwrap_or(&empty);
+        if o.active_version.as_deref() == Some(version.as_str()) {
+            member.status = MemberStatus::Active;
+        } else if o.step == Some(UpdateStep::Failed) && o.step_version.as_deref() == Some(version.as_str()) {
+            member.status = MemberStatus::Failed(o.detail.clone());
+            audit(effects, "device_failed", format!("{id}: {}", o.detail));
+        } else if member.assigned_ms.is_some_and(|at| now_ms.saturating_sub(at) > timeout_ms) {
+            member.status = MemberStatus::TimedOut;
+            audit(effects, "device_timed_out", format!("{id}: no result within {} s", r.plan.device_timeout_secs));
+        }
+    }
+}
+
+fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: usize, now_ms: u64) -> Evidence {
+    let empty = DeviceObservation::default();
+    let obs = |id: &String| observations.get(id).unwrap_or(&empty);
+    let version = r.plan.version.as_str();
+    let candidates: Vec<(&DeviceObservation, &str)> =
+        r.members.iter().filter(|(_, m)| m.status == MemberStatus::Active).map(|(id, _)| (obs(id), version)).collect();
+    let holdout: Vec<(&DeviceObservation, &str)> = r
+        .members
+        .iter()
+        .filter(|(_, m)| m.holdout)
+        .filter_map(|(id, m)| Some((obs(id), m.previous_version.as_deref()?)))
+        .collect();
+    let previous: Vec<(&DeviceObservation, &str)> = r
+        .members
+        .iter()
+        .filter(|(_, m)| m.status == MemberStatus::Active)
+        .filter_map(|(id, m)| Some((obs(id), m.previous_version.as_deref()?)))
+        .collect();
+    let candidate = group(candidates.iter().copied());
+    let control = control_group(&holdout, &previous);
+    let breaches = judge(&r.plan.gates, &candidate, &control);
+    Evidence { wave: r.wave, window_start_ms: r.created_ms, window_end_ms: now_ms, executed, failed, candidate, control, breaches }
+}
+
+fn breach(r: &mut Rollout, reasons: Vec<String>, evidence: Evidence, effects: &mut Vec<Effect>) {
+    let reason = reasons.join("; ");
+    r.phase = match r.plan.on_breach {
+        OnBreach::Halt => Phase::Halted,
+        OnBreach::Rollback => Phase::RolledBack,
+    };
+    if r.plan.on_breach == OnBreach::Rollback {
+        revert_touched(r, effects);
+    }
+    audit(effects, r.phase.as_str(), format!("wave {}: {reason}", r.wave + 1));
+    r.reason = Some(reason);
+    r.evidence = Some(evidence);
+}
+
+/// Puts every device this rollout assigned back on its previous version.
+pub fn revert_touched(r: &mut Rollout, effects: &mut Vec<Effect>) {
+    for (id, member) in r.members.iter_mut().filter(|(_, m)| m.wave.is_some() && m.status != MemberStatus::Reverted) {
+        if let Some(previous) = &member.previous_version {
+            effects.push(Effect::SetDesired { device: id.clone(), version: previous.clone(), attempt: member.attempt });
+        }
+        member.status = MemberStatus::Reverted;
+    }
+}
+
+/// Assigns waiting members of the current wave, within the disruption budget.
+fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, effects: &mut Vec<Effect>) {
+    let in_flight = r.members.values().filter(|m| m.status == MemberStatus::Assigned).count();
+    let mut budget = r.plan.max_concurrent.saturating_sub(in_flight);
+    let wave = r.wave;
+    for id in &r.order[..target] {
+        if budget == 0 {
+            break;
+        }
+        let Some(member) = r.members.get_mut(id) else { continue };
+        if member.status == MemberStatus::Waiting {
+            member.status = MemberStatus::Assigned;
+            member.assigned_ms = Some(now_ms);
+            member.wave = Some(wave);
+            effects.push(Effect::SetDesired { device: id.clone(), version: version.to_string(), attempt: member.attempt });
+            budget -= 1;
+        }
+    }
+}
+
+/// A passed wave soaks, then the next wave starts, or the rollout completes.
+fn advance(r: &mut Rollout, target: usize, now_ms: u64, effects: &mut Vec<Effect>) {
+    match r.soak_until_ms {
+        None => {
+            let until = now_ms + (r.plan.soak_secs * 1000.0) as u64;
+            r.soak_until_ms = Some(until);
+            audit(effects, "wave_soaking", format!("wave {} passed with {target} devices; soaking {} s", r.wave + 1, r.plan.soak_secs));
+        }
+        Some(until) if now_ms >= until => {
+            r.soak_until_ms = None;
+            if r.wave + 1 < r.plan.waves.len() {
+                r.wave += 1;
+                let next = r.plan.wave_target(r.wave, r.order.len());
+                audit(effects, "wave_started", format!("wave {} targets {next} of {} eligible devices", r.wave + 1, r.order.len()));
+            } else {
+                r.phase = Phase::Completed;
+                audit(effects, "completed", format!("all {} waves passed; {target} devices run {}", r.plan.waves.len(), r.plan.version));
+            }
+        }
+        Some(_) => {}
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

@@ -1,0 +1,357 @@
+//! One test per transition of the rollout state machine, on small fixture fleets.
+
+use std::collections::BTreeMap;
+
+use proto::drift::SketchCounts;
+use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
+use proto::wire::UpdateStep;
+
+use super::*;
+use crate::rollout::create::{create, operate, DeviceInfo, OperatorAction, RolloutError};
+use crate::rollout::state::{DeviceObservation, VersionMetrics};
+
+const T0: u64 = 1_000_000;
+
+fn plan(waves: &[f64], holdout: f64) -> RolloutPlan {
+    RolloutPlan {
+        model: "tabular".into(),
+        version: "2.0.0".into(),
+        selector: BTreeMap::new(),
+        holdout,
+        waves: waves.iter().map(|p| WaveSpec { percent: Some(*p), count: None }).collect(),
+        soak_secs: 10.0,
+        min_executed: 2,
+        success_threshold: 0.9,
+        failure_threshold: 0.25,
+        max_concurrent: 100,
+        device_timeout_secs: 60.0,
+        on_breach: OnBreach::Rollback,
+        gates: Default::default(),
+    }
+}
+
+fn devices(n: usize) -> Vec<DeviceInfo> {
+    (0..n)
+        .map(|i| DeviceInfo {
+            id: format!("dev-{i:03}"),
+            labels: [("site".to_string(), if i % 2 == 0 { "a" } else { "b" }.to_string())].into(),
+            active_version: Some("1.0.0".into()),
+        })
+        .collect()
+}
+
+fn rollout(plan: RolloutPlan, n: usize) -> Rollout {
+    create("r1", plan, &devices(n), &Default::default(), T0).unwrap()
+}
+
+fn assigned(r: &Rollout) -> Vec<String> {
+    r.members.iter().filter(|(_, m)| m.status == MemberStatus::Assigned).map(|(id, _)| id.clone()).collect()
+}
+
+fn active(version: &str) -> DeviceObservation {
+    DeviceObservation { active_version: Some(version.into()), step: Some(UpdateStep::Active), step_version: Some(version.into()), ..Default::default() }
+}
+
+fn failed() -> DeviceObservation {
+    DeviceObservation {
+        active_version: Some("1.0.0".into()),
+        step: Some(UpdateStep::Failed),
+        step_version: Some("2.0.0".into()),
+        detail: "self-test failed".into(),
+        ..Default::default()
+    }
+}
+
+/// Observations where `ids` report `observation` and everyone else runs 1.0.0.
+fn observe(r: &Rollout, ids: &[String], observation: DeviceObservation) -> BTreeMap<String, DeviceObservation> {
+    r.members.keys().map(|id| (id.clone(), if ids.contains(id) { observation.clone() } else { active("1.0.0") })).collect()
+}
+
+fn desired(effects: &[Effect]) -> Vec<(String, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SetDesired { device, version, .. } => Some((device.clone(), version.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_first_tick_assigns_the_first_wave_in_bucket_order_and_never_a_holdout_device() {
+    let r = rollout(plan(&[10.0, 100.0], 0.2), 50);
+    let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0);
+    let eligible = r.order.len();
+    let target = r.plan.wave_target(0, eligible);
+    assert_eq!(desired(&d.effects).len(), target);
+    assert_eq!(assigned(&d.rollout), { let mut first = r.order[..target].to_vec(); first.sort(); first });
+    assert!(d.rollout.members.values().filter(|m| m.holdout).all(|m| m.status == MemberStatus::Waiting));
+    assert!(r.members.values().filter(|m| m.holdout).count() > 0);
+}
+
+#[test]
+fn the_same_fleet_and_rollout_id_always_pick_the_same_devices() {
+    let a = rollout(plan(&[10.0], 0.2), 100);
+    let b = rollout(plan(&[10.0], 0.2), 100);
+    assert_eq!(a.order, b.order);
+    let other = create("r2", plan(&[10.0], 0.2), &devices(100), &Default::default(), T0).unwrap();
+    assert_ne!(a.order, other.order, "another rollout gets another salt");
+}
+
+#[test]
+fn a_failure_is_not_judged_before_min_executed_devices_finished() {
+    let r = rollout(plan(&[100.0], 0.0), 10);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let one = vec![r.order[0].clone()];
+    let d = decide(&r, &observe(&r, &one, failed()), T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::Running, "1 failure of 1 executed, below min_executed = 2");
+    assert!(matches!(d.rollout.members[&one[0]].status, MemberStatus::Failed(ref why) if why == "self-test failed"));
+}
+
+#[test]
+fn a_failure_rate_exactly_at_the_threshold_passes_and_above_it_breaches() {
+    let r = rollout(plan(&[100.0], 0.0), 8);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let (bad, good) = (r.order[..1].to_vec(), r.order[1..4].to_vec());
+    let mut obs = observe(&r, &good, active("2.0.0"));
+    obs.insert(bad[0].clone(), failed());
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::Running, "1 of 4 = 25% is exactly the threshold");
+    let mut obs = observe(&r, &good[..2], active("2.0.0"));
+    obs.insert(bad[0].clone(), failed());
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack, "1 of 3 = 33% is above");
+    assert!(d.rollout.reason.as_deref().unwrap().contains("install failure rate 33% (1 of 3 executed) exceeds 25%"));
+}
+
+#[test]
+fn a_breach_with_rollback_reverts_every_touched_device_to_its_previous_version() {
+    let r = rollout(plan(&[100.0], 0.0), 4);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let obs = observe(&r, &r.order[..3].to_vec(), failed());
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    let reverted = desired(&d.effects);
+    assert_eq!(reverted.len(), 4);
+    assert!(reverted.iter().all(|(_, v)| v == "1.0.0"));
+    assert!(d.rollout.members.values().all(|m| m.status == MemberStatus::Reverted));
+    assert!(d.effects.iter().any(|e| matches!(e, Effect::Audit { action, .. } if action == "rolled_back")));
+}
+
+#[test]
+fn a_breach_with_halt_stops_without_touching_devices() {
+    let mut p = plan(&[100.0], 0.0);
+    p.on_breach = OnBreach::Halt;
+    let r = rollout(p, 4);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let d = decide(&r, &observe(&r, &r.order[..3].to_vec(), failed()), T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::Halted);
+    assert!(desired(&d.effects).is_empty());
+}
+
+#[test]
+fn a_device_silent_past_its_timeout_counts_as_failed() {
+    let r = rollout(plan(&[100.0], 0.0), 3);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0 + 60_000);
+    assert_eq!(d.rollout.phase, Phase::Running, "exactly at the timeout is not past it");
+    let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0 + 60_001);
+    let timed_out = d.effects.iter().filter(|e| matches!(e, Effect::Audit { action, .. } if action == "device_timed_out")).count();
+    assert_eq!(timed_out, 3);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert!(d.rollout.reason.unwrap().contains("install failure rate 100% (3 of 3 executed)"));
+}
+
+#[test]
+fn when_every_device_is_offline_the_wave_times_out_and_breaches() {
+    let r = rollout(plan(&[50.0, 100.0], 0.0), 6);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let d = decide(&r, &BTreeMap::new(), T0 + 61_000);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert!(d.rollout.reason.unwrap().contains("install failure rate 100%"));
+}
+
+#[test]
+fn the_disruption_budget_limits_devices_installing_at_once() {
+    let mut p = plan(&[100.0], 0.0);
+    p.max_concurrent = 3;
+    let r = rollout(p, 10);
+    let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0);
+    assert_eq!(desired(&d.effects).len(), 3);
+    let r = d.rollout;
+    let first = assigned(&r);
+    let d = decide(&r, &observe(&r, &first[..2].to_vec(), active("2.0.0")), T0 + 1);
+    assert_eq!(desired(&d.effects).len(), 2, "two finished, so two more start");
+}
+
+#[test]
+fn a_passed_wave_soaks_then_the_next_wave_starts_and_the_last_completes() {
+    let r = rollout(plan(&[50.0, 100.0], 0.0), 4);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let wave1 = assigned(&r);
+    assert_eq!(wave1.len(), 2);
+    let obs = observe(&r, &wave1, active("2.0.0"));
+    let r = decide(&r, &obs, T0 + 1).rollout;
+    assert_eq!(r.soak_until_ms, Some(T0 + 1 + 10_000));
+    let r = decide(&r, &obs, T0 + 5_000).rollout;
+    assert_eq!(r.wave, 0, "still soaking");
+    let r = decide(&r, &obs, T0 + 10_001).rollout;
+    assert_eq!(r.wave, 1);
+    let d = decide(&r, &obs, T0 + 10_002);
+    assert_eq!(desired(&d.effects).len(), 2);
+    let all: Vec<String> = r.order.clone();
+    let obs = observe(&r, &all, active("2.0.0"));
+    let r = decide(&d.rollout, &obs, T0 + 20_000).rollout;
+    let r = decide(&r, &obs, T0 + 30_001).rollout;
+    assert_eq!(r.phase, Phase::Completed);
+}
+
+#[test]
+fn a_wave_that_ends_below_the_success_threshold_breaches() {
+    let mut p = plan(&[100.0], 0.0);
+    p.failure_threshold = 0.5;
+    let r = rollout(p, 10);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let mut obs = observe(&r, &r.order[..8].to_vec(), active("2.0.0"));
+    for id in &r.order[8..] {
+        obs.insert(id.clone(), failed());
+    }
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert!(d.rollout.reason.unwrap().contains("8 of 10 devices active (80%), below the 90% success threshold"));
+}
+
+fn metrics(samples: u64, classes: Vec<u32>, confidence: f64) -> VersionMetrics {
+    VersionMetrics {
+        counts: SketchCounts { samples, features: vec![], classes, confidence_micros: (confidence * 1e6) as u64 * samples },
+        input_drift: Some(0.02),
+        inferences: samples,
+        errors: 0,
+        latency_p95_us: Some(50.0),
+    }
+}
+
+fn with_metrics(version: &str, m: VersionMetrics) -> DeviceObservation {
+    let mut o = active(version);
+    o.metrics.insert(version.into(), m);
+    o
+}
+
+#[test]
+fn a_candidate_whose_confidence_collapses_against_the_holdout_is_rolled_back_with_evidence() {
+    let r = rollout(plan(&[30.0, 100.0], 0.3), 40);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let wave = assigned(&r);
+    let mut obs = BTreeMap::new();
+    for (id, m) in &r.members {
+        let o = if wave.contains(id) {
+            with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.34))
+        } else if m.holdout {
+            with_metrics("1.0.0", metrics(300, vec![90, 120, 90], 0.75))
+        } else {
+            active("1.0.0")
+        };
+        obs.insert(id.clone(), o);
+    }
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    let reason = d.rollout.reason.clone().unwrap();
+    assert!(reason.contains("mean confidence 0.340 is 0.45x the control's 0.750, below the 0.80x gate"), "{reason}");
+    let evidence = d.rollout.evidence.unwrap();
+    assert_eq!((evidence.candidate.devices, evidence.candidate.samples), (wave.len(), 300 * wave.len() as u64));
+    assert!(evidence.control.devices > 0);
+    assert_eq!(desired(&d.effects).len(), wave.len(), "only the wave's devices are reverted");
+}
+
+#[test]
+fn model_gates_wait_for_enough_samples() {
+    let r = rollout(plan(&[30.0, 100.0], 0.3), 40);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let wave = assigned(&r);
+    let obs: BTreeMap<String, DeviceObservation> = r
+        .members
+        .iter()
+        .map(|(id, m)| {
+            let o = if wave.contains(id) {
+                with_metrics("2.0.0", metrics(1, vec![1, 0, 0], 0.34))
+            } else if m.holdout {
+                with_metrics("1.0.0", metrics(1, vec![0, 1, 0], 0.9))
+            } else {
+                active("1.0.0")
+            };
+            (id.clone(), o)
+        })
+        .collect();
+    assert_eq!(decide(&r, &obs, T0 + 1).rollout.phase, Phase::Running);
+}
+
+#[test]
+fn with_an_empty_holdout_the_candidate_is_judged_against_its_own_previous_version() {
+    let r = rollout(plan(&[100.0], 0.0), 4);
+    assert!(r.members.values().all(|m| !m.holdout));
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let obs: BTreeMap<String, DeviceObservation> = r
+        .members
+        .keys()
+        .map(|id| {
+            let mut o = with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.3));
+            o.metrics.insert("1.0.0".into(), metrics(300, vec![100, 100, 100], 0.8));
+            (id.clone(), o)
+        })
+        .collect();
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert!(d.rollout.reason.unwrap().contains("mean confidence"));
+}
+
+#[test]
+fn a_paused_rollout_assigns_nothing_and_resumes_where_it_was() {
+    let r = rollout(plan(&[100.0], 0.0), 5);
+    let paused = operate(&r, OperatorAction::Pause, T0).unwrap().rollout;
+    assert!(decide(&paused, &BTreeMap::new(), T0).effects.is_empty());
+    let resumed = operate(&paused, OperatorAction::Resume, T0).unwrap().rollout;
+    assert_eq!(desired(&decide(&resumed, &BTreeMap::new(), T0).effects).len(), 5);
+    assert!(matches!(operate(&resumed, OperatorAction::Resume, T0), Err(RolloutError::WrongPhase { .. })));
+}
+
+#[test]
+fn abort_reverts_every_touched_device_and_retry_gives_failed_devices_another_attempt() {
+    let r = rollout(plan(&[100.0], 0.0), 4);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let aborted = operate(&r, OperatorAction::Abort, T0).unwrap();
+    assert_eq!(aborted.rollout.phase, Phase::Aborted);
+    assert_eq!(desired(&aborted.effects).len(), 4);
+
+    let mut p = plan(&[100.0], 0.0);
+    p.on_breach = OnBreach::Halt;
+    let r = rollout(p, 4);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let halted = decide(&r, &observe(&r, &r.order.clone(), failed()), T0 + 1).rollout;
+    assert_eq!(halted.phase, Phase::Halted);
+    let retried = operate(&halted, OperatorAction::RetryFailed, T0 + 2).unwrap().rollout;
+    assert_eq!(retried.phase, Phase::Running);
+    assert!(retried.members.values().all(|m| m.status == MemberStatus::Waiting && m.attempt == 1));
+    let d = decide(&retried, &BTreeMap::new(), T0 + 3);
+    assert!(d.effects.iter().any(|e| matches!(e, Effect::SetDesired { attempt: 1, .. })));
+}
+
+#[test]
+fn promote_ends_a_soak_early_but_cannot_skip_an_unfinished_wave() {
+    let r = rollout(plan(&[50.0, 100.0], 0.0), 4);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    assert!(matches!(operate(&r, OperatorAction::Promote, T0), Err(RolloutError::NotSoaking { wave: 1, .. })));
+    let obs = observe(&r, &assigned(&r), active("2.0.0"));
+    let soaking = decide(&r, &obs, T0 + 1).rollout;
+    let promoted = operate(&soaking, OperatorAction::Promote, T0 + 2).unwrap().rollout;
+    assert_eq!(decide(&promoted, &obs, T0 + 2).rollout.wave, 1);
+}
+
+#[test]
+fn creation_refuses_an_empty_cohort_and_overlapping_rollouts() {
+    let mut p = plan(&[100.0], 0.0);
+    p.selector.insert("site".into(), "mars".into());
+    assert!(matches!(create("r", p, &devices(4), &Default::default(), T0), Err(RolloutError::EmptyCohort(_))));
+    let busy = [("dev-001".to_string(), "r0".to_string())].into();
+    let err = create("r", plan(&[100.0], 0.0), &devices(4), &busy, T0).unwrap_err();
+    assert_eq!(err.to_string(), "device dev-001 is already in active rollout r0 of model tabular; pause or abort that rollout first");
+}

@@ -1,0 +1,146 @@
+//! The persisted state of one rollout and the observations the engine judges it on. Plain data:
+//! serialised to JSON in the store, fed to `decide` in tests as fixtures.
+
+use std::collections::BTreeMap;
+
+use proto::drift::SketchCounts;
+use proto::rollout::RolloutPlan;
+use proto::wire::UpdateStep;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Running,
+    Paused,
+    Completed,
+    Halted,
+    RolledBack,
+    Aborted,
+}
+
+impl Phase {
+    /// Running or paused rollouts hold their devices.
+    pub fn is_active(self) -> bool {
+        matches!(self, Phase::Running | Phase::Paused)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Paused => "paused",
+            Phase::Completed => "completed",
+            Phase::Halted => "halted",
+            Phase::RolledBack => "rolled_back",
+            Phase::Aborted => "aborted",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum MemberStatus {
+    /// In the cohort, not assigned yet (or a holdout device).
+    Waiting,
+    /// Told to install the candidate.
+    Assigned,
+    Active,
+    Failed(String),
+    TimedOut,
+    /// Put back on its previous version by a rollback or abort.
+    Reverted,
+}
+
+impl MemberStatus {
+    pub fn executed(&self) -> bool {
+        matches!(self, MemberStatus::Active | MemberStatus::Failed(_) | MemberStatus::TimedOut)
+    }
+
+    pub fn failed(&self) -> bool {
+        matches!(self, MemberStatus::Failed(_) | MemberStatus::TimedOut)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Member {
+    pub holdout: bool,
+    pub bucket: f64,
+    /// What the device ran when the rollout started: the rollback target.
+    pub previous_version: Option<String>,
+    pub wave: Option<usize>,
+    pub assigned_ms: Option<u64>,
+    pub status: MemberStatus,
+    /// Incremented by "retry failed" so the device tries the same version again.
+    pub attempt: u32,
+}
+
+/// How a group of devices behaved over the judged window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct GroupMetrics {
+    pub devices: usize,
+    pub samples: u64,
+    pub inferences: u64,
+    pub errors: u64,
+    pub mean_confidence: Option<f64>,
+    pub latency_p95_us: Option<f64>,
+    pub input_drift: Option<f64>,
+    pub classes: Vec<u32>,
+}
+
+/// Why a rollout stopped, with the numbers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Evidence {
+    pub wave: usize,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
+    pub executed: usize,
+    pub failed: usize,
+    pub candidate: GroupMetrics,
+    pub control: GroupMetrics,
+    pub breaches: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Rollout {
+    pub id: String,
+    pub plan: RolloutPlan,
+    pub salt: String,
+    pub phase: Phase,
+    pub wave: usize,
+    pub soak_until_ms: Option<u64>,
+    pub reason: Option<String>,
+    pub evidence: Option<Evidence>,
+    pub created_ms: u64,
+    pub members: BTreeMap<String, Member>,
+    /// Eligible (non-holdout) devices in bucket order: wave k takes a prefix of it.
+    pub order: Vec<String>,
+}
+
+/// What the store knows about one device's model metrics for one version, since the rollout began.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct VersionMetrics {
+    pub counts: SketchCounts,
+    /// Mean input drift score (PSI vs the bundle's reference) over the windows.
+    pub input_drift: Option<f64>,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_p95_us: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct DeviceObservation {
+    pub active_version: Option<String>,
+    pub step: Option<UpdateStep>,
+    /// The version the step is about.
+    pub step_version: Option<String>,
+    pub detail: String,
+    /// By version.
+    pub metrics: BTreeMap<String, VersionMetrics>,
+}
+
+/// What the driver must do after a decision, in order, once the new state is persisted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Effect {
+    SetDesired { device: String, version: String, attempt: u32 },
+    Audit { action: String, detail: String },
+}
