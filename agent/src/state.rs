@@ -30,6 +30,8 @@ pub struct UpdateRecord {
     pub version: String,
     pub step: UpdateStep,
     pub detail: String,
+    /// The server's attempt number for this version (see `DesiredModel::attempt`).
+    pub attempt: u32,
 }
 
 /// One connection behind a mutex that is never held across an await (every method is sync),
@@ -55,6 +57,7 @@ impl StateDb {
                 version TEXT NOT NULL,
                 step TEXT NOT NULL,
                 detail TEXT NOT NULL,
+                attempt INTEGER NOT NULL DEFAULT 0,
                 updated_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS outbox (
                 id INTEGER PRIMARY KEY,
@@ -96,8 +99,8 @@ impl StateDb {
     pub fn record(&self, record: &UpdateRecord) -> Result<(), StateError> {
         self.conn()
             .execute(
-                "INSERT OR REPLACE INTO updates (model, version, step, detail, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![record.model, record.version, record.step.as_str(), record.detail, crate::unix_ms() as i64],
+                "INSERT OR REPLACE INTO updates (model, version, step, detail, attempt, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![record.model, record.version, record.step.as_str(), record.detail, record.attempt, crate::unix_ms() as i64],
             )
             .map(drop)
             .map_err(self.err())
@@ -105,8 +108,9 @@ impl StateDb {
 
     pub fn records(&self) -> Result<Vec<UpdateRecord>, StateError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT model, version, step, detail FROM updates ORDER BY model").map_err(self.err())?;
+        let mut stmt = conn
+            .prepare("SELECT model, version, step, detail, attempt FROM updates ORDER BY model")
+            .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
                 let step: String = r.get(2)?;
@@ -115,6 +119,7 @@ impl StateDb {
                     version: r.get(1)?,
                     step: UpdateStep::parse(&step).unwrap_or(UpdateStep::Failed),
                     detail: r.get(3)?,
+                    attempt: r.get(4)?,
                 })
             })
             .map_err(self.err())?;
@@ -169,6 +174,7 @@ mod tests {
             version: "1.0.0".into(),
             step: UpdateStep::SelfTest,
             detail: String::new(),
+            attempt: 2,
         };
         db.record(&rec).unwrap();
         drop(db);

@@ -1,6 +1,11 @@
 //! A small client for the operator API, used by fleetctl and the demo.
 
-use proto::wire::{BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse};
+use proto::rollout::RolloutPlan;
+use proto::wire::{
+    AuditEntry, BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse,
+};
+
+use crate::api::rollouts::RolloutView;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
@@ -34,8 +39,10 @@ impl FleetClient {
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
         let url = self.base.clone();
+        let actor = std::env::var("USER").unwrap_or_else(|_| "fleetctl".into());
         let response = request
             .bearer_auth(&self.token)
+            .header("x-fleet-actor", actor)
             .send()
             .await
             .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
@@ -60,6 +67,35 @@ impl FleetClient {
 
     pub async fn deploy(&self, request: &DeployRequest) -> Result<DeployResponse, ClientError> {
         self.send("the deployment", self.http.post(format!("{}/api/v1/deployments", self.base)).json(request)).await
+    }
+
+    pub async fn start_rollout(&self, plan: &RolloutPlan) -> Result<RolloutView, ClientError> {
+        self.send("the rollout plan", self.http.post(format!("{}/api/v1/rollouts", self.base)).json(plan)).await
+    }
+
+    pub async fn rollouts(&self) -> Result<Vec<RolloutView>, ClientError> {
+        self.send("the rollout list", self.http.get(format!("{}/api/v1/rollouts", self.base))).await
+    }
+
+    pub async fn rollout(&self, id: &str) -> Result<RolloutView, ClientError> {
+        self.send("the rollout", self.http.get(format!("{}/api/v1/rollouts/{id}", self.base))).await
+    }
+
+    /// `action` is pause, resume, abort, promote or retry.
+    pub async fn rollout_action(&self, id: &str, action: &str) -> Result<RolloutView, ClientError> {
+        self.send("the rollout action", self.http.post(format!("{}/api/v1/rollouts/{id}/{action}", self.base))).await
+    }
+
+    pub async fn audit(&self, rollout: Option<&str>) -> Result<Vec<AuditEntry>, ClientError> {
+        let url = match rollout {
+            // Rollout ids are `ro-<hex>`; anything else cannot match, so it need not be escaped.
+            Some(id) if id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {
+                format!("{}/api/v1/audit?rollout={id}", self.base)
+            }
+            Some(_) => return Ok(Vec::new()),
+            None => format!("{}/api/v1/audit", self.base),
+        };
+        self.send("the audit log", self.http.get(url)).await
     }
 
     pub async fn tokens(&self, count: u32) -> Result<Vec<String>, ClientError> {

@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::client::{ClientError, FleetClient};
 use crate::packaging::{self, BuildInputs, BundleMetadata, PackagingError};
+use crate::scenario::Scenario;
 use crate::server::{self, Mqtt, ServerConfig, ServerError};
 
 const MODEL: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -50,11 +51,21 @@ pub struct DemoOptions {
     /// Use this broker instead of the embedded one.
     pub mqtt_url: Option<String>,
     pub timeout: Duration,
+    /// Scenario traffic: rows per agent per tick, and the tick.
+    pub traffic_rows: usize,
+    pub traffic_every: Duration,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { agents: 5, rows_per_agent: 400, mqtt_url: None, timeout: Duration::from_secs(60) }
+        DemoOptions {
+            agents: 5,
+            rows_per_agent: 400,
+            mqtt_url: None,
+            timeout: Duration::from_secs(60),
+            traffic_rows: 10,
+            traffic_every: Duration::from_millis(100),
+        }
     }
 }
 
@@ -67,6 +78,8 @@ pub struct DemoDevice {
     pub inferences: u64,
     pub drift_summaries: u64,
     pub drift_score: Option<f64>,
+    /// In the rollout's control group (never receives the candidate).
+    pub holdout: bool,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -74,6 +87,10 @@ pub struct DemoResult {
     pub ok: bool,
     pub model: String,
     pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<crate::scenario::Scenario>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::scenario::RolloutOutcome>,
     pub devices: Vec<DemoDevice>,
 }
 
@@ -188,7 +205,26 @@ pub async fn send_rows(http: &reqwest::Client, agent: &AgentHandle, rows: &[Vec<
     Ok(())
 }
 
-pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoResult, DemoError> {
+/// A running demo fleet: server, signing key, agents; removed with its temporary directory.
+pub struct DemoFleet {
+    _dir: tempfile::TempDir,
+    pub server: server::ServerHandle,
+    pub client: FleetClient,
+    pub secret: String,
+    pub agents: Vec<AgentHandle>,
+}
+
+impl DemoFleet {
+    pub fn shutdown(&self) {
+        for agent in &self.agents {
+            agent.shutdown();
+        }
+        self.server.shutdown();
+    }
+}
+
+/// Starts a server, enrolls `options.agents` agents, and makes `tabular 1.0.0` active on all.
+pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Result<DemoFleet, DemoError> {
     let dir = tempfile::tempdir().map_err(|e| DemoError::Setup(e.to_string()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let public =
@@ -210,6 +246,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         operator_token: None,
         trusted_keys: vec![public.clone()],
         max_bundle_bytes: 64 << 20,
+        rollout_tick: std::time::Duration::from_millis(250),
     })
     .await?;
     progress(&format!("fleet server on {} with MQTT at {}", server.url(), server.mqtt_url));
@@ -235,7 +272,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         (client.devices().await.ok()?.len() == options.agents).then_some(())
     })
     .await?;
-    progress(&format!("{} agents enrolled", options.agents));
+    progress(&format!("{} agents enrolled across sites {}", options.agents, SITES.join(", ")));
 
     let info = client.publish(bundle).await?;
     progress(&format!(
@@ -255,12 +292,17 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         (active == options.agents).then_some(())
     })
     .await?;
-    progress("every agent serves tabular 1.0.0; sending traffic (second half shifted by +1.5 on 4 features)");
+    Ok(DemoFleet { _dir: dir, server, client, secret, agents })
+}
 
+pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoResult, DemoError> {
+    let fleet = start_fleet(&options, &progress).await?;
+    let (client, timeout) = (&fleet.client, options.timeout);
+    progress("every agent serves tabular 1.0.0; sending traffic (second half shifted by +1.5 on 4 features)");
     let http = reqwest::Client::new();
     let half = options.rows_per_agent / 2;
     for (phase, shift) in [("normal", 0.0), ("shifted", 1.5)] {
-        let sends = agents.iter().enumerate().map(|(index, agent)| {
+        let sends = fleet.agents.iter().enumerate().map(|(index, agent)| {
             let rows = synthetic_rows(index as u64 * 2 + (shift > 0.0) as u64, half, shift);
             let http = http.clone();
             async move { send_rows(&http, agent, &rows).await.map_err(|message| DemoError::Traffic { index, message }) }
@@ -275,25 +317,65 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         let devices = client.devices().await.ok()?;
         let done = devices
             .iter()
-            .all(|d| d.models.iter().any(|m| m.name == info.name && m.inferences >= sent && m.drift_summaries >= 2));
+            .all(|d| d.models.iter().any(|m| m.name == "tabular" && m.inferences >= sent && m.drift_summaries >= 2));
         done.then_some(devices)
     })
     .await?;
+    fleet.shutdown();
+    let devices: Vec<DemoDevice> = devices.iter().map(|d| demo_device(d, "tabular", false)).collect();
+    let ok = devices.iter().all(|d| d.model_version.as_deref() == Some("1.0.0") && d.drift_summaries > 0);
+    Ok(DemoResult { ok, model: "tabular".into(), version: "1.0.0".into(), scenario: None, rollout: None, devices })
+}
 
-    for agent in &agents {
-        agent.shutdown();
+/// A staged rollout of a candidate 2.0.0 on a live fleet; see `scenario.rs`.
+pub async fn run_scenario(
+    options: DemoOptions,
+    scenario: Scenario,
+    progress: impl Fn(&str),
+) -> Result<DemoResult, DemoError> {
+    let fleet = start_fleet(&options, &progress).await?;
+    let agents = std::sync::Arc::new(fleet.agents.clone());
+    let traffic = crate::scenario::steady_traffic(agents, options.traffic_rows, options.traffic_every);
+    progress(&format!(
+        "steady traffic to every agent: {} rows every {} ms",
+        options.traffic_rows,
+        options.traffic_every.as_millis()
+    ));
+    let candidate = crate::scenario::candidate(scenario, &fleet.secret, "2.0.0")?;
+    let info = fleet.client.publish(candidate).await?;
+    let what = match scenario {
+        Scenario::Good => "a retrained, healthy model",
+        Scenario::BadModel => "a model whose confidence collapsed",
+    };
+    progress(&format!(
+        "published candidate {} {} ({what}); starting a staged rollout with a 20% holdout",
+        info.name, info.version
+    ));
+    let plan = crate::scenario::plan(&info.version);
+    let view = crate::scenario::drive(&fleet.client, &plan, options.timeout * 2, &progress).await?;
+    if let Some(reason) = &view.rollout.reason {
+        progress(&format!("rollout {}: {reason}", view.rollout.phase.as_str()));
     }
-    server.shutdown();
-    let devices: Vec<DemoDevice> = devices.iter().map(|d| demo_device(d, &info.name)).collect();
-    let ok = devices.iter().all(|d| d.model_version.as_deref() == Some(info.version.as_str()) && d.drift_summaries > 0);
-    Ok(DemoResult { ok, model: info.name, version: info.version, devices })
+    let devices = crate::scenario::settle(&fleet.client, &view, options.timeout).await?;
+    drop(traffic);
+    fleet.shutdown();
+    let ok = crate::scenario::verdict(scenario, &view, &devices);
+    let holdout = |id: &str| view.rollout.members.get(id).is_some_and(|m| m.holdout);
+    Ok(DemoResult {
+        ok,
+        model: info.name,
+        version: info.version,
+        scenario: Some(scenario),
+        rollout: Some(crate::scenario::outcome(&view)),
+        devices: devices.iter().map(|d| demo_device(d, "tabular", holdout(&d.id))).collect(),
+    })
 }
 
 fn active_version<'a>(device: &'a DeviceView, model: &str) -> Option<&'a str> {
     device.models.iter().find(|m| m.name == model)?.active_version.as_deref()
 }
 
-fn demo_device(device: &DeviceView, model: &str) -> DemoDevice {
+fn demo_device(device: &DeviceView, model: &str, holdout: bool) -> DemoDevice {
     let view = device.models.iter().find(|m| m.name == model);
     DemoDevice {
         id: device.id.clone(),
@@ -303,30 +385,45 @@ fn demo_device(device: &DeviceView, model: &str) -> DemoDevice {
         inferences: view.map_or(0, |m| m.inferences),
         drift_summaries: view.map_or(0, |m| m.drift_summaries),
         drift_score: view.and_then(|m| m.drift_score),
+        holdout,
     }
 }
 
 pub fn render_table(result: &DemoResult) -> String {
     let mut out = format!(
-        "{:<10} {:<18} {:<8} {:<8} {:>10} {:>8} {:>11}\n",
-        "device", "id", "site", "version", "inferences", "drift#", "drift score"
+        "{:<10} {:<18} {:<8} {:<8} {:<8} {:>10} {:>8} {:>11}\n",
+        "device", "id", "site", "version", "holdout", "inferences", "drift#", "drift score"
     );
     for d in &result.devices {
         out.push_str(&format!(
-            "{:<10} {:<18} {:<8} {:<8} {:>10} {:>8} {:>11}\n",
+            "{:<10} {:<18} {:<8} {:<8} {:<8} {:>10} {:>8} {:>11}\n",
             d.name,
             d.id,
             d.site,
             d.model_version.as_deref().unwrap_or("-"),
+            if d.holdout { "yes" } else { "" },
             d.inferences,
             d.drift_summaries,
             d.drift_score.map_or("-".to_string(), |s| format!("{s:.3}")),
         ));
     }
-    out.push_str(if result.ok {
-        "result: every agent runs the deployed version and reported drift\n"
-    } else {
-        "result: FAILED: not every agent runs the deployed version with drift reported\n"
-    });
+    if let Some(r) = &result.rollout {
+        out.push_str(&format!(
+            "rollout {}: {} after wave {}/{}{}\n",
+            r.id,
+            r.state,
+            r.waves_started,
+            r.waves,
+            r.reason.as_ref().map(|why| format!(" ({why})")).unwrap_or_default()
+        ));
+    }
+    let verdict = match (result.ok, result.scenario) {
+        (true, None) => "every agent runs the deployed version and reported drift",
+        (false, None) => "FAILED: not every agent runs the deployed version with drift reported",
+        (true, Some(Scenario::Good)) => "the candidate reached every non-holdout device; the holdout kept 1.0.0",
+        (true, Some(Scenario::BadModel)) => "the candidate was stopped in wave 1 and every device is back on 1.0.0",
+        (false, Some(_)) => "FAILED: the rollout did not end as the scenario expects",
+    };
+    out.push_str(&format!("result: {verdict}\n"));
     out
 }

@@ -6,9 +6,10 @@ pub mod api;
 pub mod broker;
 pub mod client;
 pub mod demo;
-pub mod rollout;
 pub mod ingest;
 pub mod packaging;
+pub mod rollout;
+pub mod scenario;
 pub mod server;
 pub mod store;
 

@@ -29,6 +29,8 @@ pub struct ServerConfig {
     /// Hex public keys accepted on published bundles.
     pub trusted_keys: Vec<String>,
     pub max_bundle_bytes: usize,
+    /// How often running rollouts are evaluated.
+    pub rollout_tick: std::time::Duration,
 }
 
 #[derive(Debug, Error)]
@@ -111,7 +113,9 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         edge_agent::uplink::parse_mqtt_url(&mqtt_url).map_err(|e| ServerError::MqttUrl(e.to_string()))?;
     let notifier = crate::ingest::connect(&host, port, cancel.clone(), store.clone());
 
+    let rollouts = crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone());
     let state = AppState {
+        rollouts,
         store: store.clone(),
         bundle_dir: data_dir.join("bundles"),
         operator_token: operator_token.as_str().into(),

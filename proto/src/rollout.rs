@@ -139,7 +139,8 @@ fn fraction(field: &str, value: f64, max: f64) -> Result<(), PlanError> {
 impl RolloutPlan {
     pub fn validate(&self) -> Result<(), PlanError> {
         names::validate("model name", &self.model).map_err(|e| invalid("model", e.to_string()))?;
-        semver::Version::parse(&self.version).map_err(|_| invalid("version", format!("{:?} is not a semantic version", self.version)))?;
+        semver::Version::parse(&self.version)
+            .map_err(|_| invalid("version", format!("{:?} is not a semantic version", self.version)))?;
         fraction("holdout", self.holdout, 0.9)?;
         fraction("success_threshold", self.success_threshold, 1.0)?;
         fraction("failure_threshold", self.failure_threshold, 1.0)?;
@@ -153,13 +154,19 @@ impl RolloutPlan {
             match (wave.percent, wave.count) {
                 (Some(p), None) => {
                     if !(p > 0.0 && p <= 100.0) || p < last_percent {
-                        return Err(invalid(field, format!("percent {p} must be in (0, 100] and not below the previous wave's")));
+                        return Err(invalid(
+                            field,
+                            format!("percent {p} must be in (0, 100] and not below the previous wave's"),
+                        ));
                     }
                     last_percent = p;
                 }
                 (None, Some(c)) => {
                     if c == 0 || c < last_count {
-                        return Err(invalid(field, format!("count {c} must be at least 1 and not below the previous wave's")));
+                        return Err(invalid(
+                            field,
+                            format!("count {c} must be at least 1 and not below the previous wave's"),
+                        ));
                     }
                     last_count = c;
                 }
@@ -241,7 +248,10 @@ waves = [{ percent = 1.0 }, { percent = 10.0 }, { percent = 50.0 }, { percent = 
     fn invalid_plans_are_refused_with_the_field_named() {
         let mut p = plan();
         p.waves[1].count = Some(5);
-        assert_eq!(p.validate().unwrap_err().to_string(), "rollout plan field `waves[1]`: give exactly one of `percent` or `count`");
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "rollout plan field `waves[1]`: give exactly one of `percent` or `count`"
+        );
         let mut p = plan();
         p.waves[2].percent = Some(5.0);
         assert!(p.validate().unwrap_err().to_string().starts_with("rollout plan field `waves[2]`"));
@@ -251,7 +261,8 @@ waves = [{ percent = 1.0 }, { percent = 10.0 }, { percent = 50.0 }, { percent = 
         let mut p = plan();
         p.version = "two".into();
         assert_eq!(p.validate().unwrap_err().field, "version");
-        let err = toml::from_str::<RolloutPlan>("model = \"m\"\nversion = \"1.0.0\"\nwaves = []\nholdouts = 0.1").unwrap_err();
+        let err = toml::from_str::<RolloutPlan>("model = \"m\"\nversion = \"1.0.0\"\nwaves = []\nholdouts = 0.1")
+            .unwrap_err();
         assert!(err.message().contains("holdouts"), "{}", err.message());
     }
 }

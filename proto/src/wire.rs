@@ -163,6 +163,8 @@ pub struct ModelCounters {
     pub errors: u64,
     /// Telemetry records dropped because the writer was behind.
     pub telemetry_dropped: u64,
+    /// 95th percentile inference latency since the model was loaded (log-bucket estimate).
+    pub latency_p95_us: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -228,6 +230,9 @@ pub struct DesiredModel {
     pub bundle_path: String,
     pub bundle_sha256: String,
     pub bundle_size: u64,
+    /// Raised by the server to make a device retry a version that failed on it.
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 pub fn bundle_path(model: &str, version: &str) -> String {
@@ -298,6 +303,16 @@ fn one() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct TokenResponse {
     pub tokens: Vec<String>,
+}
+
+/// One line of the audit log: who did what, when, and why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AuditEntry {
+    pub at_ms: u64,
+    pub actor: String,
+    pub rollout: Option<String>,
+    pub action: String,
+    pub detail: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

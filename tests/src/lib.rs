@@ -61,6 +61,7 @@ impl Fleet {
             operator_token: Some("test-operator".into()),
             trusted_keys,
             max_bundle_bytes: 64 << 20,
+            rollout_tick: std::time::Duration::from_millis(200),
         })
         .await
         .unwrap();

@@ -83,6 +83,7 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
             version: "2.0.0".into(),
             step: UpdateStep::SelfTest,
             detail: String::new(),
+            attempt: 0,
         })
         .unwrap();
     drop(state);

@@ -73,6 +73,42 @@ pub struct Serving {
     window_start_ms: u64,
     inferences: u64,
     errors: u64,
+    latency: LatencyHistogram,
+}
+
+/// Power-of-two latency buckets in microseconds: fixed memory, good enough for a p95 gate.
+pub struct LatencyHistogram {
+    buckets: [u64; 33],
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram { buckets: [0; 33] }
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&mut self, micros: u32) {
+        let bucket = (32 - micros.leading_zeros()) as usize;
+        self.buckets[bucket] += 1;
+    }
+
+    /// Upper edge of the bucket holding the 95th percentile.
+    pub fn p95(&self) -> Option<u32> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let wanted = (total * 95).div_ceil(100);
+        let mut seen = 0;
+        for (bucket, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= wanted {
+                return Some(if bucket >= 32 { u32::MAX } else { (1u64 << bucket).min(u32::MAX as u64) as u32 });
+            }
+        }
+        None
+    }
 }
 
 impl Serving {
@@ -88,6 +124,7 @@ impl Serving {
             window_start_ms: unix_ms(),
             inferences: 0,
             errors: 0,
+            latency: LatencyHistogram::default(),
         })
     }
 }
@@ -158,6 +195,7 @@ fn run_engine(mut rx: mpsc::Receiver<EngineMsg>, telemetry: TelemetrySink) {
                         inferences: s.inferences,
                         errors: s.errors,
                         telemetry_dropped: telemetry.dropped(),
+                        latency_p95_us: s.latency.p95(),
                     })
                     .collect();
                 let _ = reply.send(counters);
@@ -223,6 +261,7 @@ pub fn infer(
         };
         let latency_us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
         serving.inferences += 1;
+        serving.latency.record(latency_us);
         serving.window.observe(&serving.model.reference.edges, &features, &output);
         telemetry.offer(TelemetryRecord {
             at_ms: unix_ms(),
@@ -250,5 +289,25 @@ fn take_window(serving: &mut Serving) -> DriftSummary {
         window_end_ms: now,
         counts,
         score,
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::LatencyHistogram;
+
+    #[test]
+    fn the_p95_estimate_is_the_upper_edge_of_its_power_of_two_bucket() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.p95(), None);
+        for _ in 0..95 {
+            h.record(40);
+        }
+        for _ in 0..5 {
+            h.record(5000);
+        }
+        assert_eq!(h.p95(), Some(64));
+        h.record(5000);
+        assert_eq!(h.p95(), Some(8192));
     }
 }

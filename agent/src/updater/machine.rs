@@ -8,7 +8,7 @@ use proto::wire::{DesiredModel, UpdateStep};
 use crate::state::UpdateRecord;
 
 /// Desired models that need an install: not active at the desired version, and not already
-/// failed at that exact version (a failed version is retried only when desired anew).
+/// failed at that exact version and attempt (the server raises `attempt` to ask for a retry).
 pub fn plan<'a>(
     desired: &'a [DesiredModel],
     active: &BTreeMap<String, String>,
@@ -18,7 +18,9 @@ pub fn plan<'a>(
         .iter()
         .filter(|d| active.get(&d.name) != Some(&d.version))
         .filter(|d| {
-            !records.iter().any(|r| r.model == d.name && r.version == d.version && r.step == UpdateStep::Failed)
+            !records.iter().any(|r| {
+                r.model == d.name && r.version == d.version && r.step == UpdateStep::Failed && r.attempt >= d.attempt
+            })
         })
         .collect()
 }
@@ -56,11 +58,12 @@ mod tests {
             bundle_path: String::new(),
             bundle_sha256: String::new(),
             bundle_size: 0,
+            attempt: 0,
         }
     }
 
     fn record(step: UpdateStep, version: &str) -> UpdateRecord {
-        UpdateRecord { model: "m".into(), version: version.into(), step, detail: String::new() }
+        UpdateRecord { model: "m".into(), version: version.into(), step, detail: String::new(), attempt: 0 }
     }
 
     #[test]
@@ -81,6 +84,14 @@ mod tests {
         let failed = [record(UpdateStep::Failed, "1.1.0")];
         assert!(plan(&[desired("m", "1.1.0")], &BTreeMap::new(), &failed).is_empty());
         assert_eq!(plan(&[desired("m", "1.2.0")], &BTreeMap::new(), &failed).len(), 1);
+    }
+
+    #[test]
+    fn a_raised_attempt_retries_a_version_that_failed() {
+        let failed = [record(UpdateStep::Failed, "1.1.0")];
+        let mut retry = desired("m", "1.1.0");
+        retry.attempt = 1;
+        assert_eq!(plan(&[retry], &BTreeMap::new(), &failed).len(), 1);
     }
 
     #[test]

@@ -92,11 +92,11 @@ impl Updater {
                 // next check-in resumes it, instead of giving up on the version.
                 Err(e @ UpdateError::Download(_)) => {
                     tracing::warn!(device = %self.device_id, model = %model.name, error = %e, "download failed; will resume");
-                    self.report(&model.name, &model.version, UpdateStep::Downloading, e.to_string()).await?;
+                    self.report(&model, UpdateStep::Downloading, e.to_string()).await?;
                 }
                 Err(e) => {
                     tracing::warn!(device = %self.device_id, model = %model.name, version = %model.version, error = %e, "update failed");
-                    self.report(&model.name, &model.version, UpdateStep::Failed, e.to_string()).await?;
+                    self.report(&model, UpdateStep::Failed, e.to_string()).await?;
                 }
             }
         }
@@ -124,8 +124,10 @@ impl Updater {
     }
 
     /// Records the step (persist before act) and queues its status report.
-    async fn report(&self, model: &str, version: &str, step: UpdateStep, detail: String) -> Result<(), UpdateError> {
-        let record = UpdateRecord { model: model.into(), version: version.into(), step, detail };
+    async fn report(&self, desired: &DesiredModel, step: UpdateStep, detail: String) -> Result<(), UpdateError> {
+        let (model, version) = (desired.name.as_str(), desired.version.as_str());
+        let record =
+            UpdateRecord { model: model.into(), version: version.into(), step, detail, attempt: desired.attempt };
         self.state.record(&record)?;
         let active = self.engine.active().await;
         self.uplink.status(status_of(&record, &active)).await;
@@ -134,7 +136,11 @@ impl Updater {
 
     async fn install(&self, desired: &DesiredModel) -> Result<(), UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
-        self.report(name, version, UpdateStep::Downloading, String::new()).await?;
+        if self.layout.version_dir(name, version).is_dir() {
+            // The version is kept on disk (a rollback to `previous`): re-verify it, no download.
+            return self.activate_installed(desired).await;
+        }
+        self.report(desired, UpdateStep::Downloading, String::new()).await?;
         let bytes = Download {
             client: &self.http,
             url: format!("{}{}", self.server_url, desired.bundle_path),
@@ -147,7 +153,7 @@ impl Updater {
         .run()
         .await?;
 
-        self.report(name, version, UpdateStep::Verifying, String::new()).await?;
+        self.report(desired, UpdateStep::Verifying, String::new()).await?;
         let verify_err = |source| UpdateError::Verify { model: name.into(), version: version.into(), source };
         let verified = read_archive(&bytes, &self.limits)
             .map_err(|e| verify_err(e.into()))?
@@ -160,7 +166,13 @@ impl Updater {
         let layout = self.layout.clone();
         blocking(move || layout.stage(&verified)).await??;
 
-        self.report(name, version, UpdateStep::SelfTest, String::new()).await?;
+        self.activate_installed(desired).await
+    }
+
+    /// Self-test and switch to a version already staged on disk (verified again on load).
+    async fn activate_installed(&self, desired: &DesiredModel) -> Result<(), UpdateError> {
+        let (name, version) = (desired.name.as_str(), desired.version.as_str());
+        self.report(desired, UpdateStep::SelfTest, String::new()).await?;
         let (layout, trusted, limits) = (self.layout.clone(), self.trusted.clone(), self.limits);
         let (n, v) = (name.to_string(), version.to_string());
         let loaded = blocking(move || {
@@ -170,10 +182,10 @@ impl Updater {
         })
         .await??;
 
-        self.report(name, version, UpdateStep::Activating, String::new()).await?;
+        self.report(desired, UpdateStep::Activating, String::new()).await?;
         self.layout.activate(name, version)?;
         self.engine.install(loaded).await?;
-        self.report(name, version, UpdateStep::Active, String::new()).await?;
+        self.report(desired, UpdateStep::Active, String::new()).await?;
         let _ = std::fs::remove_file(self.layout.download_path(name, version));
         self.layout.collect_garbage(name)?;
         tracing::info!(device = %self.device_id, model = name, version, "model active");
@@ -232,6 +244,7 @@ pub async fn restore_installed(
                             version,
                             step: UpdateStep::RolledBack,
                             detail: "the current version failed verification at start".into(),
+                            attempt: 0,
                         })?;
                     }
                     break;

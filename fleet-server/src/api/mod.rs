@@ -3,6 +3,7 @@
 
 mod devices;
 mod operator;
+pub mod rollouts;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub struct AppState {
     pub operator_token: Arc<str>,
     pub trusted: Arc<TrustedKeys>,
     pub notifier: Notifier,
+    pub rollouts: crate::rollout::driver::RolloutHandle,
     pub max_bundle_bytes: usize,
 }
 
@@ -39,6 +41,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices", get(operator::devices))
         .route("/api/v1/deployments", post(operator::deploy))
         .route("/api/v1/enrollment-tokens", post(operator::tokens))
+        .route("/api/v1/rollouts", post(rollouts::create).get(rollouts::list))
+        .route("/api/v1/rollouts/{id}", get(rollouts::show))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
+        .route("/api/v1/audit", get(rollouts::audit))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)

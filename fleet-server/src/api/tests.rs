@@ -24,12 +24,19 @@ fn api() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let secret = hex::encode([7u8; 32]);
     let public = public_key_hex(&parse_secret_key(&secret).unwrap().verifying_key());
+    let store: Arc<dyn crate::store::Store> = Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
     let state = AppState {
-        store: Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap()),
+        store: store.clone(),
         bundle_dir: dir.path().join("bundles"),
         operator_token: OPERATOR.into(),
         trusted: Arc::new(TrustedKeys::from_hex([public.as_str()]).unwrap()),
         notifier: Notifier::detached(),
+        rollouts: crate::rollout::driver::spawn(
+            store.clone(),
+            Notifier::detached(),
+            std::time::Duration::from_millis(50),
+            Default::default(),
+        ),
         max_bundle_bytes: 16 << 20,
     };
     Api { _dir: dir, app: router(state), secret }

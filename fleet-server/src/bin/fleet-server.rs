@@ -58,6 +58,7 @@ async fn main() -> Result<()> {
         operator_token: args.operator_token,
         trusted_keys,
         max_bundle_bytes: args.max_bundle_bytes,
+        rollout_tick: std::time::Duration::from_secs(2),
     };
     let server = start(config).await.context("fleet-server failed to start")?;
     if std::env::var("FLEET_OPERATOR_TOKEN").is_err() {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use fleet_server::client::FleetClient;
 use fleet_server::demo::{self, DemoOptions};
 use fleet_server::packaging;
+use fleet_server::scenario::Scenario;
 use proto::bundle::{read_archive, write_archive, Limits};
 use proto::keys::{parse_public_key, parse_secret_key, public_key_hex, secret_key_hex};
 use proto::wire::DeployRequest;
@@ -85,7 +86,68 @@ enum Command {
         /// Print the final result as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Run a staged rollout of a candidate instead of a plain deployment (default 30 agents).
+        #[arg(long, value_enum)]
+        scenario: Option<Scenario>,
     },
+    /// Staged rollouts by cohort.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// The audit log: who did what, when and why.
+    Audit {
+        /// Only this rollout's entries.
+        #[arg(long)]
+        rollout: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Start a rollout from a plan file (TOML or JSON; see tests/fixtures/rollouts/).
+    Start {
+        #[arg(long)]
+        plan: PathBuf,
+        /// Follow progress until the rollout ends.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show one rollout (or list all without an id).
+    Status {
+        id: Option<String>,
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Stop assigning devices; devices keep what they run.
+    Pause(ActionArgs),
+    /// Continue a paused rollout.
+    Resume(ActionArgs),
+    /// Stop and put every device this rollout touched back on its previous version.
+    Abort(ActionArgs),
+    /// End the current wave's soak early.
+    Promote(ActionArgs),
+    /// Give failed and timed-out devices another attempt (resumes a halted rollout).
+    Retry(ActionArgs),
+}
+
+#[derive(clap::Args)]
+struct ActionArgs {
+    id: String,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Subcommand)]
@@ -147,7 +209,9 @@ fn key_text(arg: &str) -> Result<String> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rumqttd=off".into()),
+        )
         .init();
     match Cli::parse().command {
         Command::Keygen { out, name } => keygen(&out, &name),
@@ -174,7 +238,28 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo { agents, rows, mqtt_url, json } => run_demo(agents, rows, mqtt_url, json).await,
+        Command::Demo { agents, rows, mqtt_url, json, scenario } => {
+            run_demo(agents, rows, mqtt_url, json, scenario).await
+        }
+        Command::Rollout(command) => rollout(command).await,
+        Command::Audit { rollout, json, server } => {
+            let entries = FleetClient::new(&server.server, &server.token).audit(rollout.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in entries {
+                    println!(
+                        "{} {:<10} {:<12} {:<16} {}",
+                        e.at_ms,
+                        e.actor,
+                        e.rollout.unwrap_or_default(),
+                        e.action,
+                        e.detail
+                    );
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -269,12 +354,28 @@ async fn devices(json: bool, server: &ServerArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run_demo(agents: usize, rows: usize, mqtt_url: Option<String>, json: bool) -> Result<()> {
+async fn run_demo(
+    agents: usize,
+    rows: usize,
+    mqtt_url: Option<String>,
+    json: bool,
+    scenario: Option<Scenario>,
+) -> Result<()> {
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
-    let options = DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() };
-    let result = demo::run(options, |line| eprintln!("==> {line}")).await?;
+    let progress = |line: &str| eprintln!("==> {line}");
+    let result = match scenario {
+        None => {
+            demo::run(DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() }, progress)
+                .await?
+        }
+        Some(scenario) => {
+            // A scenario needs cohorts and a holdout: use at least 30 agents unless told otherwise.
+            let agents = if agents == 5 { 30 } else { agents };
+            demo::run_scenario(DemoOptions { agents, mqtt_url, ..DemoOptions::default() }, scenario, progress).await?
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -284,4 +385,96 @@ async fn run_demo(agents: usize, rows: usize, mqtt_url: Option<String>, json: bo
         std::process::exit(1);
     }
     Ok(())
+}
+
+fn read_plan(path: &Path) -> Result<proto::rollout::RolloutPlan> {
+    let text = String::from_utf8_lossy(&read(path)?).into_owned();
+    let plan: proto::rollout::RolloutPlan = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("plan {} is not a valid rollout plan", path.display()))?
+    } else {
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("plan {} is not a valid rollout plan: {}", path.display(), e.message()))?
+    };
+    plan.validate()?;
+    Ok(plan)
+}
+
+fn show_rollout(view: &fleet_server::api::rollouts::RolloutView, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(view)?);
+        return Ok(());
+    }
+    let (r, s) = (&view.rollout, &view.summary);
+    println!(
+        "{} {} {} -> {}: wave {}/{} target {} of {} eligible ({} holdout) | active {} installing {} failed {} reverted {} waiting {}",
+        r.id,
+        r.phase.as_str(),
+        r.plan.model,
+        r.plan.version,
+        r.wave + 1,
+        r.plan.waves.len(),
+        s.wave_target,
+        s.eligible,
+        s.holdout,
+        s.active,
+        s.assigned,
+        s.failed,
+        s.reverted,
+        s.waiting
+    );
+    if let Some(reason) = &r.reason {
+        println!("  reason: {reason}");
+    }
+    Ok(())
+}
+
+async fn watch(client: &FleetClient, id: &str, json: bool) -> Result<()> {
+    let mut last = String::new();
+    loop {
+        let view = client.rollout(id).await?;
+        let text = serde_json::to_string(&view.summary)? + view.rollout.phase.as_str() + &view.rollout.wave.to_string();
+        if text != last {
+            show_rollout(&view, false)?;
+            last = text;
+        }
+        if !view.rollout.phase.is_active() {
+            if json {
+                show_rollout(&view, true)?;
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+async fn rollout(command: RolloutCommand) -> Result<()> {
+    let (action, args) = match command {
+        RolloutCommand::Start { plan, watch: follow, json, server } => {
+            let client = FleetClient::new(&server.server, &server.token);
+            let view = client.start_rollout(&read_plan(&plan)?).await?;
+            return if follow { watch(&client, &view.rollout.id, json).await } else { show_rollout(&view, json) };
+        }
+        RolloutCommand::Status { id, watch: follow, json, server } => {
+            let client = FleetClient::new(&server.server, &server.token);
+            return match id {
+                Some(id) if follow => watch(&client, &id, json).await,
+                Some(id) => show_rollout(&client.rollout(&id).await?, json),
+                None => {
+                    let all = client.rollouts().await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                        return Ok(());
+                    }
+                    all.iter().try_for_each(|view| show_rollout(view, false))
+                }
+            };
+        }
+        RolloutCommand::Pause(args) => ("pause", args),
+        RolloutCommand::Resume(args) => ("resume", args),
+        RolloutCommand::Abort(args) => ("abort", args),
+        RolloutCommand::Promote(args) => ("promote", args),
+        RolloutCommand::Retry(args) => ("retry", args),
+    };
+    let client = FleetClient::new(&args.server.server, &args.server.token);
+    show_rollout(&client.rollout_action(&args.id, action).await?, args.json)
 }

@@ -17,11 +17,15 @@ pub enum RolloutError {
     EmptyCohort(String),
     #[error("every matching device falls in the holdout; lower `holdout` or widen the selector")]
     NoEligible,
-    #[error("device {device} is already in active rollout {rollout} of model {model}; pause or abort that rollout first")]
+    #[error(
+        "device {device} is already in active rollout {rollout} of model {model}; pause or abort that rollout first"
+    )]
     Overlap { device: String, rollout: String, model: String },
     #[error("rollout {id} is {phase}; {action} needs a {needs} rollout")]
     WrongPhase { id: String, phase: &'static str, action: &'static str, needs: &'static str },
-    #[error("rollout {id} wave {wave} is not soaking yet: promote ends a soak early, it does not skip a wave's checks")]
+    #[error(
+        "rollout {id} wave {wave} is not soaking yet: promote ends a soak early, it does not skip a wave's checks"
+    )]
     NotSoaking { id: String, wave: usize },
 }
 
@@ -34,7 +38,13 @@ pub struct DeviceInfo {
 /// Active rollouts of the same model already holding devices: device -> rollout id.
 pub type Busy = BTreeMap<String, String>;
 
-pub fn create(id: &str, plan: RolloutPlan, devices: &[DeviceInfo], busy: &Busy, now_ms: u64) -> Result<Rollout, RolloutError> {
+pub fn create(
+    id: &str,
+    plan: RolloutPlan,
+    devices: &[DeviceInfo],
+    busy: &Busy,
+    now_ms: u64,
+) -> Result<Rollout, RolloutError> {
     plan.validate()?;
     let salt = id.to_string();
     let cohort: Vec<&DeviceInfo> = devices.iter().filter(|d| matches(&plan.selector, &d.labels)).collect();
@@ -60,7 +70,8 @@ pub fn create(id: &str, plan: RolloutPlan, devices: &[DeviceInfo], busy: &Busy, 
             },
         );
     }
-    let mut order: Vec<(&String, f64)> = members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
+    let mut order: Vec<(&String, f64)> =
+        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
     order.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)));
     let order: Vec<String> = order.into_iter().map(|(id, _)| id.clone()).collect();
     if order.is_empty() {
@@ -116,7 +127,8 @@ impl OperatorAction {
 pub fn operate(current: &Rollout, action: OperatorAction, now_ms: u64) -> Result<Decision, RolloutError> {
     let mut r = current.clone();
     let mut effects = Vec::new();
-    let wrong = |needs| RolloutError::WrongPhase { id: r.id.clone(), phase: r.phase.as_str(), action: action.as_str(), needs };
+    let wrong =
+        |needs| RolloutError::WrongPhase { id: r.id.clone(), phase: r.phase.as_str(), action: action.as_str(), needs };
     match action {
         OperatorAction::Pause if r.phase == Phase::Running => r.phase = Phase::Paused,
         OperatorAction::Pause => return Err(wrong("running")),
@@ -148,7 +160,10 @@ pub fn operate(current: &Rollout, action: OperatorAction, now_ms: u64) -> Result
         }
         OperatorAction::RetryFailed => return Err(wrong("running, paused or halted")),
     }
-    effects.push(Effect::Audit { action: action.as_str().to_string(), detail: format!("rollout is now {}", r.phase.as_str()) });
+    effects.push(Effect::Audit {
+        action: action.as_str().to_string(),
+        detail: format!("rollout is now {}", r.phase.as_str()),
+    });
     Ok(Decision { rollout: r, effects })
 }
 

@@ -25,9 +25,11 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
     observe_members(&mut r, observations, now_ms, &mut effects);
 
     let candidate_version = r.plan.version.clone();
-    let (executed, failed) = r.members.values().filter(|m| m.wave.is_some()).fold((0, 0), |(e, f), m| {
-        (e + m.status.executed() as usize, f + m.status.failed() as usize)
-    });
+    let (executed, failed) = r
+        .members
+        .values()
+        .filter(|m| m.wave.is_some())
+        .fold((0, 0), |(e, f), m| (e + m.status.executed() as usize, f + m.status.failed() as usize));
     let evidence = evidence(&r, observations, executed, failed, now_ms);
     let mut breaches = Vec::new();
     if executed >= r.plan.min_executed && executed > 0 && failed as f64 / executed as f64 > r.plan.failure_threshold {
@@ -107,7 +109,16 @@ fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: u
     let candidate = group(candidates.iter().copied());
     let control = control_group(&holdout, &previous);
     let breaches = judge(&r.plan.gates, &candidate, &control);
-    Evidence { wave: r.wave, window_start_ms: r.created_ms, window_end_ms: now_ms, executed, failed, candidate, control, breaches }
+    Evidence {
+        wave: r.wave,
+        window_start_ms: r.created_ms,
+        window_end_ms: now_ms,
+        executed,
+        failed,
+        candidate,
+        control,
+        breaches,
+    }
 }
 
 fn breach(r: &mut Rollout, reasons: Vec<String>, evidence: Evidence, effects: &mut Vec<Effect>) {
@@ -148,7 +159,11 @@ fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, effects: &
             member.status = MemberStatus::Assigned;
             member.assigned_ms = Some(now_ms);
             member.wave = Some(wave);
-            effects.push(Effect::SetDesired { device: id.clone(), version: version.to_string(), attempt: member.attempt });
+            effects.push(Effect::SetDesired {
+                device: id.clone(),
+                version: version.to_string(),
+                attempt: member.attempt,
+            });
             budget -= 1;
         }
     }
@@ -160,17 +175,29 @@ fn advance(r: &mut Rollout, target: usize, now_ms: u64, effects: &mut Vec<Effect
         None => {
             let until = now_ms + (r.plan.soak_secs * 1000.0) as u64;
             r.soak_until_ms = Some(until);
-            audit(effects, "wave_soaking", format!("wave {} passed with {target} devices; soaking {} s", r.wave + 1, r.plan.soak_secs));
+            audit(
+                effects,
+                "wave_soaking",
+                format!("wave {} passed with {target} devices; soaking {} s", r.wave + 1, r.plan.soak_secs),
+            );
         }
         Some(until) if now_ms >= until => {
             r.soak_until_ms = None;
             if r.wave + 1 < r.plan.waves.len() {
                 r.wave += 1;
                 let next = r.plan.wave_target(r.wave, r.order.len());
-                audit(effects, "wave_started", format!("wave {} targets {next} of {} eligible devices", r.wave + 1, r.order.len()));
+                audit(
+                    effects,
+                    "wave_started",
+                    format!("wave {} targets {next} of {} eligible devices", r.wave + 1, r.order.len()),
+                );
             } else {
                 r.phase = Phase::Completed;
-                audit(effects, "completed", format!("all {} waves passed; {target} devices run {}", r.plan.waves.len(), r.plan.version));
+                audit(
+                    effects,
+                    "completed",
+                    format!("all {} waves passed; {target} devices run {}", r.plan.waves.len(), r.plan.version),
+                );
             }
         }
         Some(_) => {}

@@ -49,7 +49,12 @@ fn assigned(r: &Rollout) -> Vec<String> {
 }
 
 fn active(version: &str) -> DeviceObservation {
-    DeviceObservation { active_version: Some(version.into()), step: Some(UpdateStep::Active), step_version: Some(version.into()), ..Default::default() }
+    DeviceObservation {
+        active_version: Some(version.into()),
+        step: Some(UpdateStep::Active),
+        step_version: Some(version.into()),
+        ..Default::default()
+    }
 }
 
 fn failed() -> DeviceObservation {
@@ -64,7 +69,10 @@ fn failed() -> DeviceObservation {
 
 /// Observations where `ids` report `observation` and everyone else runs 1.0.0.
 fn observe(r: &Rollout, ids: &[String], observation: DeviceObservation) -> BTreeMap<String, DeviceObservation> {
-    r.members.keys().map(|id| (id.clone(), if ids.contains(id) { observation.clone() } else { active("1.0.0") })).collect()
+    r.members
+        .keys()
+        .map(|id| (id.clone(), if ids.contains(id) { observation.clone() } else { active("1.0.0") }))
+        .collect()
 }
 
 fn desired(effects: &[Effect]) -> Vec<(String, String)> {
@@ -84,7 +92,11 @@ fn the_first_tick_assigns_the_first_wave_in_bucket_order_and_never_a_holdout_dev
     let eligible = r.order.len();
     let target = r.plan.wave_target(0, eligible);
     assert_eq!(desired(&d.effects).len(), target);
-    assert_eq!(assigned(&d.rollout), { let mut first = r.order[..target].to_vec(); first.sort(); first });
+    assert_eq!(assigned(&d.rollout), {
+        let mut first = r.order[..target].to_vec();
+        first.sort();
+        first
+    });
     assert!(d.rollout.members.values().filter(|m| m.holdout).all(|m| m.status == MemberStatus::Waiting));
     assert!(r.members.values().filter(|m| m.holdout).count() > 0);
 }
@@ -156,7 +168,8 @@ fn a_device_silent_past_its_timeout_counts_as_failed() {
     let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0 + 60_000);
     assert_eq!(d.rollout.phase, Phase::Running, "exactly at the timeout is not past it");
     let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0 + 60_001);
-    let timed_out = d.effects.iter().filter(|e| matches!(e, Effect::Audit { action, .. } if action == "device_timed_out")).count();
+    let timed_out =
+        d.effects.iter().filter(|e| matches!(e, Effect::Audit { action, .. } if action == "device_timed_out")).count();
     assert_eq!(timed_out, 3);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
     assert!(d.rollout.reason.unwrap().contains("install failure rate 100% (3 of 3 executed)"));
@@ -223,7 +236,12 @@ fn a_wave_that_ends_below_the_success_threshold_breaches() {
 
 fn metrics(samples: u64, classes: Vec<u32>, confidence: f64) -> VersionMetrics {
     VersionMetrics {
-        counts: SketchCounts { samples, features: vec![], classes, confidence_micros: (confidence * 1e6) as u64 * samples },
+        counts: SketchCounts {
+            samples,
+            features: vec![],
+            classes,
+            confidence_micros: (confidence * 1e6) as u64 * samples,
+        },
         input_drift: Some(0.02),
         inferences: samples,
         errors: 0,
@@ -353,5 +371,8 @@ fn creation_refuses_an_empty_cohort_and_overlapping_rollouts() {
     assert!(matches!(create("r", p, &devices(4), &Default::default(), T0), Err(RolloutError::EmptyCohort(_))));
     let busy = [("dev-001".to_string(), "r0".to_string())].into();
     let err = create("r", plan(&[100.0], 0.0), &devices(4), &busy, T0).unwrap_err();
-    assert_eq!(err.to_string(), "device dev-001 is already in active rollout r0 of model tabular; pause or abort that rollout first");
+    assert_eq!(
+        err.to_string(),
+        "device dev-001 is already in active rollout r0 of model tabular; pause or abort that rollout first"
+    );
 }

@@ -65,22 +65,38 @@ pub fn judge(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetri
     if candidate.classes.len() == control.classes.len() && !candidate.classes.is_empty() {
         let shift = psi(&control.classes, &candidate.classes);
         if shift > gates.max_prediction_psi {
-            breaches.push(format!("prediction distribution PSI {shift:.3} against the control exceeds {:.3}", gates.max_prediction_psi));
+            breaches.push(format!(
+                "prediction distribution PSI {shift:.3} against the control exceeds {:.3}",
+                gates.max_prediction_psi
+            ));
         }
     }
-    if let (Some(c), Some(k)) = (rate(candidate.errors, candidate.inferences), rate(control.errors, control.inferences)) {
+    if let (Some(c), Some(k)) = (rate(candidate.errors, candidate.inferences), rate(control.errors, control.inferences))
+    {
         if c - k > gates.max_error_rate_increase {
-            breaches.push(format!("error rate {:.2}% vs control {:.2}% exceeds the +{:.2}% gate", c * 100.0, k * 100.0, gates.max_error_rate_increase * 100.0));
+            breaches.push(format!(
+                "error rate {:.2}% vs control {:.2}% exceeds the +{:.2}% gate",
+                c * 100.0,
+                k * 100.0,
+                gates.max_error_rate_increase * 100.0
+            ));
         }
     }
     if let (Some(c), Some(k)) = (candidate.latency_p95_us, control.latency_p95_us) {
         if k > 0.0 && c / k > gates.max_latency_p95_ratio {
-            breaches.push(format!("latency p95 {c:.0} µs is {:.2}x the control's {k:.0} µs, above {:.2}x", c / k, gates.max_latency_p95_ratio));
+            breaches.push(format!(
+                "latency p95 {c:.0} µs is {:.2}x the control's {k:.0} µs, above {:.2}x",
+                c / k,
+                gates.max_latency_p95_ratio
+            ));
         }
     }
     if let (Some(c), Some(k)) = (candidate.input_drift, control.input_drift) {
         if c - k > gates.max_input_drift_increase {
-            breaches.push(format!("input drift {c:.3} vs control {k:.3} exceeds the +{:.3} gate", gates.max_input_drift_increase));
+            breaches.push(format!(
+                "input drift {c:.3} vs control {k:.3} exceeds the +{:.3} gate",
+                gates.max_input_drift_increase
+            ));
         }
     }
     breaches

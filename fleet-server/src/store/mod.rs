@@ -4,7 +4,11 @@
 
 mod sqlite;
 
-use proto::wire::{DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus};
+use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus};
+
+use crate::rollout::create::DeviceInfo;
+use crate::rollout::gates::Observations;
+use crate::rollout::Rollout;
 pub use sqlite::SqliteStore;
 use thiserror::Error;
 
@@ -62,6 +66,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets the desired version of a model on devices; returns each device's new revision.
     fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Sets one device's desired version and attempt; returns the new revision, or None when
+    /// nothing changed (so re-asserting a rollout's state is cheap and quiet).
+    fn set_desired_attempt(
+        &self,
+        device: &str,
+        model: &str,
+        version: &str,
+        attempt: u32,
+    ) -> Result<Option<u64>, StoreError>;
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError>;
 
     fn record_status(&self, device: &str, status: &UpdateStatus) -> Result<(), StoreError>;
@@ -69,4 +82,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a window once; a duplicate delivery (same device, model, start) returns false.
     fn record_drift(&self, device: &str, drift: &StoredDrift<'_>) -> Result<bool, StoreError>;
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError>;
+
+    /// Devices with labels and the version of `model` they run.
+    fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError>;
+    /// Status and metrics of `model` on every device, windows since `since_ms`.
+    fn observations(&self, model: &str, since_ms: u64) -> Result<Observations, StoreError>;
+    /// Writes the rollout state and its audit lines in one transaction.
+    fn save_rollout(&self, rollout: &Rollout, audit: &[AuditEntry]) -> Result<(), StoreError>;
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
+    /// Newest first.
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
 }

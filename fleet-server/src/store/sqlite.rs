@@ -8,6 +8,10 @@ use proto::wire::{
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{BundleRecord, NewDevice, Store, StoreError, StoredDrift};
+use crate::rollout::create::DeviceInfo;
+use crate::rollout::gates::Observations;
+use crate::rollout::Rollout;
+use proto::wire::AuditEntry;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
@@ -21,16 +25,23 @@ CREATE TABLE IF NOT EXISTS bundles (
     created_at INTEGER NOT NULL, signed_by TEXT NOT NULL, manifest BLOB NOT NULL,
     PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS desired (
-    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, PRIMARY KEY (device, model));
+    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, model));
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, phase TEXT NOT NULL, created_ms INTEGER NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, actor TEXT NOT NULL, rollout TEXT, action TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS model_status (
     device TEXT NOT NULL, model TEXT NOT NULL, version TEXT, step TEXT, detail TEXT NOT NULL DEFAULT '',
     active_version TEXT, at_ms INTEGER, inferences INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0, latency_p95_us INTEGER,
     PRIMARY KEY (device, model));
 CREATE TABLE IF NOT EXISTS drift (
     device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
     window_start_ms INTEGER NOT NULL, window_end_ms INTEGER NOT NULL, samples INTEGER NOT NULL,
     score REAL NOT NULL, mean_confidence REAL, counts BLOB NOT NULL,
     PRIMARY KEY (device, model, window_start_ms));
+CREATE INDEX IF NOT EXISTS drift_by_model_time ON drift (model, window_start_ms);
 ";
 
 /// One connection behind a mutex; every method is short and synchronous.
@@ -262,7 +273,7 @@ impl Store for SqliteStore {
         let revision: i64 =
             conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
         let mut stmt = conn.prepare(
-            "SELECT d.model, d.version, b.sha256, b.size FROM desired d
+            "SELECT d.model, d.version, b.sha256, b.size, d.attempt FROM desired d
              JOIN bundles b ON b.name = d.model AND b.version = d.version
              WHERE d.device = ?1 ORDER BY d.model",
         )?;
@@ -275,6 +286,7 @@ impl Store for SqliteStore {
                     version,
                     bundle_sha256: r.get(2)?,
                     bundle_size: r.get::<_, i64>(3)? as u64,
+                    attempt: r.get(4)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -301,10 +313,11 @@ impl Store for SqliteStore {
         )?;
         for m in &heartbeat.models {
             tx.execute(
-                "INSERT INTO model_status (device, model, active_version, inferences) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
-                   active_version = excluded.active_version",
-                params![device, m.model, m.version, m.inferences as i64],
+                   active_version = excluded.active_version, errors = excluded.errors,
+                   latency_p95_us = excluded.latency_p95_us",
+                params![device, m.model, m.version, m.inferences as i64, m.errors as i64, m.latency_p95_us],
             )?;
         }
         tx.commit()?;
@@ -331,6 +344,44 @@ impl Store for SqliteStore {
         Ok(inserted == 1)
     }
 
+    fn set_desired_attempt(
+        &self,
+        device: &str,
+        model: &str,
+        version: &str,
+        attempt: u32,
+    ) -> Result<Option<u64>, StoreError> {
+        rollouts::set_desired_attempt(&mut self.conn(), device, model, version, attempt)
+    }
+
+    fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        rollouts::device_infos(&self.conn(), model)
+    }
+
+    fn observations(&self, model: &str, since_ms: u64) -> Result<Observations, StoreError> {
+        rollouts::observations(&self.conn(), model, since_ms)
+    }
+
+    fn save_rollout(&self, rollout: &Rollout, audit: &[AuditEntry]) -> Result<(), StoreError> {
+        rollouts::save(&mut self.conn(), rollout, audit)
+    }
+
+    fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
+        rollouts::load(&self.conn(), Some(id)).map(|mut all| all.pop())
+    }
+
+    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        rollouts::load(&self.conn(), None)
+    }
+
+    fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        rollouts::audit(&self.conn(), rollout, limit)
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        rollouts::append_audit(&self.conn(), entry)
+    }
+
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
@@ -339,6 +390,9 @@ impl Store for SqliteStore {
         Ok(())
     }
 }
+
+#[path = "sqlite_rollouts.rs"]
+mod rollouts;
 
 #[cfg(test)]
 #[path = "sqlite_tests.rs"]

@@ -1,0 +1,149 @@
+//! Rollout endpoints: create from a plan, list, show, operator actions, and the audit log.
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use proto::rollout::RolloutPlan;
+use proto::wire::AuditEntry;
+use serde::{Deserialize, Serialize};
+
+use super::{blocking, ApiError, AppState};
+use crate::rollout::create::{OperatorAction, RolloutError};
+use crate::rollout::driver::DriverError;
+use crate::rollout::{MemberStatus, Rollout};
+
+/// A rollout with counts per member status, as the API and fleetctl show it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub summary: Summary,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub eligible: usize,
+    pub holdout: usize,
+    pub wave_target: usize,
+    pub waiting: usize,
+    pub assigned: usize,
+    pub active: usize,
+    pub failed: usize,
+    pub reverted: usize,
+}
+
+impl From<Rollout> for RolloutView {
+    fn from(rollout: Rollout) -> Self {
+        let mut s = Summary {
+            eligible: rollout.order.len(),
+            wave_target: rollout.plan.wave_target(rollout.wave, rollout.order.len()),
+            ..Summary::default()
+        };
+        for m in rollout.members.values() {
+            if m.holdout {
+                s.holdout += 1;
+                continue;
+            }
+            match m.status {
+                MemberStatus::Waiting => s.waiting += 1,
+                MemberStatus::Assigned => s.assigned += 1,
+                MemberStatus::Active => s.active += 1,
+                MemberStatus::Failed(_) | MemberStatus::TimedOut => s.failed += 1,
+                MemberStatus::Reverted => s.reverted += 1,
+            }
+        }
+        RolloutView { rollout, summary: s }
+    }
+}
+
+impl From<DriverError> for ApiError {
+    fn from(e: DriverError) -> Self {
+        match e {
+            DriverError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            DriverError::Rollout(
+                RolloutError::Overlap { .. } | RolloutError::WrongPhase { .. } | RolloutError::NotSoaking { .. },
+            ) => ApiError::Conflict(e.to_string()),
+            DriverError::Rollout(_) => ApiError::BadRequest(e.to_string()),
+            DriverError::Store(s) => s.into(),
+            DriverError::Stopped => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+fn actor(headers: &HeaderMap) -> String {
+    headers
+        .get("x-fleet-actor")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .unwrap_or("operator")
+        .to_string()
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<RolloutPlan>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<RolloutView>, ApiError> {
+    state.require_operator(&headers)?;
+    let Json(plan) = body.map_err(|e| ApiError::BadRequest(format!("rollout plan is invalid: {}", e.body_text())))?;
+    let (model, version) = (plan.model.clone(), plan.version.clone());
+    if blocking(&state.store, move |s| s.bundle(&model, &version)).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "no bundle {} {} is published; run `fleetctl publish` first",
+            plan.model, plan.version
+        )));
+    }
+    Ok(Json(state.rollouts.create(plan, actor(&headers)).await?.into()))
+}
+
+pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<RolloutView>>, ApiError> {
+    state.require_operator(&headers)?;
+    let rollouts = blocking(&state.store, |s| s.rollouts()).await?;
+    Ok(Json(rollouts.into_iter().map(RolloutView::from).collect()))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    state.require_operator(&headers)?;
+    let lookup = id.clone();
+    let rollout = blocking(&state.store, move |s| s.rollout(&lookup))
+        .await?
+        .ok_or(ApiError::NotFound(format!("no rollout {id}")))?;
+    Ok(Json(rollout.into()))
+}
+
+pub async fn act(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<RolloutView>, ApiError> {
+    state.require_operator(&headers)?;
+    let action = OperatorAction::parse(&action).ok_or_else(|| {
+        ApiError::BadRequest(format!("unknown action {action:?}; use pause, resume, abort, promote or retry"))
+    })?;
+    Ok(Json(state.rollouts.operate(id, action, actor(&headers)).await?.into()))
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    rollout: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    500
+}
+
+pub async fn audit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    state.require_operator(&headers)?;
+    let limit = query.limit.clamp(1, 10_000);
+    Ok(Json(blocking(&state.store, move |s| s.audit(query.rollout.as_deref(), limit)).await?))
+}

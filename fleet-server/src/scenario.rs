@@ -1,0 +1,186 @@
+//! `fleetctl demo --scenario good|bad-model`: a staged rollout on a live fleet. Every agent runs
+//! 1.0.0 and serves steady traffic; a candidate 2.0.0 rolls out in waves with a holdout control
+//! group. `good` (a healthy retrained model) completes; `bad-model` (confidence collapsed) breaches
+//! the confidence gate in its first wave and is rolled back automatically.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_agent::AgentHandle;
+use proto::rollout::{HealthGates, OnBreach, RolloutPlan, WaveSpec};
+use proto::wire::DeviceView;
+use serde::Serialize;
+
+use crate::api::rollouts::RolloutView;
+use crate::client::FleetClient;
+use crate::demo::{bundle_with_golden, send_rows, synthetic_rows, wait_for, DemoError};
+use crate::rollout::Phase;
+
+const MLP_V2: &[u8] = include_bytes!("../../tests/fixtures/models/mlp_v2.onnx");
+const MLP_V2_GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp_v2.golden.json");
+const MLP_FLAT: &[u8] = include_bytes!("../../tests/fixtures/models/mlp_flat.onnx");
+const MLP_FLAT_GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp_flat.golden.json");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// A healthy candidate: completes every wave.
+    Good,
+    /// A candidate whose confidence collapses: halted in wave 1 and rolled back.
+    BadModel,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct RolloutOutcome {
+    pub id: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub waves_started: usize,
+    pub waves: usize,
+    pub holdout_devices: usize,
+}
+
+pub fn plan(version: &str) -> RolloutPlan {
+    RolloutPlan {
+        model: "tabular".into(),
+        version: version.into(),
+        selector: Default::default(),
+        holdout: 0.2,
+        waves: [20.0, 60.0, 100.0].iter().map(|p| WaveSpec { percent: Some(*p), count: None }).collect(),
+        soak_secs: 3.0,
+        min_executed: 2,
+        success_threshold: 0.9,
+        failure_threshold: 0.1,
+        max_concurrent: 25,
+        device_timeout_secs: 60.0,
+        on_breach: OnBreach::Rollback,
+        gates: HealthGates { min_samples: 150, ..HealthGates::default() },
+    }
+}
+
+pub fn candidate(scenario: Scenario, secret: &str, version: &str) -> Result<Vec<u8>, DemoError> {
+    match scenario {
+        Scenario::Good => bundle_with_golden(secret, version, MLP_V2, MLP_V2_GOLDEN),
+        Scenario::BadModel => bundle_with_golden(secret, version, MLP_FLAT, MLP_FLAT_GOLDEN),
+    }
+}
+
+/// Sends `rows` N(0,1) rows to every agent every `every` until the returned sender is dropped.
+pub fn steady_traffic(agents: Arc<Vec<AgentHandle>>, rows: usize, every: Duration) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut tick = tokio::time::interval(every);
+        let mut round = 0u64;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tick.tick() => {}
+            }
+            round += 1;
+            let sends = agents.iter().enumerate().map(|(i, agent)| {
+                let rows = synthetic_rows(round * 100_003 + i as u64, rows, 0.0);
+                let http = http.clone();
+                async move { send_rows(&http, agent, &rows).await }
+            });
+            let _ = futures_util::future::join_all(sends).await;
+        }
+    });
+    stop
+}
+
+fn line(view: &RolloutView) -> String {
+    let s = &view.summary;
+    let r = &view.rollout;
+    format!(
+        "rollout {} {}: wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {} failed {} reverted {}",
+        r.id,
+        r.phase.as_str(),
+        r.wave + 1,
+        r.plan.waves.len(),
+        s.wave_target,
+        s.eligible,
+        s.holdout,
+        s.active,
+        s.assigned,
+        s.failed,
+        s.reverted
+    )
+}
+
+/// Runs the rollout to a terminal state, printing a line whenever progress changes.
+pub async fn drive(
+    client: &FleetClient,
+    plan: &RolloutPlan,
+    timeout: Duration,
+    progress: &impl Fn(&str),
+) -> Result<RolloutView, DemoError> {
+    let started = client.start_rollout(plan).await?;
+    let id = started.rollout.id.clone();
+    progress(&line(&started));
+    let last = std::sync::Mutex::new(String::new());
+    wait_for("the rollout to finish", timeout, || async {
+        let view = client.rollout(&id).await.ok()?;
+        let text = line(&view);
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != text {
+            progress(&text);
+            *last = text;
+        }
+        (!view.rollout.phase.is_active()).then_some(view)
+    })
+    .await
+}
+
+/// Waits until devices run what the finished rollout left them on.
+pub async fn settle(client: &FleetClient, view: &RolloutView, timeout: Duration) -> Result<Vec<DeviceView>, DemoError> {
+    let r = &view.rollout;
+    wait_for("devices to settle on their final versions", timeout, || async {
+        let devices = client.devices().await.ok()?;
+        let settled = devices.iter().all(|d| {
+            let Some(member) = r.members.get(&d.id) else { return true };
+            let want = match (&member.status, r.phase) {
+                (crate::rollout::MemberStatus::Reverted, _) => member.previous_version.clone(),
+                (crate::rollout::MemberStatus::Active, _) => Some(r.plan.version.clone()),
+                _ => member.previous_version.clone(),
+            };
+            let active = d.models.iter().find(|m| m.name == r.plan.model).and_then(|m| m.active_version.clone());
+            active == want
+        });
+        settled.then_some(devices)
+    })
+    .await
+}
+
+pub fn outcome(view: &RolloutView) -> RolloutOutcome {
+    let r = &view.rollout;
+    RolloutOutcome {
+        id: r.id.clone(),
+        state: r.phase.as_str().to_string(),
+        reason: r.reason.clone(),
+        waves_started: r.wave + 1,
+        waves: r.plan.waves.len(),
+        holdout_devices: view.summary.holdout,
+    }
+}
+
+/// The scenario's verdict: what `--scenario` promises.
+pub fn verdict(scenario: Scenario, view: &RolloutView, devices: &[DeviceView]) -> bool {
+    let r = &view.rollout;
+    let version_of =
+        |d: &DeviceView| d.models.iter().find(|m| m.name == r.plan.model).and_then(|m| m.active_version.clone());
+    let holdout_untouched = devices
+        .iter()
+        .filter(|d| r.members.get(&d.id).is_some_and(|m| m.holdout))
+        .all(|d| version_of(d).as_deref() != Some(r.plan.version.as_str()));
+    let candidate_count = devices.iter().filter(|d| version_of(d).as_deref() == Some(r.plan.version.as_str())).count();
+    match scenario {
+        Scenario::Good => r.phase == Phase::Completed && holdout_untouched && candidate_count == view.summary.eligible,
+        Scenario::BadModel => {
+            matches!(r.phase, Phase::RolledBack | Phase::Halted)
+                && r.wave == 0
+                && holdout_untouched
+                && candidate_count == 0
+        }
+    }
+}
