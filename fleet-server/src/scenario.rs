@@ -54,7 +54,9 @@ pub fn plan(version: &str) -> RolloutPlan {
         max_concurrent: 25,
         device_timeout_secs: 60.0,
         on_breach: OnBreach::Rollback,
-        gates: HealthGates { min_samples: 150, ..HealthGates::default() },
+        // In the demo every "device" shares this machine's cores, so latency measures the machine
+        // (and the other agents installing at that moment), not the model: loosen that one gate.
+        gates: HealthGates { min_samples: 150, max_latency_p95_ratio: 10.0, ..HealthGates::default() },
     }
 }
 

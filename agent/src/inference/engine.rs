@@ -76,21 +76,42 @@ pub struct Serving {
     latency: LatencyHistogram,
 }
 
-/// Power-of-two latency buckets in microseconds: fixed memory, good enough for a p95 gate.
+/// Latency buckets in microseconds: four per power of two (HDR-style), so a p95 estimate is
+/// within 19% of the true value; fixed memory on the hot path.
 pub struct LatencyHistogram {
-    buckets: [u64; 33],
+    buckets: [u64; LatencyHistogram::BUCKETS],
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram { buckets: [0; 33] }
+        LatencyHistogram { buckets: [0; LatencyHistogram::BUCKETS] }
     }
 }
 
 impl LatencyHistogram {
+    const SUB: u32 = 4;
+    const BUCKETS: usize = (32 * Self::SUB) as usize + 1;
+
+    fn bucket(micros: u32) -> usize {
+        if micros < Self::SUB {
+            return micros as usize;
+        }
+        let octave = 31 - micros.leading_zeros();
+        let sub = (micros >> (octave - 2)) & (Self::SUB - 1);
+        (octave * Self::SUB + sub) as usize
+    }
+
+    /// Exclusive upper edge of a bucket.
+    fn upper_edge(bucket: usize) -> u64 {
+        let (octave, sub) = (bucket as u64 / 4, bucket as u64 % 4);
+        if octave < 2 {
+            return bucket as u64 + 1;
+        }
+        (1u64 << octave) + (sub + 1) * (1u64 << (octave - 2))
+    }
+
     pub fn record(&mut self, micros: u32) {
-        let bucket = (32 - micros.leading_zeros()) as usize;
-        self.buckets[bucket] += 1;
+        self.buckets[Self::bucket(micros)] += 1;
     }
 
     /// Upper edge of the bucket holding the 95th percentile.
@@ -104,7 +125,7 @@ impl LatencyHistogram {
         for (bucket, count) in self.buckets.iter().enumerate() {
             seen += count;
             if seen >= wanted {
-                return Some(if bucket >= 32 { u32::MAX } else { (1u64 << bucket).min(u32::MAX as u64) as u32 });
+                return Some(Self::upper_edge(bucket).min(u32::MAX as u64) as u32);
             }
         }
         None
@@ -297,7 +318,7 @@ mod latency_tests {
     use super::LatencyHistogram;
 
     #[test]
-    fn the_p95_estimate_is_the_upper_edge_of_its_power_of_two_bucket() {
+    fn the_p95_estimate_is_the_upper_edge_of_its_quarter_octave_bucket() {
         let mut h = LatencyHistogram::default();
         assert_eq!(h.p95(), None);
         for _ in 0..95 {
@@ -306,8 +327,18 @@ mod latency_tests {
         for _ in 0..5 {
             h.record(5000);
         }
-        assert_eq!(h.p95(), Some(64));
+        assert_eq!(h.p95(), Some(48), "40 µs lies in [40, 48)");
         h.record(5000);
-        assert_eq!(h.p95(), Some(8192));
+        assert_eq!(h.p95(), Some(5120), "5000 µs lies in [4096 + 3*1024/4.., 5120)");
+    }
+
+    #[test]
+    fn every_bucket_edge_is_within_a_quarter_octave_of_the_value() {
+        for micros in [1u32, 3, 4, 5, 7, 8, 100, 1000, 65_535, 1 << 20, u32::MAX / 2] {
+            let mut h = LatencyHistogram::default();
+            h.record(micros);
+            let edge = h.p95().unwrap() as f64;
+            assert!(edge > micros as f64 && edge <= micros as f64 * 1.25 + 1.0, "{micros} -> {edge}");
+        }
     }
 }

@@ -109,6 +109,8 @@ mod tests {
 
     use super::*;
 
+    type Served = (Arc<Vec<u8>>, Arc<Mutex<Vec<String>>>);
+
     /// Serves `body`, honouring `Range: bytes=N-`, and records every Range header it saw.
     async fn serve(body: Vec<u8>) -> (String, Arc<Mutex<Vec<String>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -116,7 +118,7 @@ mod tests {
         let app = axum::Router::new()
             .route(
                 "/b",
-                axum::routing::get(|State((body, seen)): State<(Arc<Vec<u8>>, Arc<Mutex<Vec<String>>>)>, headers: HeaderMap| async move {
+                axum::routing::get(|State((body, seen)): State<Served>, headers: HeaderMap| async move {
                     match headers.get("range").and_then(|v| v.to_str().ok()) {
                         Some(range) => {
                             seen.lock().unwrap().push(range.to_string());

@@ -207,3 +207,37 @@ async fn republishing_a_version_with_other_contents_is_a_conflict() {
     let (status, body) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(other), None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_rollout_plan_is_refused_naming_the_field_and_an_overlapping_one_is_a_conflict() {
+    let api = api();
+    let bundle = crate::demo::fixture_bundle(&api.secret, "1.0.0", crate::demo::fixture_model()).unwrap();
+    api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(bundle), None).await;
+    api.enroll().await;
+    let plan = |holdout: f64| serde_json::json!({"model": "tabular", "version": "1.0.0", "holdout": holdout, "waves": [{"percent": 100.0}]});
+    let (status, body) = api.json("POST", "/api/v1/rollouts", Some(OPERATOR), plan(2.0)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "rollout plan field `holdout`: 2 must be between 0 and 0.9");
+    let (status, body) = api.json("POST", "/api/v1/rollouts", Some(OPERATOR), plan(0.0)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["phase"], "running");
+    let (status, body) = api.json("POST", "/api/v1/rollouts", Some(OPERATOR), plan(0.0)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(body["error"].as_str().unwrap().contains("is already in active rollout"), "{body}");
+    let id = {
+        let (_, list) = api.json("GET", "/api/v1/rollouts", Some(OPERATOR), serde_json::Value::Null).await;
+        list[0]["id"].as_str().unwrap().to_string()
+    };
+    let (status, body) =
+        api.json("POST", &format!("/api/v1/rollouts/{id}/explode"), Some(OPERATOR), serde_json::Value::Null).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "unknown action \"explode\"; use pause, resume, abort, promote or retry");
+    let (status, body) =
+        api.json("POST", &format!("/api/v1/rollouts/{id}/pause"), Some(OPERATOR), serde_json::Value::Null).await;
+    assert_eq!((status, body["phase"].as_str()), (StatusCode::OK, Some("paused")));
+    let (_, audit) =
+        api.json("GET", &format!("/api/v1/audit?rollout={id}"), Some(OPERATOR), serde_json::Value::Null).await;
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions.first(), Some(&"created"));
+    assert_eq!(actions.last(), Some(&"pause"));
+}

@@ -140,7 +140,7 @@ fn a_failure_rate_exactly_at_the_threshold_passes_and_above_it_breaches() {
 fn a_breach_with_rollback_reverts_every_touched_device_to_its_previous_version() {
     let r = rollout(plan(&[100.0], 0.0), 4);
     let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
-    let obs = observe(&r, &r.order[..3].to_vec(), failed());
+    let obs = observe(&r, &r.order[..3], failed());
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
     let reverted = desired(&d.effects);
@@ -156,7 +156,7 @@ fn a_breach_with_halt_stops_without_touching_devices() {
     p.on_breach = OnBreach::Halt;
     let r = rollout(p, 4);
     let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
-    let d = decide(&r, &observe(&r, &r.order[..3].to_vec(), failed()), T0 + 1);
+    let d = decide(&r, &observe(&r, &r.order[..3], failed()), T0 + 1);
     assert_eq!(d.rollout.phase, Phase::Halted);
     assert!(desired(&d.effects).is_empty());
 }
@@ -193,7 +193,7 @@ fn the_disruption_budget_limits_devices_installing_at_once() {
     assert_eq!(desired(&d.effects).len(), 3);
     let r = d.rollout;
     let first = assigned(&r);
-    let d = decide(&r, &observe(&r, &first[..2].to_vec(), active("2.0.0")), T0 + 1);
+    let d = decide(&r, &observe(&r, &first[..2], active("2.0.0")), T0 + 1);
     assert_eq!(desired(&d.effects).len(), 2, "two finished, so two more start");
 }
 
@@ -225,7 +225,7 @@ fn a_wave_that_ends_below_the_success_threshold_breaches() {
     p.failure_threshold = 0.5;
     let r = rollout(p, 10);
     let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
-    let mut obs = observe(&r, &r.order[..8].to_vec(), active("2.0.0"));
+    let mut obs = observe(&r, &r.order[..8], active("2.0.0"));
     for id in &r.order[8..] {
         obs.insert(id.clone(), failed());
     }

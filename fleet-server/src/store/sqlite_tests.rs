@@ -91,6 +91,7 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
                     inferences: 42,
                     errors: 0,
                     telemetry_dropped: 0,
+                    latency_p95_us: Some(64),
                 }],
             },
         )
