@@ -91,13 +91,16 @@ pub fn steady_traffic(agents: Arc<Vec<AgentHandle>>, rows: usize, every: Duratio
     stop
 }
 
-fn line(view: &RolloutView) -> String {
+/// One line of rollout progress, as the demo and `fleetctl rollout --watch` print it.
+pub fn line(view: &RolloutView) -> String {
     let s = &view.summary;
     let r = &view.rollout;
     format!(
-        "rollout {} {}: wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {} failed {} reverted {}",
+        "rollout {} {} ({} {}): wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {} failed {} reverted {}",
         r.id,
         r.phase.as_str(),
+        r.plan.model,
+        r.plan.version,
         r.wave + 1,
         r.plan.waves.len(),
         s.wave_target,

@@ -81,6 +81,29 @@ impl Fleet {
         fleet
     }
 
+    /// A fleet of `agents` agents all serving tabular 1.0.0 (the MLP fixture).
+    pub async fn serving_v1(agents: usize, mqtt: Mqtt, extra_server_keys: &[String]) -> Fleet {
+        let fleet = Fleet::start(agents, mqtt, extra_server_keys).await;
+        fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
+        fleet.deploy_all("tabular", "1.0.0").await;
+        fleet.wait_active("tabular", "1.0.0").await;
+        fleet
+    }
+
+    /// Restarts agent `index` offline (server and broker unreachable) from its data directory.
+    pub async fn restart_agent_offline(&self, index: usize) -> AgentHandle {
+        let mut config = agent_config(
+            "http://127.0.0.1:9",
+            "mqtt://127.0.0.1:9",
+            "unused",
+            &self.public,
+            self.agent_dir(index),
+            index,
+        );
+        config.enrollment_token = None;
+        edge_agent::start(config).await.unwrap()
+    }
+
     pub fn agent_dir(&self, index: usize) -> PathBuf {
         self.dir.path().join(format!("agent-{index:03}"))
     }
@@ -135,6 +158,18 @@ impl Fleet {
             agent.shutdown();
         }
         self.server.shutdown();
+    }
+}
+
+/// Scenario options for the 200-agent rollout tests: light traffic, generous timeouts.
+pub fn scale_options() -> fleet_server::demo::DemoOptions {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    fleet_server::demo::DemoOptions {
+        agents: 200,
+        traffic_rows: 4,
+        traffic_every: Duration::from_millis(250),
+        timeout: Duration::from_secs(240),
+        ..fleet_server::demo::DemoOptions::default()
     }
 }
 

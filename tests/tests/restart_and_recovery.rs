@@ -6,23 +6,11 @@ use proto::wire::UpdateStep;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_agent_serves_its_model_from_disk_before_it_reaches_the_server() {
-    let fleet = Fleet::start(1, embedded_mqtt(), &[]).await;
-    fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
-    fleet.deploy_all("tabular", "1.0.0").await;
-    fleet.wait_active("tabular", "1.0.0").await;
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
     fleet.agents[0].shutdown();
     fleet.server.shutdown();
 
-    let mut config = fleet_server::demo::agent_config(
-        "http://127.0.0.1:9",
-        "mqtt://127.0.0.1:9",
-        "unused",
-        &fleet.public,
-        fleet.agent_dir(0),
-        0,
-    );
-    config.enrollment_token = None;
-    let agent = edge_agent::start(config).await.unwrap();
+    let agent = fleet.restart_agent_offline(0).await;
     let (status, answer) = infer(&agent, serde_json::json!({ "inputs": [vec![0.5f32; 8]] })).await;
     assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "{answer}");
     agent.shutdown();
@@ -30,10 +18,7 @@ async fn a_restarted_agent_serves_its_model_from_disk_before_it_reaches_the_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_takes_over() {
-    let fleet = Fleet::start(1, embedded_mqtt(), &[]).await;
-    fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
-    fleet.deploy_all("tabular", "1.0.0").await;
-    fleet.wait_active("tabular", "1.0.0").await;
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.deploy_all("tabular", "2.0.0").await;
     fleet.wait_active("tabular", "2.0.0").await;
@@ -48,16 +33,7 @@ async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_
     bytes[last] ^= 0x01;
     std::fs::write(&model_file, bytes).unwrap();
 
-    let mut config = fleet_server::demo::agent_config(
-        "http://127.0.0.1:9",
-        "mqtt://127.0.0.1:9",
-        "unused",
-        &fleet.public,
-        fleet.agent_dir(0),
-        0,
-    );
-    config.enrollment_token = None;
-    let agent = edge_agent::start(config).await.unwrap();
+    let agent = fleet.restart_agent_offline(0).await;
     let (status, answer) = infer(&agent, serde_json::json!({ "inputs": [vec![0.5f32; 8]] })).await;
     assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "{answer}");
     assert_eq!(std::fs::read_link(model_dir.join("current")).unwrap(), std::path::Path::new("versions/1.0.0"));
@@ -69,10 +45,7 @@ async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_restart() {
-    let fleet = Fleet::start(1, embedded_mqtt(), &[]).await;
-    fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
-    fleet.deploy_all("tabular", "1.0.0").await;
-    fleet.wait_active("tabular", "1.0.0").await;
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
     fleet.agents[0].shutdown();
     // Simulate a kill -9 during self-test of 2.0.0: the record says self_test, a half-written
     // staging directory is on disk, and `current` still points at 1.0.0.

@@ -2,21 +2,12 @@
 //! gate in its first wave and rolled back automatically; no device keeps it, the holdout never
 //! receives it.
 
-use std::time::Duration;
-
-use fleet_server::demo::{run_scenario, DemoOptions};
+use fleet_server::demo::run_scenario;
 use fleet_server::scenario::Scenario;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_agents_reject_a_degraded_candidate_in_the_first_wave_and_roll_back() {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let options = DemoOptions {
-        agents: 200,
-        traffic_rows: 4,
-        traffic_every: Duration::from_millis(250),
-        timeout: Duration::from_secs(240),
-        ..DemoOptions::default()
-    };
+    let options = fleet_tests::scale_options();
     let result = run_scenario(options, Scenario::BadModel, |line| eprintln!("{line}")).await.unwrap();
     let rollout = result.rollout.as_ref().unwrap();
     assert_eq!((rollout.state.as_str(), rollout.waves_started), ("rolled_back", 1), "{rollout:?}");

@@ -1,21 +1,12 @@
 //! 200 real agents (in-process): a healthy candidate rolls out in waves to every non-holdout
 //! device; the holdout control group keeps the current version throughout.
 
-use std::time::Duration;
-
-use fleet_server::demo::{run_scenario, DemoOptions};
+use fleet_server::demo::run_scenario;
 use fleet_server::scenario::Scenario;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_agents_take_a_healthy_candidate_in_waves_and_the_holdout_keeps_the_current_version() {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let options = DemoOptions {
-        agents: 200,
-        traffic_rows: 4,
-        traffic_every: Duration::from_millis(250),
-        timeout: Duration::from_secs(240),
-        ..DemoOptions::default()
-    };
+    let options = fleet_tests::scale_options();
     let result = run_scenario(options, Scenario::Good, |line| eprintln!("{line}")).await.unwrap();
     let rollout = result.rollout.as_ref().unwrap();
     assert_eq!((rollout.state.as_str(), rollout.waves_started), ("completed", 3), "{rollout:?}");

@@ -5,11 +5,7 @@ use fleet_tests::*;
 use proto::wire::UpdateStep;
 
 async fn fleet_serving_v1(extra_server_keys: &[String]) -> Fleet {
-    let fleet = Fleet::start(1, embedded_mqtt(), extra_server_keys).await;
-    fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
-    fleet.deploy_all("tabular", "1.0.0").await;
-    fleet.wait_active("tabular", "1.0.0").await;
-    fleet
+    Fleet::serving_v1(1, embedded_mqtt(), extra_server_keys).await
 }
 
 async fn assert_still_serving_v1(fleet: &Fleet) {

@@ -59,10 +59,7 @@ async fn the_same_path_runs_over_an_external_broker_when_one_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_malformed_inference_request_gets_a_400_that_says_what_is_wrong() {
-    let fleet = Fleet::start(1, embedded_mqtt(), &[]).await;
-    fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
-    fleet.deploy_all("tabular", "1.0.0").await;
-    fleet.wait_active("tabular", "1.0.0").await;
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
     let agent = &fleet.agents[0];
     let (status, body) = infer(agent, serde_json::json!({ "inputs": [[1.0, 2.0]] })).await;
     assert_eq!(status, 400);

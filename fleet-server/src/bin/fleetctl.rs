@@ -404,24 +404,8 @@ fn show_rollout(view: &fleet_server::api::rollouts::RolloutView, json: bool) -> 
         println!("{}", serde_json::to_string_pretty(view)?);
         return Ok(());
     }
-    let (r, s) = (&view.rollout, &view.summary);
-    println!(
-        "{} {} {} -> {}: wave {}/{} target {} of {} eligible ({} holdout) | active {} installing {} failed {} reverted {} waiting {}",
-        r.id,
-        r.phase.as_str(),
-        r.plan.model,
-        r.plan.version,
-        r.wave + 1,
-        r.plan.waves.len(),
-        s.wave_target,
-        s.eligible,
-        s.holdout,
-        s.active,
-        s.assigned,
-        s.failed,
-        s.reverted,
-        s.waiting
-    );
+    let r = &view.rollout;
+    println!("{}", fleet_server::scenario::line(view));
     if let Some(reason) = &r.reason {
         println!("  reason: {reason}");
     }
