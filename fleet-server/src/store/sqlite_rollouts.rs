@@ -93,31 +93,41 @@ pub fn observations(conn: &Connection, model: &str, since_ms: u64) -> Result<Obs
         o.active_version = active;
     }
     let mut drift =
-        conn.prepare("SELECT device, version, counts, score FROM drift WHERE model = ?1 AND window_start_ms >= ?2")?;
+        conn.prepare("SELECT device, version, counts FROM drift WHERE model = ?1 AND window_start_ms >= ?2")?;
     let rows = drift.query_map(params![model, since_ms as i64], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, f64>(3)?))
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
     })?;
-    let mut drift_sums: BTreeMap<(String, String), (f64, u32)> = BTreeMap::new();
     for row in rows {
-        let (device, version, counts, score) = row?;
+        let (device, version, counts) = row?;
         let Ok(counts) = proto::wire::decode::<SketchCounts>("stored drift counts", &counts) else { continue };
-        let metrics: &mut VersionMetrics =
-            observations.entry(device.clone()).or_default().metrics.entry(version.clone()).or_default();
+        let metrics: &mut VersionMetrics = observations.entry(device).or_default().metrics.entry(version).or_default();
         if metrics.counts.samples == 0 && metrics.counts.classes.is_empty() {
             metrics.counts = counts;
         } else {
             let _ = metrics.counts.merge(&counts);
         }
-        let sum = drift_sums.entry((device, version)).or_default();
-        sum.0 += score;
-        sum.1 += 1;
     }
-    for ((device, version), (sum, n)) in drift_sums {
-        if let Some(m) = observations.get_mut(&device).and_then(|o| o.metrics.get_mut(&version)) {
-            m.input_drift = Some(sum / n as f64);
+    // Input drift of everything a device saw since `since_ms`, against the version's reference:
+    // PSI over merged windows, not a mean of small-window PSIs (which are biased upwards).
+    let mut references: BTreeMap<String, Option<proto::drift::ReferenceSketch>> = BTreeMap::new();
+    for observation in observations.values_mut() {
+        for (version, metrics) in observation.metrics.iter_mut().filter(|(_, m)| m.counts.samples > 0) {
+            let reference = references.entry(version.clone()).or_insert_with(|| reference(conn, model, version));
+            if let Some(report) = reference.as_ref().and_then(|r| proto::drift::drift(r, &metrics.counts).ok()) {
+                metrics.input_drift = report.feature_psi.iter().copied().reduce(f64::max);
+            }
         }
     }
     Ok(observations)
+}
+
+fn reference(conn: &Connection, model: &str, version: &str) -> Option<proto::drift::ReferenceSketch> {
+    let manifest: Vec<u8> = conn
+        .query_row("SELECT manifest FROM bundles WHERE name = ?1 AND version = ?2", params![model, version], |r| {
+            r.get(0)
+        })
+        .ok()?;
+    proto::Manifest::parse(&manifest).ok().map(|m| m.reference)
 }
 
 pub fn save(conn: &mut Connection, rollout: &Rollout, audit: &[AuditEntry]) -> Result<(), StoreError> {
