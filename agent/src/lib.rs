@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod health;
+pub mod http;
 pub mod inference;
 pub mod runtime;
 pub mod state;

@@ -134,7 +134,7 @@ struct Connected {
 
 impl Connected {
     async fn run(self, device_tx: watch::Sender<Option<String>>, cancel: CancellationToken) {
-        let http = match reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build() {
+        let http = match crate::http::builder().build() {
             Ok(http) => http,
             Err(e) => return tracing::error!(error = %e, "cannot build the HTTP client"),
         };

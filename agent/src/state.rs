@@ -47,6 +47,8 @@ impl StateDb {
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        // Small page cache: the state database is tiny and devices are short of memory.
+        conn.pragma_update(None, "cache_size", -256).map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS identity (
                 one INTEGER PRIMARY KEY CHECK (one = 1),

@@ -29,7 +29,7 @@ impl FleetClient {
         FleetClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            http: reqwest::Client::new(),
+            http: edge_agent::http::client(),
         }
     }
 

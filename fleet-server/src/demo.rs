@@ -299,7 +299,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
     let fleet = start_fleet(&options, &progress).await?;
     let (client, timeout) = (&fleet.client, options.timeout);
     progress("every agent serves tabular 1.0.0; sending traffic (second half shifted by +1.5 on 4 features)");
-    let http = reqwest::Client::new();
+    let http = edge_agent::http::client();
     let half = options.rows_per_agent / 2;
     for (phase, shift) in [("normal", 0.0), ("shifted", 1.5)] {
         let sends = fleet.agents.iter().enumerate().map(|(index, agent)| {

@@ -71,7 +71,7 @@ pub fn candidate(scenario: Scenario, secret: &str, version: &str) -> Result<Vec<
 pub fn steady_traffic(agents: Arc<Vec<AgentHandle>>, rows: usize, every: Duration) -> tokio::sync::oneshot::Sender<()> {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let http = reqwest::Client::new();
+        let http = edge_agent::http::client();
         let mut tick = tokio::time::interval(every);
         let mut round = 0u64;
         loop {

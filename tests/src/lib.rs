@@ -175,8 +175,12 @@ pub fn scale_options() -> fleet_server::demo::DemoOptions {
 
 /// POSTs rows to an agent's local API; returns the JSON answer and the HTTP status.
 pub async fn infer(agent: &AgentHandle, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let response =
-        reqwest::Client::new().post(format!("http://{}/v1/infer", agent.api_addr)).json(&body).send().await.unwrap();
+    let response = edge_agent::http::client()
+        .post(format!("http://{}/v1/infer", agent.api_addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
 }

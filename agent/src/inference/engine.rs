@@ -18,6 +18,9 @@ use crate::unix_ms;
 
 /// Most rows accepted in one request.
 pub const MAX_BATCH_ROWS: usize = 1024;
+/// Inputs larger than this (images) are not copied into telemetry: the drift sketch and the
+/// outputs describe them; storing every frame would fill a device's disk in hours.
+pub const MAX_TELEMETRY_INPUT_VALUES: usize = 1024;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum InferError {
@@ -289,7 +292,7 @@ pub fn infer(
             model: serving.name.clone(),
             version: serving.version.clone(),
             latency_us,
-            features,
+            features: if features.len() <= MAX_TELEMETRY_INPUT_VALUES { features } else { Vec::new() },
             outputs: output.clone(),
         });
         outputs.push(output);

@@ -78,6 +78,8 @@ fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // The writer only appends: a small page cache is enough and keeps the agent's RSS low.
+    conn.pragma_update(None, "cache_size", -512)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS telemetry (
             id INTEGER PRIMARY KEY,

@@ -156,7 +156,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("m-1.0.0.bundle");
         std::fs::write(dest.with_extension("bundle.part"), &body[..20_000]).unwrap();
-        let client = reqwest::Client::new();
+        let client = crate::http::client();
         let got = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap();
         assert_eq!(got, body);
         assert_eq!(*seen.lock().unwrap(), vec!["bytes=20000-".to_string()]);
@@ -171,7 +171,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("m-1.0.0.bundle");
         std::fs::write(dest.with_extension("bundle.part"), vec![0xAA; 4_000]).unwrap();
-        let client = reqwest::Client::new();
+        let client = crate::http::client();
         let err = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap_err();
         assert!(err.to_string().contains("discarded, will download again"), "{err}");
         let got = download(&client, &url, dest, &body, &sha).run().await.unwrap();
@@ -181,7 +181,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_announced_size_over_the_limit_is_refused_before_downloading() {
-        let client = reqwest::Client::new();
+        let client = crate::http::client();
         let dir = tempfile::tempdir().unwrap();
         let mut d = download(&client, "http://127.0.0.1:9/b", dir.path().join("x.bundle"), &[0; 10], "00");
         d.size = 2 << 20;

@@ -284,7 +284,7 @@ async fn agent_rss(agent_bin: &Path, dir: &Path, with_model: bool) -> Result<u64
         .stderr(std::process::Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", agent_bin.display()))?;
-    let http = reqwest::Client::new();
+    let http = edge_agent::http::client();
     let want = if with_model { "tabular" } else { "{}" };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
