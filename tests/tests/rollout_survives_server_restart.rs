@@ -83,6 +83,8 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     })
     .await
     .unwrap();
+    // A new client: the old one's pooled connection belongs to the server that was stopped.
+    let client = FleetClient::new(&second.url(), "op");
     let after = client.rollout(&id).await.unwrap();
     assert_eq!(after.rollout, before.rollout, "the restarted server must hold exactly the same rollout");
     assert_eq!(after.rollout.phase, Phase::Running);

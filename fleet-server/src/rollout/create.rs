@@ -84,6 +84,8 @@ pub fn create(
         phase: Phase::Running,
         wave: 0,
         soak_until_ms: None,
+        promoted: false,
+        waiting_for: None,
         reason: None,
         evidence: None,
         created_ms: now_ms,
@@ -141,7 +143,10 @@ pub fn operate(current: &Rollout, action: OperatorAction, now_ms: u64) -> Result
         }
         OperatorAction::Abort => return Err(wrong("running, paused or halted")),
         OperatorAction::Promote if r.phase.is_active() => match r.soak_until_ms {
-            Some(_) => r.soak_until_ms = Some(now_ms),
+            Some(_) => {
+                r.soak_until_ms = Some(now_ms);
+                r.promoted = true;
+            }
             None => return Err(RolloutError::NotSoaking { id: r.id.clone(), wave: r.wave + 1 }),
         },
         OperatorAction::Promote => return Err(wrong("running or paused")),

@@ -63,7 +63,9 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
             evidence.breaches.push(reason.clone());
             breach(&mut r, vec![reason], evidence, &mut effects);
         } else {
-            advance(&mut r, target, now_ms, &mut effects);
+            let judged = evidence.candidate.samples >= r.plan.gates.min_samples
+                && evidence.control.samples >= r.plan.gates.min_samples;
+            advance(&mut r, target, judged, now_ms, &mut effects);
         }
     }
     Decision { rollout: r, effects }
@@ -107,8 +109,18 @@ fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: u
         .filter_map(|(id, m)| Some((obs(id), m.previous_version.as_deref()?)))
         .collect();
     let candidate = group(candidates.iter().copied());
+    // Two controls: the live holdout (same time, other devices) and the previous version on the
+    // same devices (same devices, earlier). A breach against either stops the rollout.
     let control = control_group(&holdout, &previous);
-    let breaches = judge(&r.plan.gates, &candidate, &control);
+    let previous_version = group(previous.iter().copied());
+    let mut breaches = judge(&r.plan.gates, &candidate, &control);
+    if !holdout.is_empty() {
+        breaches.extend(
+            judge(&r.plan.gates, &candidate, &previous_version)
+                .into_iter()
+                .map(|b| format!("{b} (against the previous version on the same devices)")),
+        );
+    }
     Evidence {
         wave: r.wave,
         window_start_ms: r.created_ms,
@@ -117,6 +129,7 @@ fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: u
         failed,
         candidate,
         control,
+        previous_version,
         breaches,
     }
 }
@@ -169,8 +182,9 @@ fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, effects: &
     }
 }
 
-/// A passed wave soaks, then the next wave starts, or the rollout completes.
-fn advance(r: &mut Rollout, target: usize, now_ms: u64, effects: &mut Vec<Effect>) {
+/// A passed wave soaks, then the next wave starts, or the rollout completes. A wave whose model
+/// gates could not be judged yet (too few samples) waits after its soak, unless promoted.
+fn advance(r: &mut Rollout, target: usize, judged: bool, now_ms: u64, effects: &mut Vec<Effect>) {
     match r.soak_until_ms {
         None => {
             let until = now_ms + (r.plan.soak_secs * 1000.0) as u64;
@@ -181,8 +195,17 @@ fn advance(r: &mut Rollout, target: usize, now_ms: u64, effects: &mut Vec<Effect
                 format!("wave {} passed with {target} devices; soaking {} s", r.wave + 1, r.plan.soak_secs),
             );
         }
+        Some(until) if now_ms >= until && !judged && !r.promoted => {
+            let min = r.plan.gates.min_samples;
+            r.waiting_for = Some(format!(
+                "{min} samples on candidate and control before the model gates can pass wave {}",
+                r.wave + 1
+            ));
+        }
         Some(until) if now_ms >= until => {
             r.soak_until_ms = None;
+            r.promoted = false;
+            r.waiting_for = None;
             if r.wave + 1 < r.plan.waves.len() {
                 r.wave += 1;
                 let next = r.plan.wave_target(r.wave, r.order.len());

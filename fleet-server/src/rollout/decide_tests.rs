@@ -13,6 +13,13 @@ use crate::rollout::state::{DeviceObservation, VersionMetrics};
 const T0: u64 = 1_000_000;
 
 fn plan(waves: &[f64], holdout: f64) -> RolloutPlan {
+    let mut plan = plan_judging(waves, holdout);
+    plan.gates.min_samples = 0;
+    plan
+}
+
+/// A plan whose model gates need 200 samples on each side before a wave can pass.
+fn plan_judging(waves: &[f64], holdout: f64) -> RolloutPlan {
     RolloutPlan {
         model: "tabular".into(),
         version: "2.0.0".into(),
@@ -283,7 +290,7 @@ fn a_candidate_whose_confidence_collapses_against_the_holdout_is_rolled_back_wit
 
 #[test]
 fn model_gates_wait_for_enough_samples() {
-    let r = rollout(plan(&[30.0, 100.0], 0.3), 40);
+    let r = rollout(plan_judging(&[30.0, 100.0], 0.3), 40);
     let r = decide(&r, &BTreeMap::new(), T0).rollout;
     let wave = assigned(&r);
     let obs: BTreeMap<String, DeviceObservation> = r
@@ -375,4 +382,46 @@ fn creation_refuses_an_empty_cohort_and_overlapping_rollouts() {
         err.to_string(),
         "device dev-001 is already in active rollout r0 of model tabular; pause or abort that rollout first"
     );
+}
+
+#[test]
+fn a_candidate_worse_than_the_same_devices_previous_version_breaches_even_when_the_holdout_agrees() {
+    let r = rollout(plan(&[30.0, 100.0], 0.3), 40);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let wave = assigned(&r);
+    let obs: BTreeMap<String, DeviceObservation> = r
+        .members
+        .iter()
+        .map(|(id, m)| {
+            let o = if wave.contains(id) {
+                let mut o = with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.5));
+                o.metrics.insert("1.0.0".into(), metrics(300, vec![100, 100, 100], 0.9));
+                o
+            } else if m.holdout {
+                with_metrics("1.0.0", metrics(300, vec![100, 100, 100], 0.55))
+            } else {
+                active("1.0.0")
+            };
+            (id.clone(), o)
+        })
+        .collect();
+    let d = decide(&r, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    let reason = d.rollout.reason.unwrap();
+    assert!(reason.contains("(against the previous version on the same devices)"), "{reason}");
+    assert!(!reason.contains("control's 0.550"), "the holdout comparison passes: {reason}");
+}
+
+#[test]
+fn a_soaked_wave_waits_for_judgeable_samples_unless_promoted() {
+    let r = rollout(plan_judging(&[50.0, 100.0], 0.0), 4);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let obs = observe(&r, &assigned(&r), active("2.0.0"));
+    let r = decide(&r, &obs, T0 + 1).rollout;
+    let r = decide(&r, &obs, T0 + 20_000).rollout;
+    assert_eq!(r.wave, 0, "no samples, no verdict on the model: the wave must not pass");
+    assert!(r.waiting_for.as_deref().unwrap().starts_with("200 samples on candidate and control"));
+    let promoted = operate(&r, OperatorAction::Promote, T0 + 20_001).unwrap().rollout;
+    let r = decide(&promoted, &obs, T0 + 20_002).rollout;
+    assert_eq!((r.wave, r.promoted, r.waiting_for.clone()), (1, false, None));
 }

@@ -97,6 +97,9 @@ pub struct Evidence {
     pub failed: usize,
     pub candidate: GroupMetrics,
     pub control: GroupMetrics,
+    /// The candidate devices' own metrics on the version they ran before.
+    #[serde(default)]
+    pub previous_version: GroupMetrics,
     pub breaches: Vec<String>,
 }
 
@@ -108,6 +111,12 @@ pub struct Rollout {
     pub phase: Phase,
     pub wave: usize,
     pub soak_until_ms: Option<u64>,
+    /// Set by an operator's promote: the current wave may advance without judged model gates.
+    #[serde(default)]
+    pub promoted: bool,
+    /// Why the rollout is waiting, when it is (e.g. for samples); cleared when it moves on.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
     pub reason: Option<String>,
     pub evidence: Option<Evidence>,
     pub created_ms: u64,
