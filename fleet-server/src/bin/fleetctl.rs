@@ -409,6 +409,9 @@ fn show_rollout(view: &fleet_server::api::rollouts::RolloutView, json: bool) -> 
     if let Some(reason) = &r.reason {
         println!("  reason: {reason}");
     }
+    if let Some(waiting) = &r.waiting_for {
+        println!("  waiting for {waiting} (or `fleetctl rollout promote {}`)", r.id);
+    }
     Ok(())
 }
 
