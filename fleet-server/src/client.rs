@@ -98,6 +98,17 @@ impl FleetClient {
         self.send("the audit log", self.http.get(url)).await
     }
 
+    pub async fn set_labels(
+        &self,
+        device: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/api/v1/devices/{device}/labels", self.base);
+        let _: std::collections::BTreeMap<String, String> =
+            self.send("the labels", self.http.put(url).json(labels)).await?;
+        Ok(())
+    }
+
     pub async fn tokens(&self, count: u32) -> Result<Vec<String>, ClientError> {
         let response: TokenResponse = self
             .send(

@@ -21,13 +21,7 @@ pub async fn enroll(
             e.body_text()
         ))
     })?;
-    for (key, value) in &request.labels {
-        if key.is_empty() || key.len() > 64 || value.len() > 256 {
-            return Err(ApiError::BadRequest(format!(
-                "label {key:?} must have a 1-64 character key and a value of at most 256 characters"
-            )));
-        }
-    }
+    super::validate_labels(&request.labels)?;
     let token_hash = sha256_hex(&request.token);
     let now = crate::unix_ms();
     if !blocking(&state.store, move |s| s.consume_token(&token_hash, now)).await? {

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/bundles/{name}/{version}", get(devices::download))
         .route("/api/v1/bundles", post(operator::publish).layer(DefaultBodyLimit::max(bundle_limit)))
         .route("/api/v1/devices", get(operator::devices))
+        .route("/api/v1/devices/{id}/labels", axum::routing::put(operator::set_labels))
         .route("/api/v1/deployments", post(operator::deploy))
         .route("/api/v1/enrollment-tokens", post(operator::tokens))
         .route("/api/v1/rollouts", post(rollouts::create).get(rollouts::list))
@@ -91,6 +92,21 @@ impl IntoResponse for ApiError {
         }
         (status, Json(ErrorBody { error: self.to_string() })).into_response()
     }
+}
+
+/// Labels select cohorts: bounded keys and values, at most 32 of them.
+pub fn validate_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > 32 {
+        return Err(ApiError::BadRequest(format!("{} labels given; at most 32 are allowed", labels.len())));
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > 64 || value.len() > 256 {
+            return Err(ApiError::BadRequest(format!(
+                "label {key:?} must have a 1-64 character key and a value of at most 256 characters"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub fn sha256_hex(text: &str) -> String {

@@ -1,7 +1,7 @@
 //! Operator endpoints: publish bundles, list devices, deploy, create enrollment tokens.
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use proto::bundle::{read_archive, sha256_hex as bytes_sha256, Limits};
@@ -136,4 +136,30 @@ pub async fn tokens(
     let now = crate::unix_ms();
     blocking(&state.store, move |s| s.create_tokens(&hashes, now)).await?;
     Ok(Json(TokenResponse { tokens }))
+}
+
+/// Replaces a device's labels (cohort membership for future rollouts) and audits the change.
+pub async fn set_labels(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Json<std::collections::BTreeMap<String, String>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
+    state.require_operator(&headers)?;
+    let Json(labels) =
+        body.map_err(|e| ApiError::BadRequest(format!("labels must be a JSON object of strings: {}", e.body_text())))?;
+    super::validate_labels(&labels)?;
+    let (device, stored) = (id.clone(), labels.clone());
+    if !blocking(&state.store, move |s| s.set_labels(&device, &stored)).await? {
+        return Err(ApiError::NotFound(format!("device {id:?} is not enrolled")));
+    }
+    let entry = proto::wire::AuditEntry {
+        at_ms: crate::unix_ms(),
+        actor: super::rollouts::actor(&headers),
+        rollout: None,
+        action: "labels".into(),
+        detail: format!("{id}: {}", serde_json::to_string(&labels).unwrap_or_default()),
+    };
+    blocking(&state.store, move |s| s.append_audit(&entry)).await?;
+    Ok(Json(labels))
 }

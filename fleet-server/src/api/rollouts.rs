@@ -70,7 +70,7 @@ impl From<DriverError> for ApiError {
     }
 }
 
-fn actor(headers: &HeaderMap) -> String {
+pub fn actor(headers: &HeaderMap) -> String {
     headers
         .get("x-fleet-actor")
         .and_then(|v| v.to_str().ok())

@@ -241,3 +241,21 @@ async fn an_invalid_rollout_plan_is_refused_naming_the_field_and_an_overlapping_
     assert_eq!(actions.first(), Some(&"created"));
     assert_eq!(actions.last(), Some(&"pause"));
 }
+
+#[tokio::test]
+async fn an_operator_relabels_a_device_and_the_change_is_audited() {
+    let api = api();
+    let (device, _) = api.enroll().await;
+    let uri = format!("/api/v1/devices/{device}/labels");
+    let (status, _) = api.json("PUT", &uri, Some(OPERATOR), serde_json::json!({"region": "eu", "hw": "cam"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, devices) = api.json("GET", "/api/v1/devices", Some(OPERATOR), serde_json::Value::Null).await;
+    assert_eq!(devices[0]["labels"], serde_json::json!({"region": "eu", "hw": "cam"}));
+    let (_, audit) = api.json("GET", "/api/v1/audit", Some(OPERATOR), serde_json::Value::Null).await;
+    assert_eq!(audit[0]["action"], "labels");
+    let (status, body) =
+        api.json("PUT", "/api/v1/devices/dev-nope/labels", Some(OPERATOR), serde_json::json!({})).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("device \"dev-nope\" is not enrolled")));
+    let (status, _) = api.json("PUT", &uri, Some(OPERATOR), serde_json::json!({"": "x"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -58,6 +58,14 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Replace a device's labels (they select cohorts for rollouts): `fleetctl label dev-1 site=a region=eu`.
+    Label {
+        device: String,
+        /// key=value pairs; none clears the labels.
+        labels: Vec<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Make a published version the desired one on all (or the listed) devices.
     Deploy {
         #[arg(long)]
@@ -242,6 +250,16 @@ async fn main() -> Result<()> {
             run_demo(agents, rows, mqtt_url, json, scenario).await
         }
         Command::Rollout(command) => rollout(command).await,
+        Command::Label { device, labels, server } => {
+            let mut map = std::collections::BTreeMap::new();
+            for pair in &labels {
+                let Some((key, value)) = pair.split_once('=') else { bail!("label {pair:?} must look like key=value") };
+                map.insert(key.to_string(), value.to_string());
+            }
+            FleetClient::new(&server.server, &server.token).set_labels(&device, &map).await?;
+            println!("{device}: {} label(s) set", map.len());
+            Ok(())
+        }
         Command::Audit { rollout, json, server } => {
             let entries = FleetClient::new(&server.server, &server.token).audit(rollout.as_deref()).await?;
             if json {

@@ -57,6 +57,8 @@ pub trait Store: Send + Sync + 'static {
     fn insert_device(&self, device: &NewDevice) -> Result<(), StoreError>;
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError>;
     fn device_exists(&self, id: &str) -> Result<bool, StoreError>;
+    /// Replaces a device's labels; false when the device is unknown.
+    fn set_labels(&self, id: &str, labels: &std::collections::BTreeMap<String, String>) -> Result<bool, StoreError>;
     fn device_ids(&self) -> Result<Vec<String>, StoreError>;
     fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError>;
 

@@ -106,6 +106,10 @@ impl Store for SqliteStore {
         Ok(self.conn().query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| Ok(())).optional()?.is_some())
     }
 
+    fn set_labels(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("UPDATE devices SET labels = ?2 WHERE id = ?1", params![id, json(labels)])? == 1)
+    }
+
     fn device_ids(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT id FROM devices ORDER BY name, id")?;
