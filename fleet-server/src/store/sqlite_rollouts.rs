@@ -13,6 +13,9 @@ use crate::rollout::gates::Observations;
 use crate::rollout::state::VersionMetrics;
 use crate::rollout::Rollout;
 
+/// Samples a device needs before its input drift is compared (bias ~ 9/500 < 0.02 PSI).
+pub const MIN_DRIFT_SAMPLES: u64 = 500;
+
 pub fn set_desired_attempt(
     conn: &mut Connection,
     device: &str,
@@ -108,10 +111,13 @@ pub fn observations(conn: &Connection, model: &str, since_ms: u64) -> Result<Obs
         }
     }
     // Input drift of everything a device saw since `since_ms`, against the version's reference:
-    // PSI over merged windows, not a mean of small-window PSIs (which are biased upwards).
+    // PSI over merged windows, not a mean of small-window PSIs. PSI is biased upwards by about
+    // (bins - 1) / samples, so a device counts only once it has MIN_DRIFT_SAMPLES: otherwise a
+    // device that just switched versions looks "drifted" next to one that ran all along.
     let mut references: BTreeMap<String, Option<proto::drift::ReferenceSketch>> = BTreeMap::new();
     for observation in observations.values_mut() {
-        for (version, metrics) in observation.metrics.iter_mut().filter(|(_, m)| m.counts.samples > 0) {
+        for (version, metrics) in observation.metrics.iter_mut().filter(|(_, m)| m.counts.samples >= MIN_DRIFT_SAMPLES)
+        {
             let reference = references.entry(version.clone()).or_insert_with(|| reference(conn, model, version));
             if let Some(report) = reference.as_ref().and_then(|r| proto::drift::drift(r, &metrics.counts).ok()) {
                 metrics.input_drift = report.feature_psi.iter().copied().reduce(f64::max);
