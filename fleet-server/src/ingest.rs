@@ -138,11 +138,7 @@ impl Ingest {
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, IngestError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|e| IngestError::Join(e.to_string()))?
-            .map_err(IngestError::Store)
+        crate::store::blocking(&self.store, f).await.map_err(IngestError::Store)
     }
 }
 
@@ -159,6 +155,4 @@ enum IngestError {
     Mismatch(String),
     #[error(transparent)]
     Store(StoreError),
-    #[error("blocking task failed: {0}")]
-    Join(String),
 }

@@ -95,11 +95,7 @@ impl Driver {
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, DriverError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|_| DriverError::Stopped)?
-            .map_err(DriverError::from)
+        Ok(crate::store::blocking(&self.store, f).await?)
     }
 
     async fn create(&self, plan: RolloutPlan, actor: String) -> Result<Rollout, DriverError> {

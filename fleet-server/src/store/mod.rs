@@ -20,6 +20,19 @@ pub enum StoreError {
     Conflict(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("store call did not complete: {0}")]
+    Interrupted(String),
+}
+
+/// Runs a store call on tokio's blocking pool: every `Store` method is a synchronous SQLite call.
+pub async fn blocking<T: Send + 'static>(
+    store: &std::sync::Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Interrupted(e.to_string())))
 }
 
 #[derive(Clone, Debug, PartialEq)]
