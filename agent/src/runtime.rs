@@ -245,7 +245,7 @@ async fn report_drift(engine: EngineHandle, uplink: UplinkHandle, every: Duratio
             _ = tick.tick() => {}
         }
         for model in engine.active().await.into_keys() {
-            if let Some(summary) = engine.take_window(model).await {
+            if let Some(summary) = engine.take_window(model, crate::unix_ms()).await {
                 if summary.counts.samples > 0 {
                     uplink.drift(&summary).await;
                 }

@@ -1,19 +1,15 @@
-//! fleet-server: device registry, bundle store, desired state and MQTT ingest; plus what the
-//! operator CLI `fleetctl` needs (bundle packaging, an API client, the demo).
+//! fleet-server: device registry, bundle store, desired state, staged rollouts and MQTT ingest.
+//! It depends on `proto` only; the operator CLI and the demo live in `fleetctl/`.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod broker;
-pub mod client;
-pub mod demo;
 pub mod ingest;
-pub mod packaging;
 pub mod rollout;
-pub mod scenario;
 pub mod server;
 pub mod store;
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_ms() -> u64 {
-    edge_agent::unix_ms()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

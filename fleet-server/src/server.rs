@@ -45,8 +45,8 @@ pub enum ServerError {
     NoKeys,
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
-    #[error("{0}")]
-    MqttUrl(String),
+    #[error(transparent)]
+    MqttUrl(#[from] proto::endpoint::BadMqttUrl),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
@@ -109,8 +109,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         Mqtt::External { url } => url.clone(),
     };
-    let (host, port) =
-        edge_agent::uplink::parse_mqtt_url(&mqtt_url).map_err(|e| ServerError::MqttUrl(e.to_string()))?;
+    let (host, port) = proto::endpoint::parse_mqtt_url(&mqtt_url)?;
     let notifier = crate::ingest::connect(&host, port, cancel.clone(), store.clone());
 
     let rollouts = crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone());

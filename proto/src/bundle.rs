@@ -143,6 +143,22 @@ pub enum ManifestError {
 
 impl Manifest {
     /// Parses and checks the manifest's own consistency (names, paths, golden case sizes).
+    /// A manifest for one model file with no golden cases, an empty reference and no lineage:
+    /// the starting point of every builder, which then fills in what it has.
+    pub fn for_model(name: &str, version: semver::Version, model: &[u8], contract: ModelContract) -> Manifest {
+        Manifest {
+            format: FORMAT_VERSION,
+            name: name.to_string(),
+            version,
+            created_at: 0,
+            files: vec![file_entry(MODEL_PATH, model)],
+            contract,
+            golden: GoldenSet { tolerance: 0.0, cases: Vec::new() },
+            reference: ReferenceSketch::default(),
+            lineage: Lineage::default(),
+        }
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let manifest: Manifest = serde_json::from_slice(bytes)?;
         manifest.check()?;

@@ -1,5 +1,4 @@
 use super::*;
-use crate::drift::ReferenceSketch;
 use crate::keys::{parse_secret_key, TrustedKeys};
 use ed25519_dalek::SigningKey;
 
@@ -8,24 +7,19 @@ fn key(seed: u8) -> SigningKey {
 }
 
 fn manifest(model: &[u8]) -> Manifest {
+    let contract = ModelContract {
+        input: TensorSpec { name: "features".into(), dtype: DType::F32, shape: vec![1, 2] },
+        output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 2] },
+        feature_names: vec!["a".into(), "b".into()],
+        output_labels: vec![],
+    };
     Manifest {
-        format: FORMAT_VERSION,
-        name: "tabular".into(),
-        version: semver::Version::new(1, 0, 0),
         created_at: 1,
-        files: vec![file_entry(MODEL_PATH, model)],
-        contract: ModelContract {
-            input: TensorSpec { name: "features".into(), dtype: DType::F32, shape: vec![1, 2] },
-            output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 2] },
-            feature_names: vec!["a".into(), "b".into()],
-            output_labels: vec![],
-        },
         golden: GoldenSet {
             tolerance: 1e-4,
             cases: vec![GoldenCase { input: vec![0.0, 1.0], expected: vec![0.5, 0.5] }],
         },
-        reference: ReferenceSketch::default(),
-        lineage: Lineage::default(),
+        ..Manifest::for_model("tabular", semver::Version::new(1, 0, 0), model, contract)
     }
 }
 

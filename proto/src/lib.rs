@@ -2,13 +2,14 @@
 //!
 //! Everything here is pure: no sockets, no files, no clocks. Both sides link this crate, so a
 //! change here is a protocol change: bundle format (`bundle`), signatures and key ids (`keys`),
-//! MQTT topics and payloads plus HTTP JSON bodies (`wire`), drift sketches (`drift`) and the
-//! names that address models on a device (`names`).
+//! MQTT topics and payloads plus HTTP JSON bodies (`wire`), drift sketches (`drift`), broker
+//! addresses (`endpoint`) and the names that address models on a device (`names`).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
 pub mod cohort;
 pub mod drift;
+pub mod endpoint;
 pub mod keys;
 pub mod names;
 pub mod rollout;

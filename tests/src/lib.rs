@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edge_agent::AgentHandle;
-use fleet_server::client::FleetClient;
-use fleet_server::demo::{agent_config, wait_for};
 use fleet_server::server::{self, Mqtt, ServerConfig, ServerHandle};
+use fleetctl::client::FleetClient;
+use fleetctl::demo::{agent_config, wait_for};
 use proto::keys::{parse_secret_key, public_key_hex};
 use proto::wire::{BundleInfo, DeployRequest, DeviceModelView, DeviceView};
 
-pub use fleet_server::demo::{bundle_with_golden, fixture_bundle, fixture_model, synthetic_rows};
+pub use fleetctl::demo::{bundle_with_golden, fixture_bundle, fixture_model, synthetic_rows};
 
 pub const MLP: &[u8] = include_bytes!("../fixtures/models/mlp.onnx");
 pub const MLP_V2: &[u8] = include_bytes!("../fixtures/models/mlp_v2.onnx");
@@ -162,14 +162,14 @@ impl Fleet {
 }
 
 /// Scenario options for the 200-agent rollout tests: light traffic, generous timeouts.
-pub fn scale_options() -> fleet_server::demo::DemoOptions {
+pub fn scale_options() -> fleetctl::demo::DemoOptions {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    fleet_server::demo::DemoOptions {
+    fleetctl::demo::DemoOptions {
         agents: 200,
         traffic_rows: 4,
         traffic_every: Duration::from_millis(250),
         timeout: Duration::from_secs(240),
-        ..fleet_server::demo::DemoOptions::default()
+        ..fleetctl::demo::DemoOptions::default()
     }
 }
 

@@ -2,9 +2,9 @@
 //! and keeps its drift summaries in the SQLite outbox; when the broker comes back every summary
 //! reaches the server and the outbox drains.
 
-use fleet_server::demo::wait_for;
 use fleet_server::server::{free_loopback_port, Mqtt};
 use fleet_tests::*;
+use fleetctl::demo::wait_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drift_summaries_buffered_while_the_broker_is_down_arrive_when_it_returns() {

@@ -66,7 +66,7 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
 
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.deploy_all("tabular", "2.0.0").await;
-    let mut config = fleet_server::demo::agent_config(
+    let mut config = fleetctl::demo::agent_config(
         &fleet.server.url(),
         &fleet.server.mqtt_url,
         "unused",

@@ -2,8 +2,8 @@
 //! gate in its first wave and rolled back automatically; no device keeps it, the holdout never
 //! receives it.
 
-use fleet_server::demo::run_scenario;
-use fleet_server::scenario::Scenario;
+use fleetctl::demo::run_scenario;
+use fleetctl::scenario::Scenario;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_agents_reject_a_degraded_candidate_in_the_first_wave_and_roll_back() {

@@ -1,8 +1,8 @@
 //! 200 real agents (in-process): a healthy candidate rolls out in waves to every non-holdout
 //! device; the holdout control group keeps the current version throughout.
 
-use fleet_server::demo::run_scenario;
-use fleet_server::scenario::Scenario;
+use fleetctl::demo::run_scenario;
+use fleetctl::scenario::Scenario;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_agents_take_a_healthy_candidate_in_waves_and_the_holdout_keeps_the_current_version() {

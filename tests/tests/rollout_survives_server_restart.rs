@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use edge_agent::AgentHandle;
-use fleet_server::client::FleetClient;
-use fleet_server::demo::{agent_config, wait_for};
 use fleet_server::rollout::Phase;
 use fleet_server::server::{self, free_loopback_port, Mqtt, ServerConfig};
 use fleet_tests::*;
+use fleetctl::client::FleetClient;
+use fleetctl::demo::{agent_config, wait_for};
 use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
 
 fn config(dir: &std::path::Path, http_port: u16, mqtt_port: u16, public: &str) -> ServerConfig {

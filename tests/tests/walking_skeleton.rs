@@ -2,8 +2,8 @@
 //! `/v1/infer` answers exactly what raw tract answers, telemetry lands in SQLite, and the server
 //! receives drift summaries from every agent.
 
-use edge_agent::inference::model::raw_tract_run;
 use fleet_tests::*;
+use model_runtime::raw_tract_run;
 
 pub async fn skeleton_scenario(mqtt: fleet_server::server::Mqtt) {
     let fleet = Fleet::start(3, mqtt, &[]).await;

@@ -66,7 +66,9 @@ async fn run(
     match engine.infer(model, request.inputs).await {
         Ok(response) => Json(response).into_response(),
         Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ (InferError::Run(_) | InferError::Stopped)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e @ (InferError::Run(_) | InferError::Panicked { .. } | InferError::Stopped)) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }

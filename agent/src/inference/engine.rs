@@ -1,6 +1,8 @@
 //! The inference engine: one dedicated thread owns every serving model, its tract session and its
 //! drift window. Requests arrive on a bounded channel; telemetry leaves through `try_send`, so a
-//! request never waits for disk or network.
+//! request never waits for disk or network. A panic inside tract fails that one request; the
+//! model's session is rebuilt and the engine keeps serving. Window boundaries come from the
+//! caller's clock (`now_ms` on install and on take), as `decide` takes `now` on the server.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
-use super::model::{LoadedModel, ModelError, Session};
 use crate::telemetry::{TelemetryRecord, TelemetrySink};
 use crate::unix_ms;
+use model_runtime::{LoadedModel, ModelError, Session};
 
 /// Most rows accepted in one request.
 pub const MAX_BATCH_ROWS: usize = 1024;
@@ -40,6 +42,8 @@ pub enum InferError {
     NotFinite { row: usize },
     #[error("inference failed: {0}")]
     Run(String),
+    #[error("inference of model {model:?} panicked ({message}); the request failed, the engine keeps serving")]
+    Panicked { model: String, message: String },
     #[error("the inference engine has stopped")]
     Stopped,
 }
@@ -52,11 +56,33 @@ pub struct InferResponse {
 }
 
 enum EngineMsg {
-    Infer { model: Option<String>, rows: Vec<Vec<f32>>, reply: oneshot::Sender<Result<InferResponse, InferError>> },
-    Install { model: Box<LoadedModel>, reply: oneshot::Sender<Result<(), ModelError>> },
-    TakeWindow { model: String, reply: oneshot::Sender<Option<DriftSummary>> },
-    Counters { reply: oneshot::Sender<Vec<ModelCounters>> },
-    Active { reply: oneshot::Sender<BTreeMap<String, String>> },
+    Infer {
+        model: Option<String>,
+        rows: Vec<Vec<f32>>,
+        reply: oneshot::Sender<Result<InferResponse, InferError>>,
+    },
+    Install {
+        model: Box<LoadedModel>,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<(), ModelError>>,
+    },
+    TakeWindow {
+        model: String,
+        now_ms: u64,
+        reply: oneshot::Sender<Option<DriftSummary>>,
+    },
+    Counters {
+        reply: oneshot::Sender<Vec<ModelCounters>>,
+    },
+    Active {
+        reply: oneshot::Sender<BTreeMap<String, String>>,
+    },
+    /// Panics inside the guarded inference path, as a tract bug would.
+    #[cfg(test)]
+    PanicForTest {
+        model: String,
+        reply: oneshot::Sender<Result<InferResponse, InferError>>,
+    },
 }
 
 /// Cheap to clone; every clone talks to the same engine thread.
@@ -65,9 +91,8 @@ pub struct EngineHandle {
     tx: mpsc::Sender<EngineMsg>,
 }
 
-/// A model being served: its tract session, drift window and counters. Owned by the engine
-/// thread; public so benchmarks can drive the exact hot path without the channel hop.
-pub struct Serving {
+/// A model being served: its tract session, drift window and counters. Owned by the engine thread.
+struct Serving {
     model: LoadedModel,
     session: Session,
     name: Arc<str>,
@@ -81,7 +106,7 @@ pub struct Serving {
 
 /// Latency buckets in microseconds: four per power of two (HDR-style), so a p95 estimate is
 /// within 19% of the true value; fixed memory on the hot path.
-pub struct LatencyHistogram {
+struct LatencyHistogram {
     buckets: [u64; LatencyHistogram::BUCKETS],
 }
 
@@ -113,12 +138,12 @@ impl LatencyHistogram {
         (1u64 << octave) + (sub + 1) * (1u64 << (octave - 2))
     }
 
-    pub fn record(&mut self, micros: u32) {
+    fn record(&mut self, micros: u32) {
         self.buckets[Self::bucket(micros)] += 1;
     }
 
     /// Upper edge of the bucket holding the 95th percentile.
-    pub fn p95(&self) -> Option<u32> {
+    fn p95(&self) -> Option<u32> {
         let total: u64 = self.buckets.iter().sum();
         if total == 0 {
             return None;
@@ -136,7 +161,7 @@ impl LatencyHistogram {
 }
 
 impl Serving {
-    pub fn new(model: LoadedModel) -> Result<Serving, ModelError> {
+    fn new(model: LoadedModel, now_ms: u64) -> Result<Serving, ModelError> {
         let session = model.session()?;
         let window = SketchCounts::empty_for(&model.reference, model.contract.output.sample_len());
         Ok(Serving {
@@ -145,7 +170,7 @@ impl Serving {
             session,
             model,
             window,
-            window_start_ms: unix_ms(),
+            window_start_ms: now_ms,
             inferences: 0,
             errors: 0,
             latency: LatencyHistogram::default(),
@@ -171,20 +196,27 @@ impl EngineHandle {
         self.ask(|reply| EngineMsg::Infer { model, rows, reply }).await.unwrap_or(Err(InferError::Stopped))
     }
 
-    /// Swaps a model in (replacing any version of the same name) between two requests.
-    pub async fn install(&self, model: LoadedModel) -> Result<(), ModelError> {
-        self.ask(|reply| EngineMsg::Install { model: Box::new(model), reply })
+    /// Swaps a model in (replacing any version of the same name) between two requests; its first
+    /// drift window starts at `now_ms`.
+    pub async fn install(&self, model: LoadedModel, now_ms: u64) -> Result<(), ModelError> {
+        self.ask(|reply| EngineMsg::Install { model: Box::new(model), now_ms, reply })
             .await
             .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
     }
 
-    /// Closes the model's current drift window and opens a new one.
-    pub async fn take_window(&self, model: String) -> Option<DriftSummary> {
-        self.ask(|reply| EngineMsg::TakeWindow { model, reply }).await.flatten()
+    /// Closes the model's current drift window at `now_ms` and opens the next one there.
+    pub async fn take_window(&self, model: String, now_ms: u64) -> Option<DriftSummary> {
+        self.ask(|reply| EngineMsg::TakeWindow { model, now_ms, reply }).await.flatten()
     }
 
     pub async fn counters(&self) -> Vec<ModelCounters> {
         self.ask(|reply| EngineMsg::Counters { reply }).await.unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn panic_for_test(&self, model: &str) -> Result<InferResponse, InferError> {
+        let model = model.to_string();
+        self.ask(|reply| EngineMsg::PanicForTest { model, reply }).await.unwrap_or(Err(InferError::Stopped))
     }
 
     /// Active model name -> version.
@@ -198,17 +230,16 @@ fn run_engine(mut rx: mpsc::Receiver<EngineMsg>, telemetry: TelemetrySink) {
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             EngineMsg::Infer { model, rows, reply } => {
-                let result = pick(&mut serving, model).and_then(|s| infer(s, rows, &telemetry));
-                let _ = reply.send(result);
+                let _ = reply.send(guarded_infer(&mut serving, model, |s| infer(s, rows, &telemetry)));
             }
-            EngineMsg::Install { model, reply } => {
-                let result = Serving::new(*model).map(|s| {
+            EngineMsg::Install { model, now_ms, reply } => {
+                let result = Serving::new(*model, now_ms).map(|s| {
                     serving.insert(s.model.name.clone(), s);
                 });
                 let _ = reply.send(result);
             }
-            EngineMsg::TakeWindow { model, reply } => {
-                let _ = reply.send(serving.get_mut(&model).map(take_window));
+            EngineMsg::TakeWindow { model, now_ms, reply } => {
+                let _ = reply.send(serving.get_mut(&model).map(|s| take_window(s, now_ms)));
             }
             EngineMsg::Counters { reply } => {
                 let counters = serving
@@ -227,6 +258,40 @@ fn run_engine(mut rx: mpsc::Receiver<EngineMsg>, telemetry: TelemetrySink) {
             EngineMsg::Active { reply } => {
                 let _ = reply.send(serving.values().map(|s| (s.name.to_string(), s.version.to_string())).collect());
             }
+            #[cfg(test)]
+            EngineMsg::PanicForTest { model, reply } => {
+                let _ = reply.send(guarded_infer(&mut serving, Some(model), |_| panic!("injected tract panic")));
+            }
+        }
+    }
+}
+
+/// Runs one inference with a panic caught: the request fails, the model's session (whose tract
+/// state a panic may have left half-updated) is rebuilt, and the engine thread lives on.
+fn guarded_infer(
+    serving: &mut BTreeMap<String, Serving>,
+    model: Option<String>,
+    run: impl FnOnce(&mut Serving) -> Result<InferResponse, InferError>,
+) -> Result<InferResponse, InferError> {
+    let target = pick(serving, model)?;
+    let name = target.model.name.clone();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(target))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!(model = %name, %message, "inference panicked; rebuilding the session");
+            if let Some(s) = serving.get_mut(&name) {
+                s.errors += 1;
+                match s.model.session() {
+                    Ok(session) => s.session = session,
+                    Err(e) => tracing::error!(model = %name, error = %e, "cannot rebuild the session"),
+                }
+            }
+            Err(InferError::Panicked { model: name, message })
         }
     }
 }
@@ -267,11 +332,7 @@ fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
 }
 
 /// The hot path: validate, run each row, update the drift window, hand telemetry off.
-pub fn infer(
-    serving: &mut Serving,
-    rows: Vec<Vec<f32>>,
-    telemetry: &TelemetrySink,
-) -> Result<InferResponse, InferError> {
+fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) -> Result<InferResponse, InferError> {
     validate(serving, &rows)?;
     let mut outputs = Vec::with_capacity(rows.len());
     for features in rows {
@@ -300,10 +361,9 @@ pub fn infer(
     Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs })
 }
 
-fn take_window(serving: &mut Serving) -> DriftSummary {
+fn take_window(serving: &mut Serving, now: u64) -> DriftSummary {
     let fresh = SketchCounts::empty_for(&serving.model.reference, serving.model.contract.output.sample_len());
     let counts = std::mem::replace(&mut serving.window, fresh);
-    let now = unix_ms();
     let start = std::mem::replace(&mut serving.window_start_ms, now);
     let score = drift(&serving.model.reference, &counts).map(|r| r.score).unwrap_or(0.0);
     DriftSummary {

@@ -1,13 +1,11 @@
 //! Engine and model tests on the checked-in fixture models.
 
-use proto::bundle::{
-    file_entry, DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec, FORMAT_VERSION, MODEL_PATH,
-};
+use proto::bundle::{DType, GoldenCase, GoldenSet, Manifest, ModelContract, TensorSpec};
 use proto::drift::{build_reference, ReferenceSketch};
 
 use super::engine::{EngineHandle, InferError};
-use super::model::{raw_tract_run, LoadedModel, ModelError};
 use crate::telemetry::{spawn_writer, WriterConfig};
+use model_runtime::{raw_tract_run, LoadedModel, ModelError};
 
 const MLP: &[u8] = include_bytes!("../../../tests/fixtures/models/mlp.onnx");
 const BROKEN: &[u8] = include_bytes!("../../../tests/fixtures/models/broken.onnx");
@@ -28,21 +26,16 @@ fn golden() -> GoldenSet {
 }
 
 fn manifest(model: &[u8], reference: ReferenceSketch) -> Manifest {
+    let contract = ModelContract {
+        input: TensorSpec { name: "features".into(), dtype: DType::F32, shape: vec![1, 8] },
+        output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 3] },
+        feature_names: (0..8).map(|i| format!("f{i}")).collect(),
+        output_labels: vec!["a".into(), "b".into(), "c".into()],
+    };
     Manifest {
-        format: FORMAT_VERSION,
-        name: "tabular".into(),
-        version: semver::Version::new(1, 0, 0),
-        created_at: 0,
-        files: vec![file_entry(MODEL_PATH, model)],
-        contract: ModelContract {
-            input: TensorSpec { name: "features".into(), dtype: DType::F32, shape: vec![1, 8] },
-            output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 3] },
-            feature_names: (0..8).map(|i| format!("f{i}")).collect(),
-            output_labels: vec!["a".into(), "b".into(), "c".into()],
-        },
         golden: golden(),
         reference,
-        lineage: Lineage::default(),
+        ..Manifest::for_model("tabular", semver::Version::new(1, 0, 0), model, contract)
     }
 }
 
@@ -90,7 +83,7 @@ async fn engine_with_model(dir: &tempfile::TempDir) -> (EngineHandle, crate::tel
     let sink =
         spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
     let engine = EngineHandle::spawn(sink.clone(), 16).unwrap();
-    engine.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap()).await.unwrap();
+    engine.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap(), 1_000).await.unwrap();
     (engine, sink)
 }
 
@@ -128,10 +121,37 @@ async fn a_shifted_input_window_scores_higher_drift_than_an_unshifted_one() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, _sink) = engine_with_model(&dir).await;
     engine.infer(None, rows(300, 0.0)).await.unwrap();
-    let calm = engine.take_window("tabular".into()).await.unwrap();
+    let calm = engine.take_window("tabular".into(), 2_000).await.unwrap();
     engine.infer(None, rows(300, 1.5)).await.unwrap();
-    let shifted = engine.take_window("tabular".into()).await.unwrap();
+    let shifted = engine.take_window("tabular".into(), 3_000).await.unwrap();
     assert_eq!((calm.counts.samples, shifted.counts.samples), (300, 300));
     assert!(calm.score < 0.1 && shifted.score > 0.25, "calm {} shifted {}", calm.score, shifted.score);
-    assert!(engine.take_window("tabular".into()).await.unwrap().counts.samples == 0);
+    assert!(engine.take_window("tabular".into(), 4_000).await.unwrap().counts.samples == 0);
+}
+
+#[tokio::test]
+async fn drift_windows_start_and_end_where_the_callers_clock_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _sink) = engine_with_model(&dir).await;
+    let first = engine.take_window("tabular".into(), 61_000).await.unwrap();
+    let second = engine.take_window("tabular".into(), 121_000).await.unwrap();
+    assert_eq!((first.window_start_ms, first.window_end_ms), (1_000, 61_000), "installed at 1 000");
+    assert_eq!((second.window_start_ms, second.window_end_ms), (61_000, 121_000));
+}
+
+#[tokio::test]
+async fn a_panic_inside_inference_fails_that_request_and_the_engine_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, sink) = engine_with_model(&dir).await;
+    let err = engine.panic_for_test("tabular").await.unwrap_err();
+    assert!(
+        matches!(&err, InferError::Panicked { model, message } if model == "tabular" && message == "injected tract panic"),
+        "{err}"
+    );
+    let batch = rows(3, 0.0);
+    let response = engine.infer(None, batch.clone()).await.unwrap();
+    assert_eq!(response.outputs[2], raw_tract_run(MLP, &[1, 8], &batch[2]).unwrap(), "the rebuilt session answers");
+    let counters = engine.counters().await;
+    assert_eq!((counters[0].inferences, counters[0].errors), (3, 1));
+    assert_eq!(sink.flush().await, Some(3));
 }

@@ -184,7 +184,7 @@ impl Updater {
 
         self.report(desired, UpdateStep::Activating, String::new()).await?;
         self.layout.activate(name, version)?;
-        self.engine.install(loaded).await?;
+        self.engine.install(loaded, crate::unix_ms()).await?;
         self.report(desired, UpdateStep::Active, String::new()).await?;
         let _ = std::fs::remove_file(self.layout.download_path(name, version));
         self.layout.collect_garbage(name)?;
@@ -236,7 +236,7 @@ pub async fn restore_installed(
             let (l, t, lim, n, v) = (layout.clone(), trusted.clone(), *limits, name.clone(), version.clone());
             match blocking(move || l.load(&n, &v, &t, &lim)).await? {
                 Ok(loaded) => {
-                    engine.install(loaded).await?;
+                    engine.install(loaded, crate::unix_ms()).await?;
                     if which == "previous" {
                         layout.activate(&name, &version)?;
                         state.record(&UpdateRecord {

@@ -13,6 +13,30 @@ use crate::ingest::Notifier;
 use crate::store::SqliteStore;
 
 const OPERATOR: &str = "operator-secret";
+const MLP: &[u8] = include_bytes!("../../../tests/fixtures/models/mlp.onnx");
+
+/// A signed bundle built with `proto` alone: the server checks signatures and digests, never runs
+/// the model, so its tests need no model runtime.
+fn fixture_bundle(secret: &str, version: &str) -> Vec<u8> {
+    use proto::bundle::{add_signature, write_archive, DType, Lineage, Manifest, ModelContract, TensorSpec};
+    let spec = |name: &str, shape: Vec<usize>| TensorSpec { name: name.into(), dtype: DType::F32, shape };
+    let contract = ModelContract {
+        input: spec("features", vec![1, 8]),
+        output: spec("probabilities", vec![1, 3]),
+        feature_names: vec![],
+        output_labels: vec![],
+    };
+    let lineage = Lineage { metrics: [("accuracy".to_string(), 0.91)].into(), ..Lineage::default() };
+    let manifest =
+        Manifest { lineage, ..Manifest::for_model("tabular", semver::Version::parse(version).unwrap(), MLP, contract) };
+    let mut bundle = proto::bundle::UnverifiedBundle {
+        manifest_bytes: manifest.to_json_bytes(),
+        signatures: Default::default(),
+        files: [(proto::bundle::MODEL_PATH.to_string(), MLP.to_vec())].into(),
+    };
+    add_signature(&mut bundle, &parse_secret_key(secret).unwrap());
+    write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures)
+}
 
 struct Api {
     _dir: tempfile::TempDir,
@@ -149,7 +173,7 @@ async fn token_counts_outside_the_limit_are_refused_with_the_range() {
 #[tokio::test]
 async fn a_published_bundle_downloads_whole_or_by_range_and_the_desired_state_names_it() {
     let api = api();
-    let bundle = crate::demo::fixture_bundle(&api.secret, "1.0.0", crate::demo::fixture_model()).unwrap();
+    let bundle = fixture_bundle(&api.secret, "1.0.0");
     let (status, info) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(bundle.clone()), None).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&info));
     let (device, credential) = api.enroll().await;
@@ -186,18 +210,14 @@ async fn a_published_bundle_downloads_whole_or_by_range_and_the_desired_state_na
 #[tokio::test]
 async fn republishing_a_version_with_other_contents_is_a_conflict() {
     let api = api();
-    let model = crate::demo::fixture_model();
-    let first = crate::demo::fixture_bundle(&api.secret, "1.0.0", model).unwrap();
+    let first = fixture_bundle(&api.secret, "1.0.0");
     let (status, _) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(first.clone()), None).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(first), None).await;
     assert_eq!(status, StatusCode::OK, "the identical bundle again is accepted");
-    // Same version, built a second later: different created_at, so different bytes.
-    let mut archive = proto::bundle::read_archive(
-        &crate::demo::fixture_bundle(&api.secret, "1.0.0", model).unwrap(),
-        &proto::bundle::Limits::default(),
-    )
-    .unwrap();
+    // Same version with another lineage: different manifest, so different bytes.
+    let mut archive =
+        proto::bundle::read_archive(&fixture_bundle(&api.secret, "1.0.0"), &proto::bundle::Limits::default()).unwrap();
     let text =
         String::from_utf8(archive.manifest_bytes.clone()).unwrap().replace("\"accuracy\": 0.91", "\"accuracy\": 0.92");
     archive.manifest_bytes = text.into_bytes();
@@ -211,7 +231,7 @@ async fn republishing_a_version_with_other_contents_is_a_conflict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_rollout_plan_is_refused_naming_the_field_and_an_overlapping_one_is_a_conflict() {
     let api = api();
-    let bundle = crate::demo::fixture_bundle(&api.secret, "1.0.0", crate::demo::fixture_model()).unwrap();
+    let bundle = fixture_bundle(&api.secret, "1.0.0");
     api.call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(bundle), None).await;
     api.enroll().await;
     let plan = |holdout: f64| serde_json::json!({"model": "tabular", "version": "1.0.0", "holdout": holdout, "waves": [{"percent": 100.0}]});

@@ -6,12 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use edge_agent::inference::{LoadedModel, ModelError};
+use model_runtime::{reference_sketch, LoadedModel, ModelError};
 use proto::bundle::{
-    file_entry, DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec, UnverifiedBundle,
-    FORMAT_VERSION, MODEL_PATH,
+    DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec, UnverifiedBundle, MODEL_PATH,
 };
-use proto::drift::{build_reference, ReferenceSketch, DEFAULT_BINS};
+use proto::drift::DEFAULT_BINS;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -135,21 +134,17 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
     let meta = &inputs.metadata;
     let version = semver::Version::parse(&meta.version).map_err(|_| PackagingError::Version(meta.version.clone()))?;
     let spec = |t: &TensorMetadata| TensorSpec { name: t.name.clone(), dtype: DType::F32, shape: t.shape.clone() };
+    let contract = ModelContract {
+        input: spec(&meta.contract.input),
+        output: spec(&meta.contract.output),
+        feature_names: meta.contract.feature_names.clone(),
+        output_labels: meta.contract.output_labels.clone(),
+    };
     let mut manifest = Manifest {
-        format: FORMAT_VERSION,
-        name: meta.name.clone(),
-        version,
         created_at: inputs.created_at,
-        files: vec![file_entry(MODEL_PATH, &inputs.model)],
-        contract: ModelContract {
-            input: spec(&meta.contract.input),
-            output: spec(&meta.contract.output),
-            feature_names: meta.contract.feature_names.clone(),
-            output_labels: meta.contract.output_labels.clone(),
-        },
         golden: GoldenSet { tolerance: meta.golden.tolerance, cases: inputs.golden },
-        reference: ReferenceSketch::default(),
         lineage: meta.lineage.clone(),
+        ..Manifest::for_model(&meta.name, version, &inputs.model, contract)
     };
     manifest.check()?;
     let loaded = LoadedModel::load(&manifest, &inputs.model)?;
@@ -162,9 +157,7 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
             message: format!("{} values, the model input takes {width}", row.len()),
         });
     }
-    let mut session = loaded.session()?;
-    let outputs = inputs.reference_rows.iter().map(|row| session.run(row)).collect::<Result<Vec<_>, _>>()?;
-    manifest.reference = build_reference(&inputs.reference_rows, &outputs, DEFAULT_BINS);
+    manifest.reference = reference_sketch(&loaded, &inputs.reference_rows, DEFAULT_BINS)?;
     Ok(UnverifiedBundle {
         manifest_bytes: manifest.to_json_bytes(),
         signatures: BTreeMap::new(),

@@ -5,7 +5,7 @@ use proto::wire::{
     AuditEntry, BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse,
 };
 
-use crate::api::rollouts::RolloutView;
+use fleet_server::api::rollouts::RolloutView;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 

@@ -11,10 +11,10 @@ use proto::rollout::{HealthGates, OnBreach, RolloutPlan, WaveSpec};
 use proto::wire::DeviceView;
 use serde::Serialize;
 
-use crate::api::rollouts::RolloutView;
 use crate::client::FleetClient;
 use crate::demo::{bundle_with_golden, send_rows, synthetic_rows, wait_for, DemoError};
-use crate::rollout::Phase;
+use fleet_server::api::rollouts::RolloutView;
+use fleet_server::rollout::Phase;
 
 const MLP_V2: &[u8] = include_bytes!("../../tests/fixtures/models/mlp_v2.onnx");
 const MLP_V2_GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp_v2.golden.json");
@@ -145,8 +145,8 @@ pub async fn settle(client: &FleetClient, view: &RolloutView, timeout: Duration)
         let settled = devices.iter().all(|d| {
             let Some(member) = r.members.get(&d.id) else { return true };
             let want = match (&member.status, r.phase) {
-                (crate::rollout::MemberStatus::Reverted, _) => member.previous_version.clone(),
-                (crate::rollout::MemberStatus::Active, _) => Some(r.plan.version.clone()),
+                (fleet_server::rollout::MemberStatus::Reverted, _) => member.previous_version.clone(),
+                (fleet_server::rollout::MemberStatus::Active, _) => Some(r.plan.version.clone()),
                 _ => member.previous_version.clone(),
             };
             let active = d.models.iter().find(|m| m.name == r.plan.model).and_then(|m| m.active_version.clone());

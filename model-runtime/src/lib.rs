@@ -1,11 +1,16 @@
-//! Loading an ONNX model with tract, checking it against the bundle's contract, and replaying the
-//! golden inputs. Loading and optimizing is slow, so it happens off the engine thread; the engine
-//! only receives a ready [`LoadedModel`].
+//! The model runtime shared by the agent and by bundle building: loading an ONNX model with
+//! tract, checking it against the bundle's contract, replaying the golden inputs, and computing
+//! the drift reference sketch from reference rows. `fleetctl bundle build` and a device run the
+//! same code, so a bundle that would fail on devices fails at build time.
+//!
+//! Loading and optimizing is slow and CPU-bound: callers run it on a blocking thread, never on an
+//! async worker. The agent's engine thread only receives a ready [`LoadedModel`].
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
 use proto::bundle::{ModelContract, TensorSpec};
-use proto::drift::ReferenceSketch;
+use proto::drift::{build_reference, ReferenceSketch};
 use proto::Manifest;
 use thiserror::Error;
 use tract_onnx::prelude::*;
@@ -147,6 +152,14 @@ impl Session {
         let view = outputs[0].to_plain_array_view::<f32>().map_err(|e| ModelError::Run(e.to_string()))?;
         Ok(view.iter().copied().collect())
     }
+}
+
+/// The drift reference of a model: the sketch of `rows` (each one input sample) and of the
+/// model's outputs on them, with `bins` quantile bins per feature.
+pub fn reference_sketch(model: &LoadedModel, rows: &[Vec<f32>], bins: usize) -> Result<ReferenceSketch, ModelError> {
+    let mut session = model.session()?;
+    let outputs = rows.iter().map(|row| session.run(row)).collect::<Result<Vec<_>, _>>()?;
+    Ok(build_reference(rows, &outputs, bins))
 }
 
 /// Runs a raw, unoptimized-path-free baseline: what "plain tract" answers, for tests and benches.

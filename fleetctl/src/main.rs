@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use fleet_server::client::FleetClient;
-use fleet_server::demo::{self, DemoOptions};
-use fleet_server::packaging;
-use fleet_server::scenario::Scenario;
+use fleetctl::client::FleetClient;
+use fleetctl::demo::{self, DemoOptions};
+use fleetctl::packaging;
+use fleetctl::scenario::Scenario;
 use proto::bundle::{read_archive, write_archive, Limits};
 use proto::keys::{parse_public_key, parse_secret_key, public_key_hex, secret_key_hex};
 use proto::wire::DeployRequest;
@@ -324,7 +324,7 @@ fn bundle(command: BundleCommand) -> Result<()> {
                 .map(|k| key_text(k).and_then(|t| Ok(parse_public_key(&t)?)))
                 .collect::<Result<Vec<_>>>()?;
             let verified = read_archive(&read(&bundle)?, &Limits::default())?.verify(&TrustedKeys::new(keys))?;
-            let loaded = edge_agent::inference::LoadedModel::load(&verified.manifest, verified.model_bytes())?;
+            let loaded = model_runtime::LoadedModel::load(&verified.manifest, verified.model_bytes())?;
             loaded.self_test()?;
             let m = &verified.manifest;
             println!(
@@ -423,7 +423,7 @@ fn show_rollout(view: &fleet_server::api::rollouts::RolloutView, json: bool) -> 
         return Ok(());
     }
     let r = &view.rollout;
-    println!("{}", fleet_server::scenario::line(view));
+    println!("{}", fleetctl::scenario::line(view));
     if let Some(reason) = &r.reason {
         println!("  reason: {reason}");
     }

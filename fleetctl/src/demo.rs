@@ -17,7 +17,7 @@ use thiserror::Error;
 use crate::client::{ClientError, FleetClient};
 use crate::packaging::{self, BuildInputs, BundleMetadata, PackagingError};
 use crate::scenario::Scenario;
-use crate::server::{self, Mqtt, ServerConfig, ServerError};
+use fleet_server::server::{self, Mqtt, ServerConfig, ServerError};
 
 const MODEL: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
 const METADATA: &str = include_str!("../../tests/fixtures/bundles/tabular.toml");
@@ -116,7 +116,7 @@ pub fn bundle_with_golden(
         metadata,
         golden,
         reference_rows,
-        created_at: crate::unix_ms() / 1000,
+        created_at: fleet_server::unix_ms() / 1000,
     })?;
     let key = parse_secret_key(secret_key_hex).map_err(|e| DemoError::Setup(e.to_string()))?;
     proto::bundle::add_signature(&mut bundle, &key);
