@@ -6,6 +6,7 @@ use proto::wire::{
 };
 
 use fleet_server::api::rollouts::RolloutView;
+use fleet_server::rollout::create::OperatorAction;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
@@ -81,9 +82,9 @@ impl FleetClient {
         self.send("the rollout", self.http.get(format!("{}/api/v1/rollouts/{id}", self.base))).await
     }
 
-    /// `action` is pause, resume, abort, promote or retry.
-    pub async fn rollout_action(&self, id: &str, action: &str) -> Result<RolloutView, ClientError> {
-        self.send("the rollout action", self.http.post(format!("{}/api/v1/rollouts/{id}/{action}", self.base))).await
+    pub async fn rollout_action(&self, id: &str, action: OperatorAction) -> Result<RolloutView, ClientError> {
+        let url = format!("{}/api/v1/rollouts/{id}/{}", self.base, action.as_str());
+        self.send("the rollout action", self.http.post(url)).await
     }
 
     pub async fn audit(&self, rollout: Option<&str>) -> Result<Vec<AuditEntry>, ClientError> {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use fleet_server::rollout::create::OperatorAction;
 use fleetctl::client::FleetClient;
 use fleetctl::demo::{self, DemoOptions};
 use fleetctl::packaging;
@@ -434,22 +435,18 @@ fn show_rollout(view: &fleet_server::api::rollouts::RolloutView, json: bool) -> 
 }
 
 async fn watch(client: &FleetClient, id: &str, json: bool) -> Result<()> {
-    let mut last = String::new();
-    loop {
-        let view = client.rollout(id).await?;
-        let text = serde_json::to_string(&view.summary)? + view.rollout.phase.as_str() + &view.rollout.wave.to_string();
-        if text != last {
-            show_rollout(&view, false)?;
-            last = text;
+    let mut shown = Ok(());
+    let view = fleetctl::scenario::follow(client, id, None, |view| {
+        if shown.is_ok() {
+            shown = show_rollout(view, false);
         }
-        if !view.rollout.phase.is_active() {
-            if json {
-                show_rollout(&view, true)?;
-            }
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    })
+    .await?;
+    shown?;
+    if json {
+        show_rollout(&view, true)?;
     }
+    Ok(())
 }
 
 async fn rollout(command: RolloutCommand) -> Result<()> {
@@ -474,11 +471,11 @@ async fn rollout(command: RolloutCommand) -> Result<()> {
                 }
             };
         }
-        RolloutCommand::Pause(args) => ("pause", args),
-        RolloutCommand::Resume(args) => ("resume", args),
-        RolloutCommand::Abort(args) => ("abort", args),
-        RolloutCommand::Promote(args) => ("promote", args),
-        RolloutCommand::Retry(args) => ("retry", args),
+        RolloutCommand::Pause(args) => (OperatorAction::Pause, args),
+        RolloutCommand::Resume(args) => (OperatorAction::Resume, args),
+        RolloutCommand::Abort(args) => (OperatorAction::Abort, args),
+        RolloutCommand::Promote(args) => (OperatorAction::Promote, args),
+        RolloutCommand::Retry(args) => (OperatorAction::RetryFailed, args),
     };
     let client = FleetClient::new(&args.server.server, &args.server.token);
     show_rollout(&client.rollout_action(&args.id, action).await?, args.json)

@@ -121,20 +121,36 @@ pub async fn drive(
     progress: &impl Fn(&str),
 ) -> Result<RolloutView, DemoError> {
     let started = client.start_rollout(plan).await?;
-    let id = started.rollout.id.clone();
-    progress(&line(&started));
-    let last = std::sync::Mutex::new(String::new());
-    wait_for("the rollout to finish", timeout, || async {
-        let view = client.rollout(&id).await.ok()?;
+    follow(client, &started.rollout.id, Some(timeout), |view| progress(&line(view))).await
+}
+
+/// Polls a rollout until it ends (or `timeout` passes), calling `on_change` with the first view
+/// and with every view whose progress line differs from the previous one. The one watch loop of
+/// the demo and `fleetctl rollout --watch`.
+pub async fn follow(
+    client: &FleetClient,
+    id: &str,
+    timeout: Option<Duration>,
+    mut on_change: impl FnMut(&RolloutView),
+) -> Result<RolloutView, DemoError> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut last = String::new();
+    loop {
+        let view = client.rollout(id).await?;
         let text = line(&view);
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != text {
-            progress(&text);
-            *last = text;
+        if text != last {
+            on_change(&view);
+            last = text;
         }
-        (!view.rollout.phase.is_active()).then_some(view)
-    })
-    .await
+        if !view.rollout.phase.is_active() {
+            return Ok(view);
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            let secs = timeout.map_or(0, |t| t.as_secs());
+            return Err(DemoError::Timeout { what: "the rollout to finish".into(), secs });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Waits until devices run what the finished rollout left them on.

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use edge_agent::AgentHandle;
+use fleet_server::rollout::create::OperatorAction;
 use fleet_server::rollout::Phase;
 use fleet_server::server::{self, free_loopback_port, Mqtt, ServerConfig};
 use fleet_tests::*;
@@ -89,7 +90,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     assert_eq!(after.rollout, before.rollout, "the restarted server must hold exactly the same rollout");
     assert_eq!(after.rollout.phase, Phase::Running);
 
-    client.rollout_action(&id, "promote").await.unwrap();
+    client.rollout_action(&id, OperatorAction::Promote).await.unwrap();
     // Wave 2 installs on the other two devices and soaks too (every wave soaks); end it early.
     wait_for("wave 2 to pass and soak", TIMEOUT, || async {
         let view = client.rollout(&id).await.ok()?;
@@ -97,7 +98,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     })
     .await
     .unwrap();
-    client.rollout_action(&id, "promote").await.unwrap();
+    client.rollout_action(&id, OperatorAction::Promote).await.unwrap();
     let done = wait_for("the rollout to complete", TIMEOUT, || async {
         let view = client.rollout(&id).await.ok()?;
         (view.rollout.phase == Phase::Completed).then_some(view)

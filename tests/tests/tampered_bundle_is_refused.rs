@@ -41,43 +41,47 @@ fn replace_stored_bundle(fleet: &Fleet, version: &str, bytes: &[u8]) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_model_byte_changed_on_the_server_is_refused_as_altered_and_v1_keeps_serving() {
-    let fleet = fleet_serving_v1(&[]).await;
+/// Publishes a genuine 1.1.0, swaps the stored copy for one `tamper` changed, deploys it and
+/// returns the device's failure detail once it refused the bundle (v1 still serving).
+async fn deploy_tampered(fleet: &Fleet, tamper: impl FnOnce(&mut proto::bundle::UnverifiedBundle)) -> String {
     let genuine = fixture_bundle(&fleet.secret, "1.1.0", MLP).unwrap();
     fleet.publish(genuine.clone()).await;
     let mut archive = proto::bundle::read_archive(&genuine, &Default::default()).unwrap();
-    let model = archive.files.get_mut("model.onnx").unwrap();
-    let last = model.len() - 1;
-    model[last] ^= 0x01;
+    tamper(&mut archive);
     let tampered = proto::bundle::write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures);
-    replace_stored_bundle(&fleet, "1.1.0", &tampered);
+    assert_ne!(tampered, genuine, "the tampering must change the bundle");
+    replace_stored_bundle(fleet, "1.1.0", &tampered);
     fleet.deploy_all("tabular", "1.1.0").await;
     let devices =
         fleet.wait_devices("the device to refuse 1.1.0", "tabular", |m| m.step == Some(UpdateStep::Failed)).await;
-    let detail = &devices[0].models[0].detail;
+    assert_still_serving_v1(fleet).await;
+    devices[0].models[0].detail.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_byte_changed_on_the_server_is_refused_as_altered_and_v1_keeps_serving() {
+    let fleet = fleet_serving_v1(&[]).await;
+    let detail = deploy_tampered(&fleet, |archive| {
+        let model = archive.files.get_mut("model.onnx").unwrap();
+        let last = model.len() - 1;
+        model[last] ^= 0x01;
+    })
+    .await;
     assert!(detail.contains("\"model.onnx\" has sha256") && detail.contains("the file was altered"), "{detail}");
-    assert_still_serving_v1(&fleet).await;
     fleet.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_manifest_changed_on_the_server_fails_the_signature_and_v1_keeps_serving() {
     let fleet = fleet_serving_v1(&[]).await;
-    let genuine = fixture_bundle(&fleet.secret, "1.1.0", MLP).unwrap();
-    fleet.publish(genuine.clone()).await;
-    let mut archive = proto::bundle::read_archive(&genuine, &Default::default()).unwrap();
-    let text = String::from_utf8(archive.manifest_bytes.clone()).unwrap();
-    archive.manifest_bytes = text.replace("\"tolerance\": 0.0001", "\"tolerance\": 0.5").into_bytes();
-    assert_ne!(archive.manifest_bytes, genuine[..0].to_vec());
-    let tampered = proto::bundle::write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures);
-    replace_stored_bundle(&fleet, "1.1.0", &tampered);
-    fleet.deploy_all("tabular", "1.1.0").await;
-    let devices =
-        fleet.wait_devices("the device to refuse 1.1.0", "tabular", |m| m.step == Some(UpdateStep::Failed)).await;
-    let detail = &devices[0].models[0].detail;
+    let detail = deploy_tampered(&fleet, |archive| {
+        let genuine = archive.manifest_bytes.clone();
+        let text = String::from_utf8(genuine.clone()).unwrap();
+        archive.manifest_bytes = text.replace("\"tolerance\": 0.0001", "\"tolerance\": 0.5").into_bytes();
+        assert_ne!(archive.manifest_bytes, genuine, "the tolerance edit must change the manifest");
+    })
+    .await;
     assert!(detail.contains("does not match the manifest"), "{detail}");
-    assert_still_serving_v1(&fleet).await;
     fleet.shutdown();
 }
 
