@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::health::HealthProbe;
-use crate::inference::{api, EngineHandle};
+use crate::inference::{EngineHandle, LocalApi};
 use crate::state::{Identity, StateDb, StateError};
 use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
 use crate::updater::disk::Layout;
@@ -102,18 +102,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     restore_installed(&layout, &state, &engine, &trusted, &limits).await?;
 
     let cancel = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind(config.api_listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.api_listen, source })?;
-    let api_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: config.api_listen, source })?;
-    let app = api::router(engine.clone(), config.limits.max_request_bytes);
-    let api_cancel = cancel.clone();
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(api_cancel.cancelled_owned()).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "local API stopped");
-        }
-    });
+    let listen_err = |source| StartError::Listen { addr: config.api_listen, source };
+    let listener = std::net::TcpListener::bind(config.api_listen).map_err(listen_err)?;
+    let api_addr = listener.local_addr().map_err(listen_err)?;
+    let api = LocalApi { listener, max_body_bytes: config.limits.max_request_bytes, shutdown: cancel.clone() };
+    let _api_stopped = engine.serve(api).await.map_err(|e| StartError::Engine(std::io::Error::other(e)))?;
 
     let (device_tx, device) = watch::channel(state.identity()?.map(|i| i.device_id));
     let connected = Connected { config, state, layout, engine: engine.clone(), trusted, limits, state_path };

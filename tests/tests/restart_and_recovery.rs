@@ -60,7 +60,8 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
         })
         .unwrap();
     drop(state);
-    let staging = fleet.agent_dir(0).join("models/tabular/versions/2.0.0.staging");
+    let layout = edge_agent::updater::disk::Layout::new(&fleet.agent_dir(0));
+    let staging = layout.staging_dir("tabular", "2.0.0");
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::write(staging.join("model.onnx"), b"half").unwrap();
 

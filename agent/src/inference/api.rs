@@ -10,7 +10,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::engine::{EngineHandle, InferError};
+use super::engine::InferError;
+use super::thread::SharedEngine;
 use proto::wire::ErrorBody;
 
 #[derive(Deserialize)]
@@ -19,7 +20,8 @@ pub struct InferRequest {
     pub inputs: Vec<Vec<f32>>,
 }
 
-pub fn router(engine: EngineHandle, max_body_bytes: usize) -> Router {
+/// Served on the engine thread's own runtime (see `thread.rs`): handlers run the model inline.
+pub(crate) fn router(engine: SharedEngine, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/infer", post(infer_default))
         .route("/v1/models/{name}/infer", post(infer_named))
@@ -55,7 +57,7 @@ fn body_error(rejection: JsonRejection) -> Response {
 }
 
 async fn run(
-    engine: &EngineHandle,
+    engine: &SharedEngine,
     model: Option<String>,
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Response {
@@ -63,7 +65,8 @@ async fn run(
         Ok(Json(request)) => request,
         Err(rejection) => return body_error(rejection),
     };
-    match engine.infer(model, request.inputs).await {
+    let answer = engine.lock().infer(model, request.inputs);
+    match answer {
         Ok(response) => Json(response).into_response(),
         Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ (InferError::Run(_) | InferError::Panicked { .. } | InferError::Stopped)) => {
@@ -74,20 +77,21 @@ async fn run(
 }
 
 async fn infer_default(
-    State(engine): State<EngineHandle>,
+    State(engine): State<SharedEngine>,
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Response {
     run(&engine, None, body).await
 }
 
 async fn infer_named(
-    State(engine): State<EngineHandle>,
+    State(engine): State<SharedEngine>,
     Path(name): Path<String>,
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Response {
     run(&engine, Some(name), body).await
 }
 
-async fn models(State(engine): State<EngineHandle>) -> Response {
-    Json(engine.active().await).into_response()
+async fn models(State(engine): State<SharedEngine>) -> Response {
+    let active = engine.lock().active();
+    Json(active).into_response()
 }

@@ -1,8 +1,9 @@
-//! The inference engine: one dedicated thread owns every serving model, its tract session and its
-//! drift window. Requests arrive on a bounded channel; telemetry leaves through `try_send`, so a
-//! request never waits for disk or network. A panic inside tract fails that one request; the
-//! model's session is rebuilt and the engine keeps serving. Window boundaries come from the
-//! caller's clock (`now_ms` on install and on take), as `decide` takes `now` on the server.
+//! The inference engine's state and hot path: every serving model with its tract session, drift
+//! window and counters. It lives on the engine thread (`thread.rs`) and is only ever touched from
+//! there. Telemetry leaves through `try_send`, so a request never waits for disk or network. A
+//! panic inside tract fails that one request; the model's session is rebuilt and the engine keeps
+//! serving. Window boundaries come from the caller's clock (`now_ms` on install and on take), as
+//! `decide` takes `now` on the server.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use proto::drift::{drift, SketchCounts};
 use proto::wire::{DriftSummary, ModelCounters};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::telemetry::{TelemetryRecord, TelemetrySink};
 use crate::unix_ms;
@@ -53,42 +53,6 @@ pub struct InferResponse {
     pub model: String,
     pub version: String,
     pub outputs: Vec<Vec<f32>>,
-}
-
-enum EngineMsg {
-    Infer {
-        model: Option<String>,
-        rows: Vec<Vec<f32>>,
-        reply: oneshot::Sender<Result<InferResponse, InferError>>,
-    },
-    Install {
-        model: Box<LoadedModel>,
-        now_ms: u64,
-        reply: oneshot::Sender<Result<(), ModelError>>,
-    },
-    TakeWindow {
-        model: String,
-        now_ms: u64,
-        reply: oneshot::Sender<Option<DriftSummary>>,
-    },
-    Counters {
-        reply: oneshot::Sender<Vec<ModelCounters>>,
-    },
-    Active {
-        reply: oneshot::Sender<BTreeMap<String, String>>,
-    },
-    /// Panics inside the guarded inference path, as a tract bug would.
-    #[cfg(test)]
-    PanicForTest {
-        model: String,
-        reply: oneshot::Sender<Result<InferResponse, InferError>>,
-    },
-}
-
-/// Cheap to clone; every clone talks to the same engine thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<EngineMsg>,
 }
 
 /// A model being served: its tract session, drift window and counters. Owned by the engine thread.
@@ -178,91 +142,56 @@ impl Serving {
     }
 }
 
-impl EngineHandle {
-    /// Starts the engine thread; `queue` bounds the requests waiting for it.
-    pub fn spawn(telemetry: TelemetrySink, queue: usize) -> std::io::Result<EngineHandle> {
-        let (tx, rx) = mpsc::channel(queue);
-        std::thread::Builder::new().name("inference".into()).spawn(move || run_engine(rx, telemetry))?;
-        Ok(EngineHandle { tx })
+/// Every model the device serves; owned by the engine thread.
+pub(crate) struct Engine {
+    serving: BTreeMap<String, Serving>,
+    telemetry: TelemetrySink,
+}
+
+impl Engine {
+    pub(crate) fn new(telemetry: TelemetrySink) -> Engine {
+        Engine { serving: BTreeMap::new(), telemetry }
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> EngineMsg) -> Option<T> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.ok()?;
-        rx.await.ok()
-    }
-
-    pub async fn infer(&self, model: Option<String>, rows: Vec<Vec<f32>>) -> Result<InferResponse, InferError> {
-        self.ask(|reply| EngineMsg::Infer { model, rows, reply }).await.unwrap_or(Err(InferError::Stopped))
-    }
-
-    /// Swaps a model in (replacing any version of the same name) between two requests; its first
-    /// drift window starts at `now_ms`.
-    pub async fn install(&self, model: LoadedModel, now_ms: u64) -> Result<(), ModelError> {
-        self.ask(|reply| EngineMsg::Install { model: Box::new(model), now_ms, reply })
-            .await
-            .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
-    }
-
-    /// Closes the model's current drift window at `now_ms` and opens the next one there.
-    pub async fn take_window(&self, model: String, now_ms: u64) -> Option<DriftSummary> {
-        self.ask(|reply| EngineMsg::TakeWindow { model, now_ms, reply }).await.flatten()
-    }
-
-    pub async fn counters(&self) -> Vec<ModelCounters> {
-        self.ask(|reply| EngineMsg::Counters { reply }).await.unwrap_or_default()
+    /// The hot path, with a panic inside tract contained to this one request.
+    pub(crate) fn infer(&mut self, model: Option<String>, rows: Vec<Vec<f32>>) -> Result<InferResponse, InferError> {
+        let telemetry = &self.telemetry;
+        guarded_infer(&mut self.serving, model, |s| infer(s, rows, telemetry))
     }
 
     #[cfg(test)]
-    pub(crate) async fn panic_for_test(&self, model: &str) -> Result<InferResponse, InferError> {
-        let model = model.to_string();
-        self.ask(|reply| EngineMsg::PanicForTest { model, reply }).await.unwrap_or(Err(InferError::Stopped))
+    pub(crate) fn panic_for_test(&mut self, model: String) -> Result<InferResponse, InferError> {
+        guarded_infer(&mut self.serving, Some(model), |_| panic!("injected tract panic"))
+    }
+
+    /// Swaps a model in (replacing any version of the same name); its first window starts at `now_ms`.
+    pub(crate) fn install(&mut self, model: LoadedModel, now_ms: u64) -> Result<(), ModelError> {
+        let serving = Serving::new(model, now_ms)?;
+        self.serving.insert(serving.model.name.clone(), serving);
+        Ok(())
+    }
+
+    pub(crate) fn take_window(&mut self, model: &str, now_ms: u64) -> Option<DriftSummary> {
+        self.serving.get_mut(model).map(|s| take_window(s, now_ms))
+    }
+
+    pub(crate) fn counters(&self) -> Vec<ModelCounters> {
+        self.serving
+            .values()
+            .map(|s| ModelCounters {
+                model: s.name.to_string(),
+                version: s.version.to_string(),
+                inferences: s.inferences,
+                errors: s.errors,
+                telemetry_dropped: self.telemetry.dropped(),
+                latency_p95_us: s.latency.p95(),
+            })
+            .collect()
     }
 
     /// Active model name -> version.
-    pub async fn active(&self) -> BTreeMap<String, String> {
-        self.ask(|reply| EngineMsg::Active { reply }).await.unwrap_or_default()
-    }
-}
-
-fn run_engine(mut rx: mpsc::Receiver<EngineMsg>, telemetry: TelemetrySink) {
-    let mut serving: BTreeMap<String, Serving> = BTreeMap::new();
-    while let Some(msg) = rx.blocking_recv() {
-        match msg {
-            EngineMsg::Infer { model, rows, reply } => {
-                let _ = reply.send(guarded_infer(&mut serving, model, |s| infer(s, rows, &telemetry)));
-            }
-            EngineMsg::Install { model, now_ms, reply } => {
-                let result = Serving::new(*model, now_ms).map(|s| {
-                    serving.insert(s.model.name.clone(), s);
-                });
-                let _ = reply.send(result);
-            }
-            EngineMsg::TakeWindow { model, now_ms, reply } => {
-                let _ = reply.send(serving.get_mut(&model).map(|s| take_window(s, now_ms)));
-            }
-            EngineMsg::Counters { reply } => {
-                let counters = serving
-                    .values()
-                    .map(|s| ModelCounters {
-                        model: s.name.to_string(),
-                        version: s.version.to_string(),
-                        inferences: s.inferences,
-                        errors: s.errors,
-                        telemetry_dropped: telemetry.dropped(),
-                        latency_p95_us: s.latency.p95(),
-                    })
-                    .collect();
-                let _ = reply.send(counters);
-            }
-            EngineMsg::Active { reply } => {
-                let _ = reply.send(serving.values().map(|s| (s.name.to_string(), s.version.to_string())).collect());
-            }
-            #[cfg(test)]
-            EngineMsg::PanicForTest { model, reply } => {
-                let _ = reply.send(guarded_infer(&mut serving, Some(model), |_| panic!("injected tract panic")));
-            }
-        }
+    pub(crate) fn active(&self) -> BTreeMap<String, String> {
+        self.serving.values().map(|s| (s.name.to_string(), s.version.to_string())).collect()
     }
 }
 

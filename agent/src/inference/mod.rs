@@ -1,11 +1,13 @@
-//! Local inference: models (loaded by `model-runtime`) on a dedicated engine thread, served on a
-//! local HTTP API.
+//! Local inference: models (loaded by `model-runtime`) on a dedicated engine thread that also
+//! serves the local HTTP API (`thread.rs` says why).
 
 pub mod api;
 pub mod engine;
+pub mod thread;
 
-pub use engine::{EngineHandle, InferError, InferResponse};
+pub use engine::{InferError, InferResponse};
 pub use model_runtime::{LoadedModel, ModelError};
+pub use thread::{EngineHandle, LocalApi};
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,8 @@
 use proto::bundle::{DType, GoldenCase, GoldenSet, Manifest, ModelContract, TensorSpec};
 use proto::drift::{build_reference, ReferenceSketch};
 
-use super::engine::{EngineHandle, InferError};
+use super::engine::InferError;
+use super::thread::EngineHandle;
 use crate::telemetry::{spawn_writer, WriterConfig};
 use model_runtime::{raw_tract_run, LoadedModel, ModelError};
 

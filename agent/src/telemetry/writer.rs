@@ -35,6 +35,9 @@ pub struct WriterConfig {
     pub max_rows: u64,
 }
 
+/// How long the writer waits for more records after a part-full batch.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 enum Msg {
     Record(TelemetryRecord),
     Flush(oneshot::Sender<u64>),
@@ -137,6 +140,7 @@ fn run_writer(
             }
             next = if batch.len() < config.batch { rx.try_recv().ok() } else { None };
         }
+        let inserted = batch.len();
         rows += insert_batch(&mut conn, &batch)?;
         batch.clear();
         if let Some(plan) = super::evict(rows, config.max_rows) {
@@ -145,8 +149,15 @@ fn run_writer(
                 params![plan.delete_oldest as i64],
             )? as u64;
         }
+        let flushed = !flushes.is_empty();
         for reply in flushes.drain(..) {
             let _ = reply.send(rows);
+        }
+        // A part-full batch means records trickle in: let some gather before the next commit, so
+        // a busy device pays one wake-up and one WAL write per LINGER, not per request. The queue
+        // holds far more than a LINGER's worth of records at any rate the engine reaches.
+        if inserted < config.batch && !flushed {
+            std::thread::sleep(LINGER);
         }
     }
     Ok(())

@@ -53,6 +53,13 @@ impl Layout {
         self.model_dir(name).join("versions").join(version)
     }
 
+    /// Where a version is written before it is renamed into place: `versions/<version>.staging`.
+    /// Never a name another version can have: versions never end in `.staging` (semver build
+    /// metadata is `+...`, and a prerelease ending in `.staging` would still differ by this suffix).
+    pub fn staging_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.model_dir(name).join("versions").join(format!("{version}.staging"))
+    }
+
     pub fn download_path(&self, name: &str, version: &str) -> PathBuf {
         self.root.join("downloads").join(format!("{name}-{version}.bundle"))
     }
@@ -89,7 +96,7 @@ impl Layout {
         let name = &bundle.manifest.name;
         let version = bundle.manifest.version.to_string();
         let final_dir = self.version_dir(name, &version);
-        let staging = final_dir.with_extension("staging");
+        let staging = self.staging_dir(name, &version);
         remove_dir_if_present(&staging)?;
         remove_dir_if_present(&final_dir)?;
         fs::create_dir_all(staging.join(SIGNATURE_DIR)).map_err(io("create", &staging))?;
@@ -208,4 +215,45 @@ fn read_dir_bundle(dir: &Path, limits: &Limits) -> Result<UnverifiedBundle, Disk
         }
     }
     Ok(UnverifiedBundle { manifest_bytes, signatures, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::bundle::{DType, Manifest, ModelContract, TensorSpec, MODEL_PATH};
+    use proto::KeyId;
+
+    use super::*;
+
+    fn bundle(version: &str) -> VerifiedBundle {
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![1, 2] };
+        let contract =
+            ModelContract { input: spec("in"), output: spec("out"), feature_names: vec![], output_labels: vec![] };
+        let manifest = Manifest::for_model("m", semver::Version::parse(version).unwrap(), b"model", contract);
+        VerifiedBundle {
+            manifest_bytes: manifest.to_json_bytes(),
+            manifest,
+            signed_by: KeyId::parse("0102030405060708").unwrap(),
+            signatures: BTreeMap::new(),
+            files: [(MODEL_PATH.to_string(), b"model".to_vec())].into(),
+        }
+    }
+
+    #[test]
+    fn a_version_stages_in_its_full_name_with_a_staging_suffix() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        assert_eq!(layout.staging_dir("m", "2.0.0"), dir.path().join("models/m/versions/2.0.0.staging"));
+        assert_eq!(layout.staging_dir("m", "1.0.0-rc.1"), dir.path().join("models/m/versions/1.0.0-rc.1.staging"));
+    }
+
+    #[test]
+    fn staging_a_prerelease_never_deletes_an_installed_version_whose_name_looks_like_its_staging_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        // `1.0.0-rc.staging` is a valid version; `1.0.0-rc.1` once staged in a directory of that name.
+        let kept = layout.stage(&bundle("1.0.0-rc.staging")).unwrap();
+        layout.stage(&bundle("1.0.0-rc.1")).unwrap();
+        assert!(kept.join(MODEL_PATH).is_file(), "staging 1.0.0-rc.1 removed installed version 1.0.0-rc.staging");
+        assert!(layout.version_dir("m", "1.0.0-rc.1").join(MODEL_PATH).is_file());
+    }
 }

@@ -138,65 +138,43 @@ impl Driver {
         Ok(())
     }
 
-    /// Persist first (state and audit in one transaction), then set desired versions.
+    /// Persist first (state, audit and desired versions in one transaction), then notify devices.
     async fn commit(&self, decision: Decision, actor: &str) -> Result<Rollout, DriverError> {
         let now = crate::unix_ms();
         let Decision { rollout, effects } = decision;
-        let audit: Vec<AuditEntry> = effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Audit { action, detail } => Some(AuditEntry {
+        let mut audit = Vec::new();
+        let mut desired = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Audit { action, detail } => audit.push(AuditEntry {
                     at_ms: now,
                     actor: actor.to_string(),
                     rollout: Some(rollout.id.clone()),
-                    action: action.clone(),
-                    detail: detail.clone(),
+                    action,
+                    detail,
                 }),
-                Effect::SetDesired { .. } => None,
-            })
-            .collect();
+                Effect::SetDesired { device, version, attempt } => desired.push((device, version, attempt)),
+            }
+        }
         let saved = rollout.clone();
-        self.blocking(move |s| s.save_rollout(&saved, &audit)).await?;
-        let model = rollout.plan.model.clone();
-        let changes: Vec<(String, String, u32)> = effects
-            .into_iter()
-            .filter_map(|e| match e {
-                Effect::SetDesired { device, version, attempt } => Some((device, version, attempt)),
-                Effect::Audit { .. } => None,
-            })
-            .collect();
-        self.set_desired(model, changes).await?;
+        let revisions = self.blocking(move |s| s.save_rollout(&saved, &audit, &desired)).await?;
+        self.notify(revisions);
         Ok(rollout)
     }
 
-    async fn set_desired(&self, model: String, changes: Vec<(String, String, u32)>) -> Result<(), DriverError> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let revisions = self
-            .blocking(move |s| {
-                let mut revisions = Vec::new();
-                for (device, version, attempt) in &changes {
-                    if let Some(revision) = s.set_desired_attempt(device, &model, version, *attempt)? {
-                        revisions.push((device.clone(), revision));
-                    }
-                }
-                Ok(revisions)
-            })
-            .await?;
+    fn notify(&self, revisions: Vec<(String, u64)>) {
         for (device, revision) in revisions {
             self.notifier.desired_changed(&device, revision);
         }
-        Ok(())
     }
 
-    /// What each rollout wants of each device, applied idempotently.
+    /// What each running or paused rollout wants of its devices, applied idempotently (an
+    /// unchanged assertion changes no revision). A finished rollout is never re-asserted: its
+    /// last desired writes (a rollback's reverts included) were committed with its state, and a
+    /// later deployment to its devices must win.
     async fn reassert_all(&self) -> Result<(), DriverError> {
         let rollouts = self.blocking(|s| s.rollouts()).await?;
-        for rollout in rollouts
-            .iter()
-            .filter(|r| r.phase.is_active() || r.members.values().any(|m| m.status == MemberStatus::Reverted))
-        {
+        for rollout in rollouts.into_iter().filter(|r| r.phase.is_active()) {
             let wanted: Vec<(String, String, u32)> = rollout
                 .members
                 .iter()
@@ -204,12 +182,85 @@ impl Driver {
                     MemberStatus::Assigned | MemberStatus::Active => {
                         Some((id.clone(), rollout.plan.version.clone(), m.attempt))
                     }
-                    MemberStatus::Reverted => Some((id.clone(), m.previous_version.clone()?, m.attempt)),
                     _ => None,
                 })
                 .collect();
-            self.set_desired(rollout.plan.model.clone(), wanted).await?;
+            let revisions = self.blocking(move |s| s.save_rollout(&rollout, &[], &wanted)).await?;
+            self.notify(revisions);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::create::DeviceInfo;
+    use crate::rollout::Phase;
+    use crate::store::{NewDevice, SqliteStore};
+
+    fn plan() -> RolloutPlan {
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nholdout = 0.0\nwaves = [{percent = 100.0}]").unwrap()
+    }
+
+    /// Waits until the driver has handled a command, so its start-up work is done.
+    async fn settled(handle: &RolloutHandle) {
+        let unknown = handle.operate("ro-none".into(), OperatorAction::Pause, "test".into()).await;
+        assert!(matches!(unknown, Err(DriverError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn a_finished_rollout_does_not_put_back_a_version_deployed_after_it_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        store
+            .insert_device(&NewDevice {
+                id: "d1".into(),
+                name: "d1".into(),
+                labels: Default::default(),
+                credential_hash: "h".into(),
+                enrolled_ms: 1,
+            })
+            .unwrap();
+        let device = DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) };
+        let mut rollout = create("ro-old", plan(), &[device], &Default::default(), 1).unwrap();
+        // It rolled back: d1 was put back on 1.0.0.
+        let member = rollout.members.get_mut("d1").unwrap();
+        member.wave = Some(0);
+        member.status = MemberStatus::Reverted;
+        rollout.phase = Phase::RolledBack;
+        store.save_rollout(&rollout, &[], &[("d1".into(), "1.0.0".into(), 0)]).unwrap();
+        // Later an operator deploys 3.0.0 to d1; then the server restarts.
+        store.set_desired(&["d1".into()], "tabular", "3.0.0").unwrap();
+
+        let cancel = CancellationToken::new();
+        let handle = spawn(store.clone(), Notifier::detached(), Duration::from_secs(3600), cancel.clone());
+        settled(&handle).await;
+        let desired = store.list_devices().unwrap()[0].models[0].desired_version.clone();
+        assert_eq!(desired.as_deref(), Some("3.0.0"), "the finished rollout overrode a later deployment");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_rollout_state_and_its_desired_versions_are_saved_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
+        store
+            .insert_device(&NewDevice {
+                id: "d1".into(),
+                name: "d1".into(),
+                labels: Default::default(),
+                credential_hash: "h".into(),
+                enrolled_ms: 1,
+            })
+            .unwrap();
+        let device = DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) };
+        let rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
+        let revisions = store.save_rollout(&rollout, &[], &[("d1".into(), "2.0.0".into(), 0)]).unwrap();
+        assert_eq!(revisions, vec![("d1".to_string(), 1)]);
+        assert!(store.rollout("ro-1").unwrap().is_some());
+        assert_eq!(store.list_devices().unwrap()[0].models[0].desired_version.as_deref(), Some("2.0.0"));
+        let again = store.save_rollout(&rollout, &[], &[("d1".into(), "2.0.0".into(), 0)]).unwrap();
+        assert!(again.is_empty(), "re-saving the same desired version changes no revision");
     }
 }

@@ -35,6 +35,9 @@ pub async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(StoreError::Interrupted(e.to_string())))
 }
 
+/// A rollout's desired version for one device of its model: (device, version, attempt).
+pub type DesiredChange = (String, String, u32);
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewDevice {
     pub id: String,
@@ -81,15 +84,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets the desired version of a model on devices; returns each device's new revision.
     fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError>;
-    /// Sets one device's desired version and attempt; returns the new revision, or None when
-    /// nothing changed (so re-asserting a rollout's state is cheap and quiet).
-    fn set_desired_attempt(
-        &self,
-        device: &str,
-        model: &str,
-        version: &str,
-        attempt: u32,
-    ) -> Result<Option<u64>, StoreError>;
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError>;
 
     fn record_status(&self, device: &str, status: &UpdateStatus) -> Result<(), StoreError>;
@@ -102,8 +96,14 @@ pub trait Store: Send + Sync + 'static {
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError>;
     /// Status and metrics of `model` on every device, windows since `since_ms`.
     fn observations(&self, model: &str, since_ms: u64) -> Result<Observations, StoreError>;
-    /// Writes the rollout state and its audit lines in one transaction.
-    fn save_rollout(&self, rollout: &Rollout, audit: &[AuditEntry]) -> Result<(), StoreError>;
+    /// Writes the rollout state, its audit lines and the desired versions it sets in one
+    /// transaction; returns the devices whose revision changed (unchanged assertions are quiet).
+    fn save_rollout(
+        &self,
+        rollout: &Rollout,
+        audit: &[AuditEntry],
+        desired: &[DesiredChange],
+    ) -> Result<Vec<(String, u64)>, StoreError>;
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
     /// Newest first.
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;

@@ -1,3 +1,8 @@
+//! The SQLite store: one file in the data directory, one connection in WAL mode behind a mutex.
+//! This half owns the schema, enrollment, devices, bundles, desired state and what devices report;
+//! the rollout half (`sqlite_rollouts.rs`) owns rollout state, the audit log and the raw rows the
+//! rollout engine observes.
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -7,7 +12,7 @@ use proto::wire::{
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{BundleRecord, NewDevice, Store, StoreError, StoredDrift};
+use super::{BundleRecord, DesiredChange, NewDevice, Store, StoreError, StoredDrift};
 use crate::rollout::create::DeviceInfo;
 use crate::rollout::gates::Observations;
 use crate::rollout::Rollout;
@@ -256,17 +261,9 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let mut revisions = Vec::with_capacity(devices.len());
         for device in devices {
-            tx.execute(
-                "INSERT INTO desired (device, model, version) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (device, model) DO UPDATE SET version = excluded.version",
-                params![device, model, version],
-            )?;
-            let revision: i64 = tx.query_row(
-                "UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
-                params![device],
-                |r| r.get(0),
-            )?;
-            revisions.push((device.clone(), revision as u64));
+            if let Some(revision) = rollouts::upsert_desired(&tx, device, model, version, None)? {
+                revisions.push((device.clone(), revision));
+            }
         }
         tx.commit()?;
         Ok(revisions)
@@ -348,16 +345,6 @@ impl Store for SqliteStore {
         Ok(inserted == 1)
     }
 
-    fn set_desired_attempt(
-        &self,
-        device: &str,
-        model: &str,
-        version: &str,
-        attempt: u32,
-    ) -> Result<Option<u64>, StoreError> {
-        rollouts::set_desired_attempt(&mut self.conn(), device, model, version, attempt)
-    }
-
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
         rollouts::device_infos(&self.conn(), model)
     }
@@ -366,8 +353,13 @@ impl Store for SqliteStore {
         rollouts::observations(&self.conn(), model, since_ms)
     }
 
-    fn save_rollout(&self, rollout: &Rollout, audit: &[AuditEntry]) -> Result<(), StoreError> {
-        rollouts::save(&mut self.conn(), rollout, audit)
+    fn save_rollout(
+        &self,
+        rollout: &Rollout,
+        audit: &[AuditEntry],
+        desired: &[DesiredChange],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        rollouts::save(&mut self.conn(), rollout, audit, desired)
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {

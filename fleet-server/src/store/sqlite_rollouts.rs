@@ -7,7 +7,7 @@ use proto::drift::SketchCounts;
 use proto::wire::{AuditEntry, UpdateStep};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::StoreError;
+use super::{DesiredChange, StoreError};
 use crate::rollout::create::DeviceInfo;
 use crate::rollout::gates::Observations;
 use crate::rollout::state::VersionMetrics;
@@ -16,27 +16,33 @@ use crate::rollout::Rollout;
 /// Samples a device needs before its input drift is compared (bias ~ 9/500 < 0.02 PSI).
 pub const MIN_DRIFT_SAMPLES: u64 = 500;
 
-pub fn set_desired_attempt(
-    conn: &mut Connection,
+/// The one desired-version upsert, inside the caller's transaction. `attempt` None keeps the
+/// stored attempt (a plain deployment) and always raises the revision, so a device told again
+/// checks in again; `Some` is a rollout's assertion and changes nothing (returns None) when the
+/// version and attempt are already what it wants.
+pub fn upsert_desired(
+    tx: &Connection,
     device: &str,
     model: &str,
     version: &str,
-    attempt: u32,
+    attempt: Option<u32>,
 ) -> Result<Option<u64>, StoreError> {
-    let tx = conn.transaction()?;
-    let current: Option<(String, u32)> = tx
-        .query_row(
-            "SELECT version, attempt FROM desired WHERE device = ?1 AND model = ?2",
-            params![device, model],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    if current.as_ref().is_some_and(|(v, a)| v == version && *a == attempt) {
-        return Ok(None);
+    if let Some(attempt) = attempt {
+        let current: Option<(String, u32)> = tx
+            .query_row(
+                "SELECT version, attempt FROM desired WHERE device = ?1 AND model = ?2",
+                params![device, model],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if current.as_ref().is_some_and(|(v, a)| v == version && *a == attempt) {
+            return Ok(None);
+        }
     }
     tx.execute(
-        "INSERT INTO desired (device, model, version, attempt) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, attempt = excluded.attempt",
+        "INSERT INTO desired (device, model, version, attempt) VALUES (?1, ?2, ?3, COALESCE(?4, 0))
+         ON CONFLICT (device, model) DO UPDATE SET version = excluded.version,
+           attempt = COALESCE(?4, desired.attempt)",
         params![device, model, version, attempt],
     )?;
     let revision: i64 = tx.query_row(
@@ -44,7 +50,6 @@ pub fn set_desired_attempt(
         params![device],
         |r| r.get(0),
     )?;
-    tx.commit()?;
     Ok(Some(revision as u64))
 }
 
@@ -136,7 +141,15 @@ fn reference(conn: &Connection, model: &str, version: &str) -> Option<proto::dri
     proto::Manifest::parse(&manifest).ok().map(|m| m.reference)
 }
 
-pub fn save(conn: &mut Connection, rollout: &Rollout, audit: &[AuditEntry]) -> Result<(), StoreError> {
+/// The rollout's state, its audit lines and the desired versions it sets, in one transaction:
+/// a crash can never leave a saved state whose desired writes are missing. Returns the devices
+/// whose revision changed, to notify once committed.
+pub fn save(
+    conn: &mut Connection,
+    rollout: &Rollout,
+    audit: &[AuditEntry],
+    desired: &[DesiredChange],
+) -> Result<Vec<(String, u64)>, StoreError> {
     let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let tx = conn.transaction()?;
     tx.execute(
@@ -147,8 +160,14 @@ pub fn save(conn: &mut Connection, rollout: &Rollout, audit: &[AuditEntry]) -> R
     for entry in audit {
         insert_audit(&tx, entry)?;
     }
+    let mut revisions = Vec::new();
+    for (device, version, attempt) in desired {
+        if let Some(revision) = upsert_desired(&tx, device, &rollout.plan.model, version, Some(*attempt))? {
+            revisions.push((device.clone(), revision));
+        }
+    }
     tx.commit()?;
-    Ok(())
+    Ok(revisions)
 }
 
 fn insert_audit(conn: &Connection, e: &AuditEntry) -> Result<(), StoreError> {

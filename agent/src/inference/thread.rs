@@ -1,0 +1,194 @@
+//! The engine thread: one dedicated OS thread owns the [`Engine`] and runs a single-threaded tokio
+//! runtime of its own. On it, the local HTTP API (when the agent serves one) answers requests by
+//! running the model right there, and a control task takes typed messages from the rest of the
+//! agent on a bounded channel (install a model, close a drift window, counters, in-process
+//! inference).
+//!
+//! Why the API lives on this thread: a request handed from the agent's main runtime to a separate
+//! engine thread pays two cross-thread wake-ups (there and back), which on a 2-core device cost
+//! more than a small model's whole run (measured in docs/BENCHMARKS.md). Here a request is parsed,
+//! run and answered without leaving the thread. The main runtime (MQTT, updater, reporters) never
+//! runs tract, so a slow model cannot stall keep-alives; a slow model only delays other local
+//! requests, which would have waited for the engine anyway.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use proto::wire::{DriftSummary, ModelCounters};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Engine, InferError, InferResponse};
+use crate::telemetry::TelemetrySink;
+use model_runtime::{LoadedModel, ModelError};
+
+/// The engine, shared by the tasks of the engine thread's runtime. Only that thread ever locks
+/// it, so the lock is never contended; it exists because axum wants `Send + Sync` state.
+#[derive(Clone)]
+pub(crate) struct SharedEngine(Arc<Mutex<Engine>>);
+
+impl SharedEngine {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Engine> {
+        // The engine contains panics from tract (`Engine::infer`); a poisoned lock could only come
+        // from a bug elsewhere, and the engine's data is still consistent then.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+enum EngineMsg {
+    Infer {
+        model: Option<String>,
+        rows: Vec<Vec<f32>>,
+        reply: oneshot::Sender<Result<InferResponse, InferError>>,
+    },
+    Install {
+        model: Box<LoadedModel>,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<(), ModelError>>,
+    },
+    TakeWindow {
+        model: String,
+        now_ms: u64,
+        reply: oneshot::Sender<Option<DriftSummary>>,
+    },
+    Counters {
+        reply: oneshot::Sender<Vec<ModelCounters>>,
+    },
+    Active {
+        reply: oneshot::Sender<BTreeMap<String, String>>,
+    },
+    Serve {
+        api: LocalApi,
+        stopped: oneshot::Sender<()>,
+    },
+    /// Panics inside the guarded inference path, as a tract bug would.
+    #[cfg(test)]
+    PanicForTest {
+        model: String,
+        reply: oneshot::Sender<Result<InferResponse, InferError>>,
+    },
+}
+
+/// The local inference API the engine thread serves.
+pub struct LocalApi {
+    pub listener: std::net::TcpListener,
+    pub max_body_bytes: usize,
+    /// Cancelled to stop accepting requests; in-flight ones finish first.
+    pub shutdown: CancellationToken,
+}
+
+/// Cheap to clone; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<EngineMsg>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; `queue` bounds the messages waiting for it.
+    pub fn spawn(telemetry: TelemetrySink, queue: usize) -> std::io::Result<EngineHandle> {
+        let (tx, rx) = mpsc::channel(queue);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let engine = SharedEngine(Arc::new(Mutex::new(Engine::new(telemetry))));
+        std::thread::Builder::new().name("inference".into()).spawn(move || runtime.block_on(control(rx, engine)))?;
+        Ok(EngineHandle { tx })
+    }
+
+    /// Serves the local API from the engine thread, from now on (the agent calls it once the
+    /// installed models are restored). The receiver resolves once the API has shut down
+    /// gracefully, after `api.shutdown` is cancelled; an error is the engine having stopped.
+    pub async fn serve(&self, api: LocalApi) -> Result<oneshot::Receiver<()>, InferError> {
+        let (stopped, rx) = oneshot::channel();
+        self.tx.send(EngineMsg::Serve { api, stopped }).await.map_err(|_| InferError::Stopped)?;
+        Ok(rx)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> EngineMsg) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// In-process inference (tests, benchmarks); devices' clients use the local API.
+    pub async fn infer(&self, model: Option<String>, rows: Vec<Vec<f32>>) -> Result<InferResponse, InferError> {
+        self.ask(|reply| EngineMsg::Infer { model, rows, reply }).await.unwrap_or(Err(InferError::Stopped))
+    }
+
+    /// Swaps a model in (replacing any version of the same name) between two requests; its first
+    /// drift window starts at `now_ms`.
+    pub async fn install(&self, model: LoadedModel, now_ms: u64) -> Result<(), ModelError> {
+        self.ask(|reply| EngineMsg::Install { model: Box::new(model), now_ms, reply })
+            .await
+            .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
+    }
+
+    /// Closes the model's current drift window at `now_ms` and opens the next one there.
+    pub async fn take_window(&self, model: String, now_ms: u64) -> Option<DriftSummary> {
+        self.ask(|reply| EngineMsg::TakeWindow { model, now_ms, reply }).await.flatten()
+    }
+
+    pub async fn counters(&self) -> Vec<ModelCounters> {
+        self.ask(|reply| EngineMsg::Counters { reply }).await.unwrap_or_default()
+    }
+
+    /// Active model name -> version.
+    pub async fn active(&self) -> BTreeMap<String, String> {
+        self.ask(|reply| EngineMsg::Active { reply }).await.unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn panic_for_test(&self, model: &str) -> Result<InferResponse, InferError> {
+        let model = model.to_string();
+        self.ask(|reply| EngineMsg::PanicForTest { model, reply }).await.unwrap_or(Err(InferError::Stopped))
+    }
+}
+
+/// The engine thread's main task: control messages until every handle is gone. The local API,
+/// once asked for, runs as tasks on the same single-threaded runtime.
+async fn control(mut rx: mpsc::Receiver<EngineMsg>, engine: SharedEngine) {
+    while let Some(msg) = rx.recv().await {
+        handle(&engine, msg);
+    }
+}
+
+async fn serve_api(engine: SharedEngine, api: LocalApi, stopped: oneshot::Sender<()>) {
+    let listener = api.listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(api.listener));
+    match listener {
+        Ok(listener) => {
+            let app = super::api::router(engine, api.max_body_bytes);
+            let served = axum::serve(listener, app).with_graceful_shutdown(api.shutdown.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "local API stopped");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "local API listener unusable"),
+    }
+    let _ = stopped.send(());
+}
+
+fn handle(engine: &SharedEngine, msg: EngineMsg) {
+    match msg {
+        EngineMsg::Infer { model, rows, reply } => {
+            let _ = reply.send(engine.lock().infer(model, rows));
+        }
+        EngineMsg::Install { model, now_ms, reply } => {
+            let _ = reply.send(engine.lock().install(*model, now_ms));
+        }
+        EngineMsg::TakeWindow { model, now_ms, reply } => {
+            let _ = reply.send(engine.lock().take_window(&model, now_ms));
+        }
+        EngineMsg::Counters { reply } => {
+            let _ = reply.send(engine.lock().counters());
+        }
+        EngineMsg::Active { reply } => {
+            let _ = reply.send(engine.lock().active());
+        }
+        EngineMsg::Serve { api, stopped } => {
+            // Runs on this thread's runtime: `handle` is called from inside it.
+            tokio::spawn(serve_api(engine.clone(), api, stopped));
+        }
+        #[cfg(test)]
+        EngineMsg::PanicForTest { model, reply } => {
+            let _ = reply.send(engine.lock().panic_for_test(model));
+        }
+    }
+}
