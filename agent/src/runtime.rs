@@ -13,7 +13,7 @@ use proto::bundle::Limits;
 use proto::wire::{EnrollRequest, EnrollResponse, Heartbeat};
 use proto::TrustedKeys;
 use thiserror::Error;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
@@ -53,6 +53,7 @@ pub struct AgentHandle {
     pub engine: EngineHandle,
     pub telemetry: TelemetrySink,
     device: watch::Receiver<Option<String>>,
+    drift_now: mpsc::Sender<oneshot::Sender<()>>,
     cancel: CancellationToken,
 }
 
@@ -70,6 +71,15 @@ impl AgentHandle {
         let mut rx = self.device.clone();
         let device = rx.wait_for(Option::is_some).await.ok()?.clone();
         device
+    }
+
+    /// Closes every model's drift window now and queues the summaries for the server, as the
+    /// drift interval would; returns once they are handed to the uplink (after enrollment).
+    pub async fn report_drift_now(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.drift_now.send(done).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
@@ -109,9 +119,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     let _api_stopped = engine.serve(api).await.map_err(|e| StartError::Engine(std::io::Error::other(e)))?;
 
     let (device_tx, device) = watch::channel(state.identity()?.map(|i| i.device_id));
+    let (drift_now, drift_requests) = mpsc::channel(4);
     let connected = Connected { config, state, layout, engine: engine.clone(), trusted, limits, state_path };
-    tokio::spawn(connected.run(device_tx, cancel.clone()));
-    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, cancel })
+    tokio::spawn(connected.run(device_tx, drift_requests, cancel.clone()));
+    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, drift_now, cancel })
 }
 
 /// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
@@ -126,7 +137,12 @@ struct Connected {
 }
 
 impl Connected {
-    async fn run(self, device_tx: watch::Sender<Option<String>>, cancel: CancellationToken) {
+    async fn run(
+        self,
+        device_tx: watch::Sender<Option<String>>,
+        drift_requests: mpsc::Receiver<oneshot::Sender<()>>,
+        cancel: CancellationToken,
+    ) {
         let http = match crate::http::builder().build() {
             Ok(http) => http,
             Err(e) => return tracing::error!(error = %e, "cannot build the HTTP client"),
@@ -152,7 +168,8 @@ impl Connected {
             Ok(uplink) => uplink,
             Err(e) => return tracing::error!(error = %e, "cannot start the MQTT session"),
         };
-        tokio::spawn(report_drift(self.engine.clone(), uplink.clone(), self.config.intervals.drift(), cancel.clone()));
+        let every = self.config.intervals.drift();
+        tokio::spawn(report_drift(self.engine.clone(), uplink.clone(), every, drift_requests, cancel.clone()));
         tokio::spawn(report_health(
             self.engine.clone(),
             uplink.clone(),
@@ -229,20 +246,31 @@ async fn enroll_once(
     response.json().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))
 }
 
-async fn report_drift(engine: EngineHandle, uplink: UplinkHandle, every: Duration, cancel: CancellationToken) {
+/// Every `every`, or when asked, closes each model's drift window and queues its summary.
+async fn report_drift(
+    engine: EngineHandle,
+    uplink: UplinkHandle,
+    every: Duration,
+    mut requests: mpsc::Receiver<oneshot::Sender<()>>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
-        tokio::select! {
+        let asked = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+            _ = tick.tick() => None,
+            Some(done) = requests.recv() => Some(done),
+        };
         for model in engine.active().await.into_keys() {
             if let Some(summary) = engine.take_window(model, crate::unix_ms()).await {
                 if summary.counts.samples > 0 {
                     uplink.drift(&summary).await;
                 }
             }
+        }
+        if let Some(done) = asked {
+            let _ = done.send(());
         }
     }
 }

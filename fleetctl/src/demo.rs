@@ -309,8 +309,8 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         });
         futures_util::future::try_join_all(sends).await?;
         progress(&format!("{phase} traffic sent: {half} rows per agent"));
-        // Let the window close so normal and shifted rows land in different drift summaries.
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Close the windows now, so normal and shifted rows land in different drift summaries.
+        futures_util::future::join_all(fleet.agents.iter().map(|agent| agent.report_drift_now())).await;
     }
     let sent = (half * 2) as u64;
     let devices = wait_for("drift summaries and inference counts from every agent", timeout, || async {
