@@ -10,6 +10,7 @@ use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic
 use proto::Manifest;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::store::{Store, StoreError, StoredDrift};
 
@@ -36,13 +37,20 @@ impl Notifier {
     }
 }
 
-pub fn connect(host: &str, port: u16, cancel: CancellationToken, store: Arc<dyn Store>) -> Notifier {
+/// Starts the server's MQTT session as a task of `tasks`; it ends when `cancel` is cancelled.
+pub fn connect(
+    host: &str,
+    port: u16,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
+) -> Notifier {
     let mut options = MqttOptions::new(format!("fleet-server-{}", hex::encode(rand::random::<[u8; 4]>())), host, port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let ingest = Ingest { store, references: HashMap::new(), client: client.clone() };
-    tokio::spawn(ingest.run(eventloop, cancel));
+    tasks.spawn(ingest.run(eventloop, cancel));
     Notifier { client }
 }
 

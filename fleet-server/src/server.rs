@@ -7,6 +7,7 @@ use std::sync::Arc;
 use proto::TrustedKeys;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::store::{SqliteStore, Store, StoreError};
@@ -58,6 +59,7 @@ pub struct ServerHandle {
     pub operator_token: String,
     pub store: Arc<dyn Store>,
     cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl ServerHandle {
@@ -65,8 +67,14 @@ impl ServerHandle {
         format!("http://{}", self.http_addr)
     }
 
-    pub fn shutdown(&self) {
+    /// Stops accepting work and waits until every task has finished: the HTTP API has answered
+    /// its in-flight requests (axum's graceful shutdown), the rollout driver has finished its
+    /// current cycle, and the MQTT session has closed. The embedded broker (rumqttd has no stop
+    /// call) lives as long as the process.
+    pub async fn shutdown(&self) {
         self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
@@ -110,9 +118,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         Mqtt::External { url } => url.clone(),
     };
     let (host, port) = proto::endpoint::parse_mqtt_url(&mqtt_url)?;
-    let notifier = crate::ingest::connect(&host, port, cancel.clone(), store.clone());
-
-    let rollouts = crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone());
+    let tasks = TaskTracker::new();
+    let notifier = crate::ingest::connect(&host, port, store.clone(), cancel.clone(), &tasks);
+    let rollouts =
+        crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone(), &tasks);
     let state = AppState {
         rollouts,
         store: store.clone(),
@@ -128,16 +137,41 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let http_addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let app = router(state);
     let shutdown = cancel.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
             tracing::error!(error = %e, "HTTP API stopped");
         }
     });
     tracing::info!(%http_addr, %mqtt_url, "fleet-server running");
-    Ok(ServerHandle { http_addr, mqtt_url, operator_token, store, cancel })
+    Ok(ServerHandle { http_addr, mqtt_url, operator_token, store, cancel, tasks })
 }
 
 /// A free loopback port for the embedded broker (rumqttd cannot report a port-0 choice back).
 pub fn free_loopback_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_returns_only_once_the_api_has_stopped_listening() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_loopback_port().unwrap();
+        let server = start(ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            mqtt: Mqtt::Embedded { listen: ([127, 0, 0, 1], port).into() },
+            operator_token: Some("op".into()),
+            trusted_keys: vec![hex::encode([9u8; 32])],
+            max_bundle_bytes: 1 << 20,
+            rollout_tick: std::time::Duration::from_millis(50),
+        })
+        .await
+        .unwrap();
+        assert!(tokio::net::TcpStream::connect(server.http_addr).await.is_ok(), "the API listens once started");
+        server.shutdown().await;
+        assert!(tokio::net::TcpStream::connect(server.http_addr).await.is_err(), "the API still listens");
+    }
 }

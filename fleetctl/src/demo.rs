@@ -215,11 +215,11 @@ pub struct DemoFleet {
 }
 
 impl DemoFleet {
-    pub fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         for agent in &self.agents {
             agent.shutdown();
         }
-        self.server.shutdown();
+        self.server.shutdown().await;
     }
 }
 
@@ -321,7 +321,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRe
         done.then_some(devices)
     })
     .await?;
-    fleet.shutdown();
+    fleet.shutdown().await;
     let devices: Vec<DemoDevice> = devices.iter().map(|d| demo_device(d, "tabular", false)).collect();
     let ok = devices.iter().all(|d| d.model_version.as_deref() == Some("1.0.0") && d.drift_summaries > 0);
     Ok(DemoResult { ok, model: "tabular".into(), version: "1.0.0".into(), scenario: None, rollout: None, devices })
@@ -358,7 +358,7 @@ pub async fn run_scenario(
     }
     let devices = crate::scenario::settle(&fleet.client, &view, options.timeout).await?;
     drop(traffic);
-    fleet.shutdown();
+    fleet.shutdown().await;
     let ok = crate::scenario::verdict(scenario, &view, &devices);
     let holdout = |id: &str| view.rollout.members.get(id).is_some_and(|m| m.holdout);
     Ok(DemoResult {

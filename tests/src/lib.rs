@@ -153,11 +153,11 @@ impl Fleet {
         .await
     }
 
-    pub fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         for agent in &self.agents {
             agent.shutdown();
         }
-        self.server.shutdown();
+        self.server.shutdown().await;
     }
 }
 

@@ -38,5 +38,5 @@ async fn drift_summaries_buffered_while_the_broker_is_down_arrive_when_it_return
         .wait_devices("every buffered drift summary to arrive", "tabular", |m| m.drift_summaries as usize >= buffered)
         .await;
     wait_for("the outbox to drain", TIMEOUT, || async { (drift_rows(&state) == 0).then_some(()) }).await.unwrap();
-    fleet.shutdown();
+    fleet.shutdown().await;
 }

@@ -8,7 +8,7 @@ use proto::wire::UpdateStep;
 async fn a_restarted_agent_serves_its_model_from_disk_before_it_reaches_the_server() {
     let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
     fleet.agents[0].shutdown();
-    fleet.server.shutdown();
+    fleet.server.shutdown().await;
 
     let agent = fleet.restart_agent_offline(0).await;
     let (status, answer) = infer(&agent, serde_json::json!({ "inputs": [vec![0.5f32; 8]] })).await;
@@ -23,7 +23,7 @@ async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_
     fleet.deploy_all("tabular", "2.0.0").await;
     fleet.wait_active("tabular", "2.0.0").await;
     fleet.agents[0].shutdown();
-    fleet.server.shutdown();
+    fleet.server.shutdown().await;
 
     let model_dir = fleet.agent_dir(0).join("models/tabular");
     assert_eq!(std::fs::read_link(model_dir.join("previous")).unwrap(), std::path::Path::new("versions/1.0.0"));
@@ -86,5 +86,5 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
     assert!(!staging.exists(), "partial staging directory left behind");
     let fleet = Fleet { agents: vec![agent], ..fleet };
     fleet.wait_active("tabular", "2.0.0").await;
-    fleet.shutdown();
+    fleet.shutdown().await;
 }

@@ -19,5 +19,5 @@ async fn returning_to_the_previous_version_works_without_the_server_having_its_b
     let models = fleet.agent_dir(0).join("models/tabular");
     assert_eq!(std::fs::read_link(models.join("current")).unwrap(), std::path::Path::new("versions/1.0.0"));
     assert_eq!(std::fs::read_link(models.join("previous")).unwrap(), std::path::Path::new("versions/2.0.0"));
-    fleet.shutdown();
+    fleet.shutdown().await;
 }

@@ -78,7 +78,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     .unwrap();
     assert_eq!((before.rollout.wave, before.summary.active), (0, 2));
 
-    first.shutdown();
+    first.shutdown().await;
     let second = wait_for("the port to be free again", TIMEOUT, || async {
         server::start(config(dir.path(), http_port, mqtt_port, &public)).await.ok()
     })
@@ -114,5 +114,5 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     for agent in &agents {
         agent.shutdown();
     }
-    second.shutdown();
+    second.shutdown().await;
 }

@@ -25,7 +25,7 @@ async fn a_bundle_signed_by_a_key_the_device_does_not_trust_is_refused_and_v1_ke
     assert!(detail.contains("signed only by untrusted key"), "{detail}");
     assert_eq!(devices[0].models[0].active_version.as_deref(), Some("1.0.0"));
     assert_still_serving_v1(&fleet).await;
-    fleet.shutdown();
+    fleet.shutdown().await;
 }
 
 /// Replaces the server's stored bundle with `bytes` and its recorded digest, as an attacker who
@@ -68,7 +68,7 @@ async fn a_model_byte_changed_on_the_server_is_refused_as_altered_and_v1_keeps_s
     })
     .await;
     assert!(detail.contains("\"model.onnx\" has sha256") && detail.contains("the file was altered"), "{detail}");
-    fleet.shutdown();
+    fleet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -82,7 +82,7 @@ async fn a_manifest_changed_on_the_server_fails_the_signature_and_v1_keeps_servi
     })
     .await;
     assert!(detail.contains("does not match the manifest"), "{detail}");
-    fleet.shutdown();
+    fleet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -93,5 +93,5 @@ async fn the_server_refuses_to_publish_a_bundle_it_cannot_verify() {
     assert!(err.to_string().contains("bundle refused: bundle is signed only by untrusted key"), "{err}");
     let err = fleet.client.publish(b"not a tar".to_vec()).await.unwrap_err();
     assert!(err.to_string().contains("bundle refused"), "{err}");
-    fleet.shutdown();
+    fleet.shutdown().await;
 }

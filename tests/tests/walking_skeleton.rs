@@ -41,7 +41,7 @@ pub async fn skeleton_scenario(mqtt: fleet_server::server::Mqtt) {
         assert!(model.drift_score.unwrap().is_finite());
         assert!(device.health.as_ref().unwrap().memory_total_bytes > 0, "heartbeat health missing");
     }
-    fleet.shutdown();
+    fleet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -70,5 +70,5 @@ async fn a_malformed_inference_request_gets_a_400_that_says_what_is_wrong() {
     let (status, body) = infer(agent, serde_json::json!({ "rows": [] })).await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("inputs"), "{body}");
-    fleet.shutdown();
+    fleet.shutdown().await;
 }

@@ -60,6 +60,7 @@ fn api() -> Api {
             Notifier::detached(),
             std::time::Duration::from_millis(50),
             Default::default(),
+            &tokio_util::task::TaskTracker::new(),
         ),
         max_bundle_bytes: 16 << 20,
     };

@@ -64,7 +64,12 @@ async fn main() -> Result<()> {
     if std::env::var("FLEET_OPERATOR_TOKEN").is_err() {
         eprintln!("operator token in {}", args.data_dir.join("operator.token").display());
     }
-    tokio::signal::ctrl_c().await?;
-    server.shutdown();
+    // SIGTERM (systemd's stop, docker stop) ends the server exactly as Ctrl-C does.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => signal?,
+        _ = term.recv() => {}
+    }
+    server.shutdown().await;
     Ok(())
 }

@@ -11,6 +11,7 @@ use proto::wire::AuditEntry;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::create::{busy_devices, create, operate, OperatorAction, RolloutError};
 use super::decide::{decide, Decision};
@@ -55,10 +56,17 @@ impl RolloutHandle {
     }
 }
 
-pub fn spawn(store: Arc<dyn Store>, notifier: Notifier, tick: Duration, cancel: CancellationToken) -> RolloutHandle {
+/// Starts the driver as a task of `tasks`; it ends when `cancel` is cancelled.
+pub fn spawn(
+    store: Arc<dyn Store>,
+    notifier: Notifier,
+    tick: Duration,
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
+) -> RolloutHandle {
     let (tx, rx) = mpsc::channel(64);
     let driver = Driver { store, notifier };
-    tokio::spawn(driver.run(rx, tick, cancel));
+    tasks.spawn(driver.run(rx, tick, cancel));
     RolloutHandle { tx }
 }
 
@@ -234,7 +242,8 @@ mod tests {
         store.set_desired(&["d1".into()], "tabular", "3.0.0").unwrap();
 
         let cancel = CancellationToken::new();
-        let handle = spawn(store.clone(), Notifier::detached(), Duration::from_secs(3600), cancel.clone());
+        let handle =
+            spawn(store.clone(), Notifier::detached(), Duration::from_secs(3600), cancel.clone(), &TaskTracker::new());
         settled(&handle).await;
         let desired = store.list_devices().unwrap()[0].models[0].desired_version.clone();
         assert_eq!(desired.as_deref(), Some("3.0.0"), "the finished rollout overrode a later deployment");
