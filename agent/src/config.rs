@@ -137,7 +137,7 @@ impl AgentConfig {
         }
         proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;
-        crate::uplink::parse_mqtt_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        proto::endpoint::parse_mqtt_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 }

@@ -21,20 +21,10 @@ use crate::updater::UpdaterMsg;
 
 #[derive(Debug, Error)]
 pub enum UplinkError {
-    #[error("mqtt_url {0:?} must look like mqtt://host:port")]
-    BadUrl(String),
+    #[error(transparent)]
+    BadUrl(#[from] proto::endpoint::BadMqttUrl),
     #[error(transparent)]
     State(#[from] StateError),
-}
-
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), UplinkError> {
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| UplinkError::BadUrl(url.into()))?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| UplinkError::BadUrl(url.into()))?;
-    let port = port.trim_end_matches('/').parse().map_err(|_| UplinkError::BadUrl(url.into()))?;
-    if host.is_empty() {
-        return Err(UplinkError::BadUrl(url.into()));
-    }
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
 enum UplinkMsg {
@@ -102,7 +92,7 @@ pub fn spawn_uplink(
     updater: mpsc::Sender<UpdaterMsg>,
     cancel: CancellationToken,
 ) -> Result<UplinkHandle, UplinkError> {
-    let (host, port) = parse_mqtt_url(&config.mqtt_url)?;
+    let (host, port) = proto::endpoint::parse_mqtt_url(&config.mqtt_url)?;
     let state = StateDb::open(&config.state_path)?;
     let mut options = MqttOptions::new(format!("agent-{}", config.device_id), host, port);
     options.set_keep_alive(Duration::from_secs(15));
@@ -223,20 +213,6 @@ impl Session {
                 }
             }
             _ => {}
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mqtt_urls_parse_to_host_and_port() {
-        assert_eq!(parse_mqtt_url("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".into(), 1884));
-        assert_eq!(parse_mqtt_url("mqtt://[::1]:1883").unwrap(), ("::1".into(), 1883));
-        for bad in ["127.0.0.1:1883", "mqtt://host", "mqtt://:1", "mqtt://h:x"] {
-            assert!(parse_mqtt_url(bad).is_err(), "{bad}");
         }
     }
 }

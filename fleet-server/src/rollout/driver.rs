@@ -211,6 +211,19 @@ mod tests {
         toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nholdout = 0.0\nwaves = [{percent = 100.0}]").unwrap()
     }
 
+    /// Enrolls device d1, which runs 1.0.0.
+    fn enrolled_d1(store: &dyn Store) -> DeviceInfo {
+        let new = NewDevice {
+            id: "d1".into(),
+            name: "d1".into(),
+            labels: Default::default(),
+            credential_hash: "h".into(),
+            enrolled_ms: 1,
+        };
+        store.insert_device(&new).unwrap();
+        DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) }
+    }
+
     /// Waits until the driver has handled a command, so its start-up work is done.
     async fn settled(handle: &RolloutHandle) {
         let unknown = handle.operate("ro-none".into(), OperatorAction::Pause, "test".into()).await;
@@ -221,16 +234,7 @@ mod tests {
     async fn a_finished_rollout_does_not_put_back_a_version_deployed_after_it_on_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
-        store
-            .insert_device(&NewDevice {
-                id: "d1".into(),
-                name: "d1".into(),
-                labels: Default::default(),
-                credential_hash: "h".into(),
-                enrolled_ms: 1,
-            })
-            .unwrap();
-        let device = DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) };
+        let device = enrolled_d1(store.as_ref());
         let mut rollout = create("ro-old", plan(), &[device], &Default::default(), 1).unwrap();
         // It rolled back: d1 was put back on 1.0.0.
         let member = rollout.members.get_mut("d1").unwrap();
@@ -254,16 +258,7 @@ mod tests {
     async fn a_rollout_state_and_its_desired_versions_are_saved_together() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
-        store
-            .insert_device(&NewDevice {
-                id: "d1".into(),
-                name: "d1".into(),
-                labels: Default::default(),
-                credential_hash: "h".into(),
-                enrolled_ms: 1,
-            })
-            .unwrap();
-        let device = DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) };
+        let device = enrolled_d1(&store);
         let rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
         let revisions = store.save_rollout(&rollout, &[], &[("d1".into(), "2.0.0".into(), 0)]).unwrap();
         assert_eq!(revisions, vec![("d1".to_string(), 1)]);
