@@ -1,3 +1,7 @@
+//! The telemetry writer: the one thread that owns `telemetry.db`. Records arrive on a bounded
+//! channel (`TelemetrySink::offer` never blocks; a full queue counts a drop), are inserted in
+//! batched transactions, and the oldest rows are evicted by the pure plan in `mod.rs`.
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
