@@ -1,4 +1,5 @@
-//! Starts the agent's actors and ties their lifetimes to one cancellation token.
+//! Starts the agent's actors and ties their lifetimes to one cancellation token; every task is
+//! tracked, so `AgentHandle::shutdown` returns only once they have all finished.
 //!
 //! Order matters: the engine and installed models come up first, so a device that boots offline
 //! serves its last good model at once; enrollment, the MQTT session and the updater follow in the
@@ -15,6 +16,7 @@ use proto::TrustedKeys;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::AgentConfig;
 use crate::health::HealthProbe;
@@ -22,7 +24,7 @@ use crate::inference::{EngineHandle, LocalApi};
 use crate::state::{Identity, StateDb, StateError};
 use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
 use crate::updater::disk::Layout;
-use crate::updater::{restore_installed, UpdateError, Updater};
+use crate::updater::{restore_installed, Updater};
 use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
 
 #[derive(Debug, Error)]
@@ -39,8 +41,8 @@ pub enum StartError {
     Engine(std::io::Error),
     #[error("cannot listen on {addr} for the local API: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-    #[error(transparent)]
-    Restore(#[from] UpdateError),
+    #[error("start-up task failed: {0}")]
+    Join(String),
     #[error("not enrolled and no enrollment_token in the config: get one with `fleetctl tokens create`")]
     NoToken,
 }
@@ -55,10 +57,22 @@ pub struct AgentHandle {
     device: watch::Receiver<Option<String>>,
     drift_now: mpsc::Sender<oneshot::Sender<()>>,
     cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl AgentHandle {
-    pub fn shutdown(&self) {
+    /// Stops the agent and waits until it has: the local API has answered its in-flight requests
+    /// and closed its port, the updater, reporters and MQTT session have ended (the outbox keeps
+    /// what was not acknowledged), and every telemetry record offered before is on disk.
+    pub async fn shutdown(&self) {
+        self.request_shutdown();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.telemetry.flush().await;
+    }
+
+    /// Asks the agent to stop without waiting (for a caller that cannot await).
+    pub fn request_shutdown(&self) {
         self.cancel.cancel();
     }
 
@@ -87,13 +101,19 @@ impl AgentHandle {
     }
 }
 
-pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
-    config.validate()?;
-    let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
-    let state_path = data_dir.join("agent.db");
-    let state = StateDb::open(&state_path)?;
-    if state.identity()?.is_none() && config.enrollment_token.is_none() {
+/// What start-up reads from disk, on a blocking thread.
+struct Opened {
+    state: Arc<StateDb>,
+    identity: Option<Identity>,
+    telemetry: TelemetrySink,
+}
+
+fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+    let state = StateDb::open(&data_dir.join("agent.db"))?;
+    let identity = state.identity()?;
+    if identity.is_none() && config.enrollment_token.is_none() {
         return Err(StartError::NoToken);
     }
     let telemetry = spawn_writer(WriterConfig {
@@ -102,6 +122,20 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         batch: 512,
         max_rows: config.limits.telemetry_max_rows,
     })?;
+    Ok(Opened { state: Arc::new(state), identity, telemetry })
+}
+
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    let state_path = data_dir.join("agent.db");
+    let (config, opened) = tokio::task::spawn_blocking(move || {
+        let opened = open_data_dir(&config);
+        (config, opened)
+    })
+    .await
+    .map_err(|e| StartError::Join(e.to_string()))?;
+    let Opened { state, identity, telemetry } = opened?;
     let engine = EngineHandle::spawn(telemetry.clone(), 1024).map_err(StartError::Engine)?;
     let trusted = Arc::new(
         TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))
@@ -109,31 +143,48 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     );
     let limits = Limits { max_bundle_bytes: config.limits.max_bundle_bytes, ..Limits::default() };
     let layout = Layout::new(&data_dir);
-    restore_installed(&layout, &state, &engine, &trusted, &limits).await?;
+    restore_installed(&layout, &state, &engine, &trusted, &limits).await;
 
     let cancel = CancellationToken::new();
     let listen_err = |source| StartError::Listen { addr: config.api_listen, source };
     let listener = std::net::TcpListener::bind(config.api_listen).map_err(listen_err)?;
     let api_addr = listener.local_addr().map_err(listen_err)?;
     let api = LocalApi { listener, max_body_bytes: config.limits.max_request_bytes, shutdown: cancel.clone() };
-    let _api_stopped = engine.serve(api).await.map_err(|e| StartError::Engine(std::io::Error::other(e)))?;
+    let api_stopped = engine.serve(api).await.map_err(|e| StartError::Engine(std::io::Error::other(e)))?;
+    let tasks = TaskTracker::new();
+    tasks.spawn(async move {
+        let _ = api_stopped.await;
+    });
 
-    let (device_tx, device) = watch::channel(state.identity()?.map(|i| i.device_id));
+    let (device_tx, device) = watch::channel(identity.as_ref().map(|i| i.device_id.clone()));
     let (drift_now, drift_requests) = mpsc::channel(4);
-    let connected = Connected { config, state, layout, engine: engine.clone(), trusted, limits, state_path };
-    tokio::spawn(connected.run(device_tx, drift_requests, cancel.clone()));
-    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, drift_now, cancel })
+    let connected = Connected {
+        config,
+        state,
+        identity,
+        layout,
+        engine: engine.clone(),
+        trusted,
+        limits,
+        state_path,
+        tasks: tasks.clone(),
+    };
+    tasks.spawn(connected.run(device_tx, drift_requests, cancel.clone()));
+    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, drift_now, cancel, tasks })
 }
 
 /// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
 struct Connected {
     config: AgentConfig,
-    state: StateDb,
+    state: Arc<StateDb>,
+    /// Read at start; None until enrolled.
+    identity: Option<Identity>,
     layout: Layout,
     engine: EngineHandle,
     trusted: Arc<TrustedKeys>,
     limits: Limits,
     state_path: PathBuf,
+    tasks: TaskTracker,
 }
 
 impl Connected {
@@ -164,13 +215,16 @@ impl Connected {
             },
             updater_tx,
             cancel.clone(),
-        ) {
+            &self.tasks,
+        )
+        .await
+        {
             Ok(uplink) => uplink,
             Err(e) => return tracing::error!(error = %e, "cannot start the MQTT session"),
         };
         let every = self.config.intervals.drift();
-        tokio::spawn(report_drift(self.engine.clone(), uplink.clone(), every, drift_requests, cancel.clone()));
-        tokio::spawn(report_health(
+        self.tasks.spawn(report_drift(self.engine.clone(), uplink.clone(), every, drift_requests, cancel.clone()));
+        self.tasks.spawn(report_health(
             self.engine.clone(),
             uplink.clone(),
             self.config.data_dir.clone(),
@@ -194,7 +248,7 @@ impl Connected {
     }
 
     async fn enroll_until_done(&self, http: &reqwest::Client) -> Option<Identity> {
-        if let Ok(Some(identity)) = self.state.identity() {
+        if let Some(identity) = self.identity.clone() {
             return Some(identity);
         }
         let token = self.config.enrollment_token.clone()?;
@@ -205,8 +259,10 @@ impl Connected {
             match enroll_once(http, &url, &request).await {
                 Ok(response) => {
                     let identity = Identity { device_id: response.device_id, credential: response.credential };
-                    match self.state.save_identity(&identity) {
-                        Ok(()) => return Some(identity),
+                    let (state, saved) = (self.state.clone(), identity.clone());
+                    match tokio::task::spawn_blocking(move || state.save_identity(&saved)).await {
+                        Ok(Ok(())) => return Some(identity),
+                        Ok(Err(e)) => tracing::error!(error = %e, "cannot save the enrolled identity"),
                         Err(e) => tracing::error!(error = %e, "cannot save the enrolled identity"),
                     }
                 }
@@ -283,7 +339,7 @@ async fn report_health(
     cancel: CancellationToken,
 ) {
     let started = std::time::Instant::now();
-    let mut probe = HealthProbe::new(&data_dir);
+    let Ok(mut probe) = tokio::task::spawn_blocking(move || HealthProbe::new(&data_dir)).await else { return };
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {

@@ -128,13 +128,16 @@ impl StateDb {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Appends to the outbox, dropping the oldest rows beyond `max_rows`; returns the row id.
+    /// Appends to the outbox, dropping the oldest rows beyond `max_rows`, in one transaction;
+    /// returns the row id.
     pub fn outbox_push(&self, topic: &str, payload: &[u8], max_rows: u64) -> Result<i64, StateError> {
-        self.conn()
-            .execute("INSERT INTO outbox (topic, payload) VALUES (?1, ?2)", params![topic, payload])
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err())?;
+        tx.execute("INSERT INTO outbox (topic, payload) VALUES (?1, ?2)", params![topic, payload])
             .map_err(self.err())?;
-        let id = self.conn().last_insert_rowid();
-        self.conn().execute("DELETE FROM outbox WHERE id <= ?1", params![id - max_rows as i64]).map_err(self.err())?;
+        let id = tx.last_insert_rowid();
+        tx.execute("DELETE FROM outbox WHERE id <= ?1", params![id - max_rows as i64]).map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
         Ok(id)
     }
 

@@ -217,7 +217,7 @@ pub struct DemoFleet {
 impl DemoFleet {
     pub async fn shutdown(&self) {
         for agent in &self.agents {
-            agent.shutdown();
+            agent.shutdown().await;
         }
         self.server.shutdown().await;
     }

@@ -153,24 +153,41 @@ pub async fn follow(
     }
 }
 
-/// Waits until devices run what the finished rollout left them on.
+/// Waits until devices run what the finished rollout left them on. A timeout names the devices
+/// that did not get there, with what they run and their last update step.
 pub async fn settle(client: &FleetClient, view: &RolloutView, timeout: Duration) -> Result<Vec<DeviceView>, DemoError> {
     let r = &view.rollout;
-    wait_for("devices to settle on their final versions", timeout, || async {
-        let devices = client.devices().await.ok()?;
-        let settled = devices.iter().all(|d| {
-            let Some(member) = r.members.get(&d.id) else { return true };
-            let want = match (&member.status, r.phase) {
-                (fleet_server::rollout::MemberStatus::Reverted, _) => member.previous_version.clone(),
-                (fleet_server::rollout::MemberStatus::Active, _) => Some(r.plan.version.clone()),
-                _ => member.previous_version.clone(),
-            };
-            let active = d.models.iter().find(|m| m.name == r.plan.model).and_then(|m| m.active_version.clone());
-            active == want
-        });
-        settled.then_some(devices)
+    let unsettled = std::sync::Mutex::new(String::new());
+    let settled = wait_for("devices to settle on their final versions", timeout, || {
+        let unsettled = &unsettled;
+        async move {
+            let devices = client.devices().await.ok()?;
+            let mut stragglers = Vec::new();
+            for d in &devices {
+                let Some(member) = r.members.get(&d.id) else { continue };
+                let want = match member.status {
+                    fleet_server::rollout::MemberStatus::Active => Some(r.plan.version.clone()),
+                    _ => member.previous_version.clone(),
+                };
+                let view = d.models.iter().find(|m| m.name == r.plan.model);
+                let active = view.and_then(|m| m.active_version.clone());
+                if active != want {
+                    let step = view.and_then(|m| m.step).map_or("-", |s| s.as_str());
+                    let detail = view.map_or("", |m| m.detail.as_str());
+                    stragglers.push(format!("{} runs {active:?}, wants {want:?} (step {step} {detail})", d.id));
+                }
+            }
+            *unsettled.lock().unwrap_or_else(|p| p.into_inner()) =
+                stragglers.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+            stragglers.is_empty().then_some(devices)
+        }
     })
-    .await
+    .await;
+    let unsettled = unsettled.into_inner().unwrap_or_else(|p| p.into_inner());
+    settled.map_err(|e| match e {
+        DemoError::Timeout { what, secs } => DemoError::Timeout { what: format!("{what} ({unsettled})"), secs },
+        other => other,
+    })
 }
 
 pub fn outcome(view: &RolloutView) -> RolloutOutcome {

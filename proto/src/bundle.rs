@@ -291,7 +291,22 @@ pub fn read_archive(bytes: &[u8], limits: &Limits) -> Result<UnverifiedBundle, A
     if bytes.len() as u64 > limits.max_bundle_bytes {
         return Err(ArchiveError::TooLarge { limit: limits.max_bundle_bytes });
     }
-    let mut archive = tar::Archive::new(bytes);
+    read_archive_from(bytes, limits)
+}
+
+/// Reads a bundle from a stream (a file on the device) with the same limits, holding each entry
+/// once: the archive itself is never in memory whole.
+pub fn read_archive_from(reader: impl Read, limits: &Limits) -> Result<UnverifiedBundle, ArchiveError> {
+    let mut limited = reader.take(limits.max_bundle_bytes + 1);
+    let read = read_entries(&mut limited, limits);
+    if limited.limit() == 0 {
+        return Err(ArchiveError::TooLarge { limit: limits.max_bundle_bytes });
+    }
+    read
+}
+
+fn read_entries(reader: impl Read, limits: &Limits) -> Result<UnverifiedBundle, ArchiveError> {
+    let mut archive = tar::Archive::new(reader);
     let entries = archive.entries().map_err(|e| ArchiveError::Tar(e.to_string()))?;
     let mut bundle = UnverifiedBundle::default();
     let mut manifest = None;

@@ -157,3 +157,22 @@ fn golden_cases_that_do_not_fit_the_contract_are_refused() {
     m.golden.cases[0].input.push(1.0);
     assert!(matches!(m.check(), Err(ManifestError::GoldenInputLen { case: 0, got: 3, want: 2 })));
 }
+
+#[test]
+fn a_bundle_read_from_a_stream_equals_the_one_read_from_bytes() {
+    let bytes = signed_bundle(&key(1));
+    let from_stream = read_archive_from(std::io::Cursor::new(&bytes), &Limits::default()).unwrap();
+    let from_bytes = read_archive(&bytes, &Limits::default()).unwrap();
+    assert_eq!(from_stream.manifest_bytes, from_bytes.manifest_bytes);
+    assert_eq!(from_stream.files, from_bytes.files);
+    assert_eq!(from_stream.signatures, from_bytes.signatures);
+}
+
+#[test]
+fn a_stream_longer_than_the_bundle_limit_is_refused_as_too_large() {
+    let bytes = signed_bundle(&key(1));
+    let limits = Limits { max_bundle_bytes: 1024, ..Limits::default() };
+    assert!(bytes.len() > 2048, "the fixture bundle has more than the limit before its end marker");
+    let err = read_archive_from(std::io::Cursor::new(&bytes), &limits).unwrap_err();
+    assert!(matches!(err, ArchiveError::TooLarge { .. }), "{err}");
+}

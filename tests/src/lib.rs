@@ -155,7 +155,7 @@ impl Fleet {
 
     pub async fn shutdown(&self) {
         for agent in &self.agents {
-            agent.shutdown();
+            agent.shutdown().await;
         }
         self.server.shutdown().await;
     }

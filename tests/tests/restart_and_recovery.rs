@@ -7,13 +7,13 @@ use proto::wire::UpdateStep;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_agent_serves_its_model_from_disk_before_it_reaches_the_server() {
     let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
-    fleet.agents[0].shutdown();
+    fleet.agents[0].shutdown().await;
     fleet.server.shutdown().await;
 
     let agent = fleet.restart_agent_offline(0).await;
     let (status, answer) = infer(&agent, serde_json::json!({ "inputs": [vec![0.5f32; 8]] })).await;
     assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "{answer}");
-    agent.shutdown();
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -22,7 +22,7 @@ async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.deploy_all("tabular", "2.0.0").await;
     fleet.wait_active("tabular", "2.0.0").await;
-    fleet.agents[0].shutdown();
+    fleet.agents[0].shutdown().await;
     fleet.server.shutdown().await;
 
     let model_dir = fleet.agent_dir(0).join("models/tabular");
@@ -40,13 +40,13 @@ async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_
     let state = edge_agent::state::StateDb::open(&fleet.agent_dir(0).join("agent.db")).unwrap();
     let record = state.records().unwrap().into_iter().find(|r| r.model == "tabular").unwrap();
     assert_eq!((record.step, record.version.as_str()), (UpdateStep::RolledBack, "1.0.0"));
-    agent.shutdown();
+    agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_restart() {
     let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
-    fleet.agents[0].shutdown();
+    fleet.agents[0].shutdown().await;
     // Simulate a kill -9 during self-test of 2.0.0: the record says self_test, a half-written
     // staging directory is on disk, and `current` still points at 1.0.0.
     let state = edge_agent::state::StateDb::open(&fleet.agent_dir(0).join("agent.db")).unwrap();
@@ -87,4 +87,30 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
     let fleet = Fleet { agents: vec![agent], ..fleet };
     fleet.wait_active("tabular", "2.0.0").await;
     fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_up_error_at_start_is_logged_and_the_installed_model_still_serves() {
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    fleet.agents[0].shutdown().await;
+    fleet.server.shutdown().await;
+    // An update of 2.0.0 was in flight, and `versions/` holds a stray file that the start-up
+    // clean-up cannot remove as a directory.
+    let state = edge_agent::state::StateDb::open(&fleet.agent_dir(0).join("agent.db")).unwrap();
+    state
+        .record(&edge_agent::state::UpdateRecord {
+            model: "tabular".into(),
+            version: "2.0.0".into(),
+            step: UpdateStep::Downloading,
+            detail: String::new(),
+            attempt: 0,
+        })
+        .unwrap();
+    drop(state);
+    std::fs::write(fleet.agent_dir(0).join("models/tabular/versions/stray"), b"not a version").unwrap();
+
+    let agent = fleet.restart_agent_offline(0).await;
+    let (status, answer) = infer(&agent, serde_json::json!({ "inputs": [vec![0.5f32; 8]] })).await;
+    assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "{answer}");
+    agent.shutdown().await;
 }

@@ -112,7 +112,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     assert!(actions.contains(&"promote") && actions.last() == Some(&"completed"), "{actions:?}");
     assert!(audit.iter().any(|e| e.action == "promote" && e.actor != "engine"));
     for agent in &agents {
-        agent.shutdown();
+        agent.shutdown().await;
     }
     second.shutdown().await;
 }

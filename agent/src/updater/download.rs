@@ -1,6 +1,8 @@
 //! Bundle download with resume: bytes go to `<name>-<version>.bundle.part`; a restart continues
 //! with an HTTP Range request. The finished file must have the size and sha256 the server
-//! announced (transport integrity; authenticity comes from the signature check after).
+//! announced (transport integrity; authenticity comes from the signature check after). The
+//! digest is computed while the bytes stream in (a resumed prefix is hashed once, in chunks, on a
+//! blocking thread): the bundle is never read back whole into memory.
 
 use std::path::{Path, PathBuf};
 
@@ -36,35 +38,31 @@ pub struct Download<'a> {
 }
 
 impl Download<'_> {
-    /// Fetches (or resumes) into `dest` and returns the verified bytes.
-    pub async fn run(&self) -> Result<Vec<u8>, DownloadError> {
+    /// Fetches (or resumes) into `dest` and returns its path once size and sha256 match.
+    pub async fn run(&self) -> Result<PathBuf, DownloadError> {
         let url = self.url.clone();
         if self.size > self.limit {
             return Err(DownloadError::TooLarge { url, size: self.size, limit: self.limit });
         }
         let part = self.dest.with_extension("bundle.part");
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| DownloadError::Io { action, path, source }
-        };
         if let Some(parent) = self.dest.parent() {
             tokio::fs::create_dir_all(parent).await.map_err(io("create", parent))?;
         }
-        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0);
-        if have < self.size {
-            self.fetch_from(have, &part).await?;
-        }
-        let bytes = tokio::fs::read(&part).await.map_err(io("read", &part))?;
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if bytes.len() as u64 != self.size || actual != self.sha256 {
+        let have = tokio::fs::metadata(&part).await.map(|m| m.len()).unwrap_or(0).min(self.size + 1);
+        let mut hasher = hash_prefix(&part, have).await?;
+        let written = if have < self.size { self.fetch_from(have, &part, &mut hasher).await? } else { have };
+        let actual = hex::encode(hasher.finalize());
+        if written != self.size || actual != self.sha256 {
             let _ = tokio::fs::remove_file(&part).await;
             return Err(DownloadError::Digest { url, expected: self.sha256.to_string(), actual });
         }
         tokio::fs::rename(&part, &self.dest).await.map_err(io("rename", &self.dest))?;
-        Ok(bytes)
+        Ok(self.dest.clone())
     }
 
-    async fn fetch_from(&self, have: u64, part: &Path) -> Result<(), DownloadError> {
+    /// Appends from `have` (or starts over when the server ignores the Range), hashing each
+    /// chunk as it is written; returns the file's length.
+    async fn fetch_from(&self, have: u64, part: &Path, hasher: &mut Sha256) -> Result<u64, DownloadError> {
         let url = self.url.clone();
         let http = |source| DownloadError::Http { url: url.clone(), source };
         let mut request = self.client.get(&self.url).bearer_auth(self.credential);
@@ -75,10 +73,13 @@ impl Download<'_> {
         let status = response.status().as_u16();
         let mut file = match status {
             206 => tokio::fs::OpenOptions::new().append(true).open(part).await,
-            200 => tokio::fs::File::create(part).await,
+            200 => {
+                *hasher = Sha256::new();
+                tokio::fs::File::create(part).await
+            }
             _ => return Err(DownloadError::Status { url, status }),
         }
-        .map_err(|source| DownloadError::Io { action: "open", path: part.into(), source })?;
+        .map_err(io("open", part))?;
         let mut written = if status == 206 { have } else { 0 };
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
@@ -89,14 +90,42 @@ impl Download<'_> {
                 let _ = tokio::fs::remove_file(part).await;
                 return Err(DownloadError::Overrun { url, expected: self.size });
             }
-            file.write_all(&chunk).await.map_err(|source| DownloadError::Io {
-                action: "write",
-                path: part.into(),
-                source,
-            })?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io("write", part))?;
         }
-        file.sync_all().await.map_err(|source| DownloadError::Io { action: "sync", path: part.into(), source })
+        file.sync_all().await.map_err(io("sync", part))?;
+        Ok(written)
     }
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
+    let path = path.to_path_buf();
+    move |source| DownloadError::Io { action, path, source }
+}
+
+/// The digest state after the first `len` bytes of a partial download, read in chunks on a
+/// blocking thread.
+async fn hash_prefix(part: &Path, len: u64) -> Result<Sha256, DownloadError> {
+    if len == 0 {
+        return Ok(Sha256::new());
+    }
+    let path = part.to_path_buf();
+    let hashed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut hasher = Sha256::new();
+        let mut file = std::fs::File::open(&path)?.take(len);
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = file.read(&mut buffer)?;
+            if n == 0 {
+                return Ok(hasher);
+            }
+            hasher.update(&buffer[..n]);
+        }
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()));
+    hashed.and_then(|r| r).map_err(io("read", part))
 }
 
 #[cfg(test)]
@@ -158,7 +187,7 @@ mod tests {
         std::fs::write(dest.with_extension("bundle.part"), &body[..20_000]).unwrap();
         let client = crate::http::client();
         let got = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap();
-        assert_eq!(got, body);
+        assert_eq!(std::fs::read(&got).unwrap(), body, "the resumed file is whole and verified");
         assert_eq!(*seen.lock().unwrap(), vec!["bytes=20000-".to_string()]);
         assert!(dest.exists() && !dest.with_extension("bundle.part").exists());
     }
@@ -175,7 +204,7 @@ mod tests {
         let err = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap_err();
         assert!(err.to_string().contains("discarded, will download again"), "{err}");
         let got = download(&client, &url, dest, &body, &sha).run().await.unwrap();
-        assert_eq!(got, body);
+        assert_eq!(std::fs::read(got).unwrap(), body);
         assert_eq!(seen.lock().unwrap().len(), 1, "the second attempt must not resume from the bad bytes");
     }
 

@@ -2,7 +2,7 @@
 //! heartbeats, and the desired-state notification that wakes the updater.
 //!
 //! Durable messages are written to the `agent.db` outbox before publishing (QoS 1) and deleted
-//! only on the broker's PUBACK. Across reconnects the outbox is the only source of retransmission
+//! only on the broker's PUBACK. The outbox is its own thread (`outbox.rs`): this loop only waits. Across reconnects the outbox is the only source of retransmission
 //! (rumqttc's own pending queue is cleared), so delivery is at least once; the server ignores
 //! duplicates.
 
@@ -15,16 +15,19 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS}
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::state::{StateDb, StateError};
 use crate::updater::UpdaterMsg;
+use outbox::{Outbox, OutboxError};
+
+pub mod outbox;
 
 #[derive(Debug, Error)]
 pub enum UplinkError {
     #[error(transparent)]
     BadUrl(#[from] proto::endpoint::BadMqttUrl),
     #[error(transparent)]
-    State(#[from] StateError),
+    Outbox(#[from] OutboxError),
 }
 
 enum UplinkMsg {
@@ -87,28 +90,29 @@ impl Inflight {
     }
 }
 
-pub fn spawn_uplink(
+pub async fn spawn_uplink(
     config: UplinkConfig,
     updater: mpsc::Sender<UpdaterMsg>,
     cancel: CancellationToken,
+    tasks: &TaskTracker,
 ) -> Result<UplinkHandle, UplinkError> {
     let (host, port) = proto::endpoint::parse_mqtt_url(&config.mqtt_url)?;
-    let state = StateDb::open(&config.state_path)?;
+    let outbox = Outbox::open(config.state_path.clone()).await?;
     let mut options = MqttOptions::new(format!("agent-{}", config.device_id), host, port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     options.set_credentials(config.device_id.clone(), config.credential.clone());
     let (client, eventloop) = AsyncClient::new(options, 256);
     let (tx, rx) = mpsc::channel(256);
-    let session = Session { client, state, updater, config, inflight: Inflight::default(), connected: false };
+    let session = Session { client, outbox, updater, config, inflight: Inflight::default(), connected: false };
     let device_id = session.config.device_id.clone();
-    tokio::spawn(session.run(eventloop, rx, cancel));
+    tasks.spawn(session.run(eventloop, rx, cancel));
     Ok(UplinkHandle { tx, device_id })
 }
 
 struct Session {
     client: AsyncClient,
-    state: StateDb,
+    outbox: Outbox,
     updater: mpsc::Sender<UpdaterMsg>,
     config: UplinkConfig,
     inflight: Inflight,
@@ -124,14 +128,14 @@ impl Session {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 msg = rx.recv() => match msg {
-                    Some(msg) => self.accept(msg),
+                    Some(msg) => self.accept(msg).await,
                     None => break,
                 },
-                _ = retry.tick(), if self.connected => self.publish_pending(),
+                _ = retry.tick(), if self.connected => self.publish_pending().await,
                 event = eventloop.poll() => match event {
                     Ok(event) => {
                         backoff = Duration::from_millis(100);
-                        self.on_event(event, &desired);
+                        self.on_event(event, &desired).await;
                     }
                     Err(e) => {
                         if self.connected {
@@ -148,13 +152,16 @@ impl Session {
                 },
             }
         }
-        let _ = self.client.try_disconnect();
+        // Say goodbye so the broker does not wait for the keep-alive to expire.
+        if self.connected && self.client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        }
     }
 
-    fn accept(&mut self, msg: UplinkMsg) {
+    async fn accept(&mut self, msg: UplinkMsg) {
         match msg {
             UplinkMsg::Durable { topic, payload } => {
-                match self.state.outbox_push(&topic, &payload, self.config.outbox_max_rows) {
+                match self.outbox.push(topic.clone(), payload.clone(), self.config.outbox_max_rows).await {
                     Ok(id) if self.connected => self.publish(id, topic, payload),
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "outbox write failed; message lost"),
@@ -175,8 +182,8 @@ impl Session {
     }
 
     /// Publishes outbox rows not already handed to the client (after a reconnect, or a full queue).
-    fn publish_pending(&mut self) {
-        match self.state.outbox_pending(64) {
+    async fn publish_pending(&mut self) {
+        match self.outbox.pending(64).await {
             Ok(rows) => {
                 for (id, topic, payload) in rows {
                     if !self.inflight.holds(id) {
@@ -188,14 +195,14 @@ impl Session {
         }
     }
 
-    fn on_event(&mut self, event: Event, desired: &str) {
+    async fn on_event(&mut self, event: Event, desired: &str) {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => {
                 self.connected = true;
                 let _ = self.client.try_subscribe(desired, QoS::AtLeastOnce);
                 // A notification may have been missed while offline.
                 let _ = self.updater.try_send(UpdaterMsg::CheckNow);
-                self.publish_pending();
+                self.publish_pending().await;
             }
             Event::Incoming(Packet::Publish(publish)) if publish.topic == desired => {
                 let _ = self.updater.try_send(UpdaterMsg::CheckNow);
@@ -207,7 +214,7 @@ impl Session {
             }
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(id) = self.inflight.by_pkid.remove(&ack.pkid) {
-                    if let Err(e) = self.state.outbox_delete(id) {
+                    if let Err(e) = self.outbox.delete(id).await {
                         tracing::error!(error = %e, "outbox delete failed; message may be sent twice");
                     }
                 }
