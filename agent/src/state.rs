@@ -116,13 +116,12 @@ impl StateDb {
         let rows = stmt
             .query_map([], |r| {
                 let step: String = r.get(2)?;
-                Ok(UpdateRecord {
-                    model: r.get(0)?,
-                    version: r.get(1)?,
-                    step: UpdateStep::parse(&step).unwrap_or(UpdateStep::Failed),
-                    detail: r.get(3)?,
-                    attempt: r.get(4)?,
-                })
+                // A step this agent does not know is corruption: say so rather than guess one.
+                let step = UpdateStep::parse(&step).ok_or_else(|| {
+                    let why = format!("update step {step:?} is no known step");
+                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, why.into())
+                })?;
+                Ok(UpdateRecord { model: r.get(0)?, version: r.get(1)?, step, detail: r.get(3)?, attempt: r.get(4)? })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -186,6 +185,22 @@ mod tests {
         let db = StateDb::open(&path).unwrap();
         assert_eq!(db.identity().unwrap(), Some(id));
         assert_eq!(db.records().unwrap(), vec![rec]);
+    }
+
+    #[test]
+    fn a_corrupt_update_step_is_an_error_that_names_it_not_a_silent_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let db = StateDb::open(&path).unwrap();
+        db.conn()
+            .execute(
+                "INSERT INTO updates (model, version, step, detail, attempt, updated_ms) VALUES ('m', '1.0.0', 'exploded', '', 0, 0)",
+                [],
+            )
+            .unwrap();
+        let err = db.records().unwrap_err();
+        assert!(err.to_string().contains("update step \"exploded\" is no known step"), "{err}");
+        assert!(err.to_string().contains("agent.db"), "{err}");
     }
 
     #[test]

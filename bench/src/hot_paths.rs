@@ -131,9 +131,10 @@ pub async fn telemetry(dir: &Path, records: usize) -> Result<(f64, f64)> {
 /// Mean and worst time of `decide` over a rollout of `devices` devices with full observations
 /// (status plus 8-feature, 3-class sketches per device), mid-wave with gates judged.
 pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
-    use fleet_server::rollout::create::{create, DeviceInfo};
+    use fleet_server::rollout::create::create;
     use fleet_server::rollout::decide;
     use fleet_server::rollout::state::{DeviceObservation, VersionMetrics};
+    use fleet_server::rollout::DeviceInfo;
     use proto::drift::SketchCounts;
     let infos: Vec<DeviceInfo> = (0..devices)
         .map(|i| DeviceInfo {

@@ -7,7 +7,7 @@ use proto::rollout::RolloutPlan;
 use thiserror::Error;
 
 use super::decide::{revert_touched, Decision};
-use super::state::{Effect, Member, MemberStatus, Phase, Rollout};
+use super::state::{DeviceInfo, Effect, Member, MemberStatus, Phase, Rollout};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum RolloutError {
@@ -27,12 +27,6 @@ pub enum RolloutError {
         "rollout {id} wave {wave} is not soaking yet: promote ends a soak early, it does not skip a wave's checks"
     )]
     NotSoaking { id: String, wave: usize },
-}
-
-pub struct DeviceInfo {
-    pub id: String,
-    pub labels: BTreeMap<String, String>,
-    pub active_version: Option<String>,
 }
 
 /// Active rollouts of the same model already holding devices: device -> rollout id.

@@ -1,8 +1,8 @@
 //! The rollout decision: `decide(rollout, observations, now) -> Decision`. Pure; every transition
 //! is covered by the fixture tests in `decide_tests.rs`.
 
-use super::gates::{control_group, group, judge, Observations};
-use super::state::{DeviceObservation, Effect, Evidence, MemberStatus, Phase, Rollout};
+use super::gates::{control_group, group, judge};
+use super::state::{DeviceObservation, Effect, Evidence, MemberStatus, Observations, Phase, Rollout};
 use proto::rollout::OnBreach;
 use proto::wire::UpdateStep;
 

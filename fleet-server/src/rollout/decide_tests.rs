@@ -7,8 +7,9 @@ use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
 use proto::wire::UpdateStep;
 
 use super::*;
-use crate::rollout::create::{create, operate, DeviceInfo, OperatorAction, RolloutError};
+use crate::rollout::create::{create, operate, OperatorAction, RolloutError};
 use crate::rollout::state::{DeviceObservation, VersionMetrics};
+use crate::rollout::DeviceInfo;
 
 const T0: u64 = 1_000_000;
 

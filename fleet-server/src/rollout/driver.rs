@@ -17,7 +17,9 @@ use super::create::{busy_devices, create, operate, OperatorAction, RolloutError}
 use super::decide::{decide, Decision};
 use super::state::{Effect, MemberStatus, Rollout};
 use crate::ingest::Notifier;
-use crate::store::{Store, StoreError};
+use crate::store::{ObservationRows, Store, StoreError};
+use proto::drift::ReferenceSketch;
+use std::collections::BTreeMap;
 
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -137,8 +139,8 @@ impl Driver {
         let rollouts = self.blocking(|s| s.rollouts()).await?;
         for rollout in rollouts.into_iter().filter(|r| r.phase == super::Phase::Running) {
             let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
-            let observations = self.blocking(move |s| s.observations(&model, since)).await?;
-            let decision = decide(&rollout, &observations, crate::unix_ms());
+            let (rows, references) = self.blocking(move |s| observation_inputs(s, &model, since)).await?;
+            let decision = decide(&rollout, &super::observe(&rows, &references), crate::unix_ms());
             if decision.rollout != rollout || !decision.effects.is_empty() {
                 self.commit(decision, "engine").await?;
             }
@@ -200,10 +202,31 @@ impl Driver {
     }
 }
 
+/// The store's rows for a model and the drift reference of every version they mention, read
+/// from the published bundles' manifests.
+fn observation_inputs(
+    store: &dyn Store,
+    model: &str,
+    since_ms: u64,
+) -> Result<(ObservationRows, BTreeMap<String, ReferenceSketch>), StoreError> {
+    let rows = store.observation_rows(model, since_ms)?;
+    let mut references = BTreeMap::new();
+    for version in rows.windows.iter().map(|w| &w.version) {
+        if references.contains_key(version) {
+            continue;
+        }
+        let manifest = store.bundle(model, version)?.and_then(|b| proto::Manifest::parse(&b.manifest_json).ok());
+        if let Some(manifest) = manifest {
+            references.insert(version.clone(), manifest.reference);
+        }
+    }
+    Ok((rows, references))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::create::DeviceInfo;
+    use crate::rollout::DeviceInfo;
     use crate::rollout::Phase;
     use crate::store::{NewDevice, SqliteStore};
 

@@ -1,7 +1,5 @@
 //! Health gates on the model: the candidate group against the control group.
 
-use std::collections::BTreeMap;
-
 use proto::drift::{psi, SketchCounts};
 use proto::rollout::HealthGates;
 
@@ -114,5 +112,3 @@ pub fn control_group(
         group(holdout.iter().copied())
     }
 }
-
-pub type Observations = BTreeMap<String, DeviceObservation>;

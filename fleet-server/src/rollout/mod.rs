@@ -9,7 +9,9 @@ pub mod create;
 pub mod decide;
 pub mod driver;
 pub mod gates;
+pub mod observe;
 pub mod state;
 
 pub use decide::{decide, Decision};
-pub use state::{Effect, Member, MemberStatus, Phase, Rollout};
+pub use observe::observe;
+pub use state::{DeviceInfo, Effect, Member, MemberStatus, Observations, Phase, Rollout};

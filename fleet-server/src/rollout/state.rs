@@ -125,11 +125,23 @@ pub struct Rollout {
     pub order: Vec<String>,
 }
 
+/// An enrolled device as a rollout's cohort selection sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub active_version: Option<String>,
+}
+
+/// Every device's observation of the rollout's model, by device id (built by `observe`).
+pub type Observations = BTreeMap<String, DeviceObservation>;
+
 /// What the store knows about one device's model metrics for one version, since the rollout began.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct VersionMetrics {
     pub counts: SketchCounts,
-    /// Mean input drift score (PSI vs the bundle's reference) over the windows.
+    /// Input drift: the largest per-feature PSI of the merged windows against the version's
+    /// reference, once the device has enough samples (see `observe`).
     pub input_drift: Option<f64>,
     pub inferences: u64,
     pub errors: u64,

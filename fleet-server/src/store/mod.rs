@@ -4,11 +4,9 @@
 
 mod sqlite;
 
-use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus};
+use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep};
 
-use crate::rollout::create::DeviceInfo;
-use crate::rollout::gates::Observations;
-use crate::rollout::Rollout;
+use crate::rollout::{DeviceInfo, Rollout};
 pub use sqlite::SqliteStore;
 use thiserror::Error;
 
@@ -33,6 +31,35 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
         .unwrap_or_else(|e| Err(StoreError::Interrupted(e.to_string())))
+}
+
+/// One device's stored status of a model (last update step, counters from heartbeats).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusRow {
+    pub device: String,
+    pub active_version: Option<String>,
+    pub step: Option<UpdateStep>,
+    /// The version the step is about.
+    pub step_version: Option<String>,
+    pub detail: String,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_p95_us: Option<u64>,
+}
+
+/// One stored drift window, its counts still postcard-encoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowRow {
+    pub device: String,
+    pub version: String,
+    pub counts: Vec<u8>,
+}
+
+/// What the rollout engine observes of one model, as the store holds it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ObservationRows {
+    pub statuses: Vec<StatusRow>,
+    pub windows: Vec<WindowRow>,
 }
 
 /// A rollout's desired version for one device of its model: (device, version, attempt).
@@ -94,8 +121,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Devices with labels and the version of `model` they run.
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError>;
-    /// Status and metrics of `model` on every device, windows since `since_ms`.
-    fn observations(&self, model: &str, since_ms: u64) -> Result<Observations, StoreError>;
+    /// Every device's status row for `model` and its drift windows since `since_ms`, raw.
+    fn observation_rows(&self, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError>;
     /// Writes the rollout state, its audit lines and the desired versions it sets in one
     /// transaction; returns the devices whose revision changed (unchanged assertions are quiet).
     fn save_rollout(

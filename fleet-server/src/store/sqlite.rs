@@ -7,15 +7,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use proto::wire::{
-    bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus, UpdateStep,
-};
+use proto::wire::{bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{BundleRecord, DesiredChange, NewDevice, Store, StoreError, StoredDrift};
-use crate::rollout::create::DeviceInfo;
-use crate::rollout::gates::Observations;
-use crate::rollout::Rollout;
+use super::{BundleRecord, DesiredChange, NewDevice, ObservationRows, Store, StoreError, StoredDrift};
+use crate::rollout::{DeviceInfo, Rollout};
 use proto::wire::AuditEntry;
 
 const SCHEMA: &str = "
@@ -174,8 +170,9 @@ impl Store for SqliteStore {
         })?;
         for row in rows {
             let (device, model, step, detail, active, inferences) = row?;
+            let step = step.as_deref().map(|text| rollouts::parse_step(&device, text)).transpose()?;
             let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
-            view.step = step.as_deref().and_then(UpdateStep::parse);
+            view.step = step;
             view.detail = detail;
             view.active_version = active;
             view.inferences = inferences as u64;
@@ -349,8 +346,8 @@ impl Store for SqliteStore {
         rollouts::device_infos(&self.conn(), model)
     }
 
-    fn observations(&self, model: &str, since_ms: u64) -> Result<Observations, StoreError> {
-        rollouts::observations(&self.conn(), model, since_ms)
+    fn observation_rows(&self, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
+        rollouts::observation_rows(&self.conn(), model, since_ms)
     }
 
     fn save_rollout(

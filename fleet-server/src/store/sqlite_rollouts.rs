@@ -1,20 +1,12 @@
 //! The rollout half of the SQLite store: rollout state as JSON, the audit log, per-device
-//! desired attempts and the observations the rollout engine judges.
+//! desired attempts and the raw rows the rollout engine observes.
 
-use std::collections::BTreeMap;
-
-use proto::drift::SketchCounts;
 use proto::wire::{AuditEntry, UpdateStep};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{DesiredChange, StoreError};
-use crate::rollout::create::DeviceInfo;
-use crate::rollout::gates::Observations;
-use crate::rollout::state::VersionMetrics;
+use crate::rollout::DeviceInfo;
 use crate::rollout::Rollout;
-
-/// Samples a device needs before its input drift is compared (bias ~ 9/500 < 0.02 PSI).
-pub const MIN_DRIFT_SAMPLES: u64 = 500;
+use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
 /// The one desired-version upsert, inside the caller's transaction. `attempt` None keeps the
 /// stored attempt (a plain deployment) and always raises the revision, so a device told again
@@ -69,76 +61,47 @@ pub fn device_infos(conn: &Connection, model: &str) -> Result<Vec<DeviceInfo>, S
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub fn observations(conn: &Connection, model: &str, since_ms: u64) -> Result<Observations, StoreError> {
-    let mut observations = Observations::new();
+/// The raw rows the rollout engine observes: every device's status of `model`, and its drift
+/// windows since `since_ms` (counts still encoded). No policy here: see `rollout::observe`.
+pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
     let mut status = conn.prepare(
         "SELECT device, active_version, step, version, detail, inferences, errors, latency_p95_us FROM model_status WHERE model = ?1",
     )?;
     let rows = status.query_map(params![model], |r| {
         Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, Option<String>>(1)?,
+            StatusRow {
+                device: r.get(0)?,
+                active_version: r.get(1)?,
+                step: None,
+                step_version: r.get(3)?,
+                detail: r.get(4)?,
+                inferences: r.get::<_, i64>(5)? as u64,
+                errors: r.get::<_, i64>(6)? as u64,
+                latency_p95_us: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+            },
             r.get::<_, Option<String>>(2)?,
-            r.get::<_, Option<String>>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, i64>(5)?,
-            r.get::<_, i64>(6)?,
-            r.get::<_, Option<i64>>(7)?,
         ))
     })?;
+    let mut statuses = Vec::new();
     for row in rows {
-        let (device, active, step, step_version, detail, inferences, errors, p95) = row?;
-        let o = observations.entry(device).or_default();
-        o.step = step.as_deref().and_then(UpdateStep::parse);
-        o.step_version = step_version;
-        o.detail = detail;
-        if let Some(active) = &active {
-            let m = o.metrics.entry(active.clone()).or_default();
-            m.inferences = inferences as u64;
-            m.errors = errors as u64;
-            m.latency_p95_us = p95.map(|v| v as f64);
-        }
-        o.active_version = active;
+        let (mut row, step) = row?;
+        row.step = step.as_deref().map(|text| parse_step(&row.device, text)).transpose()?;
+        statuses.push(row);
     }
     let mut drift =
         conn.prepare("SELECT device, version, counts FROM drift WHERE model = ?1 AND window_start_ms >= ?2")?;
-    let rows = drift.query_map(params![model, since_ms as i64], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
-    })?;
-    for row in rows {
-        let (device, version, counts) = row?;
-        let Ok(counts) = proto::wire::decode::<SketchCounts>("stored drift counts", &counts) else { continue };
-        let metrics: &mut VersionMetrics = observations.entry(device).or_default().metrics.entry(version).or_default();
-        if metrics.counts.samples == 0 && metrics.counts.classes.is_empty() {
-            metrics.counts = counts;
-        } else {
-            let _ = metrics.counts.merge(&counts);
-        }
-    }
-    // Input drift of everything a device saw since `since_ms`, against the version's reference:
-    // PSI over merged windows, not a mean of small-window PSIs. PSI is biased upwards by about
-    // (bins - 1) / samples, so a device counts only once it has MIN_DRIFT_SAMPLES: otherwise a
-    // device that just switched versions looks "drifted" next to one that ran all along.
-    let mut references: BTreeMap<String, Option<proto::drift::ReferenceSketch>> = BTreeMap::new();
-    for observation in observations.values_mut() {
-        for (version, metrics) in observation.metrics.iter_mut().filter(|(_, m)| m.counts.samples >= MIN_DRIFT_SAMPLES)
-        {
-            let reference = references.entry(version.clone()).or_insert_with(|| reference(conn, model, version));
-            if let Some(report) = reference.as_ref().and_then(|r| proto::drift::drift(r, &metrics.counts).ok()) {
-                metrics.input_drift = report.feature_psi.iter().copied().reduce(f64::max);
-            }
-        }
-    }
-    Ok(observations)
+    let windows = drift
+        .query_map(params![model, since_ms as i64], |r| {
+            Ok(WindowRow { device: r.get(0)?, version: r.get(1)?, counts: r.get(2)? })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(ObservationRows { statuses, windows })
 }
 
-fn reference(conn: &Connection, model: &str, version: &str) -> Option<proto::drift::ReferenceSketch> {
-    let manifest: Vec<u8> = conn
-        .query_row("SELECT manifest FROM bundles WHERE name = ?1 AND version = ?2", params![model, version], |r| {
-            r.get(0)
-        })
-        .ok()?;
-    proto::Manifest::parse(&manifest).ok().map(|m| m.reference)
+/// A stored update step; text that names no step is corruption, said with the device.
+pub fn parse_step(device: &str, text: &str) -> Result<UpdateStep, StoreError> {
+    UpdateStep::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("device {device} has update step {text:?}, which is no known step")))
 }
 
 /// The rollout's state, its audit lines and the desired versions it sets, in one transaction:

@@ -1,6 +1,6 @@
 use super::*;
 use proto::drift::SketchCounts;
-use proto::wire::{DriftSummary, Health, ModelCounters};
+use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStep};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -119,4 +119,17 @@ fn an_older_status_does_not_overwrite_a_newer_one() {
     store.record_status("d1", &status(UpdateStep::Active, 20)).unwrap();
     store.record_status("d1", &status(UpdateStep::Downloading, 10)).unwrap();
     assert_eq!(store.list_devices().unwrap()[0].models[0].step, Some(UpdateStep::Active));
+}
+
+#[test]
+fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    store
+        .conn()
+        .execute("INSERT INTO model_status (device, model, step, detail) VALUES ('d1', 'tabular', 'exploded', '')", [])
+        .unwrap();
+    let err = store.observation_rows("tabular", 0).unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt(why) if why.contains("d1") && why.contains("\"exploded\"")), "{err}");
+    assert!(matches!(store.list_devices(), Err(StoreError::Corrupt(_))));
 }

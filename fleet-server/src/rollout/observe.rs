@@ -1,0 +1,145 @@
+//! What the rollout engine observes, as a pure function of the rows the store returns:
+//! `observe(rows, references) -> Observations`. The store only reads; the rules live here (which
+//! windows merge, when a device has enough samples to compare its input drift, how drift is
+//! scored), so every store implementation gets the same observations.
+
+use std::collections::BTreeMap;
+
+use proto::drift::{drift, ReferenceSketch, SketchCounts};
+
+use super::state::{Observations, VersionMetrics};
+use crate::store::ObservationRows;
+
+/// Samples a device needs before its input drift is compared. PSI is biased upwards by about
+/// (bins - 1) / samples (9/500 < 0.02 here), so below this a device that just switched versions
+/// would look "drifted" next to one that ran all along.
+pub const MIN_DRIFT_SAMPLES: u64 = 500;
+
+/// Builds each device's observation: its status and counters, its drift windows merged per
+/// version (a window that does not decode or whose layout differs is skipped), and its input
+/// drift against that version's reference once it has [`MIN_DRIFT_SAMPLES`].
+pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ReferenceSketch>) -> Observations {
+    let mut observations = Observations::new();
+    for row in &rows.statuses {
+        let o = observations.entry(row.device.clone()).or_default();
+        o.step = row.step;
+        o.step_version = row.step_version.clone();
+        o.detail = row.detail.clone();
+        if let Some(active) = &row.active_version {
+            let m = o.metrics.entry(active.clone()).or_default();
+            m.inferences = row.inferences;
+            m.errors = row.errors;
+            m.latency_p95_us = row.latency_p95_us.map(|v| v as f64);
+        }
+        o.active_version = row.active_version.clone();
+    }
+    for window in &rows.windows {
+        let Ok(counts) = proto::wire::decode::<SketchCounts>("stored drift counts", &window.counts) else { continue };
+        let metrics: &mut VersionMetrics =
+            observations.entry(window.device.clone()).or_default().metrics.entry(window.version.clone()).or_default();
+        if metrics.counts.samples == 0 && metrics.counts.classes.is_empty() {
+            metrics.counts = counts;
+        } else {
+            // A layout mismatch means another contract: that window is not comparable.
+            let _ = metrics.counts.merge(&counts);
+        }
+    }
+    for observation in observations.values_mut() {
+        for (version, metrics) in observation.metrics.iter_mut().filter(|(_, m)| m.counts.samples >= MIN_DRIFT_SAMPLES)
+        {
+            if let Some(report) = references.get(version).and_then(|r| drift(r, &metrics.counts).ok()) {
+                metrics.input_drift = report.feature_psi.iter().copied().reduce(f64::max);
+            }
+        }
+    }
+    observations
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::drift::build_reference;
+    use proto::wire::UpdateStep;
+
+    use super::*;
+    use crate::store::{StatusRow, WindowRow};
+
+    /// A one-feature reference from values 0..1000 and a one-class model.
+    fn reference() -> ReferenceSketch {
+        let rows: Vec<Vec<f32>> = (0..1000).map(|i| vec![i as f32 / 1000.0]).collect();
+        let outputs = vec![vec![1.0]; rows.len()];
+        build_reference(&rows, &outputs, 10)
+    }
+
+    fn window(device: &str, version: &str, values: impl Iterator<Item = f32>) -> WindowRow {
+        let reference = reference();
+        let mut counts = SketchCounts::empty_for(&reference, 1);
+        for v in values {
+            counts.observe(&reference.edges, &[v], &[1.0]);
+        }
+        WindowRow { device: device.into(), version: version.into(), counts: proto::wire::encode(&counts) }
+    }
+
+    fn status(device: &str, active: &str) -> StatusRow {
+        StatusRow {
+            device: device.into(),
+            active_version: Some(active.into()),
+            step: Some(UpdateStep::Active),
+            step_version: Some(active.into()),
+            detail: String::new(),
+            inferences: 700,
+            errors: 2,
+            latency_p95_us: Some(64),
+        }
+    }
+
+    fn references() -> BTreeMap<String, ReferenceSketch> {
+        [("1.0.0".to_string(), reference())].into()
+    }
+
+    #[test]
+    fn windows_of_one_version_merge_into_one_sketch_and_status_fills_the_counters() {
+        let rows = ObservationRows {
+            statuses: vec![status("d1", "1.0.0")],
+            windows: vec![
+                window("d1", "1.0.0", (0..300).map(|i| i as f32 / 300.0)),
+                window("d1", "1.0.0", (0..400).map(|i| i as f32 / 400.0)),
+            ],
+        };
+        let o = &observe(&rows, &references())["d1"];
+        let m = &o.metrics["1.0.0"];
+        assert_eq!((m.counts.samples, m.inferences, m.errors, m.latency_p95_us), (700, 700, 2, Some(64.0)));
+        assert_eq!((o.active_version.as_deref(), o.step), (Some("1.0.0"), Some(UpdateStep::Active)));
+    }
+
+    #[test]
+    fn a_device_with_fewer_than_the_minimum_samples_has_no_input_drift_yet() {
+        let few = ObservationRows { statuses: vec![], windows: vec![window("d1", "1.0.0", (0..499).map(|_| 0.05))] };
+        assert_eq!(observe(&few, &references())["d1"].metrics["1.0.0"].input_drift, None);
+        let enough = ObservationRows { statuses: vec![], windows: vec![window("d1", "1.0.0", (0..500).map(|_| 0.05))] };
+        let drift = observe(&enough, &references())["d1"].metrics["1.0.0"].input_drift.unwrap();
+        assert!(drift > 1.0, "all 500 samples in one decile of ten: PSI {drift}");
+    }
+
+    #[test]
+    fn inputs_like_the_reference_score_little_drift_and_an_unknown_version_none() {
+        let rows = ObservationRows {
+            statuses: vec![],
+            windows: vec![
+                window("d1", "1.0.0", (0..1000).map(|i| i as f32 / 1000.0)),
+                window("d2", "9.9.9", (0..1000).map(|i| i as f32 / 1000.0)),
+            ],
+        };
+        let observed = observe(&rows, &references());
+        assert!(observed["d1"].metrics["1.0.0"].input_drift.unwrap() < 0.02);
+        assert_eq!(observed["d2"].metrics["9.9.9"].input_drift, None, "no reference for 9.9.9");
+    }
+
+    #[test]
+    fn a_window_that_does_not_decode_is_skipped() {
+        let mut broken = window("d1", "1.0.0", (0..10).map(|_| 0.5));
+        broken.counts = vec![0xFF; 3];
+        let rows =
+            ObservationRows { statuses: vec![], windows: vec![broken, window("d1", "1.0.0", (0..20).map(|_| 0.5))] };
+        assert_eq!(observe(&rows, &references())["d1"].metrics["1.0.0"].counts.samples, 20);
+    }
+}
