@@ -311,8 +311,78 @@ pub struct AuditEntry {
     pub at_ms: u64,
     pub actor: String,
     pub rollout: Option<String>,
-    pub action: String,
+    pub action: AuditAction,
     pub detail: String,
+}
+
+/// What an audit line records; stored and sent as its snake_case name.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    /// A rollout was created from a plan.
+    Created,
+    Pause,
+    Resume,
+    Abort,
+    Promote,
+    Retry,
+    DeviceFailed,
+    DeviceTimedOut,
+    WaveSoaking,
+    WaveStarted,
+    Completed,
+    Halted,
+    RolledBack,
+    /// An operator replaced a device's labels.
+    Labels,
+}
+
+impl AuditAction {
+    const ALL: [AuditAction; 14] = [
+        AuditAction::Created,
+        AuditAction::Pause,
+        AuditAction::Resume,
+        AuditAction::Abort,
+        AuditAction::Promote,
+        AuditAction::Retry,
+        AuditAction::DeviceFailed,
+        AuditAction::DeviceTimedOut,
+        AuditAction::WaveSoaking,
+        AuditAction::WaveStarted,
+        AuditAction::Completed,
+        AuditAction::Halted,
+        AuditAction::RolledBack,
+        AuditAction::Labels,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Created => "created",
+            AuditAction::Pause => "pause",
+            AuditAction::Resume => "resume",
+            AuditAction::Abort => "abort",
+            AuditAction::Promote => "promote",
+            AuditAction::Retry => "retry",
+            AuditAction::DeviceFailed => "device_failed",
+            AuditAction::DeviceTimedOut => "device_timed_out",
+            AuditAction::WaveSoaking => "wave_soaking",
+            AuditAction::WaveStarted => "wave_started",
+            AuditAction::Completed => "completed",
+            AuditAction::Halted => "halted",
+            AuditAction::RolledBack => "rolled_back",
+            AuditAction::Labels => "labels",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AuditAction> {
+        AuditAction::ALL.into_iter().find(|a| a.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -371,5 +441,19 @@ mod tests {
             assert_eq!(UpdateStep::parse(step.as_str()), Some(step));
         }
         assert_eq!(UpdateStep::parse("nope"), None);
+    }
+}
+
+#[cfg(test)]
+mod audit_action_tests {
+    use super::AuditAction;
+
+    #[test]
+    fn every_audit_action_round_trips_through_its_stored_name_and_json() {
+        for action in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(action.as_str()), Some(action));
+            assert_eq!(serde_json::to_string(&action).unwrap(), format!("\"{}\"", action.as_str()));
+        }
+        assert_eq!(AuditAction::parse("exploded"), None);
     }
 }

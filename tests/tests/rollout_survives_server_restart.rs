@@ -110,7 +110,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(actions.first(), Some(&"created"));
     assert!(actions.contains(&"promote") && actions.last() == Some(&"completed"), "{actions:?}");
-    assert!(audit.iter().any(|e| e.action == "promote" && e.actor != "engine"));
+    assert!(audit.iter().any(|e| e.action == proto::wire::AuditAction::Promote && e.actor != "engine"));
     for agent in &agents {
         agent.shutdown().await;
     }

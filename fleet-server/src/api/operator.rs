@@ -157,7 +157,7 @@ pub async fn set_labels(
         at_ms: crate::unix_ms(),
         actor: super::rollouts::actor(&headers),
         rollout: None,
-        action: "labels".into(),
+        action: proto::wire::AuditAction::Labels,
         detail: format!("{id}: {}", serde_json::to_string(&labels).unwrap_or_default()),
     };
     blocking(&state.store, move |s| s.append_audit(&entry)).await?;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use proto::cohort::{bucket, matches};
 use proto::rollout::RolloutPlan;
+use proto::wire::AuditAction;
 use thiserror::Error;
 
 use super::decide::{revert_touched, Decision};
@@ -109,6 +110,17 @@ impl OperatorAction {
         })
     }
 
+    /// The audit line an operator action writes.
+    pub fn audit_action(self) -> AuditAction {
+        match self {
+            OperatorAction::Pause => AuditAction::Pause,
+            OperatorAction::Resume => AuditAction::Resume,
+            OperatorAction::Abort => AuditAction::Abort,
+            OperatorAction::Promote => AuditAction::Promote,
+            OperatorAction::RetryFailed => AuditAction::Retry,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             OperatorAction::Pause => "pause",
@@ -159,10 +171,8 @@ pub fn operate(current: &Rollout, action: OperatorAction, now_ms: u64) -> Result
         }
         OperatorAction::RetryFailed => return Err(wrong("running, paused or halted")),
     }
-    effects.push(Effect::Audit {
-        action: action.as_str().to_string(),
-        detail: format!("rollout is now {}", r.phase.as_str()),
-    });
+    effects
+        .push(Effect::Audit { action: action.audit_action(), detail: format!("rollout is now {}", r.phase.as_str()) });
     Ok(Decision { rollout: r, effects })
 }
 

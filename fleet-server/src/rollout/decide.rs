@@ -1,10 +1,10 @@
 //! The rollout decision: `decide(rollout, observations, now) -> Decision`. Pure; every transition
 //! is covered by the fixture tests in `decide_tests.rs`.
 
-use super::gates::{control_group, group, judge};
+use super::gates::{control_group, group, judge, GateBreach};
 use super::state::{DeviceObservation, Effect, Evidence, MemberStatus, Observations, Phase, Rollout};
 use proto::rollout::OnBreach;
-use proto::wire::UpdateStep;
+use proto::wire::{AuditAction, UpdateStep};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -12,8 +12,8 @@ pub struct Decision {
     pub effects: Vec<Effect>,
 }
 
-fn audit(effects: &mut Vec<Effect>, action: &str, detail: String) {
-    effects.push(Effect::Audit { action: action.to_string(), detail });
+fn audit(effects: &mut Vec<Effect>, action: AuditAction, detail: String) {
+    effects.push(Effect::Audit { action, detail });
 }
 
 pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> Decision {
@@ -30,18 +30,13 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
         .values()
         .filter(|m| m.wave.is_some())
         .fold((0, 0), |(e, f), m| (e + m.status.executed() as usize, f + m.status.failed() as usize));
-    let evidence = evidence(&r, observations, executed, failed, now_ms);
-    let mut breaches = Vec::new();
+    let mut evidence = evidence(&r, observations, executed, failed, now_ms);
     if executed >= r.plan.min_executed && executed > 0 && failed as f64 / executed as f64 > r.plan.failure_threshold {
-        breaches.push(format!(
-            "install failure rate {:.0}% ({failed} of {executed} executed) exceeds {:.0}%",
-            failed as f64 * 100.0 / executed as f64,
-            r.plan.failure_threshold * 100.0
-        ));
+        let install = GateBreach::InstallFailures { failed, executed, threshold: r.plan.failure_threshold };
+        evidence.breaches.insert(0, install);
     }
-    breaches.extend(evidence.breaches.iter().cloned());
-    if !breaches.is_empty() {
-        breach(&mut r, breaches, evidence, &mut effects);
+    if !evidence.breaches.is_empty() {
+        breach(&mut r, evidence, &mut effects);
         return Decision { rollout: r, effects };
     }
 
@@ -53,15 +48,10 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
         let active = r.order[..target].iter().filter(|id| r.members[*id].status == MemberStatus::Active).count();
         let success = if target == 0 { 0.0 } else { active as f64 / target as f64 };
         if success < r.plan.success_threshold {
-            let reason = format!(
-                "wave {} ended with {active} of {target} devices active ({:.0}%), below the {:.0}% success threshold",
-                r.wave + 1,
-                success * 100.0,
-                r.plan.success_threshold * 100.0
-            );
+            let reason = GateBreach::WaveSuccess { wave: r.wave, active, target, threshold: r.plan.success_threshold };
             let mut evidence = evidence;
-            evidence.breaches.push(reason.clone());
-            breach(&mut r, vec![reason], evidence, &mut effects);
+            evidence.breaches.push(reason);
+            breach(&mut r, evidence, &mut effects);
         } else {
             let judged = evidence.candidate.samples >= r.plan.gates.min_samples
                 && evidence.control.samples >= r.plan.gates.min_samples;
@@ -82,10 +72,14 @@ fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, ef
             member.status = MemberStatus::Active;
         } else if o.step == Some(UpdateStep::Failed) && o.step_version.as_deref() == Some(version.as_str()) {
             member.status = MemberStatus::Failed(o.detail.clone());
-            audit(effects, "device_failed", format!("{id}: {}", o.detail));
+            audit(effects, AuditAction::DeviceFailed, format!("{id}: {}", o.detail));
         } else if member.assigned_ms.is_some_and(|at| now_ms.saturating_sub(at) > timeout_ms) {
             member.status = MemberStatus::TimedOut;
-            audit(effects, "device_timed_out", format!("{id}: no result within {} s", r.plan.device_timeout_secs));
+            audit(
+                effects,
+                AuditAction::DeviceTimedOut,
+                format!("{id}: no result within {} s", r.plan.device_timeout_secs),
+            );
         }
     }
 }
@@ -118,7 +112,7 @@ fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: u
         breaches.extend(
             judge(&r.plan.gates, &candidate, &previous_version)
                 .into_iter()
-                .map(|b| format!("{b} (against the previous version on the same devices)")),
+                .map(|b| GateBreach::AgainstPreviousVersion(Box::new(b))),
         );
     }
     Evidence {
@@ -134,8 +128,9 @@ fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: u
     }
 }
 
-fn breach(r: &mut Rollout, reasons: Vec<String>, evidence: Evidence, effects: &mut Vec<Effect>) {
-    let reason = reasons.join("; ");
+/// Stops the rollout on the evidence's breaches (halt, or roll back every touched device).
+fn breach(r: &mut Rollout, evidence: Evidence, effects: &mut Vec<Effect>) {
+    let reason = evidence.breaches.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     r.phase = match r.plan.on_breach {
         OnBreach::Halt => Phase::Halted,
         OnBreach::Rollback => Phase::RolledBack,
@@ -143,7 +138,8 @@ fn breach(r: &mut Rollout, reasons: Vec<String>, evidence: Evidence, effects: &m
     if r.plan.on_breach == OnBreach::Rollback {
         revert_touched(r, effects);
     }
-    audit(effects, r.phase.as_str(), format!("wave {}: {reason}", r.wave + 1));
+    let action = if r.phase == Phase::Halted { AuditAction::Halted } else { AuditAction::RolledBack };
+    audit(effects, action, format!("wave {}: {reason}", r.wave + 1));
     r.reason = Some(reason);
     r.evidence = Some(evidence);
 }
@@ -191,7 +187,7 @@ fn advance(r: &mut Rollout, target: usize, judged: bool, now_ms: u64, effects: &
             r.soak_until_ms = Some(until);
             audit(
                 effects,
-                "wave_soaking",
+                AuditAction::WaveSoaking,
                 format!("wave {} passed with {target} devices; soaking {} s", r.wave + 1, r.plan.soak_secs),
             );
         }
@@ -211,14 +207,14 @@ fn advance(r: &mut Rollout, target: usize, judged: bool, now_ms: u64, effects: &
                 let next = r.plan.wave_target(r.wave, r.order.len());
                 audit(
                     effects,
-                    "wave_started",
+                    AuditAction::WaveStarted,
                     format!("wave {} targets {next} of {} eligible devices", r.wave + 1, r.order.len()),
                 );
             } else {
                 r.phase = Phase::Completed;
                 audit(
                     effects,
-                    "completed",
+                    AuditAction::Completed,
                     format!("all {} waves passed; {target} devices run {}", r.plan.waves.len(), r.plan.version),
                 );
             }

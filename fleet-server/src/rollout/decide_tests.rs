@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use proto::drift::SketchCounts;
 use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
-use proto::wire::UpdateStep;
+use proto::wire::{AuditAction, UpdateStep};
+
+use crate::rollout::gates::GateBreach;
 
 use super::*;
 use crate::rollout::create::{create, operate, OperatorAction, RolloutError};
@@ -83,6 +85,11 @@ fn observe(r: &Rollout, ids: &[String], observation: DeviceObservation) -> BTree
         .collect()
 }
 
+/// The breaches the decision stopped on.
+fn breaches(d: &Decision) -> Vec<GateBreach> {
+    d.rollout.evidence.as_ref().map(|e| e.breaches.clone()).unwrap_or_default()
+}
+
 fn desired(effects: &[Effect]) -> Vec<(String, String)> {
     effects
         .iter()
@@ -141,6 +148,7 @@ fn a_failure_rate_exactly_at_the_threshold_passes_and_above_it_breaches() {
     obs.insert(bad[0].clone(), failed());
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack, "1 of 3 = 33% is above");
+    assert_eq!(breaches(&d)[0], GateBreach::InstallFailures { failed: 1, executed: 3, threshold: 0.25 });
     assert!(d.rollout.reason.as_deref().unwrap().contains("install failure rate 33% (1 of 3 executed) exceeds 25%"));
 }
 
@@ -155,7 +163,7 @@ fn a_breach_with_rollback_reverts_every_touched_device_to_its_previous_version()
     assert_eq!(reverted.len(), 4);
     assert!(reverted.iter().all(|(_, v)| v == "1.0.0"));
     assert!(d.rollout.members.values().all(|m| m.status == MemberStatus::Reverted));
-    assert!(d.effects.iter().any(|e| matches!(e, Effect::Audit { action, .. } if action == "rolled_back")));
+    assert!(d.effects.iter().any(|e| matches!(e, Effect::Audit { action, .. } if *action == AuditAction::RolledBack)));
 }
 
 #[test]
@@ -176,11 +184,14 @@ fn a_device_silent_past_its_timeout_counts_as_failed() {
     let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0 + 60_000);
     assert_eq!(d.rollout.phase, Phase::Running, "exactly at the timeout is not past it");
     let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0 + 60_001);
-    let timed_out =
-        d.effects.iter().filter(|e| matches!(e, Effect::Audit { action, .. } if action == "device_timed_out")).count();
+    let timed_out = d
+        .effects
+        .iter()
+        .filter(|e| matches!(e, Effect::Audit { action, .. } if *action == AuditAction::DeviceTimedOut))
+        .count();
     assert_eq!(timed_out, 3);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
-    assert!(d.rollout.reason.unwrap().contains("install failure rate 100% (3 of 3 executed)"));
+    assert_eq!(breaches(&d), vec![GateBreach::InstallFailures { failed: 3, executed: 3, threshold: 0.25 }]);
 }
 
 #[test]
@@ -189,7 +200,11 @@ fn when_every_device_is_offline_the_wave_times_out_and_breaches() {
     let r = decide(&r, &BTreeMap::new(), T0).rollout;
     let d = decide(&r, &BTreeMap::new(), T0 + 61_000);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
-    assert!(d.rollout.reason.unwrap().contains("install failure rate 100%"));
+    assert!(
+        matches!(breaches(&d)[..], [GateBreach::InstallFailures { failed: 3, executed: 3, .. }]),
+        "{:?}",
+        breaches(&d)
+    );
 }
 
 #[test]
@@ -239,6 +254,7 @@ fn a_wave_that_ends_below_the_success_threshold_breaches() {
     }
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert_eq!(breaches(&d), vec![GateBreach::WaveSuccess { wave: 0, active: 8, target: 10, threshold: 0.9 }]);
     assert!(d.rollout.reason.unwrap().contains("8 of 10 devices active (80%), below the 90% success threshold"));
 }
 
@@ -282,6 +298,11 @@ fn a_candidate_whose_confidence_collapses_against_the_holdout_is_rolled_back_wit
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
     let reason = d.rollout.reason.clone().unwrap();
+    assert!(
+        matches!(breaches(&d)[..], [GateBreach::Confidence { candidate, control, min_ratio }]
+            if (candidate - 0.34).abs() < 1e-3 && (control - 0.75).abs() < 1e-3 && min_ratio == 0.8),
+        "{reason}"
+    );
     assert!(reason.contains("mean confidence 0.340 is 0.45x the control's 0.750, below the 0.80x gate"), "{reason}");
     let evidence = d.rollout.evidence.unwrap();
     assert_eq!((evidence.candidate.devices, evidence.candidate.samples), (wave.len(), 300 * wave.len() as u64));
@@ -327,7 +348,7 @@ fn with_an_empty_holdout_the_candidate_is_judged_against_its_own_previous_versio
         .collect();
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
-    assert!(d.rollout.reason.unwrap().contains("mean confidence"));
+    assert!(breaches(&d).iter().any(|b| matches!(b, GateBreach::Confidence { .. })), "{:?}", breaches(&d));
 }
 
 #[test]
@@ -408,9 +429,12 @@ fn a_candidate_worse_than_the_same_devices_previous_version_breaches_even_when_t
         .collect();
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
-    let reason = d.rollout.reason.unwrap();
-    assert!(reason.contains("(against the previous version on the same devices)"), "{reason}");
-    assert!(!reason.contains("control's 0.550"), "the holdout comparison passes: {reason}");
+    let found = breaches(&d);
+    assert!(
+        found.iter().all(|b| matches!(b, GateBreach::AgainstPreviousVersion(inner) if matches!(**inner, GateBreach::Confidence { .. }))),
+        "only the comparison with the previous version breaches, not the holdout one: {found:?}"
+    );
+    assert!(!found.is_empty());
 }
 
 #[test]

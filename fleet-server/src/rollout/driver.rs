@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::rollout::RolloutPlan;
-use proto::wire::AuditEntry;
+use proto::wire::{AuditAction, AuditEntry};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -124,7 +124,7 @@ impl Driver {
             rollout.members.values().filter(|m| m.holdout).count(),
             rollout.plan.waves.len()
         );
-        let effects = vec![Effect::Audit { action: "created".into(), detail }];
+        let effects = vec![Effect::Audit { action: AuditAction::Created, detail }];
         self.commit(Decision { rollout, effects }, &actor).await
     }
 

@@ -1,15 +1,20 @@
-//! Health gates on the model: the candidate group against the control group.
+//! Health gates on the model: the candidate group against the control group, and the breaches
+//! they report as data ([`GateBreach`]) whose `Display` is the sentence operators read.
 
 use proto::drift::{psi, SketchCounts};
 use proto::rollout::HealthGates;
+use serde::{Deserialize, Serialize};
 
 use super::state::{DeviceObservation, GroupMetrics, VersionMetrics};
 
-/// Adds up one group's metrics; devices without metrics for the version count as present.
+/// Adds up one group's metrics; devices without metrics for the version count as present. The
+/// group's latency is the median of its devices' p95s: a slower model raises every device's p95,
+/// while one device stalled by something else (its CPU busy installing, say) must not decide.
 pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>) -> GroupMetrics {
     let mut total = GroupMetrics::default();
     let mut counts: Option<SketchCounts> = None;
-    let (mut drift_sum, mut drift_n, mut p95_sum, mut p95_n) = (0.0, 0, 0.0, 0);
+    let (mut drift_sum, mut drift_n) = (0.0, 0);
+    let mut p95s = Vec::new();
     for (observation, version) in members {
         total.devices += 1;
         let Some(m): Option<&VersionMetrics> = observation.metrics.get(version) else { continue };
@@ -20,8 +25,7 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
             drift_n += 1;
         }
         if let Some(p) = m.latency_p95_us {
-            p95_sum += p;
-            p95_n += 1;
+            p95s.push(p);
         }
         match counts.as_mut() {
             None => counts = Some(m.counts.clone()),
@@ -37,64 +41,159 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
         total.classes = c.classes;
     }
     total.input_drift = (drift_n > 0).then(|| drift_sum / drift_n as f64);
-    total.latency_p95_us = (p95_n > 0).then(|| p95_sum / p95_n as f64);
+    total.latency_p95_us = median(&mut p95s);
     total
+}
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 fn rate(errors: u64, inferences: u64) -> Option<f64> {
     (inferences > 0).then(|| errors as f64 / inferences as f64)
 }
 
-/// Breached gates, as sentences with the numbers. Empty when fine or not enough data yet.
-pub fn judge(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetrics) -> Vec<String> {
+/// Why a wave failed a gate, with the numbers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum GateBreach {
+    /// Mean top-class confidence of the candidate over the control's, below the gate's ratio.
+    Confidence {
+        candidate: f64,
+        control: f64,
+        min_ratio: f64,
+    },
+    /// PSI of the candidate's predicted classes against the control's, above the gate.
+    PredictionPsi {
+        psi: f64,
+        max: f64,
+    },
+    ErrorRate {
+        candidate: f64,
+        control: f64,
+        max_increase: f64,
+    },
+    LatencyP95 {
+        candidate_us: f64,
+        control_us: f64,
+        max_ratio: f64,
+    },
+    InputDrift {
+        candidate: f64,
+        control: f64,
+        max_increase: f64,
+    },
+    /// Install failures among the devices that executed, across every wave so far.
+    InstallFailures {
+        failed: usize,
+        executed: usize,
+        threshold: f64,
+    },
+    /// A finished wave with too few devices active.
+    WaveSuccess {
+        wave: usize,
+        active: usize,
+        target: usize,
+        threshold: f64,
+    },
+    /// A model gate breached against the candidate devices' own previous version (same devices,
+    /// earlier) rather than against the holdout.
+    AgainstPreviousVersion(Box<GateBreach>),
+}
+
+impl std::fmt::Display for GateBreach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GateBreach::Confidence { candidate: c, control: k, min_ratio } => write!(
+                f,
+                "mean confidence {c:.3} is {:.2}x the control's {k:.3}, below the {min_ratio:.2}x gate",
+                c / k
+            ),
+            GateBreach::PredictionPsi { psi, max } => {
+                write!(f, "prediction distribution PSI {psi:.3} against the control exceeds {max:.3}")
+            }
+            GateBreach::ErrorRate { candidate, control, max_increase } => write!(
+                f,
+                "error rate {:.2}% vs control {:.2}% exceeds the +{:.2}% gate",
+                candidate * 100.0,
+                control * 100.0,
+                max_increase * 100.0
+            ),
+            GateBreach::LatencyP95 { candidate_us: c, control_us: k, max_ratio } => {
+                write!(f, "latency p95 {c:.0} µs is {:.2}x the control's {k:.0} µs, above {max_ratio:.2}x", c / k)
+            }
+            GateBreach::InputDrift { candidate, control, max_increase } => {
+                write!(f, "input drift {candidate:.3} vs control {control:.3} exceeds the +{max_increase:.3} gate")
+            }
+            GateBreach::InstallFailures { failed, executed, threshold } => write!(
+                f,
+                "install failure rate {:.0}% ({failed} of {executed} executed) exceeds {:.0}%",
+                *failed as f64 * 100.0 / *executed as f64,
+                threshold * 100.0
+            ),
+            GateBreach::WaveSuccess { wave, active, target, threshold } => write!(
+                f,
+                "wave {} ended with {active} of {target} devices active ({:.0}%), below the {:.0}% success threshold",
+                wave + 1,
+                if *target == 0 { 0.0 } else { *active as f64 * 100.0 / *target as f64 },
+                threshold * 100.0
+            ),
+            GateBreach::AgainstPreviousVersion(breach) => {
+                write!(f, "{breach} (against the previous version on the same devices)")
+            }
+        }
+    }
+}
+
+/// Breached model gates, with the numbers. Empty when fine or not enough data yet.
+pub fn judge(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetrics) -> Vec<GateBreach> {
     let mut breaches = Vec::new();
     if candidate.samples < gates.min_samples || control.samples < gates.min_samples {
         return breaches;
     }
     if let (Some(c), Some(k)) = (candidate.mean_confidence, control.mean_confidence) {
         if k > 0.0 && c / k < gates.min_confidence_ratio {
-            breaches.push(format!(
-                "mean confidence {c:.3} is {:.2}x the control's {k:.3}, below the {:.2}x gate",
-                c / k,
-                gates.min_confidence_ratio
-            ));
+            breaches.push(GateBreach::Confidence { candidate: c, control: k, min_ratio: gates.min_confidence_ratio });
         }
     }
     if candidate.classes.len() == control.classes.len() && !candidate.classes.is_empty() {
         let shift = psi(&control.classes, &candidate.classes);
         if shift > gates.max_prediction_psi {
-            breaches.push(format!(
-                "prediction distribution PSI {shift:.3} against the control exceeds {:.3}",
-                gates.max_prediction_psi
-            ));
+            breaches.push(GateBreach::PredictionPsi { psi: shift, max: gates.max_prediction_psi });
         }
     }
     if let (Some(c), Some(k)) = (rate(candidate.errors, candidate.inferences), rate(control.errors, control.inferences))
     {
         if c - k > gates.max_error_rate_increase {
-            breaches.push(format!(
-                "error rate {:.2}% vs control {:.2}% exceeds the +{:.2}% gate",
-                c * 100.0,
-                k * 100.0,
-                gates.max_error_rate_increase * 100.0
-            ));
+            breaches.push(GateBreach::ErrorRate {
+                candidate: c,
+                control: k,
+                max_increase: gates.max_error_rate_increase,
+            });
         }
     }
     if let (Some(c), Some(k)) = (candidate.latency_p95_us, control.latency_p95_us) {
         if k > 0.0 && c / k > gates.max_latency_p95_ratio {
-            breaches.push(format!(
-                "latency p95 {c:.0} µs is {:.2}x the control's {k:.0} µs, above {:.2}x",
-                c / k,
-                gates.max_latency_p95_ratio
-            ));
+            breaches.push(GateBreach::LatencyP95 {
+                candidate_us: c,
+                control_us: k,
+                max_ratio: gates.max_latency_p95_ratio,
+            });
         }
     }
     if let (Some(c), Some(k)) = (candidate.input_drift, control.input_drift) {
         if c - k > gates.max_input_drift_increase {
-            breaches.push(format!(
-                "input drift {c:.3} vs control {k:.3} exceeds the +{:.3} gate",
-                gates.max_input_drift_increase
-            ));
+            breaches.push(GateBreach::InputDrift {
+                candidate: c,
+                control: k,
+                max_increase: gates.max_input_drift_increase,
+            });
         }
     }
     breaches
@@ -110,5 +209,62 @@ pub fn control_group(
         group(candidates_previous.iter().copied())
     } else {
         group(holdout.iter().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(p95_us: f64) -> DeviceObservation {
+        let metrics = VersionMetrics { latency_p95_us: Some(p95_us), ..Default::default() };
+        DeviceObservation { metrics: [("2.0.0".to_string(), metrics)].into(), ..Default::default() }
+    }
+
+    fn latency(p95s: &[f64]) -> Option<f64> {
+        let devices: Vec<DeviceObservation> = p95s.iter().map(|p| device(*p)).collect();
+        group(devices.iter().map(|d| (d, "2.0.0"))).latency_p95_us
+    }
+
+    #[test]
+    fn one_stalled_device_does_not_move_the_group_latency_but_a_slower_group_does() {
+        assert_eq!(latency(&[60.0, 70.0, 30_000.0]), Some(70.0));
+        assert_eq!(latency(&[600.0, 700.0, 800.0]), Some(700.0));
+        assert_eq!(latency(&[60.0, 80.0]), Some(70.0));
+        assert_eq!(latency(&[]), None);
+    }
+
+    #[test]
+    fn the_latency_gate_breaches_only_above_its_ratio() {
+        let gates = HealthGates { min_samples: 0, max_latency_p95_ratio: 1.5, ..HealthGates::default() };
+        let control = GroupMetrics { latency_p95_us: Some(100.0), ..Default::default() };
+        let fine = GroupMetrics { latency_p95_us: Some(150.0), ..Default::default() };
+        let slow = GroupMetrics { latency_p95_us: Some(151.0), ..Default::default() };
+        assert!(judge(&gates, &fine, &control).is_empty());
+        assert_eq!(
+            judge(&gates, &slow, &control),
+            vec![GateBreach::LatencyP95 { candidate_us: 151.0, control_us: 100.0, max_ratio: 1.5 }]
+        );
+    }
+
+    #[test]
+    fn the_error_rate_and_input_drift_gates_breach_on_an_increase_over_the_control() {
+        let gates = HealthGates {
+            min_samples: 0,
+            max_error_rate_increase: 0.01,
+            max_input_drift_increase: 0.1,
+            ..HealthGates::default()
+        };
+        let control = GroupMetrics { inferences: 1000, errors: 5, input_drift: Some(0.05), ..Default::default() };
+        let worse = GroupMetrics { inferences: 1000, errors: 30, input_drift: Some(0.3), ..Default::default() };
+        let breaches = judge(&gates, &worse, &control);
+        assert!(
+            matches!(breaches[0], GateBreach::ErrorRate { candidate, control, .. } if candidate == 0.03 && control == 0.005)
+        );
+        assert!(
+            matches!(breaches[1], GateBreach::InputDrift { candidate, control, .. } if candidate == 0.3 && control == 0.05)
+        );
+        assert_eq!(breaches.len(), 2);
+        assert!(judge(&gates, &control, &control).is_empty());
     }
 }

@@ -8,6 +8,9 @@ use proto::rollout::RolloutPlan;
 use proto::wire::UpdateStep;
 use serde::{Deserialize, Serialize};
 
+use super::gates::GateBreach;
+use proto::wire::AuditAction;
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -100,7 +103,7 @@ pub struct Evidence {
     /// The candidate devices' own metrics on the version they ran before.
     #[serde(default)]
     pub previous_version: GroupMetrics,
-    pub breaches: Vec<String>,
+    pub breaches: Vec<GateBreach>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -163,5 +166,5 @@ pub struct DeviceObservation {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Effect {
     SetDesired { device: String, version: String, attempt: u32 },
-    Audit { action: String, detail: String },
+    Audit { action: AuditAction, detail: String },
 }

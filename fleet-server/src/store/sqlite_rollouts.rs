@@ -136,7 +136,7 @@ pub fn save(
 fn insert_audit(conn: &Connection, e: &AuditEntry) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO audit (at_ms, actor, rollout, action, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![e.at_ms as i64, e.actor, e.rollout, e.action, e.detail],
+        params![e.at_ms as i64, e.actor, e.rollout, e.action.as_str(), e.detail],
     )?;
     Ok(())
 }
@@ -161,15 +161,22 @@ pub fn audit(conn: &Connection, rollout: Option<&str>, limit: usize) -> Result<V
         "SELECT at_ms, actor, rollout, action, detail FROM audit WHERE ?1 IS NULL OR rollout = ?1 ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![rollout, limit as i64], |r| {
-        Ok(AuditEntry {
+        let entry = AuditEntry {
             at_ms: r.get::<_, i64>(0)? as u64,
             actor: r.get(1)?,
             rollout: r.get(2)?,
-            action: r.get(3)?,
+            action: proto::wire::AuditAction::Created,
             detail: r.get(4)?,
-        })
+        };
+        Ok((entry, r.get::<_, String>(3)?))
     })?;
-    let mut entries: Vec<AuditEntry> = rows.collect::<Result<_, _>>()?;
+    let mut entries = Vec::new();
+    for row in rows {
+        let (mut entry, action) = row?;
+        entry.action = proto::wire::AuditAction::parse(&action)
+            .ok_or_else(|| StoreError::Corrupt(format!("audit line with unknown action {action:?}")))?;
+        entries.push(entry);
+    }
     entries.reverse();
     Ok(entries)
 }
