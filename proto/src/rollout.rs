@@ -84,7 +84,8 @@ pub struct RolloutPlan {
     pub waves: Vec<WaveSpec>,
     #[serde(default = "defaults::soak_secs")]
     pub soak_secs: f64,
-    /// Devices of a wave that must have finished (active, failed or timed out) before it is judged.
+    /// Devices that must have finished (active, failed or timed out), counted across every wave
+    /// so far, before the install failure rate can stop the rollout.
     #[serde(default = "defaults::min_executed")]
     pub min_executed: usize,
     /// Share of a wave's devices that must end active for the wave to pass.

@@ -273,6 +273,29 @@ fn metrics(samples: u64, classes: Vec<u32>, confidence: f64) -> VersionMetrics {
     }
 }
 
+/// Observations where the current wave's devices report `wave`, the holdout `holdout`, and every
+/// other device runs 1.0.0 without metrics.
+fn observe_groups(
+    r: &Rollout,
+    wave: DeviceObservation,
+    holdout: DeviceObservation,
+) -> BTreeMap<String, DeviceObservation> {
+    let in_wave = assigned(r);
+    r.members
+        .iter()
+        .map(|(id, m)| {
+            let o = if in_wave.contains(id) {
+                wave.clone()
+            } else if m.holdout {
+                holdout.clone()
+            } else {
+                active("1.0.0")
+            };
+            (id.clone(), o)
+        })
+        .collect()
+}
+
 fn with_metrics(version: &str, m: VersionMetrics) -> DeviceObservation {
     let mut o = active(version);
     o.metrics.insert(version.into(), m);
@@ -284,17 +307,11 @@ fn a_candidate_whose_confidence_collapses_against_the_holdout_is_rolled_back_wit
     let r = rollout(plan(&[30.0, 100.0], 0.3), 40);
     let r = decide(&r, &BTreeMap::new(), T0).rollout;
     let wave = assigned(&r);
-    let mut obs = BTreeMap::new();
-    for (id, m) in &r.members {
-        let o = if wave.contains(id) {
-            with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.34))
-        } else if m.holdout {
-            with_metrics("1.0.0", metrics(300, vec![90, 120, 90], 0.75))
-        } else {
-            active("1.0.0")
-        };
-        obs.insert(id.clone(), o);
-    }
+    let obs = observe_groups(
+        &r,
+        with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.34)),
+        with_metrics("1.0.0", metrics(300, vec![90, 120, 90], 0.75)),
+    );
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
     let reason = d.rollout.reason.clone().unwrap();
@@ -314,21 +331,11 @@ fn a_candidate_whose_confidence_collapses_against_the_holdout_is_rolled_back_wit
 fn model_gates_wait_for_enough_samples() {
     let r = rollout(plan_judging(&[30.0, 100.0], 0.3), 40);
     let r = decide(&r, &BTreeMap::new(), T0).rollout;
-    let wave = assigned(&r);
-    let obs: BTreeMap<String, DeviceObservation> = r
-        .members
-        .iter()
-        .map(|(id, m)| {
-            let o = if wave.contains(id) {
-                with_metrics("2.0.0", metrics(1, vec![1, 0, 0], 0.34))
-            } else if m.holdout {
-                with_metrics("1.0.0", metrics(1, vec![0, 1, 0], 0.9))
-            } else {
-                active("1.0.0")
-            };
-            (id.clone(), o)
-        })
-        .collect();
+    let obs = observe_groups(
+        &r,
+        with_metrics("2.0.0", metrics(1, vec![1, 0, 0], 0.34)),
+        with_metrics("1.0.0", metrics(1, vec![0, 1, 0], 0.9)),
+    );
     assert_eq!(decide(&r, &obs, T0 + 1).rollout.phase, Phase::Running);
 }
 
@@ -410,23 +417,9 @@ fn creation_refuses_an_empty_cohort_and_overlapping_rollouts() {
 fn a_candidate_worse_than_the_same_devices_previous_version_breaches_even_when_the_holdout_agrees() {
     let r = rollout(plan(&[30.0, 100.0], 0.3), 40);
     let r = decide(&r, &BTreeMap::new(), T0).rollout;
-    let wave = assigned(&r);
-    let obs: BTreeMap<String, DeviceObservation> = r
-        .members
-        .iter()
-        .map(|(id, m)| {
-            let o = if wave.contains(id) {
-                let mut o = with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.5));
-                o.metrics.insert("1.0.0".into(), metrics(300, vec![100, 100, 100], 0.9));
-                o
-            } else if m.holdout {
-                with_metrics("1.0.0", metrics(300, vec![100, 100, 100], 0.55))
-            } else {
-                active("1.0.0")
-            };
-            (id.clone(), o)
-        })
-        .collect();
+    let mut candidate = with_metrics("2.0.0", metrics(300, vec![100, 100, 100], 0.5));
+    candidate.metrics.insert("1.0.0".into(), metrics(300, vec![100, 100, 100], 0.9));
+    let obs = observe_groups(&r, candidate, with_metrics("1.0.0", metrics(300, vec![100, 100, 100], 0.55)));
     let d = decide(&r, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
     let found = breaches(&d);
