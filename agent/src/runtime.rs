@@ -101,6 +101,9 @@ impl AgentHandle {
     }
 }
 
+/// Engine threads at most, whatever the core count: each holds its own sessions.
+const MAX_ENGINE_THREADS: usize = 4;
+
 /// What start-up reads from disk, on a blocking thread.
 struct Opened {
     state: Arc<StateDb>,
@@ -136,7 +139,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     .await
     .map_err(|e| StartError::Join(e.to_string()))?;
     let Opened { state, identity, telemetry } = opened?;
-    let engine = EngineHandle::spawn(telemetry.clone(), 1024).map_err(StartError::Engine)?;
+    // One engine thread per core: each serves local API connections and runs the model inline.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_ENGINE_THREADS);
+    let engine = EngineHandle::spawn_threads(telemetry.clone(), 1024, threads).map_err(StartError::Engine)?;
     let trusted = Arc::new(
         TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?,
@@ -153,7 +158,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     let api_stopped = engine.serve(api).await.map_err(|e| StartError::Engine(std::io::Error::other(e)))?;
     let tasks = TaskTracker::new();
     tasks.spawn(async move {
-        let _ = api_stopped.await;
+        for stopped in api_stopped {
+            let _ = stopped.await;
+        }
     });
 
     let (device_tx, device) = watch::channel(identity.as_ref().map(|i| i.device_id.clone()));

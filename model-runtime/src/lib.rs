@@ -27,7 +27,9 @@ pub enum ModelError {
     Run(String),
 }
 
-/// A verified, optimized model ready to serve.
+/// A verified, optimized model ready to serve. Cloning shares the optimized plan (each engine
+/// thread builds its own session from it).
+#[derive(Clone)]
 pub struct LoadedModel {
     pub name: String,
     pub version: String,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use proto::drift::{drift, SketchCounts};
+use proto::drift::{drift, ReferenceSketch, SketchCounts};
 use proto::wire::{DriftSummary, ModelCounters};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -70,7 +70,8 @@ struct Serving {
 
 /// Latency buckets in microseconds: four per power of two (HDR-style), so a p95 estimate is
 /// within 19% of the true value; fixed memory on the hot path.
-struct LatencyHistogram {
+#[derive(Clone)]
+pub(crate) struct LatencyHistogram {
     buckets: [u64; LatencyHistogram::BUCKETS],
 }
 
@@ -100,6 +101,12 @@ impl LatencyHistogram {
             return bucket as u64 + 1;
         }
         (1u64 << octave) + (sub + 1) * (1u64 << (octave - 2))
+    }
+
+    fn merge(&mut self, other: &LatencyHistogram) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+            *mine += theirs;
+        }
     }
 
     fn record(&mut self, micros: u32) {
@@ -171,22 +178,27 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) fn take_window(&mut self, model: &str, now_ms: u64) -> Option<DriftSummary> {
+    /// Closes this engine thread's share of a model's window (merged across threads by
+    /// [`merge_windows`]).
+    pub(crate) fn take_window(&mut self, model: &str, now_ms: u64) -> Option<WindowPart> {
         self.serving.get_mut(model).map(|s| take_window(s, now_ms))
     }
 
-    pub(crate) fn counters(&self) -> Vec<ModelCounters> {
+    pub(crate) fn stats(&self) -> Vec<ModelStats> {
         self.serving
             .values()
-            .map(|s| ModelCounters {
+            .map(|s| ModelStats {
                 model: s.name.to_string(),
                 version: s.version.to_string(),
                 inferences: s.inferences,
                 errors: s.errors,
-                telemetry_dropped: self.telemetry.dropped(),
-                latency_p95_us: s.latency.p95(),
+                latency: s.latency.clone(),
             })
             .collect()
+    }
+
+    pub(crate) fn telemetry_dropped(&self) -> u64 {
+        self.telemetry.dropped()
     }
 
     /// Active model name -> version.
@@ -290,19 +302,77 @@ fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) 
     Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs })
 }
 
-fn take_window(serving: &mut Serving, now: u64) -> DriftSummary {
+/// One engine thread's part of a model's drift window, with the reference to score the whole.
+pub(crate) struct WindowPart {
+    summary: DriftSummary,
+    reference: ReferenceSketch,
+}
+
+/// One engine thread's counters of a model.
+pub(crate) struct ModelStats {
+    model: String,
+    version: String,
+    inferences: u64,
+    errors: u64,
+    latency: LatencyHistogram,
+}
+
+fn take_window(serving: &mut Serving, now: u64) -> WindowPart {
     let fresh = SketchCounts::empty_for(&serving.model.reference, serving.model.contract.output.sample_len());
     let counts = std::mem::replace(&mut serving.window, fresh);
     let start = std::mem::replace(&mut serving.window_start_ms, now);
-    let score = drift(&serving.model.reference, &counts).map(|r| r.score).unwrap_or(0.0);
-    DriftSummary {
+    let summary = DriftSummary {
         model: serving.name.to_string(),
         version: serving.version.to_string(),
         window_start_ms: start,
         window_end_ms: now,
         counts,
-        score,
+        score: 0.0,
+    };
+    WindowPart { summary, reference: serving.model.reference.clone() }
+}
+
+/// The window of every engine thread as one summary: counts merged (exact), the earliest start,
+/// the drift score of the whole against the reference.
+pub(crate) fn merge_windows(parts: Vec<WindowPart>) -> Option<DriftSummary> {
+    let mut parts = parts.into_iter();
+    let WindowPart { mut summary, reference } = parts.next()?;
+    for part in parts.filter(|p| p.summary.version == summary.version) {
+        // Same model and version on every thread, so the layouts match.
+        let _ = summary.counts.merge(&part.summary.counts);
+        summary.window_start_ms = summary.window_start_ms.min(part.summary.window_start_ms);
     }
+    summary.score = drift(&reference, &summary.counts).map(|r| r.score).unwrap_or(0.0);
+    Some(summary)
+}
+
+/// Every engine thread's counters as one line per model: counts added, latency histograms merged
+/// before the p95 is read.
+pub(crate) fn merge_stats(parts: Vec<Vec<ModelStats>>, telemetry_dropped: u64) -> Vec<ModelCounters> {
+    let mut merged: BTreeMap<String, ModelStats> = BTreeMap::new();
+    for stats in parts.into_iter().flatten() {
+        match merged.get_mut(&stats.model) {
+            Some(total) => {
+                total.inferences += stats.inferences;
+                total.errors += stats.errors;
+                total.latency.merge(&stats.latency);
+            }
+            None => {
+                merged.insert(stats.model.clone(), stats);
+            }
+        }
+    }
+    merged
+        .into_values()
+        .map(|s| ModelCounters {
+            model: s.model,
+            version: s.version,
+            inferences: s.inferences,
+            errors: s.errors,
+            telemetry_dropped,
+            latency_p95_us: s.latency.p95(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

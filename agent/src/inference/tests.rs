@@ -156,3 +156,58 @@ async fn a_panic_inside_inference_fails_that_request_and_the_engine_keeps_servin
     assert_eq!((counters[0].inferences, counters[0].errors), (3, 1));
     assert_eq!(sink.flush().await, Some(3));
 }
+
+#[tokio::test]
+async fn windows_and_counters_of_several_engine_threads_merge_into_one() {
+    use super::engine::{merge_stats, merge_windows, Engine};
+    let dir = tempfile::tempdir().unwrap();
+    let sink =
+        spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
+    let model = LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap();
+    let (mut a, mut b) = (Engine::new(sink.clone()), Engine::new(sink.clone()));
+    a.install(model.clone(), 1_000).unwrap();
+    b.install(model, 2_000).unwrap();
+    a.infer(None, rows(120, 1.5)).unwrap();
+    b.infer(None, rows(180, 1.5)).unwrap();
+    let parts = vec![a.take_window("tabular", 9_000).unwrap(), b.take_window("tabular", 9_000).unwrap()];
+    let merged = merge_windows(parts).unwrap();
+    assert_eq!((merged.counts.samples, merged.window_start_ms, merged.window_end_ms), (300, 1_000, 9_000));
+    let mut whole = Engine::new(sink.clone());
+    whole.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap(), 1_000).unwrap();
+    whole.infer(None, rows(300, 1.5)).unwrap();
+    let alone = merge_windows(vec![whole.take_window("tabular", 9_000).unwrap()]).unwrap();
+    assert!(alone.score > 0.25, "shifted rows drift: {}", alone.score);
+    let counters = merge_stats(vec![a.stats(), b.stats()], 0);
+    assert_eq!((counters.len(), counters[0].inferences), (1, 300));
+    assert!(counters[0].latency_p95_us.is_some());
+}
+
+#[tokio::test]
+async fn several_engine_threads_all_receive_an_installed_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink =
+        spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
+    let engine = EngineHandle::spawn_threads(sink, 16, 3).unwrap();
+    engine.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap(), 1_000).await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stopped =
+        engine.serve(super::LocalApi { listener, max_body_bytes: 1 << 20, shutdown: cancel.clone() }).await.unwrap();
+    assert_eq!(stopped.len(), 3);
+    for _ in 0..30 {
+        // New connections each time: the threads share the accepts, and each must have the model.
+        let answer = crate::http::client()
+            .post(format!("http://{addr}/v1/infer"))
+            .json(&serde_json::json!({ "inputs": [vec![0.5f32; 8]] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(engine.counters().await[0].inferences, 30);
+    cancel.cancel();
+    for thread in stopped {
+        thread.await.unwrap();
+    }
+}

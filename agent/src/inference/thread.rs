@@ -1,8 +1,10 @@
-//! The engine thread: one dedicated OS thread owns the [`Engine`] and runs a single-threaded tokio
-//! runtime of its own. On it, the local HTTP API (when the agent serves one) answers requests by
-//! running the model right there, and a control task takes typed messages from the rest of the
-//! agent on a bounded channel (install a model, close a drift window, counters, in-process
-//! inference).
+//! The engine threads: each dedicated OS thread owns an [`Engine`] (its own sessions, drift
+//! windows and counters over models whose optimized plans they share) and runs a single-threaded
+//! tokio runtime of its own. On it, the local HTTP API (when the agent serves one) answers
+//! requests by running the model right there, and a control task takes typed messages from the
+//! rest of the agent on a bounded channel (install a model, close a drift window, counters,
+//! in-process inference). Every thread accepts on the same listening socket; installs go to all
+//! of them, windows and counters are merged across them.
 //!
 //! Why the API lives on this thread: a request handed from the agent's main runtime to a separate
 //! engine thread pays two cross-thread wake-ups (there and back), which on a 2-core device cost
@@ -18,7 +20,7 @@ use proto::wire::{DriftSummary, ModelCounters};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Engine, InferError, InferResponse};
+use super::engine::{merge_stats, merge_windows, Engine, InferError, InferResponse, ModelStats, WindowPart};
 use crate::telemetry::TelemetrySink;
 use model_runtime::{LoadedModel, ModelError};
 
@@ -49,10 +51,10 @@ enum EngineMsg {
     TakeWindow {
         model: String,
         now_ms: u64,
-        reply: oneshot::Sender<Option<DriftSummary>>,
+        reply: oneshot::Sender<Option<WindowPart>>,
     },
-    Counters {
-        reply: oneshot::Sender<Vec<ModelCounters>>,
+    Stats {
+        reply: oneshot::Sender<(Vec<ModelStats>, u64)>,
     },
     Active {
         reply: oneshot::Sender<BTreeMap<String, String>>,
@@ -77,35 +79,68 @@ pub struct LocalApi {
     pub shutdown: CancellationToken,
 }
 
-/// Cheap to clone; every clone talks to the same engine thread.
+/// Cheap to clone; every clone talks to the same engine threads.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<EngineMsg>,
+    threads: Arc<[mpsc::Sender<EngineMsg>]>,
 }
 
 impl EngineHandle {
-    /// Starts the engine thread; `queue` bounds the messages waiting for it.
+    /// Starts one engine thread; `queue` bounds the messages waiting for it.
     pub fn spawn(telemetry: TelemetrySink, queue: usize) -> std::io::Result<EngineHandle> {
-        let (tx, rx) = mpsc::channel(queue);
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
-        let engine = SharedEngine(Arc::new(Mutex::new(Engine::new(telemetry))));
-        std::thread::Builder::new().name("inference".into()).spawn(move || runtime.block_on(control(rx, engine)))?;
-        Ok(EngineHandle { tx })
+        Self::spawn_threads(telemetry, queue, 1)
     }
 
-    /// Serves the local API from the engine thread, from now on (the agent calls it once the
-    /// installed models are restored). The receiver resolves once the API has shut down
-    /// gracefully, after `api.shutdown` is cancelled; an error is the engine having stopped.
-    pub async fn serve(&self, api: LocalApi) -> Result<oneshot::Receiver<()>, InferError> {
-        let (stopped, rx) = oneshot::channel();
-        self.tx.send(EngineMsg::Serve { api, stopped }).await.map_err(|_| InferError::Stopped)?;
-        Ok(rx)
+    /// Starts `threads` engine threads (at least one), each serving its share of the local API.
+    pub fn spawn_threads(telemetry: TelemetrySink, queue: usize, threads: usize) -> std::io::Result<EngineHandle> {
+        let mut senders = Vec::new();
+        for index in 0..threads.max(1) {
+            let (tx, rx) = mpsc::channel(queue);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+            let engine = SharedEngine(Arc::new(Mutex::new(Engine::new(telemetry.clone()))));
+            std::thread::Builder::new()
+                .name(format!("inference-{index}"))
+                .spawn(move || runtime.block_on(control(rx, engine)))?;
+            senders.push(tx);
+        }
+        Ok(EngineHandle { threads: senders.into() })
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> EngineMsg) -> Option<T> {
+    /// Serves the local API from every engine thread, from now on (the agent calls it once the
+    /// installed models are restored). Each receiver resolves once its thread's API has shut
+    /// down gracefully, after `api.shutdown` is cancelled; an error is an engine having stopped.
+    pub async fn serve(&self, api: LocalApi) -> Result<Vec<oneshot::Receiver<()>>, InferError> {
+        let mut stopped = Vec::new();
+        for tx in self.threads.iter() {
+            let listener = api.listener.try_clone().map_err(|e| InferError::Run(e.to_string()))?;
+            let (done, rx) = oneshot::channel();
+            let api = LocalApi { listener, max_body_bytes: api.max_body_bytes, shutdown: api.shutdown.clone() };
+            tx.send(EngineMsg::Serve { api, stopped: done }).await.map_err(|_| InferError::Stopped)?;
+            stopped.push(rx);
+        }
+        Ok(stopped)
+    }
+
+    async fn ask_one<T>(tx: &mpsc::Sender<EngineMsg>, make: impl FnOnce(oneshot::Sender<T>) -> EngineMsg) -> Option<T> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.ok()?;
+        tx.send(make(reply)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Asks the first engine thread (they all serve the same models).
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> EngineMsg) -> Option<T> {
+        Self::ask_one(&self.threads[0], make).await
+    }
+
+    /// Asks every engine thread the same; the answers of the threads still running.
+    async fn ask_all<T>(&self, make: impl Fn(oneshot::Sender<T>) -> EngineMsg) -> Vec<T> {
+        let mut answers = Vec::with_capacity(self.threads.len());
+        for tx in self.threads.iter() {
+            if let Some(answer) = Self::ask_one(tx, &make).await {
+                answers.push(answer);
+            }
+        }
+        answers
     }
 
     /// In-process inference (tests, benchmarks); devices' clients use the local API.
@@ -116,18 +151,23 @@ impl EngineHandle {
     /// Swaps a model in (replacing any version of the same name) between two requests; its first
     /// drift window starts at `now_ms`.
     pub async fn install(&self, model: LoadedModel, now_ms: u64) -> Result<(), ModelError> {
-        self.ask(|reply| EngineMsg::Install { model: Box::new(model), now_ms, reply })
-            .await
-            .unwrap_or_else(|| Err(ModelError::Run("the inference engine has stopped".into())))
+        let answers = self.ask_all(|reply| EngineMsg::Install { model: Box::new(model.clone()), now_ms, reply }).await;
+        if answers.len() < self.threads.len() {
+            return Err(ModelError::Run("the inference engine has stopped".into()));
+        }
+        answers.into_iter().collect()
     }
 
     /// Closes the model's current drift window at `now_ms` and opens the next one there.
     pub async fn take_window(&self, model: String, now_ms: u64) -> Option<DriftSummary> {
-        self.ask(|reply| EngineMsg::TakeWindow { model, now_ms, reply }).await.flatten()
+        let parts = self.ask_all(|reply| EngineMsg::TakeWindow { model: model.clone(), now_ms, reply }).await;
+        merge_windows(parts.into_iter().flatten().collect())
     }
 
     pub async fn counters(&self) -> Vec<ModelCounters> {
-        self.ask(|reply| EngineMsg::Counters { reply }).await.unwrap_or_default()
+        let answers = self.ask_all(|reply| EngineMsg::Stats { reply }).await;
+        let dropped = answers.first().map_or(0, |(_, dropped)| *dropped);
+        merge_stats(answers.into_iter().map(|(stats, _)| stats).collect(), dropped)
     }
 
     /// Active model name -> version.
@@ -176,8 +216,9 @@ fn handle(engine: &SharedEngine, msg: EngineMsg) {
         EngineMsg::TakeWindow { model, now_ms, reply } => {
             let _ = reply.send(engine.lock().take_window(&model, now_ms));
         }
-        EngineMsg::Counters { reply } => {
-            let _ = reply.send(engine.lock().counters());
+        EngineMsg::Stats { reply } => {
+            let engine = engine.lock();
+            let _ = reply.send((engine.stats(), engine.telemetry_dropped()));
         }
         EngineMsg::Active { reply } => {
             let _ = reply.send(engine.lock().active());
