@@ -35,7 +35,8 @@ struct Args {
     /// Iterations per inference measurement.
     #[arg(long, default_value_t = 2000)]
     mlp_iterations: usize,
-    #[arg(long, default_value_t = 60)]
+    /// CNN iterations: enough that a p50 within 5% is not decided by a few noisy runs.
+    #[arg(long, default_value_t = 200)]
     cnn_iterations: usize,
     /// Telemetry records per ingest measurement.
     #[arg(long, default_value_t = 300_000)]
