@@ -80,8 +80,24 @@ pub struct Limits {
     pub max_bundle_bytes: u64,
     pub max_request_bytes: usize,
     pub telemetry_queue: usize,
-    pub telemetry_max_rows: u64,
-    pub outbox_max_rows: u64,
+    /// One budget for everything buffered while offline (telemetry and the report outbox);
+    /// beyond it raw telemetry is evicted first, then heartbeats, reports last.
+    pub disk_budget_bytes: u64,
+    /// Fraction of inferences kept as telemetry records, in (0, 1].
+    pub telemetry_sample_rate: f64,
+    /// Telemetry upload pace once a backlog exists.
+    pub telemetry_upload_rows_per_sec: f64,
+    /// A record not acknowledged by the server within this time is published again.
+    pub ack_timeout_secs: f64,
+    /// Total time for one check-in, enrollment or telemetry upload request.
+    pub request_timeout_secs: f64,
+    /// Download attempts for one version before it is reported `failed`.
+    pub download_attempts: u32,
+    /// A download slower than this over `stall_window_secs` is abandoned (and retried).
+    pub min_download_bytes_per_sec: u64,
+    pub stall_window_secs: f64,
+    /// Agent restarts during one version's self-test before that version is reported `failed`.
+    pub self_test_restarts: u32,
 }
 
 impl Default for Limits {
@@ -90,9 +106,28 @@ impl Default for Limits {
             max_bundle_bytes: 512 << 20,
             max_request_bytes: 4 << 20,
             telemetry_queue: 8192,
-            telemetry_max_rows: 1_000_000,
-            outbox_max_rows: 10_000,
+            disk_budget_bytes: 256 << 20,
+            telemetry_sample_rate: 1.0,
+            telemetry_upload_rows_per_sec: 2000.0,
+            ack_timeout_secs: 30.0,
+            request_timeout_secs: 30.0,
+            download_attempts: 5,
+            min_download_bytes_per_sec: 1024,
+            stall_window_secs: 60.0,
+            self_test_restarts: 3,
         }
+    }
+}
+
+impl Limits {
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.ack_timeout_secs.max(0.1))
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_secs.max(0.1))
+    }
+    pub fn stall_window(&self) -> Duration {
+        Duration::from_secs_f64(self.stall_window_secs.max(0.1))
     }
 }
 
@@ -138,6 +173,13 @@ impl AgentConfig {
         proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;
         proto::endpoint::parse_mqtt_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let rate = self.limits.telemetry_sample_rate;
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(ConfigError::Invalid(format!("limits.telemetry_sample_rate {rate} must be in (0, 1]")));
+        }
+        if self.limits.download_attempts == 0 {
+            return Err(ConfigError::Invalid("limits.download_attempts must be at least 1".into()));
+        }
         Ok(())
     }
 }

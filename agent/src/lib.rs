@@ -4,6 +4,7 @@
 //! `runtime` wires the actors together; each folder owns one job (see docs/ARCHITECTURE.md).
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
 pub mod health;
 pub mod http;

@@ -18,13 +18,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::SharedUsage;
 use crate::config::AgentConfig;
 use crate::health::HealthProbe;
+use crate::http::{json_capped, Backoff};
 use crate::inference::{EngineHandle, LocalApi};
 use crate::state::{Identity, StateDb, StateError};
+use crate::telemetry::upload::Uploader;
 use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
 use crate::updater::disk::Layout;
 use crate::updater::{restore_installed, Updater};
+use crate::uplink::outbox::{Outbox, OutboxError, OutboxStats};
 use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
 
 #[derive(Debug, Error)]
@@ -37,6 +41,8 @@ pub enum StartError {
     State(#[from] StateError),
     #[error(transparent)]
     Telemetry(#[from] WriterError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
     #[error("cannot start the inference engine: {0}")]
     Engine(std::io::Error),
     #[error("cannot listen on {addr} for the local API: {source}")]
@@ -54,6 +60,7 @@ pub struct AgentHandle {
     pub data_dir: PathBuf,
     pub engine: EngineHandle,
     pub telemetry: TelemetrySink,
+    outbox: Outbox,
     device: watch::Receiver<Option<String>>,
     drift_now: mpsc::Sender<oneshot::Sender<()>>,
     cancel: CancellationToken,
@@ -96,6 +103,13 @@ impl AgentHandle {
         }
     }
 
+    /// What the report outbox has written, holds and evicted; telemetry evictions included.
+    pub async fn delivery(&self) -> Result<OutboxStats, OutboxError> {
+        let mut stats = self.outbox.stats().await?;
+        stats.evicted.telemetry = self.telemetry.evicted();
+        Ok(stats)
+    }
+
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.cancel.clone().cancelled_owned()
     }
@@ -109,6 +123,7 @@ struct Opened {
     state: Arc<StateDb>,
     identity: Option<Identity>,
     telemetry: TelemetrySink,
+    usage: SharedUsage,
 }
 
 fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
@@ -119,13 +134,15 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
     if identity.is_none() && config.enrollment_token.is_none() {
         return Err(StartError::NoToken);
     }
+    let usage = SharedUsage::new(config.limits.disk_budget_bytes);
     let telemetry = spawn_writer(WriterConfig {
         path: data_dir.join("telemetry.db"),
         queue: config.limits.telemetry_queue,
         batch: 512,
-        max_rows: config.limits.telemetry_max_rows,
+        usage: usage.clone(),
+        sample_rate: config.limits.telemetry_sample_rate,
     })?;
-    Ok(Opened { state: Arc::new(state), identity, telemetry })
+    Ok(Opened { state: Arc::new(state), identity, telemetry, usage })
 }
 
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
@@ -138,7 +155,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     })
     .await
     .map_err(|e| StartError::Join(e.to_string()))?;
-    let Opened { state, identity, telemetry } = opened?;
+    let Opened { state, identity, telemetry, usage } = opened?;
+    let outbox = Outbox::open(state_path, usage).await?;
     // One engine thread per core: each serves local API connections and runs the model inline.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_ENGINE_THREADS);
     let engine = EngineHandle::spawn_threads(telemetry.clone(), 1024, threads).map_err(StartError::Engine)?;
@@ -173,11 +191,12 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         engine: engine.clone(),
         trusted,
         limits,
-        state_path,
+        outbox: outbox.clone(),
+        telemetry: telemetry.clone(),
         tasks: tasks.clone(),
     };
     tasks.spawn(connected.run(device_tx, drift_requests, cancel.clone()));
-    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, device, drift_now, cancel, tasks })
+    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, outbox, device, drift_now, cancel, tasks })
 }
 
 /// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
@@ -190,7 +209,8 @@ struct Connected {
     engine: EngineHandle,
     trusted: Arc<TrustedKeys>,
     limits: Limits,
-    state_path: PathBuf,
+    outbox: Outbox,
+    telemetry: TelemetrySink,
     tasks: TaskTracker,
 }
 
@@ -217,8 +237,9 @@ impl Connected {
                 mqtt_url: self.config.mqtt_url.clone(),
                 device_id: identity.device_id.clone(),
                 credential: identity.credential.clone(),
-                state_path: self.state_path.clone(),
-                outbox_max_rows: self.config.limits.outbox_max_rows,
+                outbox: self.outbox.clone(),
+                telemetry: self.telemetry.clone(),
+                ack_timeout: self.config.limits.ack_timeout(),
             },
             updater_tx,
             cancel.clone(),
@@ -229,6 +250,18 @@ impl Connected {
             Ok(uplink) => uplink,
             Err(e) => return tracing::error!(error = %e, "cannot start the MQTT session"),
         };
+        let server_url = self.config.server_url.trim_end_matches('/').to_string();
+        let uploader = Uploader {
+            http: http.clone(),
+            url: format!("{server_url}/api/v1/devices/{}/telemetry", identity.device_id),
+            credential: identity.credential.clone(),
+            sink: self.telemetry.clone(),
+            batch_rows: 512,
+            rows_per_sec: self.config.limits.telemetry_upload_rows_per_sec,
+            idle: self.config.intervals.heartbeat().min(Duration::from_secs(5)),
+            timeout: self.config.limits.request_timeout(),
+        };
+        self.tasks.spawn(uploader.run(cancel.clone()));
         let every = self.config.intervals.drift();
         self.tasks.spawn(report_drift(self.engine.clone(), uplink.clone(), every, drift_requests, cancel.clone()));
         self.tasks.spawn(report_health(
@@ -240,7 +273,7 @@ impl Connected {
         ));
         let updater = Updater {
             http,
-            server_url: self.config.server_url.trim_end_matches('/').to_string(),
+            server_url,
             device_id: identity.device_id,
             credential: identity.credential,
             layout: self.layout,
@@ -250,6 +283,7 @@ impl Connected {
             trusted: self.trusted,
             limits: self.limits,
             checkin_every: self.config.intervals.checkin(),
+            request_timeout: self.config.limits.request_timeout(),
         };
         updater.run(updater_rx, cancel).await;
     }
@@ -261,9 +295,10 @@ impl Connected {
         let token = self.config.enrollment_token.clone()?;
         let url = format!("{}/api/v1/enroll", self.config.server_url.trim_end_matches('/'));
         let request = EnrollRequest { token, name: self.config.name.clone(), labels: self.config.labels.clone() };
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let timeout = self.config.limits.request_timeout();
         loop {
-            match enroll_once(http, &url, &request).await {
+            match enroll_once(http, &url, &request, timeout).await {
                 Ok(response) => {
                     let identity = Identity { device_id: response.device_id, credential: response.credential };
                     let (state, saved) = (self.state.clone(), identity.clone());
@@ -281,8 +316,7 @@ impl Connected {
                     tracing::warn!(%reason, "server unreachable; retrying enrollment")
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 }
@@ -296,17 +330,24 @@ async fn enroll_once(
     http: &reqwest::Client,
     url: &str,
     request: &EnrollRequest,
+    timeout: Duration,
 ) -> Result<EnrollResponse, EnrollFailure> {
-    let response = http.post(url).json(request).send().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))?;
+    let response = http
+        .post(url)
+        .json(request)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| EnrollFailure::Unreachable(e.to_string()))?;
     let status = response.status();
     if status.is_client_error() {
-        let body = response.text().await.unwrap_or_default();
-        return Err(EnrollFailure::Refused(format!("HTTP {status}: {body}")));
+        let body = crate::http::read_capped(response, 4096).await.unwrap_or_default();
+        return Err(EnrollFailure::Refused(format!("HTTP {status}: {}", String::from_utf8_lossy(&body))));
     }
     if !status.is_success() {
         return Err(EnrollFailure::Unreachable(format!("HTTP {status}")));
     }
-    response.json().await.map_err(|e| EnrollFailure::Unreachable(e.to_string()))
+    json_capped(response, proto::wire::MAX_REPLY_BYTES).await.map_err(EnrollFailure::Unreachable)
 }
 
 /// Every `every`, or when asked, closes each model's drift window and queues its summary.
@@ -364,6 +405,6 @@ async fn report_health(
             health,
             models: engine.counters().await,
         };
-        uplink.heartbeat(&heartbeat);
+        uplink.heartbeat(&heartbeat).await;
     }
 }

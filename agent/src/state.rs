@@ -1,5 +1,5 @@
 //! `agent.db`: the agent's durable state — its identity, the last recorded step of each model's
-//! update, and the MQTT outbox. Each actor opens its own connection (WAL mode), so none shares a
+//! update, and the MQTT outbox with its delivery counters (SQL in `uplink/outbox.rs`). Each actor opens its own connection (WAL mode), so none shares a
 //! lock with another.
 
 use std::path::{Path, PathBuf};
@@ -64,7 +64,23 @@ impl StateDb {
              CREATE TABLE IF NOT EXISTS outbox (
                 id INTEGER PRIMARY KEY,
                 topic TEXT NOT NULL,
-                payload BLOB NOT NULL);",
+                payload BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS delivery (
+                one INTEGER PRIMARY KEY CHECK (one = 1),
+                next_seq INTEGER NOT NULL,
+                evicted_heartbeats INTEGER NOT NULL DEFAULT 0,
+                evicted_reports INTEGER NOT NULL DEFAULT 0,
+                reported_telemetry INTEGER NOT NULL DEFAULT 0,
+                reported_heartbeats INTEGER NOT NULL DEFAULT 0,
+                reported_reports INTEGER NOT NULL DEFAULT 0);",
+        )
+        .map_err(err)?;
+        // The outbox row id is the record's sequence number; `priority` orders eviction.
+        add_column(&conn, "outbox", "priority", "INTEGER NOT NULL DEFAULT 2").map_err(err)?;
+        add_column(&conn, "updates", "failures", "INTEGER NOT NULL DEFAULT 0").map_err(err)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO delivery (one, next_seq) SELECT 1, COALESCE(MAX(id), 0) + 1 FROM outbox",
+            [],
         )
         .map_err(err)?;
         Ok(StateDb { conn: Mutex::new(conn), path: path.into() })
@@ -127,38 +143,28 @@ impl StateDb {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// Appends to the outbox, dropping the oldest rows beyond `max_rows`, in one transaction;
-    /// returns the row id.
-    pub fn outbox_push(&self, topic: &str, payload: &[u8], max_rows: u64) -> Result<i64, StateError> {
+    /// Runs `f` in one transaction on this connection (the outbox's SQL lives with its actor).
+    pub fn transaction<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err())?;
-        tx.execute("INSERT INTO outbox (topic, payload) VALUES (?1, ?2)", params![topic, payload])
-            .map_err(self.err())?;
-        let id = tx.last_insert_rowid();
-        tx.execute("DELETE FROM outbox WHERE id <= ?1", params![id - max_rows as i64]).map_err(self.err())?;
+        let value = f(&tx).map_err(self.err())?;
         tx.commit().map_err(self.err())?;
-        Ok(id)
+        Ok(value)
     }
+}
 
-    pub fn outbox_pending(&self, limit: usize) -> Result<Vec<(i64, String, Vec<u8>)>, StateError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?1").map_err(self.err())?;
-        let rows =
-            stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+/// Adds a column to a table created by an earlier version, once.
+fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
+    let exists = conn
+        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+        .exists(params![column])?;
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
     }
-
-    pub fn outbox_delete(&self, id: i64) -> Result<(), StateError> {
-        self.conn().execute("DELETE FROM outbox WHERE id = ?1", params![id]).map(drop).map_err(self.err())
-    }
-
-    pub fn outbox_len(&self) -> Result<u64, StateError> {
-        self.conn()
-            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
-            .map(|n| n as u64)
-            .map_err(self.err())
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -201,19 +207,5 @@ mod tests {
         let err = db.records().unwrap_err();
         assert!(err.to_string().contains("update step \"exploded\" is no known step"), "{err}");
         assert!(err.to_string().contains("agent.db"), "{err}");
-    }
-
-    #[test]
-    fn the_outbox_keeps_order_and_drops_the_oldest_beyond_its_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = StateDb::open(&dir.path().join("agent.db")).unwrap();
-        for i in 0..5u8 {
-            db.outbox_push("t", &[i], 3).unwrap();
-        }
-        let payloads: Vec<Vec<u8>> = db.outbox_pending(10).unwrap().into_iter().map(|r| r.2).collect();
-        assert_eq!(payloads, vec![vec![2], vec![3], vec![4]]);
-        let first = db.outbox_pending(1).unwrap()[0].0;
-        db.outbox_delete(first).unwrap();
-        assert_eq!(db.outbox_len().unwrap(), 2);
     }
 }

@@ -40,10 +40,8 @@ pub async fn inference(
         .into_optimized()?
         .into_runnable()?;
     let sink = spawn_writer(WriterConfig {
-        path: telemetry_dir.join("bench-telemetry.db"),
         queue: 65536,
-        batch: 512,
-        max_rows: 10_000_000,
+        ..WriterConfig::unbounded(telemetry_dir.join("bench-telemetry.db"))
     })?;
     let engine = EngineHandle::spawn(sink.clone(), 64)?;
     engine.install(LoadedModel::load(manifest, model)?, 0).await?;
@@ -87,8 +85,7 @@ fn record(i: usize) -> TelemetryRecord {
 
 /// Records per second through the agent's writer vs plain batched rusqlite inserts.
 pub async fn telemetry(dir: &Path, records: usize) -> Result<(f64, f64)> {
-    let sink =
-        spawn_writer(WriterConfig { path: dir.join("agent.db"), queue: 8192, batch: 512, max_rows: u64::MAX >> 1 })?;
+    let sink = spawn_writer(WriterConfig::unbounded(dir.join("agent.db")))?;
     let started = Instant::now();
     for i in 0..records {
         sink.send_waiting(record(i)).await;

@@ -1,18 +1,25 @@
 //! The server's MQTT session: stores what devices publish (heartbeats, update status, drift
-//! windows) and notifies devices when their desired state changes.
+//! windows, delivery events) and notifies devices when their desired state changes.
+//!
+//! The session is persistent (a client id fixed per data directory, clean session off, QoS 1
+//! subscriptions) so what devices publish while the server is down waits in the broker. Each
+//! message is acknowledged to the broker only after the store committed it (manual acks), and
+//! each stored or already-stored record is acknowledged to its device on `…/{device}/ack`, which
+//! is what lets the device delete it (ADR 0007).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::delivery::{Ack, DeliveryEvent, Sequenced};
 use proto::drift::{drift, ReferenceSketch};
 use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use proto::Manifest;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::store::{Store, StoreError, StoredDrift};
+use crate::store::{Accepted, Report, Store, StoreError, StoredDrift};
 
 /// Publishes desired-state notifications; cheap to clone.
 #[derive(Clone)]
@@ -38,16 +45,21 @@ impl Notifier {
 }
 
 /// Starts the server's MQTT session as a task of `tasks`; it ends when `cancel` is cancelled.
+/// `client_id` must stay the same across restarts of this server (its queued messages are kept
+/// under it) and differ between servers.
 pub fn connect(
     host: &str,
     port: u16,
+    client_id: &str,
     store: Arc<dyn Store>,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> Notifier {
-    let mut options = MqttOptions::new(format!("fleet-server-{}", hex::encode(rand::random::<[u8; 4]>())), host, port);
+    let mut options = MqttOptions::new(client_id, host, port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
+    options.set_clean_session(false);
+    options.set_manual_acks(true);
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let ingest = Ingest { store, references: HashMap::new(), client: client.clone() };
     tasks.spawn(ingest.run(eventloop, cancel));
@@ -76,11 +88,7 @@ impl Ingest {
                         let _ = self.client.try_subscribe(filter, QoS::AtLeastOnce);
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if let Err(e) = self.handle(&publish.topic, &publish.payload).await {
-                        tracing::warn!(topic = %publish.topic, error = %e, "device message dropped");
-                    }
-                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish).await,
                 Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "server MQTT session reconnecting");
@@ -91,26 +99,62 @@ impl Ingest {
         }
     }
 
-    async fn handle(&mut self, topic: &str, payload: &[u8]) -> Result<(), IngestError> {
+    /// Stores the record, then acknowledges it to the broker (it may be redelivered until then)
+    /// and, when stored now or before, to the device. A record that cannot be read is logged
+    /// and acknowledged to the broker so it does not come back forever; a store error is not,
+    /// so the broker redelivers it after a reconnect.
+    async fn on_publish(&mut self, publish: Publish) {
+        let outcome = self.handle(&publish.topic, &publish.payload).await;
+        let ack_broker = !matches!(outcome, Err(IngestError::Store(_)));
+        match outcome {
+            Ok(Some((device, seq, Accepted::Stored | Accepted::Duplicate))) => {
+                let topic = Topic::Ack { device }.render();
+                if let Err(e) = self.client.try_publish(topic, QoS::AtMostOnce, false, encode(&Ack { seqs: vec![seq] }))
+                {
+                    tracing::warn!(error = %e, "acknowledgement not sent; the device will send the record again");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(topic = %publish.topic, error = %e, "device message dropped"),
+        }
+        if ack_broker {
+            if let Err(e) = self.client.ack(&publish).await {
+                tracing::warn!(error = %e, "broker acknowledgement not sent");
+            }
+        }
+    }
+
+    /// Stores one device record; returns (device, seq, outcome) for sequenced records.
+    async fn handle(&mut self, topic: &str, payload: &[u8]) -> Result<Option<(String, u64, Accepted)>, IngestError> {
         let Some(parsed) = Topic::parse(topic) else {
-            return Ok(());
+            return Ok(None);
         };
-        match parsed {
+        let (device, seq, accepted) = match parsed {
             Topic::Heartbeat { device } => {
-                let heartbeat: Heartbeat = decode("heartbeat", payload)?;
-                self.on_store(move |s| known(s, &device)?.then(|| s.record_heartbeat(&device, &heartbeat)).transpose())
-                    .await?;
+                let record: Sequenced<Heartbeat> = decode("heartbeat", payload)?;
+                let (seq, floor) = (record.seq, record.floor);
+                let d = device.clone();
+                let accepted =
+                    self.on_store(move |s| s.record_report(&d, seq, floor, &Report::Heartbeat(&record.body))).await?;
+                (device, seq, accepted)
             }
             Topic::Status { device, model } => {
-                let status: UpdateStatus = decode("update status", payload)?;
-                if status.model != model {
-                    return Err(IngestError::Mismatch(format!("status for {} on the topic of {model}", status.model)));
+                let record: Sequenced<UpdateStatus> = decode("update status", payload)?;
+                if record.body.model != model {
+                    return Err(IngestError::Mismatch(format!(
+                        "status for {} on the topic of {model}",
+                        record.body.model
+                    )));
                 }
-                self.on_store(move |s| known(s, &device)?.then(|| s.record_status(&device, &status)).transpose())
-                    .await?;
+                let (seq, floor) = (record.seq, record.floor);
+                let d = device.clone();
+                let accepted =
+                    self.on_store(move |s| s.record_report(&d, seq, floor, &Report::Status(&record.body))).await?;
+                (device, seq, accepted)
             }
             Topic::Drift { device, model } => {
-                let summary: DriftSummary = decode("drift summary", payload)?;
+                let record: Sequenced<DriftSummary> = decode("drift summary", payload)?;
+                let summary = record.body;
                 if summary.model != model {
                     return Err(IngestError::Mismatch(format!("drift for {} on the topic of {model}", summary.model)));
                 }
@@ -118,16 +162,31 @@ impl Ingest {
                 let report = reference.as_ref().and_then(|r| drift(r, &summary.counts).ok());
                 let score = report.as_ref().map_or(summary.score, |r| r.score);
                 let mean_confidence = summary.counts.mean_confidence();
-                self.on_store(move |s| {
-                    known(s, &device)?
-                        .then(|| s.record_drift(&device, &StoredDrift { summary: &summary, score, mean_confidence }))
-                        .transpose()
-                })
-                .await?;
+                let (seq, floor) = (record.seq, record.floor);
+                let d = device.clone();
+                let accepted = self
+                    .on_store(move |s| {
+                        let stored = StoredDrift { summary: &summary, score, mean_confidence };
+                        s.record_report(&d, seq, floor, &Report::Drift(stored))
+                    })
+                    .await?;
+                (device, seq, accepted)
             }
-            Topic::Desired { .. } => {}
-        }
-        Ok(())
+            Topic::Events { device } => {
+                let record: Sequenced<DeliveryEvent> = decode("delivery event", payload)?;
+                let DeliveryEvent::Evicted { evicted, .. } = &record.body;
+                if !evicted.is_empty() {
+                    tracing::warn!(%device, ?evicted, "device evicted buffered records under its disk budget");
+                }
+                let (seq, floor) = (record.seq, record.floor);
+                let d = device.clone();
+                let accepted =
+                    self.on_store(move |s| s.record_report(&d, seq, floor, &Report::Event(&record.body))).await?;
+                (device, seq, accepted)
+            }
+            Topic::Desired { .. } | Topic::Ack { .. } => return Ok(None),
+        };
+        Ok(Some((device, seq, accepted)))
     }
 
     async fn reference(&mut self, model: &str, version: &str) -> Result<Option<ReferenceSketch>, IngestError> {
@@ -148,11 +207,6 @@ impl Ingest {
     ) -> Result<T, IngestError> {
         crate::store::blocking(&self.store, f).await.map_err(IngestError::Store)
     }
-}
-
-/// Messages from devices the server never enrolled are ignored.
-fn known(store: &dyn Store, device: &str) -> Result<bool, StoreError> {
-    store.device_exists(device)
 }
 
 #[derive(Debug, thiserror::Error)]

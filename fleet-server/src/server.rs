@@ -98,6 +98,22 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
     }
 }
 
+/// The MQTT client id of this server's persistent session: made once per data directory, so a
+/// restarted server resumes its session (and receives what was queued for it) while two servers
+/// never share one.
+fn mqtt_client_id(data_dir: &Path) -> Result<String, ServerError> {
+    let path = data_dir.join("mqtt-client-id");
+    let io = |source| ServerError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = format!("fleet-server-{}", hex::encode(rand::random::<[u8; 6]>()));
+            std::fs::write(&path, &id).map_err(io)?;
+            Ok(id)
+        }
+    }
+}
+
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir.join("bundles"))
@@ -119,7 +135,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     };
     let (host, port) = proto::endpoint::parse_mqtt_url(&mqtt_url)?;
     let tasks = TaskTracker::new();
-    let notifier = crate::ingest::connect(&host, port, store.clone(), cancel.clone(), &tasks);
+    let client_id = mqtt_client_id(data_dir)?;
+    let notifier = crate::ingest::connect(&host, port, &client_id, store.clone(), cancel.clone(), &tasks);
     let rollouts =
         crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone(), &tasks);
     let state = AppState {

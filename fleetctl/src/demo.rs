@@ -146,7 +146,8 @@ pub fn agent_config(
         mqtt_url: mqtt_url.to_string(),
         api_listen: "127.0.0.1:0".parse().expect("literal socket address"),
         intervals: Intervals { checkin_secs: 2.0, heartbeat_secs: 0.5, drift_secs: 1.0 },
-        limits: AgentLimits::default(),
+        // Quick resends and retries: demo and test outages last seconds, not hours.
+        limits: AgentLimits { ack_timeout_secs: 3.0, request_timeout_secs: 10.0, ..AgentLimits::default() },
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod bundle;
 pub mod cohort;
+pub mod delivery;
 pub mod drift;
 pub mod endpoint;
 pub mod keys;

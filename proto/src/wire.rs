@@ -12,6 +12,8 @@ use crate::names;
 
 /// Largest MQTT payload either side publishes or accepts.
 pub const MAX_MQTT_PAYLOAD: usize = 64 * 1024;
+/// Largest HTTP reply body the agent reads (check-in, enrollment, telemetry acknowledgement).
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
 pub const TOPIC_ROOT: &str = "fleet/v1/devices";
 
 /// Every topic of the protocol, parsed.
@@ -25,6 +27,10 @@ pub enum Topic {
     Drift { device: String, model: String },
     /// server -> agent: [`DesiredChanged`]; the agent then checks in over HTTP
     Desired { device: String },
+    /// agent -> server: [`crate::delivery::DeliveryEvent`]
+    Events { device: String },
+    /// server -> agent: [`crate::delivery::Ack`], the records the server has stored
+    Ack { device: String },
 }
 
 impl Topic {
@@ -36,6 +42,8 @@ impl Topic {
             }
             Topic::Drift { device, model } => format!("{TOPIC_ROOT}/{device}/models/{model}/drift"),
             Topic::Desired { device } => format!("{TOPIC_ROOT}/{device}/desired"),
+            Topic::Events { device } => format!("{TOPIC_ROOT}/{device}/events"),
+            Topic::Ack { device } => format!("{TOPIC_ROOT}/{device}/ack"),
         }
     }
 
@@ -47,6 +55,8 @@ impl Topic {
         let parsed = match parts.as_slice() {
             [device, "heartbeat"] => Topic::Heartbeat { device: device.to_string() },
             [device, "desired"] => Topic::Desired { device: device.to_string() },
+            [device, "events"] => Topic::Events { device: device.to_string() },
+            [device, "ack"] => Topic::Ack { device: device.to_string() },
             [device, "models", model, "status"] if valid("model name", model) => {
                 Topic::Status { device: device.to_string(), model: model.to_string() }
             }
@@ -57,25 +67,27 @@ impl Topic {
         };
         let device = match &parsed {
             Topic::Heartbeat { device } | Topic::Desired { device } => device,
+            Topic::Events { device } | Topic::Ack { device } => device,
             Topic::Status { device, .. } | Topic::Drift { device, .. } => device,
         };
         valid("device id", device).then_some(parsed)
     }
 
     /// Filters the server subscribes to.
-    pub fn server_filters() -> [String; 3] {
+    pub fn server_filters() -> [String; 4] {
         [
             format!("{TOPIC_ROOT}/+/heartbeat"),
             format!("{TOPIC_ROOT}/+/models/+/status"),
             format!("{TOPIC_ROOT}/+/models/+/drift"),
+            format!("{TOPIC_ROOT}/+/events"),
         ]
     }
 }
 
 #[derive(Debug, Error)]
 pub enum PayloadError {
-    #[error("payload of {0} bytes exceeds the {MAX_MQTT_PAYLOAD}-byte limit")]
-    TooLarge(usize),
+    #[error("payload of {bytes} bytes exceeds the {limit}-byte limit")]
+    TooLarge { bytes: usize, limit: usize },
     #[error("payload does not decode as {kind}: {source}")]
     Decode { kind: &'static str, source: postcard::Error },
 }
@@ -86,8 +98,13 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: DeserializeOwned>(kind: &'static str, bytes: &[u8]) -> Result<T, PayloadError> {
-    if bytes.len() > MAX_MQTT_PAYLOAD {
-        return Err(PayloadError::TooLarge(bytes.len()));
+    decode_within(kind, bytes, MAX_MQTT_PAYLOAD)
+}
+
+/// Decodes a postcard body of at most `limit` bytes (HTTP bodies larger than an MQTT payload).
+pub fn decode_within<T: DeserializeOwned>(kind: &'static str, bytes: &[u8], limit: usize) -> Result<T, PayloadError> {
+    if bytes.len() > limit {
+        return Err(PayloadError::TooLarge { bytes: bytes.len(), limit });
     }
     postcard::from_bytes(bytes).map_err(|source| PayloadError::Decode { kind, source })
 }
@@ -402,7 +419,9 @@ mod tests {
             Topic::Heartbeat { device: device.clone() },
             Topic::Status { device: device.clone(), model: model.clone() },
             Topic::Drift { device: device.clone(), model },
-            Topic::Desired { device },
+            Topic::Desired { device: device.clone() },
+            Topic::Events { device: device.clone() },
+            Topic::Ack { device },
         ] {
             assert_eq!(Topic::parse(&topic.render()), Some(topic));
         }
@@ -431,7 +450,7 @@ mod tests {
         assert!(err.to_string().starts_with("payload does not decode as status"), "{err}");
         assert!(matches!(
             decode::<Heartbeat>("heartbeat", &vec![0; MAX_MQTT_PAYLOAD + 1]),
-            Err(PayloadError::TooLarge(_))
+            Err(PayloadError::TooLarge { .. })
         ));
     }
 

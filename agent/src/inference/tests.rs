@@ -81,8 +81,7 @@ fn golden_outputs_that_differ_fail_the_self_test() {
 }
 
 async fn engine_with_model(dir: &tempfile::TempDir) -> (EngineHandle, crate::telemetry::TelemetrySink) {
-    let sink =
-        spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
+    let sink = spawn_writer(WriterConfig::unbounded(dir.path().join("t.db"))).unwrap();
     let engine = EngineHandle::spawn(sink.clone(), 16).unwrap();
     engine.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap(), 1_000).await.unwrap();
     (engine, sink)
@@ -161,8 +160,7 @@ async fn a_panic_inside_inference_fails_that_request_and_the_engine_keeps_servin
 async fn windows_and_counters_of_several_engine_threads_merge_into_one() {
     use super::engine::{merge_stats, merge_windows, Engine};
     let dir = tempfile::tempdir().unwrap();
-    let sink =
-        spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
+    let sink = spawn_writer(WriterConfig::unbounded(dir.path().join("t.db"))).unwrap();
     let model = LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap();
     let (mut a, mut b) = (Engine::new(sink.clone()), Engine::new(sink.clone()));
     a.install(model.clone(), 1_000).unwrap();
@@ -185,8 +183,7 @@ async fn windows_and_counters_of_several_engine_threads_merge_into_one() {
 #[tokio::test]
 async fn several_engine_threads_all_receive_an_installed_model() {
     let dir = tempfile::tempdir().unwrap();
-    let sink =
-        spawn_writer(WriterConfig { path: dir.path().join("t.db"), queue: 1024, batch: 64, max_rows: 10_000 }).unwrap();
+    let sink = spawn_writer(WriterConfig::unbounded(dir.path().join("t.db"))).unwrap();
     let engine = EngineHandle::spawn_threads(sink, 16, 3).unwrap();
     engine.install(LoadedModel::load(&manifest(MLP, reference()), MLP).unwrap(), 1_000).await.unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -65,6 +65,7 @@ pub struct Updater {
     pub trusted: Arc<TrustedKeys>,
     pub limits: Limits,
     pub checkin_every: std::time::Duration,
+    pub request_timeout: std::time::Duration,
 }
 
 impl Updater {
@@ -127,13 +128,14 @@ impl Updater {
             .post(&url)
             .bearer_auth(&self.credential)
             .json(&body)
+            .timeout(self.request_timeout)
             .send()
             .await
             .map_err(|e| failed(e.to_string()))?;
         if !response.status().is_success() {
             return Err(failed(format!("HTTP {}", response.status())));
         }
-        response.json().await.map_err(|e| failed(e.to_string()))
+        crate::http::json_capped(response, proto::wire::MAX_REPLY_BYTES).await.map_err(failed)
     }
 
     fn job(&self) -> InstallJob {

@@ -1,24 +1,29 @@
-//! The MQTT session: store-and-forward for durable messages (status, drift), best-effort for
-//! heartbeats, and the desired-state notification that wakes the updater.
+//! The MQTT session: store-and-forward for every durable record (status, drift, heartbeats,
+//! delivery events) and the desired-state notification that wakes the updater.
 //!
-//! Durable messages are written to the `agent.db` outbox before publishing (QoS 1) and deleted
-//! only on the broker's PUBACK. The outbox is its own thread (`outbox.rs`): this loop only waits. Across reconnects the outbox is the only source of retransmission
-//! (rumqttc's own pending queue is cleared), so delivery is at least once; the server ignores
-//! duplicates.
+//! A record is written to the `agent.db` outbox first, which gives it its sequence number, then
+//! published (QoS 1) in a [`proto::delivery::Sequenced`] envelope. It is deleted only when the
+//! server's [`Ack`] says it is stored: a broker's PUBACK is not storage. A record not
+//! acknowledged within `ack_timeout` (or sent on a connection that dropped) is published again;
+//! the server recognises the sequence and acknowledges without storing twice (ADR 0007). At
+//! most `WINDOW` records are unacknowledged at once, oldest first, so a site that returns after
+//! a long outage drains its backlog at the pace the server stores it.
 
-use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use proto::wire::{encode, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use proto::delivery::{sequenced_payload, Ack, Priority, MAX_RECORD_BODY};
+use proto::wire::{decode, encode, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::telemetry::TelemetrySink;
 use crate::updater::UpdaterMsg;
-use outbox::{Outbox, OutboxError};
+use outbox::{Outbox, OutboxError, OutboxRow};
 
 pub mod outbox;
 
@@ -30,41 +35,43 @@ pub enum UplinkError {
     Outbox(#[from] OutboxError),
 }
 
-enum UplinkMsg {
-    Durable { topic: String, payload: Vec<u8> },
-    BestEffort { topic: String, payload: Vec<u8> },
+struct Record {
+    topic: String,
+    body: Vec<u8>,
+    priority: Priority,
 }
 
 /// Cheap to clone; every clone feeds the same MQTT session.
 #[derive(Clone)]
 pub struct UplinkHandle {
-    tx: mpsc::Sender<UplinkMsg>,
+    tx: mpsc::Sender<Record>,
     device_id: String,
 }
 
 impl UplinkHandle {
     pub async fn status(&self, status: UpdateStatus) {
         let topic = Topic::Status { device: self.device_id.clone(), model: status.model.clone() }.render();
-        self.durable(topic, encode(&status)).await;
+        self.send(topic, encode(&status), Priority::Report).await;
     }
 
     pub async fn drift(&self, summary: &proto::wire::DriftSummary) {
         let topic = Topic::Drift { device: self.device_id.clone(), model: summary.model.clone() }.render();
-        self.durable(topic, encode(summary)).await;
+        self.send(topic, encode(summary), Priority::Report).await;
     }
 
-    async fn durable(&self, topic: String, payload: Vec<u8>) {
-        if payload.len() > MAX_MQTT_PAYLOAD {
-            tracing::error!(%topic, bytes = payload.len(), "message over the MQTT payload limit not sent");
+    /// Heartbeats are durable too (their counters feed the rollout gates), but evicted before
+    /// reports when the disk budget is short.
+    pub async fn heartbeat(&self, heartbeat: &proto::wire::Heartbeat) {
+        let topic = Topic::Heartbeat { device: self.device_id.clone() }.render();
+        self.send(topic, encode(heartbeat), Priority::Heartbeat).await;
+    }
+
+    async fn send(&self, topic: String, body: Vec<u8>, priority: Priority) {
+        if body.len() > MAX_RECORD_BODY {
+            tracing::error!(%topic, bytes = body.len(), "record over the MQTT payload limit not sent");
             return;
         }
-        let _ = self.tx.send(UplinkMsg::Durable { topic, payload }).await;
-    }
-
-    /// Heartbeats: dropped when the session is busy or offline, the next one replaces them.
-    pub fn heartbeat(&self, heartbeat: &proto::wire::Heartbeat) {
-        let topic = Topic::Heartbeat { device: self.device_id.clone() }.render();
-        let _ = self.tx.try_send(UplinkMsg::BestEffort { topic, payload: encode(heartbeat) });
+        let _ = self.tx.send(Record { topic, body, priority }).await;
     }
 }
 
@@ -72,23 +79,15 @@ pub struct UplinkConfig {
     pub mqtt_url: String,
     pub device_id: String,
     pub credential: String,
-    pub state_path: PathBuf,
-    pub outbox_max_rows: u64,
+    pub outbox: Outbox,
+    /// Its eviction count goes into the delivery event sent on each connection.
+    pub telemetry: TelemetrySink,
+    /// How long a published record waits for the server's acknowledgement before it is sent again.
+    pub ack_timeout: Duration,
 }
 
-/// Tracks which outbox rows are handed to rumqttc, and which packet id carries each.
-#[derive(Default)]
-struct Inflight {
-    /// Row ids given to the client, in order; rumqttc assigns packet ids in the same order.
-    queued: VecDeque<i64>,
-    by_pkid: HashMap<u16, i64>,
-}
-
-impl Inflight {
-    fn holds(&self, id: i64) -> bool {
-        self.queued.contains(&id) || self.by_pkid.values().any(|v| *v == id)
-    }
-}
+/// Most records published and not yet acknowledged.
+const WINDOW: usize = 128;
 
 pub async fn spawn_uplink(
     config: UplinkConfig,
@@ -97,45 +96,61 @@ pub async fn spawn_uplink(
     tasks: &TaskTracker,
 ) -> Result<UplinkHandle, UplinkError> {
     let (host, port) = proto::endpoint::parse_mqtt_url(&config.mqtt_url)?;
-    let outbox = Outbox::open(config.state_path.clone()).await?;
     let mut options = MqttOptions::new(format!("agent-{}", config.device_id), host, port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     options.set_credentials(config.device_id.clone(), config.credential.clone());
-    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (client, eventloop) = AsyncClient::new(options, WINDOW * 2);
     let (tx, rx) = mpsc::channel(256);
-    let session = Session { client, outbox, updater, config, inflight: Inflight::default(), connected: false };
-    let device_id = session.config.device_id.clone();
+    let device_id = config.device_id.clone();
+    let session = Session {
+        client,
+        updater,
+        desired: Topic::Desired { device: device_id.clone() }.render(),
+        ack: Topic::Ack { device: device_id.clone() }.render(),
+        events: Topic::Events { device: device_id.clone() }.render(),
+        config,
+        unacked: BTreeMap::new(),
+        floor: 0,
+        backlog: true,
+        connected: false,
+    };
     tasks.spawn(session.run(eventloop, rx, cancel));
     Ok(UplinkHandle { tx, device_id })
 }
 
 struct Session {
     client: AsyncClient,
-    outbox: Outbox,
     updater: mpsc::Sender<UpdaterMsg>,
     config: UplinkConfig,
-    inflight: Inflight,
+    desired: String,
+    ack: String,
+    events: String,
+    /// Published on this connection and not yet acknowledged: sequence -> when.
+    unacked: BTreeMap<u64, Instant>,
+    /// The last floor the outbox reported; it only rises, and a stale one is safe to send.
+    floor: u64,
+    /// Records may wait in the outbox that were never published on this connection.
+    backlog: bool,
     connected: bool,
 }
 
 impl Session {
-    async fn run(mut self, mut eventloop: EventLoop, mut rx: mpsc::Receiver<UplinkMsg>, cancel: CancellationToken) {
-        let desired = Topic::Desired { device: self.config.device_id.clone() }.render();
-        let mut retry = tokio::time::interval(Duration::from_secs(1));
+    async fn run(mut self, mut eventloop: EventLoop, mut rx: mpsc::Receiver<Record>, cancel: CancellationToken) {
+        let mut retry = tokio::time::interval(Duration::from_millis(500));
         let mut backoff = Duration::from_millis(100);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                msg = rx.recv() => match msg {
-                    Some(msg) => self.accept(msg).await,
+                record = rx.recv() => match record {
+                    Some(record) => self.accept(record).await,
                     None => break,
                 },
-                _ = retry.tick(), if self.connected => self.publish_pending().await,
+                _ = retry.tick(), if self.connected => self.resend_due().await,
                 event = eventloop.poll() => match event {
                     Ok(event) => {
                         backoff = Duration::from_millis(100);
-                        self.on_event(event, &desired).await;
+                        self.on_event(event).await;
                     }
                     Err(e) => {
                         if self.connected {
@@ -143,8 +158,9 @@ impl Session {
                         }
                         self.connected = false;
                         // rumqttc moved unacked publishes and queued requests into `pending`;
-                        // drop them all: the outbox re-sends every undeleted row on reconnect.
-                        self.inflight = Inflight::default();
+                        // drop them all: the outbox publishes every unacknowledged record again.
+                        self.unacked.clear();
+                        self.backlog = true;
                         eventloop.pending.clear();
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -158,68 +174,90 @@ impl Session {
         }
     }
 
-    async fn accept(&mut self, msg: UplinkMsg) {
-        match msg {
-            UplinkMsg::Durable { topic, payload } => {
-                match self.outbox.push(topic.clone(), payload.clone(), self.config.outbox_max_rows).await {
-                    Ok(id) if self.connected => self.publish(id, topic, payload),
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "outbox write failed; message lost"),
-                }
+    async fn accept(&mut self, record: Record) {
+        let Record { topic, body, priority } = record;
+        match self.config.outbox.push(topic.clone(), body.clone(), priority).await {
+            // Straight out only when nothing older waits, so records leave in sequence order.
+            Ok(seq) if self.connected && !self.backlog && self.unacked.len() < WINDOW => {
+                self.publish(OutboxRow { seq, topic, body })
             }
-            UplinkMsg::BestEffort { topic, payload } => {
-                if self.connected {
-                    let _ = self.client.try_publish(topic, QoS::AtMostOnce, false, payload);
-                }
-            }
+            Ok(_) => self.backlog = true,
+            Err(e) => tracing::error!(error = %e, "outbox write failed; record lost"),
         }
     }
 
-    fn publish(&mut self, id: i64, topic: String, payload: Vec<u8>) {
-        if self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_ok() {
-            self.inflight.queued.push_back(id);
+    fn publish(&mut self, row: OutboxRow) {
+        let payload = sequenced_payload(row.seq, self.floor, &row.body);
+        if self.client.try_publish(row.topic, QoS::AtLeastOnce, false, payload).is_ok() {
+            self.unacked.insert(row.seq, Instant::now());
+        } else {
+            self.backlog = true;
         }
     }
 
-    /// Publishes outbox rows not already handed to the client (after a reconnect, or a full queue).
-    async fn publish_pending(&mut self) {
-        match self.outbox.pending(64).await {
-            Ok(rows) => {
-                for (id, topic, payload) in rows {
-                    if !self.inflight.holds(id) {
-                        self.publish(id, topic, payload);
-                    }
-                }
+    /// Publishes, oldest first and up to the window, the records never published on this
+    /// connection and those whose acknowledgement is overdue.
+    async fn resend_due(&mut self) {
+        let now = Instant::now();
+        let overdue = self.unacked.values().any(|sent| now.duration_since(*sent) >= self.config.ack_timeout);
+        if !self.backlog && !overdue {
+            return;
+        }
+        let pending = match self.config.outbox.pending(WINDOW).await {
+            Ok(pending) => pending,
+            Err(e) => return tracing::error!(error = %e, "outbox read failed"),
+        };
+        self.floor = self.floor.max(pending.floor);
+        let complete = pending.rows.len() < WINDOW;
+        self.backlog = false;
+        for row in pending.rows {
+            let due =
+                self.unacked.get(&row.seq).is_none_or(|sent| now.duration_since(*sent) >= self.config.ack_timeout);
+            if due {
+                self.publish(row);
             }
-            Err(e) => tracing::error!(error = %e, "outbox read failed"),
         }
+        // More rows than one window: come back once acknowledgements make room.
+        self.backlog |= !complete;
     }
 
-    async fn on_event(&mut self, event: Event, desired: &str) {
+    async fn on_event(&mut self, event: Event) {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => {
                 self.connected = true;
-                let _ = self.client.try_subscribe(desired, QoS::AtLeastOnce);
+                let _ = self.client.try_subscribe(self.desired.clone(), QoS::AtLeastOnce);
+                let _ = self.client.try_subscribe(self.ack.clone(), QoS::AtLeastOnce);
                 // A notification may have been missed while offline.
                 let _ = self.updater.try_send(UpdaterMsg::CheckNow);
-                self.publish_pending().await;
+                let evicted = self.config.telemetry.evicted();
+                if let Err(e) = self.config.outbox.report_evicted(self.events.clone(), evicted).await {
+                    tracing::error!(error = %e, "cannot queue the eviction report");
+                }
+                self.backlog = true;
+                self.resend_due().await;
             }
-            Event::Incoming(Packet::Publish(publish)) if publish.topic == desired => {
+            Event::Incoming(Packet::Publish(publish)) if publish.topic == self.desired => {
                 let _ = self.updater.try_send(UpdaterMsg::CheckNow);
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                if let Some(id) = self.inflight.queued.pop_front() {
-                    self.inflight.by_pkid.insert(pkid, id);
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(id) = self.inflight.by_pkid.remove(&ack.pkid) {
-                    if let Err(e) = self.outbox.delete(id).await {
-                        tracing::error!(error = %e, "outbox delete failed; message may be sent twice");
-                    }
+            Event::Incoming(Packet::Publish(publish)) if publish.topic == self.ack => {
+                match decode::<Ack>("acknowledgement", &publish.payload) {
+                    Ok(ack) => self.on_ack(ack).await,
+                    Err(e) => tracing::warn!(error = %e, "acknowledgement dropped"),
                 }
             }
             _ => {}
+        }
+    }
+
+    async fn on_ack(&mut self, ack: Ack) {
+        for seq in &ack.seqs {
+            self.unacked.remove(seq);
+        }
+        if let Err(e) = self.config.outbox.ack(ack.seqs).await {
+            tracing::error!(error = %e, "outbox delete failed; records may be sent again");
+        }
+        if self.backlog && self.unacked.len() < WINDOW / 2 {
+            self.resend_due().await;
         }
     }
 }

@@ -11,6 +11,9 @@ use tower::ServiceExt;
 use super::{blocking, sha256_hex, ApiError, AppState};
 use crate::store::NewDevice;
 
+/// How long after a token's use a retry with it still succeeds (the first reply was lost).
+const ENROLL_RETRY_GRACE_MS: u64 = 10 * 60 * 1000;
+
 pub async fn enroll(
     State(state): State<AppState>,
     body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
@@ -24,21 +27,22 @@ pub async fn enroll(
     super::validate_labels(&request.labels)?;
     let token_hash = sha256_hex(&request.token);
     let now = crate::unix_ms();
-    if !blocking(&state.store, move |s| s.consume_token(&token_hash, now)).await? {
-        return Err(ApiError::Forbidden(
-            "enrollment token is unknown or already used; create one with `fleetctl tokens create`".into(),
-        ));
-    }
-    let device_id = format!("dev-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let new_id = format!("dev-{}", hex::encode(rand::random::<[u8; 6]>()));
     let credential = hex::encode(rand::random::<[u8; 32]>());
     let device = NewDevice {
-        id: device_id.clone(),
-        name: if request.name.is_empty() { device_id.clone() } else { request.name.clone() },
+        id: new_id.clone(),
+        name: if request.name.is_empty() { new_id.clone() } else { request.name.clone() },
         labels: request.labels,
         credential_hash: sha256_hex(&credential),
         enrolled_ms: now,
     };
-    blocking(&state.store, move |s| s.insert_device(&device)).await?;
+    let Some(device_id) =
+        blocking(&state.store, move |s| s.enroll(&token_hash, &device, ENROLL_RETRY_GRACE_MS)).await?
+    else {
+        return Err(ApiError::Forbidden(
+            "enrollment token is unknown or already used; create one with `fleetctl tokens create`".into(),
+        ));
+    };
     tracing::info!(device = %device_id, "device enrolled");
     Ok(Json(EnrollResponse { device_id, credential }))
 }

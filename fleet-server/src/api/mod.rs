@@ -1,6 +1,7 @@
 //! The HTTP API under /api/v1. Devices authenticate with the bearer credential they got at
 //! enrollment; operators with the operator token. Every error body is `{"error": "<sentence>"}`.
 
+mod delivery;
 mod devices;
 mod operator;
 pub mod rollouts;
@@ -36,6 +37,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/enroll", post(devices::enroll))
         .route("/api/v1/devices/{id}/checkin", post(devices::checkin))
+        .route(
+            "/api/v1/devices/{id}/telemetry",
+            post(delivery::upload).layer(DefaultBodyLimit::max(proto::delivery::MAX_TELEMETRY_BATCH_BYTES)),
+        )
+        .route("/api/v1/telemetry", get(delivery::export))
+        .route("/api/v1/delivery", get(delivery::delivery))
         .route("/api/v1/bundles/{name}/{version}", get(devices::download))
         .route("/api/v1/bundles", post(operator::publish).layer(DefaultBodyLimit::max(bundle_limit)))
         .route("/api/v1/devices", get(operator::devices))

@@ -112,14 +112,19 @@ impl Api {
 }
 
 #[tokio::test]
-async fn an_enrollment_token_enrolls_one_device_and_is_then_refused() {
+async fn an_enrollment_retried_with_the_same_token_gets_the_same_device_and_an_unknown_token_is_refused() {
     let api = api();
     let (_, tokens) =
         api.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 1})).await;
     let token = tokens["tokens"][0].clone();
-    let (first, _) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
-    let (second, body) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
-    assert_eq!((first, second), (StatusCode::OK, StatusCode::FORBIDDEN));
+    let (first, a) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
+    let (second, b) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
+    assert_eq!((first, second), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(a["device_id"], b["device_id"], "a lost reply must not strand the device: same device, new credential");
+    let (devices_status, devices) = api.json("GET", "/api/v1/devices", Some(OPERATOR), serde_json::Value::Null).await;
+    assert_eq!((devices_status, devices.as_array().unwrap().len()), (StatusCode::OK, 1));
+    let (refused, body) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": "nope"})).await;
+    assert_eq!(refused, StatusCode::FORBIDDEN);
     assert_eq!(body["error"], "enrollment token is unknown or already used; create one with `fleetctl tokens create`");
 }
 

@@ -4,6 +4,7 @@
 
 mod sqlite;
 
+use proto::delivery::{DeliveryEvent, DeliveryView, TelemetryAck, TelemetryRow};
 use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep};
 
 use crate::rollout::{DeviceInfo, Rollout};
@@ -93,10 +94,52 @@ pub struct StoredDrift<'a> {
     pub mean_confidence: Option<f64>,
 }
 
+/// A durable record from a device's `reports` stream.
+#[derive(Clone, Debug)]
+pub enum Report<'a> {
+    Status(&'a UpdateStatus),
+    Heartbeat(&'a Heartbeat),
+    Drift(StoredDrift<'a>),
+    Event(&'a DeliveryEvent),
+}
+
+/// What became of a sequenced record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored now, with its sequence.
+    Stored,
+    /// Stored before (or below the device's floor): dropped, but acknowledged again.
+    Duplicate,
+    /// No such device: not stored and not acknowledged.
+    UnknownDevice,
+}
+
+/// Which stored telemetry rows to read, in (device, seq) order after `after`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TelemetryQuery {
+    pub model: String,
+    pub version: Option<String>,
+    pub since_ms: Option<u64>,
+    /// Continue after this (device, seq).
+    pub after: Option<(String, u64)>,
+    pub limit: usize,
+}
+
+/// One stored inference record.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredTelemetry {
+    pub device: String,
+    #[serde(flatten)]
+    pub row: TelemetryRow,
+}
+
 pub trait Store: Send + Sync + 'static {
     fn create_tokens(&self, token_hashes: &[String], now_ms: u64) -> Result<(), StoreError>;
-    /// Marks a token used; false when unknown or already used.
-    fn consume_token(&self, token_hash: &str, now_ms: u64) -> Result<bool, StoreError>;
+    /// Enrolls `device` with a token in one transaction: marks the token used by it and inserts
+    /// the device. A retry with the same token within `grace_ms` of its use (the first reply was
+    /// lost) gives the device it enrolled the new credential instead. Returns the device id, or
+    /// None when the token is unknown, or used longer ago than the grace period.
+    fn enroll(&self, token_hash: &str, device: &NewDevice, grace_ms: u64) -> Result<Option<String>, StoreError>;
     fn insert_device(&self, device: &NewDevice) -> Result<(), StoreError>;
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError>;
     fn device_exists(&self, id: &str) -> Result<bool, StoreError>;
@@ -118,6 +161,15 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a window once; a duplicate delivery (same device, model, start) returns false.
     fn record_drift(&self, device: &str, drift: &StoredDrift<'_>) -> Result<bool, StoreError>;
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError>;
+
+    /// Stores sequence `seq` of the device's `reports` stream at most once, in one transaction
+    /// with its dedupe entry; `floor` lets the store forget sequences the device will not resend.
+    fn record_report(&self, device: &str, seq: u64, floor: u64, report: &Report<'_>) -> Result<Accepted, StoreError>;
+    /// Stores uploaded telemetry rows, each (device, seq) once, in one transaction.
+    fn record_telemetry(&self, device: &str, rows: &[TelemetryRow]) -> Result<TelemetryAck, StoreError>;
+    fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError>;
+    /// Every device's delivery counters.
+    fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError>;
 
     /// Devices with labels and the version of `model` they run.
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError>;

@@ -10,8 +10,12 @@ use std::sync::{Mutex, MutexGuard};
 use proto::wire::{bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{BundleRecord, DesiredChange, NewDevice, ObservationRows, Store, StoreError, StoredDrift};
+use super::{
+    Accepted, BundleRecord, DesiredChange, NewDevice, ObservationRows, Report, Store, StoreError, StoredDrift,
+    StoredTelemetry, TelemetryQuery,
+};
 use crate::rollout::{DeviceInfo, Rollout};
+use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::wire::AuditEntry;
 
 const SCHEMA: &str = "
@@ -43,6 +47,19 @@ CREATE TABLE IF NOT EXISTS drift (
     score REAL NOT NULL, mean_confidence REAL, counts BLOB NOT NULL,
     PRIMARY KEY (device, model, window_start_ms));
 CREATE INDEX IF NOT EXISTS drift_by_model_time ON drift (model, window_start_ms);
+CREATE TABLE IF NOT EXISTS received (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (device, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delivery (
+    device TEXT PRIMARY KEY, floor INTEGER NOT NULL DEFAULT 0,
+    reports_stored INTEGER NOT NULL DEFAULT 0, reports_duplicates INTEGER NOT NULL DEFAULT 0,
+    telemetry_stored INTEGER NOT NULL DEFAULT 0, telemetry_duplicates INTEGER NOT NULL DEFAULT 0,
+    evicted_telemetry INTEGER NOT NULL DEFAULT 0, evicted_heartbeats INTEGER NOT NULL DEFAULT 0,
+    evicted_reports INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS telemetry (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    at_ms INTEGER NOT NULL, latency_us INTEGER NOT NULL, features BLOB NOT NULL, outputs BLOB NOT NULL,
+    PRIMARY KEY (device, seq));
+CREATE INDEX IF NOT EXISTS telemetry_by_model ON telemetry (model, version, at_ms);
 ";
 
 /// One connection behind a mutex; every method is short and synchronous.
@@ -57,6 +74,8 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        add_column(&conn, "devices", "heartbeat_ms", "INTEGER")?;
+        add_column(&conn, "tokens", "device", "TEXT")?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -80,20 +99,39 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn consume_token(&self, token_hash: &str, now_ms: u64) -> Result<bool, StoreError> {
-        let changed = self.conn().execute(
-            "UPDATE tokens SET used_ms = ?2 WHERE hash = ?1 AND used_ms IS NULL",
-            params![token_hash, now_ms as i64],
-        )?;
-        Ok(changed == 1)
+    fn enroll(&self, token_hash: &str, d: &NewDevice, grace_ms: u64) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let token: Option<(Option<i64>, Option<String>)> = tx
+            .query_row("SELECT used_ms, device FROM tokens WHERE hash = ?1", params![token_hash], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let enrolled = match token {
+            None => None,
+            Some((None, _)) => {
+                tx.execute(
+                    "UPDATE tokens SET used_ms = ?2, device = ?3 WHERE hash = ?1",
+                    params![token_hash, d.enrolled_ms as i64, d.id],
+                )?;
+                insert_device(&tx, d)?;
+                Some(d.id.clone())
+            }
+            Some((Some(used), Some(device))) if d.enrolled_ms.saturating_sub(used as u64) <= grace_ms => {
+                tx.execute(
+                    "UPDATE devices SET credential_hash = ?2 WHERE id = ?1",
+                    params![device, d.credential_hash],
+                )?;
+                Some(device)
+            }
+            Some(_) => None,
+        };
+        tx.commit()?;
+        Ok(enrolled)
     }
 
     fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64],
-        )?;
-        Ok(())
+        insert_device(&self.conn(), d)
     }
 
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
@@ -292,54 +330,35 @@ impl Store for SqliteStore {
     }
 
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO model_status (device, model, version, step, detail, active_version, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, step = excluded.step,
-               detail = excluded.detail, active_version = excluded.active_version, at_ms = excluded.at_ms
-             WHERE model_status.at_ms IS NULL OR model_status.at_ms <= excluded.at_ms",
-            params![device, s.model, s.version, s.step.as_str(), s.detail, s.active_version, s.at_ms as i64],
-        )?;
-        Ok(())
+        status_into(&self.conn(), device, s)
     }
 
     fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE devices SET health = ?2, last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3) WHERE id = ?1",
-            params![device, json(&heartbeat.health), heartbeat.at_ms as i64],
-        )?;
-        for m in &heartbeat.models {
-            tx.execute(
-                "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
-                   active_version = excluded.active_version, errors = excluded.errors,
-                   latency_p95_us = excluded.latency_p95_us",
-                params![device, m.model, m.version, m.inferences as i64, m.errors as i64, m.latency_p95_us],
-            )?;
-        }
+        heartbeat_into(&tx, device, heartbeat)?;
         tx.commit()?;
         Ok(())
     }
 
     fn record_drift(&self, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
-        let s = d.summary;
-        let inserted = self.conn().execute(
-            "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                device,
-                s.model,
-                s.version,
-                s.window_start_ms as i64,
-                s.window_end_ms as i64,
-                s.counts.samples as i64,
-                d.score,
-                d.mean_confidence,
-                proto::wire::encode(&s.counts)
-            ],
-        )?;
-        Ok(inserted == 1)
+        drift_into(&self.conn(), device, d)
+    }
+
+    fn record_report(&self, device: &str, seq: u64, floor: u64, report: &Report<'_>) -> Result<Accepted, StoreError> {
+        delivery::record_report(&mut self.conn(), device, seq, floor, report)
+    }
+
+    fn record_telemetry(&self, device: &str, rows: &[TelemetryRow]) -> Result<TelemetryAck, StoreError> {
+        delivery::record_telemetry(&mut self.conn(), device, rows)
+    }
+
+    fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError> {
+        delivery::telemetry(&self.conn(), query)
+    }
+
+    fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError> {
+        delivery::views(&self.conn())
     }
 
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
@@ -383,6 +402,85 @@ impl Store for SqliteStore {
         Ok(())
     }
 }
+
+fn insert_device(conn: &Connection, d: &NewDevice) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64],
+    )?;
+    Ok(())
+}
+
+/// Keeps the newest status per (device, model): a late, older report changes nothing.
+pub(super) fn status_into(conn: &Connection, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO model_status (device, model, version, step, detail, active_version, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, step = excluded.step,
+           detail = excluded.detail, active_version = excluded.active_version, at_ms = excluded.at_ms
+         WHERE model_status.at_ms IS NULL OR model_status.at_ms <= excluded.at_ms",
+        params![device, s.model, s.version, s.step.as_str(), s.detail, s.active_version, s.at_ms as i64],
+    )?;
+    Ok(())
+}
+
+/// Applies a heartbeat unless a newer one is already stored (a backlog may deliver old ones
+/// after new ones; counters must not go backwards).
+pub(super) fn heartbeat_into(conn: &Connection, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
+    let at = heartbeat.at_ms as i64;
+    let newer = conn.execute(
+        "UPDATE devices SET health = ?2, heartbeat_ms = ?3, last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3)
+         WHERE id = ?1 AND COALESCE(heartbeat_ms, 0) <= ?3",
+        params![device, json(&heartbeat.health), at],
+    )? == 1;
+    if !newer {
+        return Ok(());
+    }
+    for m in &heartbeat.models {
+        conn.execute(
+            "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
+               active_version = excluded.active_version, errors = excluded.errors,
+               latency_p95_us = excluded.latency_p95_us",
+            params![device, m.model, m.version, m.inferences as i64, m.errors as i64, m.latency_p95_us],
+        )?;
+    }
+    Ok(())
+}
+
+/// Stores a window once; a second delivery of the same (device, model, start) returns false.
+pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
+    let s = d.summary;
+    let inserted = conn.execute(
+        "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            device,
+            s.model,
+            s.version,
+            s.window_start_ms as i64,
+            s.window_end_ms as i64,
+            s.counts.samples as i64,
+            d.score,
+            d.mean_confidence,
+            proto::wire::encode(&s.counts)
+        ],
+    )?;
+    Ok(inserted == 1)
+}
+
+/// Adds a column to a table created by an earlier version, once.
+fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
+    let exists = conn
+        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+        .exists(params![column])?;
+    if !exists {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+    }
+    Ok(())
+}
+
+#[path = "sqlite_delivery.rs"]
+mod delivery;
 
 #[path = "sqlite_rollouts.rs"]
 mod rollouts;

@@ -32,13 +32,28 @@ fn bundle(version: &str, sha: &str) -> BundleRecord {
     }
 }
 
+fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        name: id.into(),
+        labels: Default::default(),
+        credential_hash: credential_hash.into(),
+        enrolled_ms,
+    }
+}
+
 #[test]
-fn an_enrollment_token_works_exactly_once() {
+fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back() {
     let (_dir, store) = store();
     store.create_tokens(&["t1".into()], 1).unwrap();
-    assert!(store.consume_token("t1", 2).unwrap());
-    assert!(!store.consume_token("t1", 3).unwrap());
-    assert!(!store.consume_token("unknown", 3).unwrap());
+    assert_eq!(store.enroll("t1", &new_device("a", "ca", 2), 100).unwrap(), Some("a".into()));
+    // The reply was lost: the agent retries with the same token and gets a new credential.
+    assert_eq!(store.enroll("t1", &new_device("b", "cb", 50), 100).unwrap(), Some("a".into()));
+    assert_eq!(store.device_for_credential("cb").unwrap(), Some("a".into()));
+    assert_eq!(store.device_for_credential("ca").unwrap(), None, "the lost credential no longer works");
+    assert!(!store.device_exists("b").unwrap(), "no second device for one token");
+    assert_eq!(store.enroll("t1", &new_device("c", "cc", 500), 100).unwrap(), None, "after the grace period");
+    assert_eq!(store.enroll("unknown", &new_device("d", "cd", 3), 100).unwrap(), None);
 }
 
 #[test]
@@ -132,4 +147,84 @@ fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step() {
     let err = store.observation_rows("tabular", 0).unwrap_err();
     assert!(matches!(&err, StoreError::Corrupt(why) if why.contains("d1") && why.contains("\"exploded\"")), "{err}");
     assert!(matches!(store.list_devices(), Err(StoreError::Corrupt(_))));
+}
+
+fn heartbeat(at_ms: u64, inferences: u64) -> Heartbeat {
+    Heartbeat {
+        at_ms,
+        uptime_secs: 1,
+        health: Health::default(),
+        models: vec![ModelCounters {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            inferences,
+            errors: 0,
+            telemetry_dropped: 0,
+            latency_p95_us: None,
+        }],
+    }
+}
+
+#[test]
+fn a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    let hb = heartbeat(10, 5);
+    assert_eq!(store.record_report("d1", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Stored);
+    assert_eq!(store.record_report("d1", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Duplicate);
+    assert_eq!(store.record_report("d1", 3, 3, &Report::Heartbeat(&hb)).unwrap(), Accepted::Stored);
+    // The device said everything below 3 is settled: a late copy of 1 or 2 is not stored.
+    assert_eq!(store.record_report("d1", 2, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Duplicate);
+    assert_eq!(store.record_report("nobody", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::UnknownDevice);
+    let view = store.delivery().unwrap().remove(0);
+    assert_eq!((view.reports_stored, view.reports_duplicates), (2, 2));
+}
+
+#[test]
+fn an_older_heartbeat_delivered_late_does_not_turn_counters_back() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    store.record_report("d1", 2, 1, &Report::Heartbeat(&heartbeat(20, 900))).unwrap();
+    store.record_report("d1", 1, 1, &Report::Heartbeat(&heartbeat(10, 100))).unwrap();
+    let devices = store.list_devices().unwrap();
+    assert_eq!(devices[0].models[0].inferences, 900);
+}
+
+#[test]
+fn eviction_events_add_up_per_device() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    let evicted = proto::delivery::Evicted { telemetry: 10, heartbeats: 2, reports: 0 };
+    let event = proto::delivery::DeliveryEvent::Evicted { at_ms: 1, evicted };
+    store.record_report("d1", 1, 1, &Report::Event(&event)).unwrap();
+    store.record_report("d1", 2, 1, &Report::Event(&event)).unwrap();
+    assert_eq!(
+        store.delivery().unwrap()[0].evicted,
+        proto::delivery::Evicted { telemetry: 20, heartbeats: 4, reports: 0 }
+    );
+}
+
+#[test]
+fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    let row = |seq: u64, version: &str| proto::delivery::TelemetryRow {
+        seq,
+        at_ms: seq * 10,
+        model: "tabular".into(),
+        version: version.into(),
+        latency_us: 7,
+        features: vec![seq as f32, 0.5],
+        outputs: vec![0.25],
+    };
+    let rows = vec![row(1, "1.0.0"), row(2, "1.0.0"), row(3, "2.0.0")];
+    let ack = store.record_telemetry("d1", &rows).unwrap();
+    assert_eq!((ack.through, ack.stored, ack.duplicates), (3, 3, 0));
+    let again = store.record_telemetry("d1", &rows[1..]).unwrap();
+    assert_eq!((again.through, again.stored, again.duplicates), (3, 0, 2));
+    let q = TelemetryQuery { model: "tabular".into(), version: Some("1.0.0".into()), limit: 10, ..Default::default() };
+    let got = store.telemetry(&q).unwrap();
+    assert_eq!(got.iter().map(|r| r.row.clone()).collect::<Vec<_>>(), rows[..2].to_vec());
+    let page = TelemetryQuery { after: Some(("d1".into(), 1)), version: None, ..q };
+    assert_eq!(store.telemetry(&page).unwrap().len(), 2);
 }

@@ -1,0 +1,219 @@
+//! End-to-end delivery: what makes "nothing acknowledged is lost; nothing is stored twice" hold
+//! across broker restarts, server restarts and agent crashes (ADR 0007).
+//!
+//! Every durable record a device sends over MQTT (status, drift window, heartbeat counters,
+//! delivery events) travels in a [`Sequenced`] envelope: the device's `reports` stream sequence
+//! number, assigned once when the record is written to the agent's outbox, and the device's
+//! `floor`, the lowest sequence it still holds. The server stores each (device, seq) at most
+//! once, then publishes an [`Ack`]; only then does the agent delete the record. A broker's PUBACK
+//! is not storage. Telemetry rows travel over HTTP in a [`TelemetryBatch`] on their own stream
+//! (`telemetry`), acknowledged by the reply.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{encode, MAX_MQTT_PAYLOAD};
+
+/// The streams a device sends on; each has its own sequence.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// MQTT records: status, drift, heartbeats, delivery events.
+    Reports,
+    /// Inference records, uploaded over HTTP.
+    Telemetry,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Reports => "reports",
+            Stream::Telemetry => "telemetry",
+        }
+    }
+}
+
+/// A record with its place in the device's `reports` stream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Sequenced<T> {
+    /// Starts at 1 and never repeats for a device, whatever was deleted or evicted.
+    pub seq: u64,
+    /// Every sequence below this one was acknowledged or evicted: the device never sends it
+    /// again, so the server may forget which of them it saw.
+    pub floor: u64,
+    pub body: T,
+}
+
+/// The envelope around a record whose body is already encoded: the same bytes as
+/// `encode(&Sequenced { seq, floor, body })`, without decoding the body again.
+pub fn sequenced_payload(seq: u64, floor: u64, body: &[u8]) -> Vec<u8> {
+    let mut payload = encode(&(seq, floor));
+    payload.extend_from_slice(body);
+    payload
+}
+
+/// Bytes the envelope may add to a body (two varint u64s).
+pub const ENVELOPE_BYTES: usize = 20;
+
+/// Largest body a durable record may have, so that the envelope still fits an MQTT payload.
+pub const MAX_RECORD_BODY: usize = MAX_MQTT_PAYLOAD - ENVELOPE_BYTES;
+
+/// server -> agent on `…/{device}/ack`: these sequences of the `reports` stream are stored (or
+/// were already stored); the agent may delete them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Ack {
+    pub seqs: Vec<u64>,
+}
+
+/// How precious a buffered record is: under the disk budget the agent evicts the lowest
+/// priority first, and within one priority the oldest first.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    /// Raw inference records: useful for retraining, replaceable by nothing but cheapest to lose.
+    Telemetry = 0,
+    /// Periodic counters and health: the next one supersedes most of it.
+    Heartbeat = 1,
+    /// Update status, drift windows, delivery events: rollout gates decide on these.
+    Report = 2,
+}
+
+impl Priority {
+    pub fn from_i64(value: i64) -> Option<Priority> {
+        match value {
+            0 => Some(Priority::Telemetry),
+            1 => Some(Priority::Heartbeat),
+            2 => Some(Priority::Report),
+            _ => None,
+        }
+    }
+}
+
+/// Records a device evicted under its disk budget, by priority.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Evicted {
+    pub telemetry: u64,
+    pub heartbeats: u64,
+    pub reports: u64,
+}
+
+impl Evicted {
+    pub fn total(&self) -> u64 {
+        self.telemetry + self.heartbeats + self.reports
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total() == 0
+    }
+
+    /// What `self` holds beyond `reported` (counters only grow).
+    pub fn since(&self, reported: &Evicted) -> Evicted {
+        Evicted {
+            telemetry: self.telemetry.saturating_sub(reported.telemetry),
+            heartbeats: self.heartbeats.saturating_sub(reported.heartbeats),
+            reports: self.reports.saturating_sub(reported.reports),
+        }
+    }
+
+    pub fn add(&mut self, other: &Evicted) {
+        self.telemetry += other.telemetry;
+        self.heartbeats += other.heartbeats;
+        self.reports += other.reports;
+    }
+}
+
+/// agent -> server on `…/{device}/events`: something the operator should know about the
+/// device's buffers, sent (durably) on the next connection after it happened.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum DeliveryEvent {
+    /// Records dropped under the disk budget since the last such event.
+    Evicted { at_ms: u64, evicted: Evicted },
+}
+
+/// One buffered inference, as uploaded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TelemetryRow {
+    /// The device's `telemetry` stream sequence.
+    pub seq: u64,
+    pub at_ms: u64,
+    pub model: String,
+    pub version: String,
+    pub latency_us: u32,
+    pub features: Vec<f32>,
+    pub outputs: Vec<f32>,
+}
+
+/// agent -> server, postcard body of `POST /api/v1/devices/{id}/telemetry`: the oldest rows
+/// the device holds, in sequence order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct TelemetryBatch {
+    pub rows: Vec<TelemetryRow>,
+}
+
+/// Largest telemetry upload body the server accepts.
+pub const MAX_TELEMETRY_BATCH_BYTES: usize = 1 << 20;
+
+/// The reply to a telemetry upload, sent after the rows are committed: the device may delete
+/// every row up to `through`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TelemetryAck {
+    pub through: u64,
+    /// Rows new to the server.
+    pub stored: u64,
+    /// Rows it already had (a retried upload whose reply was lost).
+    pub duplicates: u64,
+}
+
+/// A device's delivery as the server counts it (operator API, demo report).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct DeliveryView {
+    pub device: String,
+    /// `reports` records stored (each sequence once).
+    pub reports_stored: u64,
+    /// `reports` records received again after they were stored, and dropped.
+    pub reports_duplicates: u64,
+    pub telemetry_stored: u64,
+    pub telemetry_duplicates: u64,
+    /// Evictions the device reported.
+    pub evicted: Evicted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode, UpdateStatus, UpdateStep};
+
+    #[test]
+    fn an_envelope_built_around_encoded_bytes_decodes_as_the_sequenced_record() {
+        let status = UpdateStatus {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            step: UpdateStep::Active,
+            detail: String::new(),
+            active_version: Some("1.0.0".into()),
+            at_ms: 42,
+        };
+        for (seq, floor) in [(1, 1), (300, 7), (u64::MAX, u64::MAX - 1)] {
+            let payload = sequenced_payload(seq, floor, &encode(&status));
+            assert!(payload.len() <= encode(&status).len() + ENVELOPE_BYTES);
+            let decoded: Sequenced<UpdateStatus> = decode("status", &payload).unwrap();
+            assert_eq!(decoded, Sequenced { seq, floor, body: status.clone() });
+        }
+    }
+
+    #[test]
+    fn eviction_counts_report_only_what_is_new() {
+        let mut total = Evicted { telemetry: 10, heartbeats: 2, reports: 0 };
+        let reported = total;
+        total.add(&Evicted { telemetry: 5, heartbeats: 0, reports: 1 });
+        assert_eq!(total.since(&reported), Evicted { telemetry: 5, heartbeats: 0, reports: 1 });
+        assert!(total.since(&total).is_empty());
+    }
+
+    #[test]
+    fn priorities_order_telemetry_first_and_reports_last() {
+        assert!(Priority::Telemetry < Priority::Heartbeat && Priority::Heartbeat < Priority::Report);
+        for p in [Priority::Telemetry, Priority::Heartbeat, Priority::Report] {
+            assert_eq!(Priority::from_i64(p as i64), Some(p));
+        }
+        assert_eq!(Priority::from_i64(9), None);
+    }
+}
