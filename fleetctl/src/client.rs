@@ -119,4 +119,44 @@ impl FleetClient {
             .await?;
         Ok(response.tokens)
     }
+
+    /// Every device's delivery counters.
+    pub async fn delivery(&self) -> Result<Vec<proto::delivery::DeliveryView>, ClientError> {
+        self.send("the delivery counters", self.http.get(format!("{}/api/v1/delivery", self.base))).await
+    }
+
+    /// One page of stored telemetry of `model`, after (device, seq) when given.
+    pub async fn telemetry_page(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        since_ms: Option<u64>,
+        after: Option<(&str, u64)>,
+    ) -> Result<Vec<proto::delivery::ExportedTelemetry>, ClientError> {
+        let mut query: Vec<(&str, String)> = vec![("model", model.to_string())];
+        if let Some(version) = version {
+            query.push(("version", version.to_string()));
+        }
+        if let Some(since) = since_ms {
+            query.push(("since_ms", since.to_string()));
+        }
+        if let Some((device, seq)) = after {
+            query.push(("after_device", device.to_string()));
+            query.push(("after_seq", seq.to_string()));
+        }
+        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", percent_encode(v))).collect();
+        let url = format!("{}/api/v1/telemetry?{}", self.base, query.join("&"));
+        self.send("the telemetry export", self.http.get(url)).await
+    }
+}
+
+/// Escapes a query value: everything but unreserved characters (RFC 3986) as %XX.
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

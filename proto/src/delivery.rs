@@ -162,6 +162,14 @@ pub struct TelemetryAck {
     pub duplicates: u64,
 }
 
+/// One stored inference record as operators export it (`GET /api/v1/telemetry`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ExportedTelemetry {
+    pub device: String,
+    #[serde(flatten)]
+    pub row: TelemetryRow,
+}
+
 /// A device's delivery as the server counts it (operator API, demo report).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct DeliveryView {

@@ -126,12 +126,7 @@ pub struct TelemetryQuery {
 }
 
 /// One stored inference record.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StoredTelemetry {
-    pub device: String,
-    #[serde(flatten)]
-    pub row: TelemetryRow,
-}
+pub use proto::delivery::ExportedTelemetry as StoredTelemetry;
 
 pub trait Store: Send + Sync + 'static {
     fn create_tokens(&self, token_hashes: &[String], now_ms: u64) -> Result<(), StoreError>;
