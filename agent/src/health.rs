@@ -28,11 +28,7 @@ impl HealthProbe {
         system.refresh_cpu_usage();
         system.refresh_memory();
         let disks = Disks::new_with_refreshed_list().ok();
-        let disk = disks
-            .iter()
-            .flat_map(|d| d.iter())
-            .filter(|d| self.data_dir.starts_with(d.mount_point()))
-            .max_by_key(|d| d.mount_point().as_os_str().len());
+        let disk = disks.as_ref().and_then(|d| disk_of(d, &self.data_dir));
         Health {
             cpu_percent: system.global_cpu_usage(),
             memory_used_bytes: system.used_memory(),
@@ -41,6 +37,18 @@ impl HealthProbe {
             disk_total_bytes: disk.map_or(0, |d| d.total_space()),
         }
     }
+}
+
+/// The disk (mount) holding `path`: the longest mount point that is a prefix of it.
+fn disk_of<'a>(disks: &'a Disks, path: &Path) -> Option<&'a sysinfo::Disk> {
+    disks.iter().filter(|d| path.starts_with(d.mount_point())).max_by_key(|d| d.mount_point().as_os_str().len())
+}
+
+/// Free bytes on the disk holding `path` (blocking: reads the mount table), if it can be told.
+pub fn free_space(path: &Path) -> Option<u64> {
+    let path = path.canonicalize().ok()?;
+    let disks = Disks::new_with_refreshed_list().ok()?;
+    disk_of(&disks, &path).map(|d| d.available_space())
 }
 
 #[cfg(test)]

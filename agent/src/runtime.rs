@@ -27,7 +27,7 @@ use crate::state::{Identity, StateDb, StateError};
 use crate::telemetry::upload::Uploader;
 use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
 use crate::updater::disk::Layout;
-use crate::updater::{restore_installed, Updater};
+use crate::updater::{restore_installed, UpdatePolicy, Updater};
 use crate::uplink::outbox::{Outbox, OutboxError, OutboxStats};
 use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
 
@@ -166,7 +166,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     );
     let limits = Limits { max_bundle_bytes: config.limits.max_bundle_bytes, ..Limits::default() };
     let layout = Layout::new(&data_dir);
-    restore_installed(&layout, &state, &engine, &trusted, &limits).await;
+    restore_installed(&layout, &state, &engine, &trusted, &limits, config.limits.self_test_restarts).await;
 
     let cancel = CancellationToken::new();
     let listen_err = |source| StartError::Listen { addr: config.api_listen, source };
@@ -284,6 +284,15 @@ impl Connected {
             limits: self.limits,
             checkin_every: self.config.intervals.checkin(),
             request_timeout: self.config.limits.request_timeout(),
+            policy: UpdatePolicy {
+                download_attempts: self.config.limits.download_attempts,
+                self_test_restarts: self.config.limits.self_test_restarts,
+                min_download_bytes_per_sec: self.config.limits.min_download_bytes_per_sec,
+                stall_window: self.config.limits.stall_window(),
+                retry_base: self.config.intervals.checkin().min(Duration::from_secs(10)),
+                retry_cap: Duration::from_secs(600),
+            },
+            retry_after: Default::default(),
         };
         updater.run(updater_rx, cancel).await;
     }

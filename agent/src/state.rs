@@ -32,6 +32,9 @@ pub struct UpdateRecord {
     pub detail: String,
     /// The server's attempt number for this version (see `DesiredModel::attempt`).
     pub attempt: u32,
+    /// Failed tries of this version and attempt so far (downloads, restarts during self-test);
+    /// bounded by the config, then the update is `failed`.
+    pub failures: u32,
 }
 
 /// One connection behind a mutex that is never held across an await (every method is sync),
@@ -117,8 +120,8 @@ impl StateDb {
     pub fn record(&self, record: &UpdateRecord) -> Result<(), StateError> {
         self.conn()
             .execute(
-                "INSERT OR REPLACE INTO updates (model, version, step, detail, attempt, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![record.model, record.version, record.step.as_str(), record.detail, record.attempt, crate::unix_ms() as i64],
+                "INSERT OR REPLACE INTO updates (model, version, step, detail, attempt, failures, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![record.model, record.version, record.step.as_str(), record.detail, record.attempt, record.failures, crate::unix_ms() as i64],
             )
             .map(drop)
             .map_err(self.err())
@@ -127,7 +130,7 @@ impl StateDb {
     pub fn records(&self) -> Result<Vec<UpdateRecord>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT model, version, step, detail, attempt FROM updates ORDER BY model")
+            .prepare("SELECT model, version, step, detail, attempt, failures FROM updates ORDER BY model")
             .map_err(self.err())?;
         let rows = stmt
             .query_map([], |r| {
@@ -137,7 +140,14 @@ impl StateDb {
                     let why = format!("update step {step:?} is no known step");
                     rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, why.into())
                 })?;
-                Ok(UpdateRecord { model: r.get(0)?, version: r.get(1)?, step, detail: r.get(3)?, attempt: r.get(4)? })
+                Ok(UpdateRecord {
+                    model: r.get(0)?,
+                    version: r.get(1)?,
+                    step,
+                    detail: r.get(3)?,
+                    attempt: r.get(4)?,
+                    failures: r.get(5)?,
+                })
             })
             .map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
@@ -185,6 +195,7 @@ mod tests {
             step: UpdateStep::SelfTest,
             detail: String::new(),
             attempt: 2,
+            failures: 1,
         };
         db.record(&rec).unwrap();
         drop(db);

@@ -1,6 +1,8 @@
 //! A real fleet for integration tests: a fleet server (embedded broker, or the broker named by
 //! `FLEET_TEST_MQTT_URL`), a signing key, and in-process agents with their own data directories.
 
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -57,6 +57,7 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
             step: UpdateStep::SelfTest,
             detail: String::new(),
             attempt: 0,
+            failures: 0,
         })
         .unwrap();
     drop(state);
@@ -104,6 +105,7 @@ async fn a_clean_up_error_at_start_is_logged_and_the_installed_model_still_serve
             step: UpdateStep::Downloading,
             detail: String::new(),
             attempt: 0,
+            failures: 0,
         })
         .unwrap();
     drop(state);

@@ -64,6 +64,33 @@ impl Layout {
         self.root.join("downloads").join(format!("{name}-{version}.bundle"))
     }
 
+    /// Removes a version's finished and partial download (after it failed or was installed).
+    pub fn remove_download(&self, name: &str, version: &str) {
+        let path = self.download_path(name, version);
+        let _ = std::fs::remove_file(path.with_extension("bundle.part"));
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Removes every download but those of `keep` (the versions still being downloaded), so an
+    /// abandoned one does not hold disk forever. Returns the files removed.
+    pub fn remove_abandoned_downloads(&self, keep: &[(String, String)]) -> Vec<PathBuf> {
+        let kept: Vec<PathBuf> = keep
+            .iter()
+            .flat_map(|(n, v)| {
+                let path = self.download_path(n, v);
+                [path.with_extension("bundle.part"), path]
+            })
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.root.join("downloads")) else { return Vec::new() };
+        let mut removed = Vec::new();
+        for path in entries.flatten().map(|e| e.path()) {
+            if !kept.contains(&path) && std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+        removed
+    }
+
     fn link(&self, name: &str, which: &str) -> PathBuf {
         self.model_dir(name).join(which)
     }

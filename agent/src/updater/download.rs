@@ -3,6 +3,11 @@
 //! announced (transport integrity; authenticity comes from the signature check after). The
 //! digest is computed while the bytes stream in (a resumed prefix is hashed once, in chunks, on a
 //! blocking thread): the bundle is never read back whole into memory.
+//!
+//! Every download is bounded: a free-space check before it starts, the client's read timeout on
+//! every read, and a minimum throughput: fewer than `min_bytes_per_sec` over a `stall_window`
+//! (a server or proxy that trickles or stops sending while holding the connection) abandons the
+//! attempt, keeping the partial file for the next one.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +30,10 @@ pub enum DownloadError {
     Digest { url: String, expected: String, actual: String },
     #[error("{action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("download of {url} stalled: {bytes} bytes in the last {secs:.0} s, under the {min} bytes/s minimum")]
+    Stalled { url: String, bytes: u64, secs: f64, min: u64 },
+    #[error("not enough free space for bundle {url}: {need} bytes needed, {free} free")]
+    NoSpace { url: String, need: u64, free: u64 },
 }
 
 pub struct Download<'a> {
@@ -35,6 +44,12 @@ pub struct Download<'a> {
     pub size: u64,
     pub sha256: &'a str,
     pub limit: u64,
+    /// Slower than this over `stall_window` abandons the attempt.
+    pub min_bytes_per_sec: u64,
+    pub stall_window: std::time::Duration,
+    /// Free bytes where the bundle goes, if known (checked against twice the bundle: the
+    /// download and its unpacked copy).
+    pub free_bytes: Option<u64>,
 }
 
 impl Download<'_> {
@@ -43,6 +58,12 @@ impl Download<'_> {
         let url = self.url.clone();
         if self.size > self.limit {
             return Err(DownloadError::TooLarge { url, size: self.size, limit: self.limit });
+        }
+        if let Some(free) = self.free_bytes {
+            let need = self.size.saturating_mul(2);
+            if need > free {
+                return Err(DownloadError::NoSpace { url, need, free });
+            }
         }
         let part = self.dest.with_extension("bundle.part");
         if let Some(parent) = self.dest.parent() {
@@ -82,8 +103,31 @@ impl Download<'_> {
         .map_err(io("open", part))?;
         let mut written = if status == 206 { have } else { 0 };
         let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
+        let stalled = |bytes: u64, secs: f64| DownloadError::Stalled {
+            url: url.clone(),
+            bytes,
+            secs,
+            min: self.min_bytes_per_sec,
+        };
+        let mut window_start = tokio::time::Instant::now();
+        let mut window_bytes = 0u64;
+        loop {
+            let remaining = self.stall_window.saturating_sub(window_start.elapsed());
+            let next = match tokio::time::timeout(remaining, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => return Err(stalled(window_bytes, self.stall_window.as_secs_f64())),
+            };
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(http)?;
+            window_bytes += chunk.len() as u64;
+            let elapsed = window_start.elapsed();
+            if elapsed >= self.stall_window {
+                if (window_bytes as f64) < self.min_bytes_per_sec as f64 * elapsed.as_secs_f64() {
+                    return Err(stalled(window_bytes, elapsed.as_secs_f64()));
+                }
+                window_start = tokio::time::Instant::now();
+                window_bytes = 0;
+            }
             written += chunk.len() as u64;
             if written > self.size {
                 drop(file);
@@ -174,6 +218,9 @@ mod tests {
             size: body.len() as u64,
             sha256: sha,
             limit: 1 << 20,
+            min_bytes_per_sec: 1,
+            stall_window: std::time::Duration::from_secs(30),
+            free_bytes: None,
         }
     }
 
@@ -215,5 +262,50 @@ mod tests {
         let mut d = download(&client, "http://127.0.0.1:9/b", dir.path().join("x.bundle"), &[0; 10], "00");
         d.size = 2 << 20;
         assert!(matches!(d.run().await, Err(DownloadError::TooLarge { .. })));
+    }
+
+    /// A server that sends the first bytes of the body and then holds the connection open.
+    async fn serve_stalling(body_len: usize, sent: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/b", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut request).await;
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len}\r\n\r\n");
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(&vec![7u8; sent]).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_server_that_stops_sending_mid_download_fails_the_attempt_within_the_stall_window() {
+        let url = serve_stalling(100_000, 1300).await;
+        let client = crate::http::client();
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![7u8; 100_000];
+        let sha = hex::encode(Sha256::digest(&body));
+        let mut d = download(&client, &url, dir.path().join("m-1.0.0.bundle"), &body, &sha);
+        d.stall_window = std::time::Duration::from_millis(300);
+        d.min_bytes_per_sec = 10_000;
+        let err = d.run().await.unwrap_err();
+        assert!(matches!(err, DownloadError::Stalled { .. }), "{err}");
+        assert!(err.to_string().contains("stalled"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_bundle_that_does_not_fit_on_disk_is_refused_before_downloading() {
+        let client = crate::http::client();
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = download(&client, "http://127.0.0.1:9/b", dir.path().join("x.bundle"), &[0; 1000], "00");
+        d.free_bytes = Some(1500);
+        let err = d.run().await.unwrap_err();
+        assert!(err.to_string().contains("not enough free space"), "{err}");
     }
 }

@@ -3,13 +3,20 @@
 //! Each step is recorded in `agent.db` before it starts and reported to the server; the serving
 //! model is replaced only after the new one passed every check, and only by an atomic link switch
 //! followed by an in-memory swap. A failure at any step leaves the previous model serving.
+//!
+//! Every update ends: a download that fails (refused, stalled, corrupt, no space) is retried
+//! after an exponential backoff with jitter, at most `download_attempts` times per version and
+//! attempt, then reported `failed` with the last reason; a version that stops the agent during
+//! its self-test `self_test_restarts` times is reported `failed` on the next start. Downloads
+//! are removed after every outcome, and abandoned ones at start.
 
 pub mod disk;
 pub mod download;
 pub mod machine;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use std::path::Path;
 
@@ -20,6 +27,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::Backoff;
 use crate::inference::EngineHandle;
 use crate::state::{StateDb, UpdateRecord};
 use crate::uplink::UplinkHandle;
@@ -66,6 +74,21 @@ pub struct Updater {
     pub limits: Limits,
     pub checkin_every: std::time::Duration,
     pub request_timeout: std::time::Duration,
+    pub policy: UpdatePolicy,
+    /// Versions whose last download failed, and when the next try may start.
+    pub retry_after: HashMap<(String, String), tokio::time::Instant>,
+}
+
+/// How hard the updater tries before a version is `failed`.
+#[derive(Clone, Copy, Debug)]
+pub struct UpdatePolicy {
+    pub download_attempts: u32,
+    pub self_test_restarts: u32,
+    pub min_download_bytes_per_sec: u64,
+    pub stall_window: Duration,
+    /// First pause between download attempts; doubles up to `retry_cap`, with jitter.
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
 }
 
 impl Updater {
@@ -94,22 +117,74 @@ impl Updater {
         let active = self.engine.active().await;
         let records = self.records().await?;
         let todo: Vec<DesiredModel> = machine::plan(&desired.models, &active, &records).into_iter().cloned().collect();
+        let now = tokio::time::Instant::now();
         for model in todo {
-            match self.install(&model).await {
-                Ok(()) => {}
-                // A failed transfer says nothing about the bundle: stay in `downloading` so the
-                // next check-in resumes it, instead of giving up on the version.
+            let key = (model.name.clone(), model.version.clone());
+            if self.retry_after.get(&key).is_some_and(|at| *at > now) {
+                continue;
+            }
+            // Failures so far count only for this exact version and attempt.
+            let failures = records
+                .iter()
+                .find(|r| r.model == model.name && r.version == model.version && r.attempt == model.attempt)
+                .map_or(0, |r| r.failures);
+            let before = self.partial_bytes(&model).await;
+            match self.install(&model, failures).await {
+                Ok(()) => {
+                    self.retry_after.remove(&key);
+                }
                 Err(e @ UpdateError::Download(_)) => {
-                    tracing::warn!(device = %self.device_id, model = %model.name, error = %e, "download failed; will resume");
-                    self.job().report(&model, UpdateStep::Downloading, e.to_string()).await?;
+                    let progressed = self.partial_bytes(&model).await.saturating_sub(before);
+                    self.download_failed(&model, failures, progressed, e).await?
                 }
                 Err(e) => {
                     tracing::warn!(device = %self.device_id, model = %model.name, version = %model.version, error = %e, "update failed");
-                    self.job().report(&model, UpdateStep::Failed, e.to_string()).await?;
+                    self.job().report(&model, UpdateStep::Failed, e.to_string(), failures + 1).await?;
+                    self.remove_download(&model).await;
                 }
             }
         }
         Ok(())
+    }
+
+    /// A failed transfer says little about the bundle: retry after a pause (the partial file is
+    /// resumed, a corrupt one was discarded), until the attempts are used up.
+    async fn download_failed(
+        &mut self,
+        model: &DesiredModel,
+        failures: u32,
+        progressed: u64,
+        e: UpdateError,
+    ) -> Result<(), UpdateError> {
+        let key = (model.name.clone(), model.version.clone());
+        match machine::after_download_error(failures, self.policy.download_attempts, progressed, model.bundle_size) {
+            machine::AfterDownloadError::RetryLater { failures } => {
+                let mut backoff = Backoff::new(self.policy.retry_base, self.policy.retry_cap);
+                let pause = (0..failures.max(1)).map(|_| backoff.next_delay()).last().unwrap_or_default();
+                tracing::warn!(device = %self.device_id, model = %model.name, error = %e, failures, ?pause, "download failed; will retry");
+                self.retry_after.insert(key, tokio::time::Instant::now() + pause);
+                self.job().report(model, UpdateStep::Downloading, e.to_string(), failures).await
+            }
+            machine::AfterDownloadError::GiveUp { failures } => {
+                tracing::warn!(device = %self.device_id, model = %model.name, error = %e, failures, "download failed; giving up on this version");
+                self.retry_after.remove(&key);
+                let detail = format!("gave up after {failures} failed download attempts; the last: {e}");
+                self.job().report(model, UpdateStep::Failed, detail, failures).await?;
+                self.remove_download(model).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes of the version's partial download on disk.
+    async fn partial_bytes(&self, model: &DesiredModel) -> u64 {
+        let part = self.layout.download_path(&model.name, &model.version).with_extension("bundle.part");
+        tokio::fs::metadata(part).await.map_or(0, |m| m.len())
+    }
+
+    async fn remove_download(&self, model: &DesiredModel) {
+        let (layout, name, version) = (self.layout.clone(), model.name.clone(), model.version.clone());
+        let _ = blocking(move || layout.remove_download(&name, &version)).await;
     }
 
     async fn records(&self) -> Result<Vec<UpdateRecord>, UpdateError> {
@@ -152,7 +227,7 @@ impl Updater {
 
     /// Downloads (unless the version is kept on disk), then runs the install job off the async
     /// workers: verify -> stage -> load -> self-test -> switch -> clean-up.
-    async fn install(&self, desired: &DesiredModel) -> Result<(), UpdateError> {
+    async fn install(&self, desired: &DesiredModel, failures: u32) -> Result<(), UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
         let job = self.job();
         let layout = self.layout.clone();
@@ -162,22 +237,32 @@ impl Updater {
             // The version is kept on disk (a rollback to `previous`): re-verify it, no download.
             None
         } else {
-            job.report(desired, UpdateStep::Downloading, String::new()).await?;
+            job.report(desired, UpdateStep::Downloading, String::new(), failures).await?;
+            let dest = self.layout.download_path(name, version);
+            let dir = self.layout.download_path(name, version).parent().map(Path::to_path_buf).unwrap_or_default();
+            let free_bytes = blocking(move || {
+                let _ = std::fs::create_dir_all(&dir);
+                crate::health::free_space(&dir)
+            })
+            .await?;
             let path = Download {
                 client: &self.http,
                 url: format!("{}{}", self.server_url, desired.bundle_path),
                 credential: &self.credential,
-                dest: self.layout.download_path(name, version),
+                dest,
                 size: desired.bundle_size,
                 sha256: &desired.bundle_sha256,
                 limit: self.limits.max_bundle_bytes,
+                min_bytes_per_sec: self.policy.min_download_bytes_per_sec,
+                stall_window: self.policy.stall_window,
+                free_bytes,
             }
             .run()
             .await?;
             Some(path)
         };
         let desired = desired.clone();
-        blocking(move || job.run(&desired, bundle.as_deref())).await??;
+        blocking(move || job.run(&desired, bundle.as_deref(), failures)).await??;
         tracing::info!(device = %self.device_id, model = name, version, "model active");
         Ok(())
     }
@@ -198,8 +283,14 @@ struct InstallJob {
 impl InstallJob {
     /// From async code: records the step (persist before act, off the workers) and queues its
     /// status report.
-    async fn report(&self, desired: &DesiredModel, step: UpdateStep, detail: String) -> Result<(), UpdateError> {
-        let record = record_of(desired, step, detail);
+    async fn report(
+        &self,
+        desired: &DesiredModel,
+        step: UpdateStep,
+        detail: String,
+        failures: u32,
+    ) -> Result<(), UpdateError> {
+        let record = record_of(desired, step, detail, failures);
         let (state, saved) = (self.state.clone(), record.clone());
         blocking(move || state.record(&saved)).await??;
         let active = self.engine.active().await;
@@ -208,8 +299,8 @@ impl InstallJob {
     }
 
     /// The same from the blocking job.
-    fn report_blocking(&self, desired: &DesiredModel, step: UpdateStep) -> Result<(), UpdateError> {
-        let record = record_of(desired, step, String::new());
+    fn report_blocking(&self, desired: &DesiredModel, step: UpdateStep, failures: u32) -> Result<(), UpdateError> {
+        let record = record_of(desired, step, String::new(), failures);
         self.state.record(&record)?;
         let active = self.runtime.block_on(self.engine.active());
         self.runtime.block_on(self.uplink.status(status_of(&record, &active)));
@@ -218,10 +309,10 @@ impl InstallJob {
 
     /// Verifies and stages a downloaded bundle (when given), then self-tests and switches to the
     /// staged version. Blocking: sha256, ed25519, tract, fsync and renames all run here.
-    fn run(&self, desired: &DesiredModel, bundle: Option<&Path>) -> Result<(), UpdateError> {
+    fn run(&self, desired: &DesiredModel, bundle: Option<&Path>, failures: u32) -> Result<(), UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
         if let Some(path) = bundle {
-            self.report_blocking(desired, UpdateStep::Verifying)?;
+            self.report_blocking(desired, UpdateStep::Verifying, failures)?;
             let verify_err = |source| UpdateError::Verify { model: name.into(), version: version.into(), source };
             let file = std::fs::File::open(path).map_err(|source| disk::DiskError::Io {
                 action: "open",
@@ -238,26 +329,27 @@ impl InstallJob {
             }
             self.layout.stage(&verified)?;
         }
-        self.report_blocking(desired, UpdateStep::SelfTest)?;
+        self.report_blocking(desired, UpdateStep::SelfTest, failures)?;
         let loaded = self.layout.load(name, version, &self.trusted, &self.limits)?;
         loaded.self_test()?;
-        self.report_blocking(desired, UpdateStep::Activating)?;
+        self.report_blocking(desired, UpdateStep::Activating, failures)?;
         self.layout.activate(name, version)?;
         self.runtime.block_on(self.engine.install(loaded, crate::unix_ms()))?;
-        self.report_blocking(desired, UpdateStep::Active)?;
-        let _ = std::fs::remove_file(self.layout.download_path(name, version));
+        self.report_blocking(desired, UpdateStep::Active, 0)?;
+        self.layout.remove_download(name, version);
         self.layout.collect_garbage(name)?;
         Ok(())
     }
 }
 
-fn record_of(desired: &DesiredModel, step: UpdateStep, detail: String) -> UpdateRecord {
+fn record_of(desired: &DesiredModel, step: UpdateStep, detail: String, failures: u32) -> UpdateRecord {
     UpdateRecord {
         model: desired.name.clone(),
         version: desired.version.clone(),
         step,
         detail,
         attempt: desired.attempt,
+        failures,
     }
 }
 
@@ -286,9 +378,10 @@ pub async fn restore_installed(
     engine: &EngineHandle,
     trusted: &Arc<TrustedKeys>,
     limits: &Limits,
+    self_test_restarts: u32,
 ) {
     let (l, s) = (layout.clone(), state.clone());
-    let installed = blocking(move || recover_in_flight(&l, &s)).await.unwrap_or_else(|e| {
+    let installed = blocking(move || recover_in_flight(&l, &s, self_test_restarts)).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "cannot read installed models at start");
         Vec::new()
     });
@@ -313,25 +406,54 @@ pub async fn restore_installed(
 
 /// Finishes or undoes each in-flight update (a failure is logged, never fatal) and lists, per
 /// installed model, the versions to try in order: `current`, then `previous`.
-fn recover_in_flight(layout: &Layout, state: &StateDb) -> Vec<(String, Vec<(&'static str, String)>)> {
-    match state.records() {
-        Ok(records) => {
-            for record in records {
-                let current = layout.current(&record.model);
-                let done = match machine::recover(&record, current.as_deref()) {
-                    machine::Recovery::Nothing => Ok(()),
-                    machine::Recovery::CommitActive => state
-                        .record(&UpdateRecord { step: UpdateStep::Active, detail: String::new(), ..record.clone() })
-                        .map_err(UpdateError::from),
-                    // The record stays in flight, so the next check-in installs again; the download resumes.
-                    machine::Recovery::Restart => layout.collect_garbage(&record.model).map_err(UpdateError::from),
-                };
-                if let Err(e) = done {
-                    tracing::error!(model = %record.model, error = %e, "cannot settle the update in flight at start");
-                }
+fn recover_in_flight(
+    layout: &Layout,
+    state: &StateDb,
+    self_test_restarts: u32,
+) -> Vec<(String, Vec<(&'static str, String)>)> {
+    let records = state.records().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read update records at start");
+        Vec::new()
+    });
+    let mut downloading = Vec::new();
+    for record in &records {
+        let current = layout.current(&record.model);
+        let done = match machine::recover(record, current.as_deref(), self_test_restarts) {
+            machine::Recovery::Nothing => Ok(()),
+            machine::Recovery::CommitActive => state
+                .record(&UpdateRecord {
+                    step: UpdateStep::Active,
+                    detail: String::new(),
+                    failures: 0,
+                    ..record.clone()
+                })
+                .map_err(UpdateError::from),
+            // The record stays in flight, so the next check-in installs again; the download resumes.
+            machine::Recovery::Restart { failed } => {
+                downloading.push((record.model.clone(), record.version.clone()));
+                let counted = UpdateRecord { failures: record.failures + u32::from(failed), ..record.clone() };
+                state
+                    .record(&counted)
+                    .map_err(UpdateError::from)
+                    .and_then(|()| layout.collect_garbage(&record.model).map_err(UpdateError::from))
             }
+            machine::Recovery::GiveUp => {
+                let failures = record.failures + 1;
+                tracing::error!(model = %record.model, version = %record.version, failures, "version stopped the agent during its self-test; giving up on it");
+                let detail =
+                    format!("the agent stopped {failures} times during this version's self-test; it is not installed");
+                state
+                    .record(&UpdateRecord { step: UpdateStep::Failed, detail, failures, ..record.clone() })
+                    .map_err(UpdateError::from)
+                    .and_then(|()| layout.collect_garbage(&record.model).map_err(UpdateError::from))
+            }
+        };
+        if let Err(e) = done {
+            tracing::error!(model = %record.model, error = %e, "cannot settle the update in flight at start");
         }
-        Err(e) => tracing::error!(error = %e, "cannot read update records at start"),
+    }
+    for path in layout.remove_abandoned_downloads(&downloading) {
+        tracing::info!(path = %path.display(), "abandoned download removed");
     }
     layout
         .installed()
@@ -372,6 +494,7 @@ async fn restore_one(
                 step: UpdateStep::RolledBack,
                 detail: "the current version failed verification at start".into(),
                 attempt: 0,
+                failures: 0,
             })?;
             Ok::<_, UpdateError>(())
         })

@@ -1,0 +1,91 @@
+//! Every deployment ends. Behind a proxy that stalls bundle downloads after their first 1.3 KB
+//! (holding the connection open), or cuts every download, a device reports `failed` with the
+//! reason within the configured bound, while the previous model keeps serving. Behind a proxy
+//! that drops each download after 20 KB, the download completes by resuming.
+
+use std::time::Duration;
+
+use fleet_server::server::{self, ServerConfig};
+use fleet_tests::proxy::{Mode, Proxy};
+use fleet_tests::*;
+use fleetctl::client::FleetClient;
+use fleetctl::demo::{agent_config, wait_for};
+use proto::wire::{DeployRequest, UpdateStep};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_completes_by_resuming() {
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, public) = new_key();
+    let server = server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        mqtt: mqtt_from_env(),
+        operator_token: Some("op".into()),
+        trusted_keys: vec![public.clone()],
+        max_bundle_bytes: 64 << 20,
+        rollout_tick: Duration::from_millis(200),
+    })
+    .await
+    .unwrap();
+    let client = FleetClient::new(&server.url(), "op");
+    let proxy = Proxy::start(server.http_addr).await;
+    let token = client.tokens(1).await.unwrap().remove(0);
+    let mut config = agent_config(&proxy.url(), &server.mqtt_url, &token, &public, dir.path().join("agent"), 0);
+    config.limits.download_attempts = 3;
+    config.limits.stall_window_secs = 1.0;
+    config.limits.min_download_bytes_per_sec = 20_000;
+    config.intervals.checkin_secs = 0.5;
+    let agent = edge_agent::start(config).await.unwrap();
+    let mut size = 0;
+    for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
+        size = client.publish(fixture_bundle(&secret, version, MLP).unwrap()).await.unwrap().size;
+    }
+    let deploy = |version: &'static str| {
+        let client = client.clone();
+        async move {
+            let request = DeployRequest { model: "tabular".into(), version: version.into(), devices: None };
+            client.deploy(&request).await.unwrap();
+        }
+    };
+    let status = |version: &'static str, step: UpdateStep| {
+        let client = client.clone();
+        async move {
+            let devices = client.devices().await.ok()?;
+            let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();
+            (model.desired_version.as_deref() == Some(version) && model.step == Some(step)).then_some(model)
+        }
+    };
+    deploy("1.0.0").await;
+    wait_for("1.0.0 active", TIMEOUT, || status("1.0.0", UpdateStep::Active)).await.unwrap();
+
+    proxy.set(Mode::Stall, 1300);
+    deploy("2.0.0").await;
+    let failed = wait_for("the stalled 2.0.0 to fail", TIMEOUT, || status("2.0.0", UpdateStep::Failed)).await.unwrap();
+    assert!(
+        failed.detail.contains("gave up after 3 failed download attempts") && failed.detail.contains("stalled"),
+        "{}",
+        failed.detail
+    );
+    assert_eq!(failed.active_version.as_deref(), Some("1.0.0"));
+    let (code, body) = infer(&agent, serde_json::json!({ "inputs": synthetic_rows(1, 1, 0.0) })).await;
+    assert_eq!((code, body["version"].as_str()), (200, Some("1.0.0")), "the previous model keeps serving");
+
+    proxy.set(Mode::Cut, 0);
+    deploy("3.0.0").await;
+    let failed = wait_for("the cut 3.0.0 to fail", TIMEOUT, || status("3.0.0", UpdateStep::Failed)).await.unwrap();
+    assert!(failed.detail.contains("gave up after 3 failed download attempts"), "{}", failed.detail);
+
+    let downloads = dir.path().join("agent").join("downloads");
+    let left: Vec<_> =
+        std::fs::read_dir(&downloads).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "failed downloads are removed: {left:?}");
+
+    // Each download attempt moves a fifth of the bundle forward and is dropped: more drops than
+    // the attempts allowed, and resuming still gets it whole.
+    assert!(size > 2000, "a bundle of {size} bytes");
+    proxy.set(Mode::Drop, size as usize / 5);
+    deploy("4.0.0").await;
+    wait_for("4.0.0 to arrive by resuming", TIMEOUT, || status("4.0.0", UpdateStep::Active)).await.unwrap();
+    agent.shutdown().await;
+    server.shutdown().await;
+}
