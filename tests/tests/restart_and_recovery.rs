@@ -116,3 +116,45 @@ async fn a_clean_up_error_at_start_is_logged_and_the_installed_model_still_serve
     assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "{answer}");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_that_stopped_the_agent_in_self_test_too_often_is_failed_at_start_and_not_installed_again() {
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
+    fleet.agents[0].shutdown().await;
+    // Two earlier starts already died during 2.0.0's self-test; this is the third stop.
+    let state = edge_agent::state::StateDb::open(&fleet.agent_dir(0).join("agent.db")).unwrap();
+    state
+        .record(&edge_agent::state::UpdateRecord {
+            model: "tabular".into(),
+            version: "2.0.0".into(),
+            step: UpdateStep::SelfTest,
+            detail: String::new(),
+            attempt: 0,
+            failures: 2,
+        })
+        .unwrap();
+    drop(state);
+    fleet.deploy_all("tabular", "2.0.0").await;
+    let mut config = fleetctl::demo::agent_config(
+        &fleet.server.url(),
+        &fleet.server.mqtt_url,
+        "unused",
+        &fleet.public,
+        fleet.agent_dir(0),
+        0,
+    );
+    config.enrollment_token = None;
+    let agent = edge_agent::start(config).await.unwrap();
+    let fleet = Fleet { agents: vec![agent], ..fleet };
+    let devices = fleet
+        .wait_devices("2.0.0 reported failed", "tabular", |m| {
+            m.desired_version.as_deref() == Some("2.0.0") && m.step == Some(UpdateStep::Failed)
+        })
+        .await;
+    let model = &devices[0].models[0];
+    assert!(model.detail.contains("stopped 3 times during this version's self-test"), "{}", model.detail);
+    let (status, answer) = infer(&fleet.agents[0], serde_json::json!({ "inputs": [vec![0.5f32; 8]] })).await;
+    assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "the previous version serves");
+    fleet.shutdown().await;
+}
