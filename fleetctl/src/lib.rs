@@ -6,5 +6,6 @@
 
 pub mod client;
 pub mod demo;
+pub mod ops;
 pub mod packaging;
 pub mod scenario;

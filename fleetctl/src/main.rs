@@ -76,6 +76,23 @@ enum Command {
         /// Comma-separated device ids; all devices when omitted.
         #[arg(long, value_delimiter = ',')]
         devices: Option<Vec<String>>,
+        /// Follow the deployment until every targeted device is active, failed or timed out;
+        /// exits non-zero unless all are active.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: seconds before devices still in progress count as timed out.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Buffered inference records uploaded by devices.
+    #[command(subcommand)]
+    Telemetry(TelemetryCommand),
+    /// Per device: reports stored, redeliveries dropped, telemetry stored, evictions reported.
+    Delivery {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -109,6 +126,24 @@ enum Command {
         rollout: Option<String>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TelemetryCommand {
+    /// Write stored telemetry rows as CSV (for labelling and retraining).
+    Export {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// Only rows recorded at or after this Unix time in milliseconds.
+        #[arg(long)]
+        since: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -234,11 +269,43 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Devices { json, server } => devices(json, &server).await,
-        Command::Deploy { model, version, devices, server } => {
-            let response = FleetClient::new(&server.server, &server.token)
-                .deploy(&DeployRequest { model, version, devices })
-                .await?;
+        Command::Deploy { model, version, devices, wait, timeout_secs, server } => {
+            let client = FleetClient::new(&server.server, &server.token);
+            let request = DeployRequest { model: model.clone(), version: version.clone(), devices };
+            let response = client.deploy(&request).await?;
             println!("desired on {} device(s): {}", response.devices.len(), response.devices.join(", "));
+            if wait {
+                follow(&client, &response.devices, &model, &version, timeout_secs).await?;
+            }
+            Ok(())
+        }
+        Command::Telemetry(TelemetryCommand::Export { model, version, since, out, server }) => {
+            let client = FleetClient::new(&server.server, &server.token);
+            let rows = fleetctl::ops::export_telemetry(&client, &model, version.as_deref(), since, &out).await?;
+            println!("{rows} telemetry row(s) of {model} written to {}", out.display());
+            Ok(())
+        }
+        Command::Delivery { json, server } => {
+            let views = FleetClient::new(&server.server, &server.token).delivery().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                println!(
+                    "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    "DEVICE", "REPORTS", "REDELIV.", "TELEMETRY", "REDELIV.", "EVICTED"
+                );
+                for v in views {
+                    println!(
+                        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                        v.device,
+                        v.reports_stored,
+                        v.reports_duplicates,
+                        v.telemetry_stored,
+                        v.telemetry_duplicates,
+                        v.evicted.total()
+                    );
+                }
+            }
             Ok(())
         }
         Command::Tokens(TokensCommand::Create { count, server }) => {
@@ -280,6 +347,37 @@ async fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `deploy --wait`: a progress line per change, then one line per device that did not end active.
+async fn follow(client: &FleetClient, targets: &[String], model: &str, version: &str, timeout_secs: u64) -> Result<()> {
+    use fleetctl::ops::{follow_deployment, tally, DeviceOutcome};
+    let timeout = std::time::Duration::from_secs(timeout_secs);
+    let outcomes = follow_deployment(client, targets, model, version, timeout, |current| {
+        let (active, failed, pending) = tally(current);
+        eprintln!("{model} {version}: {active} active, {failed} failed, {pending} in progress");
+    })
+    .await?;
+    let mut bad = 0;
+    for (device, outcome) in &outcomes {
+        match outcome {
+            DeviceOutcome::Active => {}
+            DeviceOutcome::Failed(reason) => {
+                bad += 1;
+                println!("{device}: failed: {reason}");
+            }
+            DeviceOutcome::TimedOut(step) | DeviceOutcome::Pending(step) => {
+                bad += 1;
+                let step = step.map_or("no report yet", |s| s.as_str());
+                println!("{device}: timed out after {timeout_secs} s (last step: {step})");
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} of {} device(s) did not activate {model} {version}", outcomes.len());
+    }
+    println!("{model} {version} active on all {} device(s)", outcomes.len());
+    Ok(())
 }
 
 fn keygen(out: &Path, name: &str) -> Result<()> {

@@ -288,6 +288,9 @@ pub struct DeviceModelView {
     pub desired_version: Option<String>,
     pub active_version: Option<String>,
     pub step: Option<UpdateStep>,
+    /// The version `step` is about.
+    #[serde(default)]
+    pub step_version: Option<String>,
     pub detail: String,
     pub inferences: u64,
     pub drift_summaries: u64,

@@ -181,6 +181,7 @@ impl Store for SqliteStore {
             desired_version: None,
             active_version: None,
             step: None,
+            step_version: None,
             detail: String::new(),
             inferences: 0,
             drift_summaries: 0,
@@ -195,7 +196,7 @@ impl Store for SqliteStore {
             models.entry((device, model.clone())).or_insert_with(|| blank(&model)).desired_version = Some(version);
         }
         let mut status =
-            conn.prepare("SELECT device, model, step, detail, active_version, inferences FROM model_status")?;
+            conn.prepare("SELECT device, model, step, detail, active_version, inferences, version FROM model_status")?;
         let rows = status.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -204,13 +205,15 @@ impl Store for SqliteStore {
                 r.get::<_, String>(3)?,
                 r.get::<_, Option<String>>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, Option<String>>(6)?,
             ))
         })?;
         for row in rows {
-            let (device, model, step, detail, active, inferences) = row?;
+            let (device, model, step, detail, active, inferences, step_version) = row?;
             let step = step.as_deref().map(|text| rollouts::parse_step(&device, text)).transpose()?;
             let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
             view.step = step;
+            view.step_version = step_version;
             view.detail = detail;
             view.active_version = active;
             view.inferences = inferences as u64;
