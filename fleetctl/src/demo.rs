@@ -19,11 +19,11 @@ use crate::packaging::{self, BuildInputs, BundleMetadata, PackagingError};
 use crate::scenario::Scenario;
 use fleet_server::server::{self, Mqtt, ServerConfig, ServerError};
 
-const MODEL: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
+pub const MODEL: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
 const METADATA: &str = include_str!("../../tests/fixtures/bundles/tabular.toml");
 const GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp.golden.json");
 const REFERENCE: &str = include_str!("../../tests/fixtures/bundles/reference.csv");
-const SITES: [&str; 3] = ["plant-a", "plant-b", "plant-c"];
+pub const SITES: [&str; 3] = ["plant-a", "plant-b", "plant-c"];
 
 #[derive(Debug, Error)]
 pub enum DemoError {
@@ -347,6 +347,7 @@ pub async fn run_scenario(
     let what = match scenario {
         Scenario::Good => "a retrained, healthy model",
         Scenario::BadModel => "a model whose confidence collapsed",
+        Scenario::Offline => "no candidate",
     };
     progress(&format!(
         "published candidate {} {} ({what}); starting a staged rollout with a 20% holdout",
@@ -423,6 +424,7 @@ pub fn render_table(result: &DemoResult) -> String {
         (false, None) => "FAILED: not every agent runs the deployed version with drift reported",
         (true, Some(Scenario::Good)) => "the candidate reached every non-holdout device; the holdout kept 1.0.0",
         (true, Some(Scenario::BadModel)) => "the candidate was stopped in wave 1 and every device is back on 1.0.0",
+        (true, Some(Scenario::Offline)) => "nothing lost, nothing stored twice",
         (false, Some(_)) => "FAILED: the rollout did not end as the scenario expects",
     };
     out.push_str(&format!("result: {verdict}\n"));

@@ -6,6 +6,8 @@
 
 pub mod client;
 pub mod demo;
+pub mod link;
+pub mod offline;
 pub mod ops;
 pub mod packaging;
 pub mod scenario;

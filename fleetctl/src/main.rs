@@ -253,9 +253,10 @@ fn key_text(arg: &str) -> Result<String> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rumqttd=off".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // The demo's agents losing their link on purpose is not worth a warning.
+            "warn,rumqttd=off,edge_agent::uplink=error,edge_agent::telemetry=error".into()
+        }))
         .init();
     match Cli::parse().command {
         Command::Keygen { out, name } => keygen(&out, &name),
@@ -482,6 +483,20 @@ async fn run_demo(
         bail!("--agents must be at least 1");
     }
     let progress = |line: &str| eprintln!("==> {line}");
+    if scenario == Some(Scenario::Offline) {
+        let agents = if agents == 5 { 6 } else { agents };
+        let result =
+            fleetctl::offline::run(DemoOptions { agents, mqtt_url, ..DemoOptions::default() }, progress).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            print!("{}", fleetctl::offline::render_table(&result));
+        }
+        if !result.ok {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let result = match scenario {
         None => {
             demo::run(DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() }, progress)

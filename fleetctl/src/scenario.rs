@@ -28,6 +28,9 @@ pub enum Scenario {
     Good,
     /// A candidate whose confidence collapses: halted in wave 1 and rolled back.
     BadModel,
+    /// One site loses the server and the broker, the server restarts, the site returns and
+    /// syncs: nothing lost, nothing stored twice.
+    Offline,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -64,6 +67,7 @@ pub fn candidate(scenario: Scenario, secret: &str, version: &str) -> Result<Vec<
     match scenario {
         Scenario::Good => bundle_with_golden(secret, version, MLP_V2, MLP_V2_GOLDEN),
         Scenario::BadModel => bundle_with_golden(secret, version, MLP_FLAT, MLP_FLAT_GOLDEN),
+        Scenario::Offline => Err(DemoError::Setup("the offline scenario rolls out no candidate".into())),
     }
 }
 
@@ -220,5 +224,7 @@ pub fn verdict(scenario: Scenario, view: &RolloutView, devices: &[DeviceView]) -
                 && holdout_untouched
                 && candidate_count == 0
         }
+        // Not a rollout: judged by `offline::verdict`.
+        Scenario::Offline => false,
     }
 }

@@ -102,3 +102,23 @@ fn the_demo_prints_its_result_as_json_and_exits_zero() {
         assert!(device["drift_summaries"].as_u64().unwrap() >= 2);
     }
 }
+
+#[test]
+fn the_offline_demo_accounts_for_every_record_and_exits_zero_when_nothing_was_lost_or_stored_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = fleetctl(&["demo", "--scenario", "offline", "--json"], dir.path());
+    assert!(output.status.success(), "{}", text(&output));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let devices = result["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 6);
+    assert_eq!(devices.iter().filter(|d| d["site"] == "plant-a").count(), 2, "the site that went offline");
+    for d in devices {
+        assert!(d["records_sent"].as_u64().unwrap() > 0);
+        assert_eq!(d["records_stored"], d["records_sent"], "{d}");
+        assert_eq!(d["duplicates_stored"], 0);
+        assert_eq!(d["evicted"], 0);
+    }
+    let totals = &result["totals"];
+    assert_eq!(totals["records_stored"], totals["records_sent"]);
+    assert_eq!(totals["duplicates_stored"], 0);
+}
