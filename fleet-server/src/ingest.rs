@@ -15,7 +15,8 @@ use proto::delivery::{Ack, DeliveryEvent, Sequenced};
 use proto::drift::{drift, ReferenceSketch};
 use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use proto::Manifest;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use rumqttc::mqttbytes::Error as MqttBytesError;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, StateError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -84,12 +85,25 @@ impl Ingest {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
+                    // After a clean start that dropped a poisoned session, be persistent again.
+                    eventloop.mqtt_options.set_clean_session(false);
                     for filter in Topic::server_filters() {
                         let _ = self.client.try_subscribe(filter, QoS::AtLeastOnce);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish).await,
                 Ok(_) => {}
+                Err(ConnectionError::MqttState(StateError::Deserialization(
+                    MqttBytesError::PayloadSizeLimitExceeded(bytes),
+                ))) => {
+                    // The broker would redeliver this message to the persistent session forever:
+                    // drop the session once. Devices publish again whatever was not acknowledged.
+                    tracing::error!(
+                        bytes,
+                        "a message over the size limit is queued for this server; starting a clean session to drop it"
+                    );
+                    eventloop.mqtt_options.set_clean_session(true);
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "server MQTT session reconnecting");
                     tokio::time::sleep(backoff).await;
