@@ -3,11 +3,15 @@
 //!
 //! ```text
 //! cargo build --release --locked --bins && target/release/fleet-bench --write docs/BENCHMARKS.md
+//! target/release/fleet-bench delivery --write docs/BENCHMARKS.md
 //! ```
+//!
+//! Each writes its own part of the file and keeps the other's.
 //!
 //! It lives in its own package and uses only the public APIs of the agent, the server and the
 //! model runtime: what it measures is what a caller of those crates gets.
 
+mod delivery;
 mod hot_paths;
 mod local_api;
 
@@ -52,6 +56,15 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// Delivery: idempotent ingest rate, backlog sync times, agent CPU per report.
+    Delivery {
+        /// Records in each backlog.
+        #[arg(long, default_value_t = 100_000)]
+        backlog: u64,
+        /// Replace the delivery section of this Markdown file (docs/BENCHMARKS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// The baseline server of the local-API comparison: axum + tract, nothing else.
     #[command(hide = true)]
     BareServer {
@@ -61,6 +74,9 @@ enum Mode {
         model: PathBuf,
     },
 }
+
+/// Where the delivery section of docs/BENCHMARKS.md starts.
+const DELIVERY_MARKER: &str = "## Delivery";
 
 const CNN: &[u8] = include_bytes!("../../tests/fixtures/models/cnn.onnx");
 const MLP: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -154,6 +170,20 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let agent_bin = exe.with_file_name("edge-agent");
+    if let Some(Mode::Delivery { backlog, write }) = &args.command {
+        eprintln!("delivery: {backlog}-record backlogs, ingest baseline, CPU per report...");
+        let figures = delivery::run(dir.path(), &agent_bin, *backlog).await?;
+        let section = delivery::section(&figures);
+        print!("{section}");
+        if let Some(path) = write {
+            let existing = std::fs::read_to_string(path).unwrap_or_default();
+            let main_part = existing.split(DELIVERY_MARKER).next().unwrap_or_default().trim_end();
+            std::fs::write(path, format!("{main_part}\n\n{section}"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
     let server_bin = exe.with_file_name("fleet-server");
     let profile =
         if cfg!(debug_assertions) { "debug (numbers are not representative; use --release)" } else { "release" };
@@ -193,7 +223,10 @@ async fn main() -> Result<()> {
     let report = report(&figures);
     print!("{report}");
     if let Some(path) = args.write {
-        std::fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;
+        // Keep the delivery section, which `fleet-bench delivery` writes.
+        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept = existing.find(DELIVERY_MARKER).map(|at| format!("\n{}", &existing[at..])).unwrap_or_default();
+        std::fs::write(&path, format!("{report}{kept}")).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
