@@ -164,6 +164,28 @@ impl StateDb {
         tx.commit().map_err(self.err())?;
         Ok(value)
     }
+
+    /// A transaction whose commit does not wait for the disk: for changes that are harmless to
+    /// lose in a power cut (deleting acknowledged records only means they are sent again and
+    /// recognised). A later synced commit makes it durable with its own; a crash of the process
+    /// alone loses nothing (WAL).
+    pub fn transaction_unsynced<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(self.err())?;
+        let outcome = (|| {
+            let tx = conn.transaction()?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })();
+        let restored = conn.pragma_update(None, "synchronous", "FULL");
+        let value = outcome.map_err(self.err())?;
+        restored.map_err(self.err())?;
+        Ok(value)
+    }
 }
 
 /// Adds a column to a table created by an earlier version, once.

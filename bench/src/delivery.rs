@@ -215,8 +215,12 @@ Measured by `target/release/fleet-bench delivery --write docs/BENCHMARKS.md` (in
 | sync a {backlog}-row telemetry backlog (HTTP batches of 512, upload pace unlimited) | {ts:.1} s | | |\n\
 | agent CPU per report (heartbeat every 10 ms, including the health sample that builds it, over {n} reports) | {cpu:.3} ms | the same agent sending none | |\n\n\
 The report backlog is written into the agent's outbox while it is stopped, then the agent starts and\n\
-drains it at most 128 unacknowledged records at a time; the time runs until the server stored every\n\
-record and the outbox is empty. One server, embedded broker and agent share this machine's cores.\n",
+drains it with at most 512 unacknowledged records (1 MiB) in flight; the server stores what has\n\
+arrived, up to 256 records, per transaction and acknowledges them in one message per device. The\n\
+time runs until the server stored every record and the outbox is empty. One server, embedded\n\
+broker and agent share this machine's cores. Before batching (one transaction and one ack per\n\
+record, a window of 128, Nagle's algorithm on both MQTT clients) the same command measured 894\n\
+reports/s and 111.9 s for the backlog (commit 29e2c3a).\n",
         ratio = reports_rate / store_rate,
         backlog = f.backlog,
         rs = f.reports_sync_secs,

@@ -89,3 +89,53 @@ async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_complete
     agent.shutdown().await;
     server.shutdown().await;
 }
+
+/// Run inside a network namespace whose loopback is throttled to 16 kbit/s
+/// (`tests/long/throttled-download.sh`); ignored in the ordinary test run, where it would only
+/// repeat the drop case above at full speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the 16 kbit/s network namespace of tests/long/throttled-download.sh"]
+async fn a_download_over_a_16_kbit_link_that_drops_completes_by_resuming() {
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, public) = new_key();
+    let server = server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        mqtt: embedded_mqtt(),
+        operator_token: Some("op".into()),
+        trusted_keys: vec![public.clone()],
+        max_bundle_bytes: 64 << 20,
+        rollout_tick: Duration::from_millis(500),
+    })
+    .await
+    .unwrap();
+    let client = FleetClient::new(&server.url(), "op");
+    let proxy = Proxy::start(server.http_addr).await;
+    let token = client.tokens(1).await.unwrap().remove(0);
+    let mut config = agent_config(&proxy.url(), &server.mqtt_url, &token, &public, dir.path().join("agent"), 0);
+    config.limits.min_download_bytes_per_sec = 200;
+    config.limits.stall_window_secs = 10.0;
+    config.intervals = edge_agent::config::Intervals { checkin_secs: 2.0, heartbeat_secs: 10.0, drift_secs: 60.0 };
+    let agent = edge_agent::start(config).await.unwrap();
+    let size = client.publish(fixture_bundle(&secret, "1.0.0", MLP).unwrap()).await.unwrap().size;
+    wait_for("enrollment", TIMEOUT, || async { (client.devices().await.ok()?.len() == 1).then_some(()) })
+        .await
+        .unwrap();
+    proxy.set(Mode::Drop, size as usize / 4);
+    let started = std::time::Instant::now();
+    client.deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None }).await.unwrap();
+    wait_for("1.0.0 to arrive over the slow, dropping link", Duration::from_secs(600), || async {
+        let devices = client.devices().await.ok()?;
+        let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();
+        (model.step == Some(UpdateStep::Active)).then_some(())
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "a {size}-byte bundle, dropped every {} bytes, arrived in {:.1} s",
+        size / 4,
+        started.elapsed().as_secs_f64()
+    );
+    agent.shutdown().await;
+    server.shutdown().await;
+}

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::telemetry::TelemetrySink;
 use crate::updater::UpdaterMsg;
-use outbox::{Outbox, OutboxError, OutboxRow};
+use outbox::{Outbox, OutboxError, OutboxRow, PendingQuery};
 
 pub mod outbox;
 
@@ -86,8 +86,11 @@ pub struct UplinkConfig {
     pub ack_timeout: Duration,
 }
 
-/// Most records published and not yet acknowledged.
-const WINDOW: usize = 128;
+/// Most records published and not yet acknowledged, and most bytes of them read at once: enough
+/// in flight to cover the round trip to the server's store (see the delivery benchmark), little
+/// enough memory for a small device.
+const WINDOW: usize = 512;
+const WINDOW_BYTES: usize = 1 << 20;
 
 pub async fn spawn_uplink(
     config: UplinkConfig,
@@ -100,7 +103,13 @@ pub async fn spawn_uplink(
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     options.set_credentials(config.device_id.clone(), config.credential.clone());
-    let (client, eventloop) = AsyncClient::new(options, WINDOW * 2);
+    options.set_inflight(WINDOW as u16);
+    let (client, mut eventloop) = AsyncClient::new(options, WINDOW * 2);
+    // Small packets (records, acknowledgements) go out at once instead of waiting on Nagle's
+    // algorithm for the peer's delayed ACK.
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     let (tx, rx) = mpsc::channel(256);
     let device_id = config.device_id.clone();
     let session = Session {
@@ -179,20 +188,23 @@ impl Session {
         match self.config.outbox.push(topic.clone(), body.clone(), priority).await {
             // Straight out only when nothing older waits, so records leave in sequence order.
             Ok(seq) if self.connected && !self.backlog && self.unacked.len() < WINDOW => {
-                self.publish(OutboxRow { seq, topic, body })
+                self.publish(OutboxRow { seq, topic, body });
             }
             Ok(_) => self.backlog = true,
             Err(e) => tracing::error!(error = %e, "outbox write failed; record lost"),
         }
     }
 
-    fn publish(&mut self, row: OutboxRow) {
+    /// False when the client's queue is full: the record stays waiting for the next round.
+    fn publish(&mut self, row: OutboxRow) -> bool {
         let payload = sequenced_payload(row.seq, self.floor, &row.body);
-        if self.client.try_publish(row.topic, QoS::AtLeastOnce, false, payload).is_ok() {
+        let sent = self.client.try_publish(row.topic, QoS::AtLeastOnce, false, payload).is_ok();
+        if sent {
             self.unacked.insert(row.seq, Instant::now());
         } else {
             self.backlog = true;
         }
+        sent
     }
 
     /// Publishes, oldest first and up to the window, the records never published on this
@@ -203,22 +215,24 @@ impl Session {
         if !self.backlog && !overdue {
             return;
         }
-        let pending = match self.config.outbox.pending(WINDOW).await {
+        // Records leave in sequence order, so every waiting record up to the newest one in flight
+        // was published on this connection: without an overdue one, read only after it.
+        let after = if overdue { 0 } else { self.unacked.keys().next_back().copied().unwrap_or(0) };
+        let room = WINDOW.saturating_sub(if overdue { 0 } else { self.unacked.len() });
+        let query = PendingQuery { after, rows: room, bytes: WINDOW_BYTES };
+        let pending = match self.config.outbox.pending(query).await {
             Ok(pending) => pending,
             Err(e) => return tracing::error!(error = %e, "outbox read failed"),
         };
         self.floor = self.floor.max(pending.floor);
-        let complete = pending.rows.len() < WINDOW;
-        self.backlog = false;
+        self.backlog = pending.more;
         for row in pending.rows {
             let due =
                 self.unacked.get(&row.seq).is_none_or(|sent| now.duration_since(*sent) >= self.config.ack_timeout);
-            if due {
-                self.publish(row);
+            if due && !self.publish(row) {
+                break;
             }
         }
-        // More rows than one window: come back once acknowledgements make room.
-        self.backlog |= !complete;
     }
 
     async fn on_event(&mut self, event: Event) {

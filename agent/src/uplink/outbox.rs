@@ -38,6 +38,24 @@ pub struct OutboxRow {
 pub struct PendingRows {
     pub floor: u64,
     pub rows: Vec<OutboxRow>,
+    /// More records wait after these.
+    pub more: bool,
+}
+
+/// Which waiting records to read: those after sequence `after`, oldest first, at most `rows` of
+/// them and no more than `bytes` of bodies (but always one, if any waits).
+#[derive(Clone, Copy, Debug)]
+pub struct PendingQuery {
+    pub after: u64,
+    pub rows: usize,
+    pub bytes: usize,
+}
+
+impl PendingQuery {
+    /// The oldest `rows` records, whatever their size.
+    pub fn oldest(rows: usize) -> PendingQuery {
+        PendingQuery { after: 0, rows, bytes: usize::MAX }
+    }
 }
 
 /// What the outbox has done since the device was enrolled.
@@ -55,7 +73,7 @@ type Reply<T> = oneshot::Sender<Result<T, StateError>>;
 
 enum Command {
     Push { topic: String, body: Vec<u8>, priority: Priority, reply: Reply<u64> },
-    Pending { limit: usize, reply: Reply<PendingRows> },
+    Pending { query: PendingQuery, reply: Reply<PendingRows> },
     Ack { seqs: Vec<u64> },
     Stats { reply: Reply<OutboxStats> },
     ReportEvicted { topic: String, telemetry_evicted: u64, reply: Reply<Option<u64>> },
@@ -97,9 +115,9 @@ impl Outbox {
         self.ask(|reply| Command::Push { topic, body, priority, reply }).await
     }
 
-    /// The oldest `limit` records not yet acknowledged.
-    pub async fn pending(&self, limit: usize) -> Result<PendingRows, OutboxError> {
-        self.ask(|reply| Command::Pending { limit, reply }).await
+    /// Records not yet acknowledged, as `query` selects them.
+    pub async fn pending(&self, query: PendingQuery) -> Result<PendingRows, OutboxError> {
+        self.ask(|reply| Command::Pending { query, reply }).await
     }
 
     /// Deletes records the server acknowledged as stored (fire-and-forget: a lost delete only
@@ -136,10 +154,10 @@ impl Actor {
                     let _ = reply.send(self.push(&topic, &body, priority));
                     self.evict_over_budget();
                 }
-                Command::Pending { limit, reply } => {
-                    let _ = reply.send(self.db.transaction(|tx| pending(tx, limit)));
+                Command::Pending { query, reply } => {
+                    let _ = reply.send(self.db.transaction(|tx| pending(tx, query)));
                 }
-                Command::Ack { seqs } => match self.db.transaction(|tx| delete(tx, &seqs)) {
+                Command::Ack { seqs } => match self.db.transaction_unsynced(|tx| delete(tx, &seqs)) {
                     Ok(freed) => self.release(freed),
                     Err(e) => tracing::error!(error = %e, "outbox delete failed; records may be sent again"),
                 },
@@ -228,14 +246,22 @@ fn insert(tx: &Transaction<'_>, topic: &str, body: &[u8], priority: Priority) ->
     Ok(seq as u64)
 }
 
-fn pending(tx: &Transaction<'_>, limit: usize) -> rusqlite::Result<PendingRows> {
-    let mut stmt = tx.prepare_cached("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?1")?;
-    let rows = stmt
-        .query_map(params![limit as i64], |r| {
-            Ok(OutboxRow { seq: r.get::<_, i64>(0)? as u64, topic: r.get(1)?, body: r.get(2)? })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(PendingRows { floor: floor(tx)?, rows })
+fn pending(tx: &Transaction<'_>, query: PendingQuery) -> rusqlite::Result<PendingRows> {
+    let mut stmt = tx.prepare_cached("SELECT id, topic, payload FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+    let mut found =
+        stmt.query(params![query.after as i64, query.rows.saturating_add(1).min(i64::MAX as usize) as i64])?;
+    let (mut rows, mut bytes, mut more) = (Vec::new(), 0usize, false);
+    while let Some(r) = found.next()? {
+        let row = OutboxRow { seq: r.get::<_, i64>(0)? as u64, topic: r.get(1)?, body: r.get(2)? };
+        bytes = bytes.saturating_add(row.body.len());
+        if rows.len() == query.rows || (!rows.is_empty() && bytes > query.bytes) {
+            more = true;
+            break;
+        }
+        rows.push(row);
+    }
+    drop(found);
+    Ok(PendingRows { floor: floor(tx)?, rows, more })
 }
 
 /// The lowest sequence still held, or the next one when nothing is.
@@ -343,14 +369,36 @@ mod tests {
         }
         assert_eq!(seqs, vec![1, 2, 3]);
         outbox.ack(vec![1, 3]).await.unwrap();
-        let pending = outbox.pending(10).await.unwrap();
+        let pending = outbox.pending(PendingQuery::oldest(10)).await.unwrap();
         assert_eq!((pending.floor, pending.rows.iter().map(|r| r.seq).collect::<Vec<_>>()), (2, vec![2]));
         outbox.ack(vec![2]).await.unwrap();
-        assert_eq!(outbox.pending(10).await.unwrap().floor, 4, "an empty outbox's floor is the next sequence");
+        assert_eq!(
+            outbox.pending(PendingQuery::oldest(10)).await.unwrap().floor,
+            4,
+            "an empty outbox's floor is the next sequence"
+        );
         drop(outbox);
         let (outbox, _) = open(&dir, u64::MAX).await;
         assert_eq!(outbox.push("t".into(), vec![9], Priority::Report).await.unwrap(), 4, "reopened, no reuse");
         assert_eq!(outbox.stats().await.unwrap(), OutboxStats { written: 4, pending: 1, evicted: Evicted::default() });
+    }
+
+    #[tokio::test]
+    async fn a_window_reads_after_a_sequence_and_stops_at_its_row_or_byte_limit_but_never_returns_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = open(&dir, u64::MAX).await;
+        for _ in 0..6 {
+            outbox.push("t".into(), vec![0; 100], Priority::Report).await.unwrap();
+        }
+        let seqs = |p: &PendingRows| p.rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let by_rows = outbox.pending(PendingQuery { after: 2, rows: 3, bytes: usize::MAX }).await.unwrap();
+        assert_eq!((seqs(&by_rows), by_rows.more, by_rows.floor), (vec![3, 4, 5], true, 1));
+        let by_bytes = outbox.pending(PendingQuery { after: 0, rows: 10, bytes: 250 }).await.unwrap();
+        assert_eq!((seqs(&by_bytes), by_bytes.more), (vec![1, 2], true));
+        let one_over = outbox.pending(PendingQuery { after: 0, rows: 10, bytes: 10 }).await.unwrap();
+        assert_eq!(seqs(&one_over), vec![1], "a record larger than the byte limit still goes, alone");
+        let rest = outbox.pending(PendingQuery { after: 4, rows: 2, bytes: usize::MAX }).await.unwrap();
+        assert_eq!((seqs(&rest), rest.more), (vec![5, 6], false));
     }
 
     #[tokio::test]
@@ -368,11 +416,12 @@ mod tests {
         let stats = outbox.stats().await.unwrap();
         assert_eq!(stats.evicted, Evicted { telemetry: 0, heartbeats: 2, reports: 0 }, "heartbeats go first");
         assert!(usage.snapshot().total() <= 1490);
-        let kept: Vec<String> = outbox.pending(20).await.unwrap().rows.into_iter().map(|r| r.topic).collect();
+        let kept: Vec<String> =
+            outbox.pending(PendingQuery::oldest(20)).await.unwrap().rows.into_iter().map(|r| r.topic).collect();
         assert_eq!(kept.iter().filter(|t| *t == "r").count(), 6, "no report was evicted");
 
         let event = outbox.report_evicted("events".into(), 7).await.unwrap().expect("an eviction event");
-        let rows = outbox.pending(20).await.unwrap().rows;
+        let rows = outbox.pending(PendingQuery::oldest(20)).await.unwrap().rows;
         let body = &rows.iter().find(|r| r.seq == event).unwrap().body;
         let DeliveryEvent::Evicted { evicted, .. } = proto::wire::decode("event", body).unwrap();
         assert_eq!(evicted, Evicted { telemetry: 7, heartbeats: 2, reports: 0 });

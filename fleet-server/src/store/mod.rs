@@ -103,6 +103,15 @@ pub enum Report<'a> {
     Event(&'a DeliveryEvent),
 }
 
+/// One report of a device's sequenced stream, as it arrived.
+#[derive(Clone, Debug)]
+pub struct SequencedReport<'a> {
+    pub device: &'a str,
+    pub seq: u64,
+    pub floor: u64,
+    pub report: Report<'a>,
+}
+
 /// What became of a sequenced record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accepted {
@@ -157,9 +166,16 @@ pub trait Store: Send + Sync + 'static {
     fn record_drift(&self, device: &str, drift: &StoredDrift<'_>) -> Result<bool, StoreError>;
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError>;
 
-    /// Stores sequence `seq` of the device's `reports` stream at most once, in one transaction
-    /// with its dedupe entry; `floor` lets the store forget sequences the device will not resend.
-    fn record_report(&self, device: &str, seq: u64, floor: u64, report: &Report<'_>) -> Result<Accepted, StoreError>;
+    /// Stores each report at most once (by device and sequence), all in one transaction with
+    /// their dedupe entries; a report's `floor` lets the store forget sequences its device will
+    /// not resend. One outcome per report, in order; an error stores none of them.
+    fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError>;
+    /// [`Store::record_reports`] for one report.
+    fn record_report(&self, device: &str, seq: u64, floor: u64, report: &Report<'_>) -> Result<Accepted, StoreError> {
+        let report = SequencedReport { device, seq, floor, report: report.clone() };
+        let mut accepted = self.record_reports(std::slice::from_ref(&report))?;
+        accepted.pop().ok_or_else(|| StoreError::Corrupt("no outcome for a stored report".into()))
+    }
     /// Stores uploaded telemetry rows, each (device, seq) once, in one transaction.
     fn record_telemetry(&self, device: &str, rows: &[TelemetryRow]) -> Result<TelemetryAck, StoreError>;
     fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError>;

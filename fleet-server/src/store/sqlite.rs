@@ -11,7 +11,7 @@ use proto::wire::{bundle_path, DesiredModel, DesiredState, DeviceModelView, Devi
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Accepted, BundleRecord, DesiredChange, NewDevice, ObservationRows, Report, Store, StoreError, StoredDrift,
+    Accepted, BundleRecord, DesiredChange, NewDevice, ObservationRows, SequencedReport, Store, StoreError, StoredDrift,
     StoredTelemetry, TelemetryQuery,
 };
 use crate::rollout::{DeviceInfo, Rollout};
@@ -348,8 +348,8 @@ impl Store for SqliteStore {
         drift_into(&self.conn(), device, d)
     }
 
-    fn record_report(&self, device: &str, seq: u64, floor: u64, report: &Report<'_>) -> Result<Accepted, StoreError> {
-        delivery::record_report(&mut self.conn(), device, seq, floor, report)
+    fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
+        delivery::record_reports(&mut self.conn(), reports)
     }
 
     fn record_telemetry(&self, device: &str, rows: &[TelemetryRow]) -> Result<TelemetryAck, StoreError> {

@@ -3,19 +3,28 @@
 //! and uploaded telemetry.
 
 use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, TelemetryRow};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::{drift_into, heartbeat_into, status_into};
-use crate::store::{Accepted, Report, StoreError, StoredTelemetry, TelemetryQuery};
+use crate::store::{Accepted, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
-pub fn record_report(
-    conn: &mut Connection,
+/// Stores a batch of sequenced reports in one transaction: one commit for the whole batch is
+/// what lets the server keep up with a site draining its backlog.
+pub fn record_reports(conn: &mut Connection, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
+    let tx = conn.transaction()?;
+    let accepted =
+        reports.iter().map(|r| record_in(&tx, r.device, r.seq, r.floor, &r.report)).collect::<Result<Vec<_>, _>>()?;
+    tx.commit()?;
+    Ok(accepted)
+}
+
+fn record_in(
+    tx: &Transaction<'_>,
     device: &str,
     seq: u64,
     floor: u64,
     report: &Report<'_>,
 ) -> Result<Accepted, StoreError> {
-    let tx = conn.transaction()?;
     if tx.query_row("SELECT 1 FROM devices WHERE id = ?1", params![device], |_| Ok(())).optional()?.is_none() {
         return Ok(Accepted::UnknownDevice);
     }
@@ -30,14 +39,13 @@ pub fn record_report(
             "UPDATE delivery SET reports_duplicates = reports_duplicates + 1 WHERE device = ?1",
             params![device],
         )?;
-        tx.commit()?;
         return Ok(Accepted::Duplicate);
     }
     match report {
-        Report::Status(status) => status_into(&tx, device, status)?,
-        Report::Heartbeat(heartbeat) => heartbeat_into(&tx, device, heartbeat)?,
+        Report::Status(status) => status_into(tx, device, status)?,
+        Report::Heartbeat(heartbeat) => heartbeat_into(tx, device, heartbeat)?,
         Report::Drift(drift) => {
-            drift_into(&tx, device, drift)?;
+            drift_into(tx, device, drift)?;
         }
         Report::Event(DeliveryEvent::Evicted { evicted, .. }) => {
             tx.execute(
@@ -53,7 +61,6 @@ pub fn record_report(
         tx.execute("UPDATE delivery SET floor = ?2 WHERE device = ?1", params![device, floor as i64])?;
         tx.execute("DELETE FROM received WHERE device = ?1 AND seq < ?2", params![device, floor as i64])?;
     }
-    tx.commit()?;
     Ok(Accepted::Stored)
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::store::Report;
 use proto::drift::SketchCounts;
 use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStep};
 
@@ -178,6 +179,26 @@ fn a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_
     assert_eq!(store.record_report("nobody", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::UnknownDevice);
     let view = store.delivery().unwrap().remove(0);
     assert_eq!((view.reports_stored, view.reports_duplicates), (2, 2));
+}
+
+#[test]
+fn a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    device(&store, "d2");
+    let hb = heartbeat(10, 5);
+    let report = |device, seq, floor| SequencedReport { device, seq, floor, report: Report::Heartbeat(&hb) };
+    let batch =
+        [report("d1", 1, 1), report("d2", 1, 1), report("d1", 1, 1), report("nobody", 1, 1), report("d1", 5, 5)];
+    assert_eq!(
+        store.record_reports(&batch).unwrap(),
+        vec![Accepted::Stored, Accepted::Stored, Accepted::Duplicate, Accepted::UnknownDevice, Accepted::Stored]
+    );
+    // The floor moved to 5 within the batch: a late 2 is settled.
+    assert_eq!(store.record_reports(&[report("d1", 2, 1)]).unwrap(), vec![Accepted::Duplicate]);
+    let views = store.delivery().unwrap();
+    let d1 = views.iter().find(|v| v.device == "d1").unwrap();
+    assert_eq!((d1.reports_stored, d1.reports_duplicates), (2, 2));
 }
 
 #[test]
