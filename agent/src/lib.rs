@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod device_key;
 pub mod health;
 pub mod http;
 pub mod inference;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::bundle::Limits;
+use proto::keys::SigningKey;
 use proto::wire::{EnrollRequest, EnrollResponse, Heartbeat};
 use proto::TrustedKeys;
 use thiserror::Error;
@@ -47,6 +48,8 @@ pub enum StartError {
     Engine(std::io::Error),
     #[error("cannot listen on {addr} for the local API: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    DeviceKey(#[from] crate::device_key::DeviceKeyError),
     #[error("start-up task failed: {0}")]
     Join(String),
     #[error("not enrolled and no enrollment_token in the config: get one with `fleetctl tokens create`")]
@@ -121,6 +124,7 @@ const MAX_ENGINE_THREADS: usize = 4;
 /// What start-up reads from disk, on a blocking thread.
 struct Opened {
     state: Arc<StateDb>,
+    device_key: SigningKey,
     identity: Option<Identity>,
     telemetry: TelemetrySink,
     usage: SharedUsage,
@@ -130,6 +134,7 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
     let state = StateDb::open(&data_dir.join("agent.db"))?;
+    let device_key = crate::device_key::load_or_create(data_dir)?;
     let identity = state.identity()?;
     if identity.is_none() && config.enrollment_token.is_none() {
         return Err(StartError::NoToken);
@@ -142,7 +147,7 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
         usage: usage.clone(),
         sample_rate: config.limits.telemetry_sample_rate,
     })?;
-    Ok(Opened { state: Arc::new(state), identity, telemetry, usage })
+    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage })
 }
 
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
@@ -155,7 +160,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     })
     .await
     .map_err(|e| StartError::Join(e.to_string()))?;
-    let Opened { state, identity, telemetry, usage } = opened?;
+    let Opened { state, device_key, identity, telemetry, usage } = opened?;
     let outbox = Outbox::open(state_path, usage).await?;
     // One engine thread per core: each serves local API connections and runs the model inline.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_ENGINE_THREADS);
@@ -186,6 +191,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     let connected = Connected {
         config,
         state,
+        device_key,
         identity,
         layout,
         engine: engine.clone(),
@@ -203,6 +209,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
 struct Connected {
     config: AgentConfig,
     state: Arc<StateDb>,
+    /// Signs every report; its public half is registered at enrollment.
+    device_key: SigningKey,
     /// Read at start; None until enrolled.
     identity: Option<Identity>,
     layout: Layout,
@@ -237,6 +245,7 @@ impl Connected {
                 mqtt_url: self.config.mqtt_url.clone(),
                 device_id: identity.device_id.clone(),
                 credential: identity.credential.clone(),
+                device_key: self.device_key.clone(),
                 outbox: self.outbox.clone(),
                 telemetry: self.telemetry.clone(),
                 ack_timeout: self.config.limits.ack_timeout(),
@@ -303,7 +312,12 @@ impl Connected {
         }
         let token = self.config.enrollment_token.clone()?;
         let url = format!("{}/api/v1/enroll", self.config.server_url.trim_end_matches('/'));
-        let request = EnrollRequest { token, name: self.config.name.clone(), labels: self.config.labels.clone() };
+        let request = EnrollRequest {
+            token,
+            public_key: proto::keys::public_key_hex(&self.device_key.verifying_key()),
+            name: self.config.name.clone(),
+            labels: self.config.labels.clone(),
+        };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let timeout = self.config.limits.request_timeout();
         loop {
@@ -356,7 +370,12 @@ async fn enroll_once(
     if !status.is_success() {
         return Err(EnrollFailure::Unreachable(format!("HTTP {status}")));
     }
-    json_capped(response, proto::wire::MAX_REPLY_BYTES).await.map_err(EnrollFailure::Unreachable)
+    let reply: EnrollResponse =
+        json_capped(response, proto::wire::MAX_REPLY_BYTES).await.map_err(EnrollFailure::Unreachable)?;
+    // The device id names topics and files: a server that sends an odd one is not trusted with it.
+    proto::names::validate("device id", &reply.device_id)
+        .map_err(|e| EnrollFailure::Refused(format!("the server's enrollment reply is unusable: {e}")))?;
+    Ok(reply)
 }
 
 /// Every `every`, or when asked, closes each model's drift window and queues its summary.

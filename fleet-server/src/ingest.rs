@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::delivery::{Ack, DeliveryEvent, Sequenced};
+use proto::delivery::{open_envelope, Ack, DeliveryEvent};
 use proto::drift::{drift, ReferenceSketch};
+use proto::keys::{parse_public_key, VerifyingKey};
 use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use proto::Manifest;
 use rumqttc::mqttbytes::Error as MqttBytesError;
@@ -76,7 +77,7 @@ pub fn connect(
     eventloop.set_network_options(network);
     let (arrived_tx, arrived_rx) = mpsc::channel(ARRIVED_QUEUE);
     tasks.spawn(run_session(eventloop, client.clone(), arrived_tx, cancel.clone()));
-    let ingest = Ingest { store, references: HashMap::new(), client: client.clone() };
+    let ingest = Ingest { store, known: Known::default(), client: client.clone() };
     tasks.spawn(ingest.run(arrived_rx, cancel));
     Notifier { client }
 }
@@ -132,16 +133,25 @@ async fn run_session(
 
 struct Ingest {
     store: Arc<dyn Store>,
-    /// Reference sketches by (model, version), read once from the bundle's manifest.
-    references: HashMap<(String, String), Option<ReferenceSketch>>,
+    /// Taken by each batch's blocking call and put back after it.
+    known: Known,
     client: AsyncClient,
+}
+
+/// What the ingest remembers between batches: read from the store once.
+#[derive(Default)]
+struct Known {
+    /// Reference sketches by (model, version), from the bundle's manifest.
+    references: HashMap<(String, String), Option<ReferenceSketch>>,
+    /// Devices' registered public keys; None for a device unknown or without a key.
+    keys: HashMap<String, Option<VerifyingKey>>,
 }
 
 /// What becomes of one publish of a batch.
 enum Slot {
     /// A record to store: its index in the batch's records.
     Record(usize),
-    /// Nothing to store (not a device record, or unreadable): acknowledged to the broker.
+    /// Nothing to store (not a device record, unreadable, or forged): acknowledged to the broker.
     Done,
     /// Not stored for now: left for the broker to deliver again.
     Again,
@@ -176,6 +186,13 @@ impl Arrived {
     }
 }
 
+/// A batch after the blocking call: what became of each publish, and the records stored.
+struct Processed {
+    slots: Vec<Slot>,
+    records: Vec<Arrived>,
+    outcomes: Vec<Result<Accepted, StoreError>>,
+}
+
 impl Ingest {
     async fn run(mut self, mut arrived: mpsc::Receiver<Publish>, cancel: CancellationToken) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -191,33 +208,26 @@ impl Ingest {
         }
     }
 
-    /// Stores every record of the batch in one transaction (one by one if that fails, so one bad
-    /// record cannot hold back the rest), then acknowledges each to the broker (it may be
+    /// Verifies, decodes and stores the batch on the blocking pool (signature checks are CPU
+    /// work, storing is disk work), then acknowledges each publish to the broker (it may be
     /// redelivered until then) and, per device in one message, every record stored now or
-    /// before. A record that cannot be read is logged and acknowledged to the broker so it does
+    /// before. Unreadable or forged records are logged and acknowledged to the broker so they do
     /// not come back forever; one the store refused is not, so the broker redelivers it after a
     /// reconnect.
     async fn on_batch(&mut self, publishes: Vec<Publish>) {
-        let mut records = Vec::with_capacity(publishes.len());
-        let mut slots = Vec::with_capacity(publishes.len());
-        for publish in &publishes {
-            slots.push(match self.decode(&publish.topic, &publish.payload).await {
-                Ok(Some(record)) => {
-                    records.push(record);
-                    Slot::Record(records.len() - 1)
-                }
-                Ok(None) => Slot::Done,
-                Err(IngestError::Store(e)) => {
-                    tracing::warn!(topic = %publish.topic, error = %e, "device message not stored; the broker will deliver it again");
-                    Slot::Again
-                }
-                Err(e) => {
-                    tracing::warn!(topic = %publish.topic, error = %e, "device message dropped");
-                    Slot::Done
-                }
-            });
-        }
-        let (records, outcomes) = self.store_all(records).await;
+        let mut known = std::mem::take(&mut self.known);
+        let result = crate::store::blocking(&self.store, move |store| {
+            let processed = process(store, &mut known, &publishes);
+            Ok((known, publishes, processed))
+        })
+        .await;
+        let (known, publishes, Processed { slots, records, outcomes }) = match result {
+            Ok(done) => done,
+            // The blocking task itself died: nothing is known to be stored, so nothing is
+            // acknowledged and the broker delivers the batch again.
+            Err(e) => return tracing::error!(error = %e, "ingest task failed; the broker will deliver the batch again"),
+        };
+        self.known = known;
         let mut acks: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         for (publish, slot) in publishes.iter().zip(slots) {
             let done = match slot {
@@ -249,103 +259,155 @@ impl Ingest {
             }
         }
     }
+}
 
-    /// One transaction for the whole batch; after a failure, one per record.
-    async fn store_all(&self, records: Vec<Arrived>) -> (Vec<Arrived>, Vec<Result<Accepted, StoreError>>) {
-        if records.is_empty() {
-            return (records, Vec::new());
-        }
-        let result = crate::store::blocking(&self.store, move |s| {
-            let reports: Vec<SequencedReport<'_>> = records.iter().map(Arrived::as_report).collect();
-            let outcomes = match s.record_reports(&reports) {
-                Ok(accepted) => accepted.into_iter().map(Ok).collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, records = reports.len(), "batch not stored; storing its records one by one");
-                    reports.iter().map(|r| s.record_report(r.device, r.seq, r.floor, &r.report)).collect()
-                }
-            };
-            drop(reports);
-            Ok((records, outcomes))
-        })
-        .await;
-        match result {
-            Ok(stored) => stored,
-            // The blocking task itself died: nothing is known to be stored, so nothing is acknowledged.
+/// Runs on the blocking pool: checks and decodes every publish, counts forged ones per device,
+/// stores the records in one transaction (one by one if that fails, so one record the store
+/// refuses cannot hold back the others).
+fn process(store: &dyn Store, known: &mut Known, publishes: &[Publish]) -> Processed {
+    let mut records = Vec::with_capacity(publishes.len());
+    let mut slots = Vec::with_capacity(publishes.len());
+    let mut forged: BTreeMap<String, u64> = BTreeMap::new();
+    for publish in publishes {
+        slots.push(match decode_record(store, known, &publish.topic, &publish.payload) {
+            Ok(Some(record)) => {
+                records.push(record);
+                Slot::Record(records.len() - 1)
+            }
+            Ok(None) => Slot::Done,
+            Err(IngestError::Store(e)) => {
+                tracing::warn!(topic = %publish.topic, error = %e, "device message not stored; the broker will deliver it again");
+                Slot::Again
+            }
+            Err(IngestError::Forged { device, reason }) => {
+                tracing::warn!(%device, topic = %publish.topic, %reason, "report dropped: it does not prove it came from this device");
+                *forged.entry(device).or_default() += 1;
+                Slot::Done
+            }
             Err(e) => {
-                tracing::error!(error = %e, "store task failed; the broker will deliver the batch again");
-                (Vec::new(), Vec::new())
+                tracing::warn!(topic = %publish.topic, error = %e, "device message dropped");
+                Slot::Done
             }
+        });
+    }
+    for (device, count) in forged {
+        if let Err(e) = store.count_rejected(&device, count) {
+            tracing::warn!(%device, error = %e, "rejected reports not counted");
         }
     }
-
-    /// Reads one device record; None for topics the server does not store.
-    async fn decode(&mut self, topic: &str, payload: &[u8]) -> Result<Option<Arrived>, IngestError> {
-        let Some(parsed) = Topic::parse(topic) else {
-            return Ok(None);
-        };
-        let arrived = match parsed {
-            Topic::Heartbeat { device } => {
-                let record: Sequenced<Heartbeat> = decode("heartbeat", payload)?;
-                Arrived { device, seq: record.seq, floor: record.floor, body: Body::Heartbeat(record.body) }
+    let outcomes = if records.is_empty() {
+        Vec::new()
+    } else {
+        let reports: Vec<SequencedReport<'_>> = records.iter().map(Arrived::as_report).collect();
+        match store.record_reports(&reports) {
+            Ok(accepted) => accepted.into_iter().map(Ok).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, records = reports.len(), "batch not stored; storing its records one by one");
+                reports.iter().map(|r| store.record_report(r.device, r.seq, r.floor, &r.report)).collect()
             }
-            Topic::Status { device, model } => {
-                let record: Sequenced<UpdateStatus> = decode("update status", payload)?;
-                if record.body.model != model {
-                    return Err(IngestError::Mismatch(format!(
-                        "status for {} on the topic of {model}",
-                        record.body.model
-                    )));
-                }
-                Arrived { device, seq: record.seq, floor: record.floor, body: Body::Status(record.body) }
-            }
-            Topic::Drift { device, model } => {
-                let record: Sequenced<DriftSummary> = decode("drift summary", payload)?;
-                let summary = record.body;
-                if summary.model != model {
-                    return Err(IngestError::Mismatch(format!("drift for {} on the topic of {model}", summary.model)));
-                }
-                let reference = self.reference(&summary.model, &summary.version).await?;
-                let report = reference.as_ref().and_then(|r| drift(r, &summary.counts).ok());
-                let score = report.as_ref().map_or(summary.score, |r| r.score);
-                let mean_confidence = summary.counts.mean_confidence();
-                Arrived {
-                    device,
-                    seq: record.seq,
-                    floor: record.floor,
-                    body: Body::Drift { summary, score, mean_confidence },
-                }
-            }
-            Topic::Events { device } => {
-                let record: Sequenced<DeliveryEvent> = decode("delivery event", payload)?;
-                let DeliveryEvent::Evicted { evicted, .. } = &record.body;
-                if !evicted.is_empty() {
-                    tracing::warn!(%device, ?evicted, "device evicted buffered records under its disk budget");
-                }
-                Arrived { device, seq: record.seq, floor: record.floor, body: Body::Event(record.body) }
-            }
-            Topic::Desired { .. } | Topic::Ack { .. } => return Ok(None),
-        };
-        Ok(Some(arrived))
-    }
-
-    async fn reference(&mut self, model: &str, version: &str) -> Result<Option<ReferenceSketch>, IngestError> {
-        let key = (model.to_string(), version.to_string());
-        if let Some(cached) = self.references.get(&key) {
-            return Ok(cached.clone());
         }
-        let (m, v) = key.clone();
-        let record =
-            crate::store::blocking(&self.store, move |s| s.bundle(&m, &v)).await.map_err(IngestError::Store)?;
-        let reference = record.and_then(|r| Manifest::parse(&r.manifest_json).ok()).map(|m| m.reference);
-        self.references.insert(key, reference.clone());
-        Ok(reference)
+    };
+    Processed { slots, records, outcomes }
+}
+
+/// Checks one device record's signature against the device's key and decodes it; None for
+/// topics the server does not store.
+fn decode_record(
+    store: &dyn Store,
+    known: &mut Known,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Option<Arrived>, IngestError> {
+    let Some(parsed) = Topic::parse(topic) else {
+        return Ok(None);
+    };
+    let device = match &parsed {
+        Topic::Heartbeat { device }
+        | Topic::Status { device, .. }
+        | Topic::Drift { device, .. }
+        | Topic::Events { device } => device.clone(),
+        Topic::Desired { .. } | Topic::Ack { .. } => return Ok(None),
+    };
+    let envelope =
+        open_envelope(payload).map_err(|e| IngestError::Forged { device: device.clone(), reason: e.to_string() })?;
+    let Some(key) = device_key(store, known, &device)? else {
+        // Unknown devices, and devices enrolled before keys existed, have nothing to verify with.
+        return Err(IngestError::Forged { device, reason: "no public key is registered for this device".into() });
+    };
+    envelope.verify(&key, topic).map_err(|e| IngestError::Forged { device: device.clone(), reason: e.to_string() })?;
+    let (seq, floor, body) = (envelope.seq, envelope.floor, envelope.body);
+    let body = match parsed {
+        Topic::Heartbeat { .. } => Body::Heartbeat(decode("heartbeat", body)?),
+        Topic::Status { model, .. } => {
+            let status: UpdateStatus = decode("update status", body)?;
+            if status.model != model {
+                return Err(IngestError::Mismatch(format!("status for {} on the topic of {model}", status.model)));
+            }
+            Body::Status(status)
+        }
+        Topic::Drift { model, .. } => {
+            let summary: DriftSummary = decode("drift summary", body)?;
+            if summary.model != model {
+                return Err(IngestError::Mismatch(format!("drift for {} on the topic of {model}", summary.model)));
+            }
+            let reference = reference(store, known, &summary.model, &summary.version)?;
+            let report = reference.as_ref().and_then(|r| drift(r, &summary.counts).ok());
+            let score = report.as_ref().map_or(summary.score, |r| r.score);
+            let mean_confidence = summary.counts.mean_confidence();
+            Body::Drift { summary, score, mean_confidence }
+        }
+        Topic::Events { .. } => {
+            let event: DeliveryEvent = decode("delivery event", body)?;
+            let DeliveryEvent::Evicted { evicted, .. } = &event;
+            if !evicted.is_empty() {
+                tracing::warn!(%device, ?evicted, "device evicted buffered records under its disk budget");
+            }
+            Body::Event(event)
+        }
+        Topic::Desired { .. } | Topic::Ack { .. } => return Ok(None),
+    };
+    Ok(Some(Arrived { device, seq, floor, body }))
+}
+
+fn device_key(store: &dyn Store, known: &mut Known, device: &str) -> Result<Option<VerifyingKey>, IngestError> {
+    if let Some(Some(key)) = known.keys.get(device) {
+        return Ok(Some(*key));
     }
+    // Looked up again while unknown: the device may have enrolled since.
+    let key = store.device_public_key(device).map_err(IngestError::Store)?;
+    let key = key.and_then(|k| parse_public_key(&k).ok());
+    if known.keys.len() >= MAX_KNOWN_KEYS {
+        known.keys.clear();
+    }
+    known.keys.insert(device.to_string(), key);
+    Ok(key)
+}
+
+/// Keys kept in memory; beyond this the cache starts again (a fleet larger than this re-reads).
+const MAX_KNOWN_KEYS: usize = 100_000;
+
+fn reference(
+    store: &dyn Store,
+    known: &mut Known,
+    model: &str,
+    version: &str,
+) -> Result<Option<ReferenceSketch>, IngestError> {
+    let key = (model.to_string(), version.to_string());
+    if let Some(cached) = known.references.get(&key) {
+        return Ok(cached.clone());
+    }
+    let record = store.bundle(model, version).map_err(IngestError::Store)?;
+    let reference = record.and_then(|r| Manifest::parse(&r.manifest_json).ok()).map(|m| m.reference);
+    known.references.insert(key, reference.clone());
+    Ok(reference)
 }
 
 #[derive(Debug, thiserror::Error)]
 enum IngestError {
     #[error(transparent)]
     Payload(#[from] proto::wire::PayloadError),
+    #[error("report under device {device} refused: {reason}")]
+    Forged { device: String, reason: String },
     #[error("{0}")]
     Mismatch(String),
     #[error(transparent)]

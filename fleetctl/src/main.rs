@@ -292,18 +292,19 @@ async fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 println!(
-                    "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                    "DEVICE", "REPORTS", "REDELIV.", "TELEMETRY", "REDELIV.", "EVICTED"
+                    "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                    "DEVICE", "REPORTS", "REDELIV.", "TELEMETRY", "REDELIV.", "EVICTED", "REJECTED"
                 );
                 for v in views {
                     println!(
-                        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
                         v.device,
                         v.reports_stored,
                         v.reports_duplicates,
                         v.telemetry_stored,
                         v.telemetry_duplicates,
-                        v.evicted.total()
+                        v.evicted.total(),
+                        v.rejected
                     );
                 }
             }

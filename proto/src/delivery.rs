@@ -2,14 +2,17 @@
 //! across broker restarts, server restarts and agent crashes (ADR 0007).
 //!
 //! Every durable record a device sends over MQTT (status, drift window, heartbeat counters,
-//! delivery events) travels in a [`Sequenced`] envelope: the device's `reports` stream sequence
-//! number, assigned once when the record is written to the agent's outbox, and the device's
-//! `floor`, the lowest sequence it still holds. The server stores each (device, seq) at most
+//! delivery events) travels in a signed [`Envelope`]: the device's `reports` stream sequence
+//! number, assigned once when the record is written to the agent's outbox, the device's
+//! `floor`, the lowest sequence it still holds, and the device's signature over both, the topic
+//! and the body. The server stores each (device, seq) at most
 //! once, then publishes an [`Ack`]; only then does the agent delete the record. A broker's PUBACK
 //! is not storage. Telemetry rows travel over HTTP in a [`TelemetryBatch`] on their own stream
 //! (`telemetry`), acknowledged by the reply.
 
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::wire::{encode, MAX_MQTT_PAYLOAD};
 
@@ -32,27 +35,80 @@ impl Stream {
     }
 }
 
-/// A record with its place in the device's `reports` stream.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct Sequenced<T> {
+/// A record of the device's `reports` stream as it travels: its place in the stream and the
+/// device's signature over (topic, seq, floor, body), so a report proves which device sent it
+/// whichever broker carried it. Wire layout: `seq` and `floor` as postcard varints, the 64
+/// signature bytes, then the body's own postcard bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope<'a> {
     /// Starts at 1 and never repeats for a device, whatever was deleted or evicted.
     pub seq: u64,
     /// Every sequence below this one was acknowledged or evicted: the device never sends it
     /// again, so the server may forget which of them it saw.
     pub floor: u64,
-    pub body: T,
+    pub signature: [u8; SIGNATURE_BYTES],
+    /// The record, still encoded.
+    pub body: &'a [u8],
 }
 
-/// The envelope around a record whose body is already encoded: the same bytes as
-/// `encode(&Sequenced { seq, floor, body })`, without decoding the body again.
-pub fn sequenced_payload(seq: u64, floor: u64, body: &[u8]) -> Vec<u8> {
+pub const SIGNATURE_BYTES: usize = 64;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("payload is not a sequenced record: {0}")]
+    Malformed(String),
+    #[error("signature does not match the device's key for this topic, sequence and body")]
+    BadSignature,
+}
+
+/// What a device signs: a domain tag, then the topic (length first), seq, floor and body.
+fn signed_bytes(topic: &str, seq: u64, floor: u64, body: &[u8]) -> Vec<u8> {
+    const DOMAIN: &[u8] = b"fleet/v1 report\0";
+    let mut message = Vec::with_capacity(DOMAIN.len() + 24 + topic.len() + body.len());
+    message.extend_from_slice(DOMAIN);
+    message.extend_from_slice(&(topic.len() as u64).to_le_bytes());
+    message.extend_from_slice(topic.as_bytes());
+    message.extend_from_slice(&seq.to_le_bytes());
+    message.extend_from_slice(&floor.to_le_bytes());
+    message.extend_from_slice(body);
+    message
+}
+
+/// The payload of a record whose body is already encoded, signed with the device's key.
+pub fn sealed_payload(key: &SigningKey, topic: &str, seq: u64, floor: u64, body: &[u8]) -> Vec<u8> {
+    let signature = key.sign(&signed_bytes(topic, seq, floor, body)).to_bytes();
     let mut payload = encode(&(seq, floor));
+    payload.extend_from_slice(&signature);
     payload.extend_from_slice(body);
     payload
 }
 
-/// Bytes the envelope may add to a body (two varint u64s).
-pub const ENVELOPE_BYTES: usize = 20;
+/// Splits a payload into its envelope and body; the signature is not checked yet.
+pub fn open_envelope(payload: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
+    let ((seq, floor), rest): ((u64, u64), &[u8]) =
+        postcard::take_from_bytes(payload).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    if rest.len() < SIGNATURE_BYTES {
+        return Err(EnvelopeError::Malformed(format!(
+            "{} bytes after the sequence, no room for a signature",
+            rest.len()
+        )));
+    }
+    let (signature, body) = rest.split_at(SIGNATURE_BYTES);
+    let signature = signature.try_into().map_err(|_| EnvelopeError::Malformed("signature".into()))?;
+    Ok(Envelope { seq, floor, signature, body })
+}
+
+impl Envelope<'_> {
+    /// Checks the signature against the device's registered key and the topic it arrived on.
+    pub fn verify(&self, key: &VerifyingKey, topic: &str) -> Result<(), EnvelopeError> {
+        let signature = Signature::from_bytes(&self.signature);
+        key.verify_strict(&signed_bytes(topic, self.seq, self.floor, self.body), &signature)
+            .map_err(|_| EnvelopeError::BadSignature)
+    }
+}
+
+/// Bytes the envelope may add to a body (two varint u64s and the signature).
+pub const ENVELOPE_BYTES: usize = 20 + SIGNATURE_BYTES;
 
 /// Largest body a durable record may have, so that the envelope still fits an MQTT payload.
 pub const MAX_RECORD_BODY: usize = MAX_MQTT_PAYLOAD - ENVELOPE_BYTES;
@@ -182,6 +238,9 @@ pub struct DeliveryView {
     pub telemetry_duplicates: u64,
     /// Evictions the device reported.
     pub evicted: Evicted,
+    /// Reports under this device's id whose signature did not verify: dropped.
+    #[serde(default)]
+    pub rejected: u64,
 }
 
 #[cfg(test)]
@@ -189,22 +248,58 @@ mod tests {
     use super::*;
     use crate::wire::{decode, UpdateStatus, UpdateStep};
 
-    #[test]
-    fn an_envelope_built_around_encoded_bytes_decodes_as_the_sequenced_record() {
-        let status = UpdateStatus {
+    fn status() -> UpdateStatus {
+        UpdateStatus {
             model: "tabular".into(),
             version: "1.0.0".into(),
             step: UpdateStep::Active,
             detail: String::new(),
             active_version: Some("1.0.0".into()),
             at_ms: 42,
-        };
-        for (seq, floor) in [(1, 1), (300, 7), (u64::MAX, u64::MAX - 1)] {
-            let payload = sequenced_payload(seq, floor, &encode(&status));
-            assert!(payload.len() <= encode(&status).len() + ENVELOPE_BYTES);
-            let decoded: Sequenced<UpdateStatus> = decode("status", &payload).unwrap();
-            assert_eq!(decoded, Sequenced { seq, floor, body: status.clone() });
         }
+    }
+
+    fn key(byte: u8) -> SigningKey {
+        SigningKey::from_bytes(&[byte; 32])
+    }
+
+    #[test]
+    fn a_sealed_record_opens_to_its_sequence_and_body_and_verifies_with_the_devices_key() {
+        let body = encode(&status());
+        for (seq, floor) in [(1, 1), (300, 7), (u64::MAX, u64::MAX - 1)] {
+            let payload = sealed_payload(&key(1), "t/a", seq, floor, &body);
+            assert!(payload.len() <= body.len() + ENVELOPE_BYTES);
+            let envelope = open_envelope(&payload).unwrap();
+            assert_eq!((envelope.seq, envelope.floor, envelope.body), (seq, floor, body.as_slice()));
+            assert_eq!(envelope.verify(&key(1).verifying_key(), "t/a"), Ok(()));
+            assert_eq!(decode::<UpdateStatus>("status", envelope.body).unwrap(), status());
+        }
+    }
+
+    #[test]
+    fn another_key_topic_sequence_floor_or_body_breaks_the_signature() {
+        let body = encode(&status());
+        let payload = sealed_payload(&key(1), "t/a", 5, 2, &body);
+        let device = key(1).verifying_key();
+        assert_eq!(
+            open_envelope(&payload).unwrap().verify(&key(2).verifying_key(), "t/a"),
+            Err(EnvelopeError::BadSignature)
+        );
+        assert_eq!(open_envelope(&payload).unwrap().verify(&device, "t/b"), Err(EnvelopeError::BadSignature));
+        let envelope = open_envelope(&payload).unwrap();
+        for tampered in [
+            Envelope { seq: 6, ..envelope.clone() },
+            Envelope { floor: 5, ..envelope.clone() },
+            Envelope { body: &body[1..], ..envelope.clone() },
+        ] {
+            assert_eq!(tampered.verify(&device, "t/a"), Err(EnvelopeError::BadSignature));
+        }
+    }
+
+    #[test]
+    fn a_payload_too_short_for_its_signature_is_malformed() {
+        assert!(matches!(open_envelope(&encode(&(1u64, 1u64))), Err(EnvelopeError::Malformed(_))));
+        assert!(matches!(open_envelope(&[]), Err(EnvelopeError::Malformed(_))));
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //!
 //! Everything here is pure: no sockets, no files, no clocks. Both sides link this crate, so a
 //! change here is a protocol change: bundle format (`bundle`), signatures and key ids (`keys`),
-//! MQTT topics and payloads plus HTTP JSON bodies (`wire`), drift sketches (`drift`), broker
-//! addresses (`endpoint`) and the names that address models on a device (`names`).
+//! MQTT topics and payloads plus HTTP JSON bodies (`wire`), the checks a device makes on what a
+//! server tells it (`desired`), drift sketches (`drift`), broker addresses (`endpoint`) and the
+//! names that address models on a device (`names`).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
 pub mod cohort;
 pub mod delivery;
+pub mod desired;
 pub mod drift;
 pub mod endpoint;
 pub mod keys;

@@ -214,6 +214,9 @@ pub struct DesiredChanged {
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     pub token: String,
+    /// The device's ed25519 public key (hex), made on the device: it signs every report.
+    #[serde(default)]
+    pub public_key: String,
     #[serde(default)]
     pub name: String,
     #[serde(default)]

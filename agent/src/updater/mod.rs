@@ -113,7 +113,15 @@ impl Updater {
     }
 
     async fn check_in_and_apply(&mut self) -> Result<(), UpdateError> {
-        let desired = self.check_in().await?;
+        let mut desired = self.check_in().await?;
+        // Nothing the server names reaches a path, a URL or a topic before it is checked.
+        desired.models.retain(|model| match proto::desired::validate(model) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(device = %self.device_id, error = %e, "desired model refused: the server's reply for it is not used");
+                false
+            }
+        });
         let active = self.engine.active().await;
         let records = self.records().await?;
         let todo: Vec<DesiredModel> = machine::plan(&desired.models, &active, &records).into_iter().cloned().collect();

@@ -2,7 +2,7 @@
 //! delivery events) and the desired-state notification that wakes the updater.
 //!
 //! A record is written to the `agent.db` outbox first, which gives it its sequence number, then
-//! published (QoS 1) in a [`proto::delivery::Sequenced`] envelope. It is deleted only when the
+//! published (QoS 1) in a signed [`proto::delivery::Envelope`]. It is deleted only when the
 //! server's [`Ack`] says it is stored: a broker's PUBACK is not storage. A record not
 //! acknowledged within `ack_timeout` (or sent on a connection that dropped) is published again;
 //! the server recognises the sequence and acknowledges without storing twice (ADR 0007). At
@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use proto::delivery::{sequenced_payload, Ack, Priority, MAX_RECORD_BODY};
+use proto::delivery::{sealed_payload, Ack, Priority, MAX_RECORD_BODY};
+use proto::keys::SigningKey;
 use proto::wire::{decode, encode, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use thiserror::Error;
@@ -79,6 +80,8 @@ pub struct UplinkConfig {
     pub mqtt_url: String,
     pub device_id: String,
     pub credential: String,
+    /// Signs every record published (ADR 0008).
+    pub device_key: SigningKey,
     pub outbox: Outbox,
     /// Its eviction count goes into the delivery event sent on each connection.
     pub telemetry: TelemetrySink,
@@ -88,9 +91,21 @@ pub struct UplinkConfig {
 
 /// Most records published and not yet acknowledged, and most bytes of them read at once: enough
 /// in flight to cover the round trip to the server's store (see the delivery benchmark), little
-/// enough memory for a small device.
+/// enough memory for a small device. The window in use starts at `WINDOW_MIN`, grows by one per
+/// record acknowledged, and halves when an acknowledgement is overdue (a busy server is not
+/// buried in resends), never below `WINDOW_MIN`.
 const WINDOW: usize = 512;
+const WINDOW_MIN: usize = 32;
 const WINDOW_BYTES: usize = 1 << 20;
+/// A record sent again waits twice as long for its acknowledgement each time, up to this factor.
+const MAX_BACKOFF_FACTOR: u32 = 16;
+
+/// A record published on this connection and not yet acknowledged.
+struct InFlight {
+    /// When it is sent again unless acknowledged first.
+    due: Instant,
+    sends: u32,
+}
 
 pub async fn spawn_uplink(
     config: UplinkConfig,
@@ -120,6 +135,7 @@ pub async fn spawn_uplink(
         events: Topic::Events { device: device_id.clone() }.render(),
         config,
         unacked: BTreeMap::new(),
+        window: WINDOW_MIN,
         floor: 0,
         backlog: true,
         connected: false,
@@ -136,7 +152,9 @@ struct Session {
     ack: String,
     events: String,
     /// Published on this connection and not yet acknowledged: sequence -> when.
-    unacked: BTreeMap<u64, Instant>,
+    unacked: BTreeMap<u64, InFlight>,
+    /// How many records may be in flight now (`WINDOW_MIN..=WINDOW`).
+    window: usize,
     /// The last floor the outbox reported; it only rises, and a stale one is safe to send.
     floor: u64,
     /// Records may wait in the outbox that were never published on this connection.
@@ -187,7 +205,7 @@ impl Session {
         let Record { topic, body, priority } = record;
         match self.config.outbox.push(topic.clone(), body.clone(), priority).await {
             // Straight out only when nothing older waits, so records leave in sequence order.
-            Ok(seq) if self.connected && !self.backlog && self.unacked.len() < WINDOW => {
+            Ok(seq) if self.connected && !self.backlog && self.unacked.len() < self.window => {
                 self.publish(OutboxRow { seq, topic, body });
             }
             Ok(_) => self.backlog = true,
@@ -197,10 +215,13 @@ impl Session {
 
     /// False when the client's queue is full: the record stays waiting for the next round.
     fn publish(&mut self, row: OutboxRow) -> bool {
-        let payload = sequenced_payload(row.seq, self.floor, &row.body);
+        let payload = sealed_payload(&self.config.device_key, &row.topic, row.seq, self.floor, &row.body);
         let sent = self.client.try_publish(row.topic, QoS::AtLeastOnce, false, payload).is_ok();
         if sent {
-            self.unacked.insert(row.seq, Instant::now());
+            let now = Instant::now();
+            let sends = self.unacked.get(&row.seq).map_or(1, |f| f.sends + 1);
+            let factor = 2u32.saturating_pow(sends - 1).min(MAX_BACKOFF_FACTOR);
+            self.unacked.insert(row.seq, InFlight { due: now + self.config.ack_timeout * factor, sends });
         } else {
             self.backlog = true;
         }
@@ -211,15 +232,21 @@ impl Session {
     /// connection and those whose acknowledgement is overdue.
     async fn resend_due(&mut self) {
         let now = Instant::now();
-        let overdue = self.unacked.values().any(|sent| now.duration_since(*sent) >= self.config.ack_timeout);
+        let overdue = self.unacked.values().any(|f| f.due <= now);
         if !self.backlog && !overdue {
             return;
         }
+        if overdue {
+            self.window = (self.window / 2).max(WINDOW_MIN);
+        }
         // Records leave in sequence order, so every waiting record up to the newest one in flight
         // was published on this connection: without an overdue one, read only after it.
-        let after = if overdue { 0 } else { self.unacked.keys().next_back().copied().unwrap_or(0) };
-        let room = WINDOW.saturating_sub(if overdue { 0 } else { self.unacked.len() });
-        let query = PendingQuery { after, rows: room, bytes: WINDOW_BYTES };
+        let (after, rows) = if overdue {
+            (0, self.window.max(self.unacked.len()))
+        } else {
+            (self.unacked.keys().next_back().copied().unwrap_or(0), self.window.saturating_sub(self.unacked.len()))
+        };
+        let query = PendingQuery { after, rows, bytes: WINDOW_BYTES };
         let pending = match self.config.outbox.pending(query).await {
             Ok(pending) => pending,
             Err(e) => return tracing::error!(error = %e, "outbox read failed"),
@@ -227,9 +254,16 @@ impl Session {
         self.floor = self.floor.max(pending.floor);
         self.backlog = pending.more;
         for row in pending.rows {
-            let due =
-                self.unacked.get(&row.seq).is_none_or(|sent| now.duration_since(*sent) >= self.config.ack_timeout);
-            if due && !self.publish(row) {
+            let publish = match self.unacked.get(&row.seq) {
+                Some(in_flight) => in_flight.due <= now,
+                None => self.unacked.len() < self.window,
+            };
+            if !publish {
+                // Not yet due, or no room: a newer record waits for the next round.
+                self.backlog |= !self.unacked.contains_key(&row.seq);
+                continue;
+            }
+            if !self.publish(row) {
                 break;
             }
         }
@@ -264,13 +298,15 @@ impl Session {
     }
 
     async fn on_ack(&mut self, ack: Ack) {
+        let mut acknowledged = 0;
         for seq in &ack.seqs {
-            self.unacked.remove(seq);
+            acknowledged += usize::from(self.unacked.remove(seq).is_some());
         }
+        self.window = (self.window + acknowledged).min(WINDOW);
         if let Err(e) = self.config.outbox.ack(ack.seqs).await {
             tracing::error!(error = %e, "outbox delete failed; records may be sent again");
         }
-        if self.backlog && self.unacked.len() < WINDOW / 2 {
+        if self.backlog && self.unacked.len() < self.window / 2 {
             self.resend_due().await;
         }
     }

@@ -25,6 +25,12 @@ pub async fn enroll(
         ))
     })?;
     super::validate_labels(&request.labels)?;
+    proto::keys::parse_public_key(&request.public_key).map_err(|_| {
+        ApiError::BadRequest(
+            "enrollment needs the device's ed25519 public key as 64 hex characters in \"public_key\"; upgrade the agent"
+                .into(),
+        )
+    })?;
     let token_hash = sha256_hex(&request.token);
     let now = crate::unix_ms();
     let new_id = format!("dev-{}", hex::encode(rand::random::<[u8; 6]>()));
@@ -35,6 +41,7 @@ pub async fn enroll(
         labels: request.labels,
         credential_hash: sha256_hex(&credential),
         enrolled_ms: now,
+        public_key: request.public_key.trim().to_ascii_lowercase(),
     };
     let Some(device_id) =
         blocking(&state.store, move |s| s.enroll(&token_hash, &device, ENROLL_RETRY_GRACE_MS)).await?

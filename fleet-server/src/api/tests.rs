@@ -12,6 +12,8 @@ use super::{router, AppState};
 use crate::ingest::Notifier;
 use crate::store::SqliteStore;
 
+/// The public half of `SigningKey::from_bytes(&[7; 32])`, as a device sends it at enrollment.
+const DEVICE_KEY: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
 const OPERATOR: &str = "operator-secret";
 const MLP: &[u8] = include_bytes!("../../../tests/fixtures/models/mlp.onnx");
 
@@ -104,8 +106,14 @@ impl Api {
         let (_, tokens) =
             self.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 1})).await;
         let token = tokens["tokens"][0].as_str().unwrap().to_string();
-        let (status, body) =
-            self.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token, "name": "cam"})).await;
+        let (status, body) = self
+            .json(
+                "POST",
+                "/api/v1/enroll",
+                None,
+                serde_json::json!({"token": token, "name": "cam", "public_key": DEVICE_KEY}),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         (body["device_id"].as_str().unwrap().into(), body["credential"].as_str().unwrap().into())
     }
@@ -117,15 +125,35 @@ async fn an_enrollment_retried_with_the_same_token_gets_the_same_device_and_an_u
     let (_, tokens) =
         api.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 1})).await;
     let token = tokens["tokens"][0].clone();
-    let (first, a) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
-    let (second, b) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token})).await;
+    let (first, a) =
+        api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token, "public_key": DEVICE_KEY})).await;
+    let (second, b) =
+        api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token, "public_key": DEVICE_KEY})).await;
     assert_eq!((first, second), (StatusCode::OK, StatusCode::OK));
     assert_eq!(a["device_id"], b["device_id"], "a lost reply must not strand the device: same device, new credential");
     let (devices_status, devices) = api.json("GET", "/api/v1/devices", Some(OPERATOR), serde_json::Value::Null).await;
     assert_eq!((devices_status, devices.as_array().unwrap().len()), (StatusCode::OK, 1));
-    let (refused, body) = api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": "nope"})).await;
+    let (refused, body) =
+        api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": "nope", "public_key": DEVICE_KEY})).await;
     assert_eq!(refused, StatusCode::FORBIDDEN);
     assert_eq!(body["error"], "enrollment token is unknown or already used; create one with `fleetctl tokens create`");
+}
+
+#[tokio::test]
+async fn an_enrollment_without_a_device_key_is_refused_and_does_not_use_up_the_token() {
+    let api = api();
+    let (_, tokens) =
+        api.json("POST", "/api/v1/enrollment-tokens", Some(OPERATOR), serde_json::json!({"count": 1})).await;
+    let token = tokens["tokens"][0].clone();
+    for key in [serde_json::Value::Null, "abc".into(), "zz".repeat(32).into()] {
+        let (refused, body) =
+            api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token, "public_key": key})).await;
+        assert_eq!(refused, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().unwrap().contains("ed25519 public key"), "{body}");
+    }
+    let (accepted, _) =
+        api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": token, "public_key": DEVICE_KEY})).await;
+    assert_eq!(accepted, StatusCode::OK);
 }
 
 #[tokio::test]

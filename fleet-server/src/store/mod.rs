@@ -73,6 +73,8 @@ pub struct NewDevice {
     pub labels: std::collections::BTreeMap<String, String>,
     pub credential_hash: String,
     pub enrolled_ms: u64,
+    /// The device's ed25519 public key (hex) that verifies its reports; empty if it has none.
+    pub public_key: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,6 +148,10 @@ pub trait Store: Send + Sync + 'static {
     fn enroll(&self, token_hash: &str, device: &NewDevice, grace_ms: u64) -> Result<Option<String>, StoreError>;
     fn insert_device(&self, device: &NewDevice) -> Result<(), StoreError>;
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError>;
+    /// The device's registered public key (hex), if the device exists and has one.
+    fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError>;
+    /// Counts reports under `device`'s id that were dropped because their signature failed.
+    fn count_rejected(&self, device: &str, reports: u64) -> Result<(), StoreError>;
     fn device_exists(&self, id: &str) -> Result<bool, StoreError>;
     /// Replaces a device's labels; false when the device is unknown.
     fn set_labels(&self, id: &str, labels: &std::collections::BTreeMap<String, String>) -> Result<bool, StoreError>;

@@ -76,6 +76,8 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         add_column(&conn, "devices", "heartbeat_ms", "INTEGER")?;
         add_column(&conn, "tokens", "device", "TEXT")?;
+        add_column(&conn, "devices", "public_key", "TEXT NOT NULL DEFAULT ''")?;
+        add_column(&conn, "delivery", "rejected", "INTEGER NOT NULL DEFAULT 0")?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -119,8 +121,8 @@ impl Store for SqliteStore {
             }
             Some((Some(used), Some(device))) if d.enrolled_ms.saturating_sub(used as u64) <= grace_ms => {
                 tx.execute(
-                    "UPDATE devices SET credential_hash = ?2 WHERE id = ?1",
-                    params![device, d.credential_hash],
+                    "UPDATE devices SET credential_hash = ?2, public_key = ?3 WHERE id = ?1",
+                    params![device, d.credential_hash, d.public_key],
                 )?;
                 Some(device)
             }
@@ -132,6 +134,24 @@ impl Store for SqliteStore {
 
     fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
         insert_device(&self.conn(), d)
+    }
+
+    fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
+        let key: Option<String> = self
+            .conn()
+            .query_row("SELECT public_key FROM devices WHERE id = ?1", params![device], |r| r.get(0))
+            .optional()?;
+        Ok(key.filter(|k| !k.is_empty()))
+    }
+
+    fn count_rejected(&self, device: &str, reports: u64) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute("INSERT OR IGNORE INTO delivery (device) SELECT id FROM devices WHERE id = ?1", params![device])?;
+        conn.execute(
+            "UPDATE delivery SET rejected = rejected + ?2 WHERE device = ?1",
+            params![device, reports as i64],
+        )?;
+        Ok(())
     }
 
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
@@ -408,8 +428,8 @@ impl Store for SqliteStore {
 
 fn insert_device(conn: &Connection, d: &NewDevice) -> Result<(), StoreError> {
     conn.execute(
-        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64],
+        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms, public_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64, d.public_key],
     )?;
     Ok(())
 }

@@ -144,7 +144,7 @@ pub fn views(conn: &Connection) -> Result<Vec<DeliveryView>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT d.id, COALESCE(reports_stored, 0), COALESCE(reports_duplicates, 0), COALESCE(telemetry_stored, 0),
                 COALESCE(telemetry_duplicates, 0), COALESCE(evicted_telemetry, 0), COALESCE(evicted_heartbeats, 0),
-                COALESCE(evicted_reports, 0)
+                COALESCE(evicted_reports, 0), COALESCE(rejected, 0)
          FROM devices d LEFT JOIN delivery ON delivery.device = d.id ORDER BY d.name, d.id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -156,6 +156,7 @@ pub fn views(conn: &Connection) -> Result<Vec<DeliveryView>, StoreError> {
             telemetry_stored: n(3)?,
             telemetry_duplicates: n(4)?,
             evicted: Evicted { telemetry: n(5)?, heartbeats: n(6)?, reports: n(7)? },
+            rejected: n(8)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

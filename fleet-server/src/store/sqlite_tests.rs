@@ -17,6 +17,7 @@ fn device(store: &SqliteStore, id: &str) {
             labels: [("site".to_string(), "a".to_string())].into(),
             credential_hash: format!("hash-{id}"),
             enrolled_ms: 1,
+            public_key: String::new(),
         })
         .unwrap();
 }
@@ -40,6 +41,7 @@ fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
         labels: Default::default(),
         credential_hash: credential_hash.into(),
         enrolled_ms,
+        public_key: String::new(),
     }
 }
 
