@@ -20,7 +20,7 @@ pub async fn enroll(
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let Json(request) = body.map_err(|e| {
         ApiError::BadRequest(format!(
-            "enrollment body must be {{\"token\": ..., \"name\": ..., \"labels\": {{...}}}}: {}",
+            "enrollment body must be {{\"token\": ..., \"public_key\": ..., \"name\": ..., \"labels\": {{...}}}}: {}",
             e.body_text()
         ))
     })?;
