@@ -39,6 +39,24 @@ pub fn new_key() -> (String, String) {
     (secret, public)
 }
 
+/// A fleet server for tests: loopback, data under `dir/server`, operator token `op`, trusting
+/// `trusted_keys`, rollouts ticking every 200 ms; and an operator client for it.
+pub async fn start_server(dir: &std::path::Path, mqtt: Mqtt, trusted_keys: Vec<String>) -> (ServerHandle, FleetClient) {
+    let server = server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("server"),
+        mqtt,
+        operator_token: Some("op".into()),
+        trusted_keys,
+        max_bundle_bytes: 64 << 20,
+        rollout_tick: Duration::from_millis(200),
+    })
+    .await
+    .unwrap();
+    let client = FleetClient::new(&server.url(), &server.operator_token);
+    (server, client)
+}
+
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub server: ServerHandle,
@@ -56,18 +74,7 @@ impl Fleet {
         let (secret, public) = new_key();
         let mut trusted_keys = vec![public.clone()];
         trusted_keys.extend_from_slice(extra_server_keys);
-        let server = server::start(ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("server"),
-            mqtt,
-            operator_token: Some("test-operator".into()),
-            trusted_keys,
-            max_bundle_bytes: 64 << 20,
-            rollout_tick: std::time::Duration::from_millis(200),
-        })
-        .await
-        .unwrap();
-        let client = FleetClient::new(&server.url(), &server.operator_token);
+        let (server, client) = start_server(dir.path(), mqtt, trusted_keys).await;
         let mut fleet = Fleet { dir, server, client, secret, public, agents: Vec::new() };
         for index in 0..agents {
             let agent = fleet.start_agent(index).await;

@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use fleet_server::server::{self, ServerConfig};
 use fleet_tests::proxy::{Mode, Proxy};
 use fleet_tests::*;
-use fleetctl::client::FleetClient;
 use fleetctl::demo::{agent_config, wait_for};
 use proto::wire::{DeployRequest, UpdateStep};
 
@@ -16,18 +14,7 @@ use proto::wire::{DeployRequest, UpdateStep};
 async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_completes_by_resuming() {
     let dir = tempfile::tempdir().unwrap();
     let (secret, public) = new_key();
-    let server = server::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        mqtt: mqtt_from_env(),
-        operator_token: Some("op".into()),
-        trusted_keys: vec![public.clone()],
-        max_bundle_bytes: 64 << 20,
-        rollout_tick: Duration::from_millis(200),
-    })
-    .await
-    .unwrap();
-    let client = FleetClient::new(&server.url(), "op");
+    let (server, client) = start_server(dir.path(), mqtt_from_env(), vec![public.clone()]).await;
     let proxy = Proxy::start(server.http_addr).await;
     let token = client.tokens(1).await.unwrap().remove(0);
     let mut config = agent_config(&proxy.url(), &server.mqtt_url, &token, &public, dir.path().join("agent"), 0);
@@ -98,18 +85,7 @@ async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_complete
 async fn a_download_over_a_16_kbit_link_that_drops_completes_by_resuming() {
     let dir = tempfile::tempdir().unwrap();
     let (secret, public) = new_key();
-    let server = server::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        mqtt: embedded_mqtt(),
-        operator_token: Some("op".into()),
-        trusted_keys: vec![public.clone()],
-        max_bundle_bytes: 64 << 20,
-        rollout_tick: Duration::from_millis(500),
-    })
-    .await
-    .unwrap();
-    let client = FleetClient::new(&server.url(), "op");
+    let (server, client) = start_server(dir.path(), embedded_mqtt(), vec![public.clone()]).await;
     let proxy = Proxy::start(server.http_addr).await;
     let token = client.tokens(1).await.unwrap().remove(0);
     let mut config = agent_config(&proxy.url(), &server.mqtt_url, &token, &public, dir.path().join("agent"), 0);

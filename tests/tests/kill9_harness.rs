@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fleet_server::server::{self, ServerConfig};
+use fleet_server::server;
 use fleet_tests::*;
 use fleetctl::demo::wait_for;
 use proto::wire::DeployRequest;
@@ -102,18 +102,7 @@ async fn an_agent_killed_at_random_moments_always_restarts_serving_a_verified_mo
     let binary = agent_binary();
     let dir = tempfile::tempdir().unwrap();
     let (secret, public) = new_key();
-    let server = server::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        mqtt: embedded_mqtt(),
-        operator_token: Some("op".into()),
-        trusted_keys: vec![public.clone()],
-        max_bundle_bytes: 64 << 20,
-        rollout_tick: Duration::from_millis(200),
-    })
-    .await
-    .unwrap();
-    let client = fleetctl::client::FleetClient::new(&server.url(), "op");
+    let (server, client) = start_server(dir.path(), embedded_mqtt(), vec![public.clone()]).await;
     client.publish(fixture_bundle(&secret, "1.0.0", MLP).unwrap()).await.unwrap();
     client.publish(bundle_with_golden(&secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await.unwrap();
     let token = client.tokens(1).await.unwrap().remove(0);
