@@ -36,8 +36,17 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Hex ed25519 public keys whose signatures on bundles are accepted.
     pub trusted_keys: Vec<String>,
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (needs `ca_file`).
     pub mqtt_url: String,
+    /// PEM file of the CA that signed the server's certificate (`fleetctl pki init`). When set,
+    /// `https://` and `mqtts://` trust this CA only (it is pinned); without it `https://` uses
+    /// the system's roots and `mqtts://` is refused.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow plain `http://` / `mqtt://` to hosts other than this machine (the credential then
+    /// travels in clear). Off by default.
+    #[serde(default)]
+    pub allow_insecure: bool,
     #[serde(default = "default_api_listen")]
     pub api_listen: SocketAddr,
     #[serde(default)]
@@ -142,6 +151,7 @@ impl AgentConfig {
             .map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
         config.apply_env(|key| std::env::var(key).ok());
         config.validate()?;
+        config.check_ca()?;
         Ok(config)
     }
 
@@ -172,7 +182,17 @@ impl AgentConfig {
         }
         proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;
-        proto::endpoint::parse_mqtt_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let broker =
+            proto::endpoint::parse_broker_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let insecure = |e: proto::endpoint::InsecureUrl| ConfigError::Invalid(e.to_string());
+        proto::endpoint::require_secure("server_url", &self.server_url, self.allow_insecure).map_err(insecure)?;
+        proto::endpoint::require_secure("mqtt_url", &self.mqtt_url, self.allow_insecure).map_err(insecure)?;
+        if broker.tls && self.ca_file.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "mqtt_url {:?} is TLS; set ca_file to the PEM of the CA that signed the broker's certificate",
+                self.mqtt_url
+            )));
+        }
         let rate = self.limits.telemetry_sample_rate;
         if !(rate > 0.0 && rate <= 1.0) {
             return Err(ConfigError::Invalid(format!("limits.telemetry_sample_rate {rate} must be in (0, 1]")));
@@ -184,9 +204,42 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Reads `ca_file`, if set, and checks it holds a CA certificate (blocking: reads a file).
+    pub fn check_ca(&self) -> Result<(), ConfigError> {
+        if let Some(pem) = self.ca_pem()? {
+            crate::http::rustls_trusting(&pem).map_err(|e| ConfigError::Invalid(format!("ca_file: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The pinned CA certificate (PEM), read from `ca_file`.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        match &self.ca_file {
+            Some(path) => {
+                std::fs::read(path).map(Some).map_err(|source| ConfigError::Read { path: path.clone(), source })
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_text_to_another_host_needs_allow_insecure() {
+        let remote = MINIMAL.replace("http://127.0.0.1:8080", "http://10.1.2.3:8080");
+        let config: AgentConfig = toml::from_str(&remote).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server_url") && err.contains("allow_insecure"), "{err}");
+        let config: AgentConfig = toml::from_str(&format!("allow_insecure = true\n{remote}")).unwrap();
+        config.validate().unwrap();
+        let tls = MINIMAL.replace("mqtt://127.0.0.1:1884", "mqtts://fleet.example:8883");
+        let err = toml::from_str::<AgentConfig>(&tls).unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("ca_file"), "{err}");
+    }
 
     const MINIMAL: &str = r#"
 server_url = "http://127.0.0.1:8080"

@@ -33,6 +33,33 @@ pub fn builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(30))
 }
 
+/// [`builder`] trusting only `ca_pem` (the fleet's own CA, pinned) when given; the system's
+/// roots otherwise.
+pub fn builder_trusting(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder, String> {
+    let builder = builder();
+    let Some(pem) = ca_pem else {
+        return Ok(builder);
+    };
+    let ca = reqwest::Certificate::from_pem(pem).map_err(|e| format!("ca_file is not a PEM certificate: {e}"))?;
+    Ok(builder.tls_certs_only([ca]))
+}
+
+/// A rustls client config that trusts only the CA certificates in `ca_pem` (for MQTT over TLS).
+pub fn rustls_trusting(ca_pem: &[u8]) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    init_tls();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| format!("ca_file is not a PEM certificate: {e}"))?;
+        roots.add(cert).map_err(|e| format!("ca_file certificate refused: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("ca_file holds no certificate".into());
+    }
+    Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
 /// Reads a reply body, refusing one larger than `limit` bytes without reading the rest.
 pub async fn read_capped(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
     let url = response.url().clone();

@@ -131,6 +131,7 @@ struct Opened {
 }
 
 fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
+    config.check_ca()?;
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
     let state = StateDb::open(&data_dir.join("agent.db"))?;
@@ -229,7 +230,12 @@ impl Connected {
         drift_requests: mpsc::Receiver<oneshot::Sender<()>>,
         cancel: CancellationToken,
     ) {
-        let http = match crate::http::builder().build() {
+        let ca_pem = match self.config.ca_pem() {
+            Ok(pem) => pem,
+            Err(e) => return tracing::error!(error = %e, "cannot read the pinned CA"),
+        };
+        let built = crate::http::builder_trusting(ca_pem.as_deref()).and_then(|b| b.build().map_err(|e| e.to_string()));
+        let http = match built {
             Ok(http) => http,
             Err(e) => return tracing::error!(error = %e, "cannot build the HTTP client"),
         };
@@ -249,6 +255,7 @@ impl Connected {
                 outbox: self.outbox.clone(),
                 telemetry: self.telemetry.clone(),
                 ack_timeout: self.config.limits.ack_timeout(),
+                ca_pem,
             },
             updater_tx,
             cancel.clone(),

@@ -83,6 +83,7 @@ async fn start_server(dir: &Path) -> Result<(ServerHandle, FleetClient)> {
         trusted_keys: vec![hex::encode([9u8; 32])],
         max_bundle_bytes: 1 << 20,
         rollout_tick: Duration::from_secs(1),
+        ..ServerConfig::default()
     })
     .await?;
     let client = FleetClient::new(&server.url(), "op");
@@ -99,6 +100,7 @@ fn store_only(dir: &Path, records: u64) -> Result<f64> {
         credential_hash: "h".into(),
         enrolled_ms: 0,
         public_key: String::new(),
+        broker_hash: String::new(),
     })?;
     let started = Instant::now();
     for seq in 1..=records {

@@ -8,6 +8,7 @@
 //! is what lets the device delete it (ADR 0007).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::store::{Accepted, Report, SequencedReport, Store, StoreError, StoredDrift};
+
+/// Where the server's own MQTT session goes and as whom.
+#[derive(Clone, Debug)]
+pub struct SessionTarget {
+    pub host: String,
+    pub port: u16,
+    /// Must stay the same across restarts of this server and differ between servers.
+    pub client_id: String,
+    pub login: Option<MqttLogin>,
+}
+
+/// The username and password of the server's own MQTT session.
+#[derive(Clone, Debug)]
+pub struct MqttLogin {
+    pub username: String,
+    pub password: String,
+}
 
 /// Publishes desired-state notifications; cheap to clone.
 #[derive(Clone)]
@@ -47,24 +65,41 @@ impl Notifier {
     }
 }
 
+/// Tells the ingest that a device was revoked, so it forgets the keys it cached; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Revocations(Arc<AtomicU64>);
+
+impl Revocations {
+    pub fn device_revoked(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Publishes waiting to be stored; when full, the session stops reading from the broker.
 const ARRIVED_QUEUE: usize = 1024;
 /// Most records stored in one transaction.
 const MAX_BATCH: usize = 256;
 
 /// Starts the server's MQTT session as two tasks of `tasks` (the connection, and the ingest that
-/// stores what arrives in batches); they end when `cancel` is cancelled. `client_id` must stay
-/// the same across restarts of this server (its queued messages are kept under it) and differ
-/// between servers.
+/// stores what arrives in batches); they end when `cancel` is cancelled. The target's client id
+/// must stay the same across restarts of this server (its queued messages are kept under it) and
+/// differ between servers.
 pub fn connect(
-    host: &str,
-    port: u16,
-    client_id: &str,
+    broker: &SessionTarget,
     store: Arc<dyn Store>,
+    revocations: Revocations,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> Notifier {
+    let (host, port, client_id, login) = (&broker.host, broker.port, &broker.client_id, broker.login.as_ref());
     let mut options = MqttOptions::new(client_id, host, port);
+    if let Some(login) = login {
+        options.set_credentials(login.username.clone(), login.password.clone());
+    }
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     options.set_clean_session(false);
@@ -77,7 +112,7 @@ pub fn connect(
     eventloop.set_network_options(network);
     let (arrived_tx, arrived_rx) = mpsc::channel(ARRIVED_QUEUE);
     tasks.spawn(run_session(eventloop, client.clone(), arrived_tx, cancel.clone()));
-    let ingest = Ingest { store, known: Known::default(), client: client.clone() };
+    let ingest = Ingest { store, known: Known::default(), client: client.clone(), revocations, seen_revocations: 0 };
     tasks.spawn(ingest.run(arrived_rx, cancel));
     Notifier { client }
 }
@@ -136,6 +171,9 @@ struct Ingest {
     /// Taken by each batch's blocking call and put back after it.
     known: Known,
     client: AsyncClient,
+    revocations: Revocations,
+    /// The revocation generation the cached keys were read under.
+    seen_revocations: u64,
 }
 
 /// What the ingest remembers between batches: read from the store once.
@@ -215,6 +253,11 @@ impl Ingest {
     /// not come back forever; one the store refused is not, so the broker redelivers it after a
     /// reconnect.
     async fn on_batch(&mut self, publishes: Vec<Publish>) {
+        let revocations = self.revocations.generation();
+        if revocations != self.seen_revocations {
+            self.known.keys.clear();
+            self.seen_revocations = revocations;
+        }
         let mut known = std::mem::take(&mut self.known);
         let result = crate::store::blocking(&self.store, move |store| {
             let processed = process(store, &mut known, &publishes);
@@ -330,11 +373,20 @@ fn decode_record(
     };
     let envelope =
         open_envelope(payload).map_err(|e| IngestError::Forged { device: device.clone(), reason: e.to_string() })?;
-    let Some(key) = device_key(store, known, &device)? else {
-        // Unknown devices, and devices enrolled before keys existed, have nothing to verify with.
-        return Err(IngestError::Forged { device, reason: "no public key is registered for this device".into() });
-    };
-    envelope.verify(&key, topic).map_err(|e| IngestError::Forged { device: device.clone(), reason: e.to_string() })?;
+    let forged = |reason: String| IngestError::Forged { device: device.clone(), reason };
+    let no_key = || forged("no public key is registered for this device (unknown or revoked)".into());
+    // Unknown and revoked devices, and devices enrolled before keys existed, have nothing to
+    // verify with.
+    let key = device_key(store, known, &device, Lookup::Cached)?.ok_or_else(no_key)?;
+    if let Err(e) = envelope.verify(&key, topic) {
+        // The cached key may be stale: an enrollment retry registers a new one. Read it again
+        // once; a forger pays one indexed lookup per forged report.
+        match device_key(store, known, &device, Lookup::Fresh)? {
+            Some(fresh) if fresh != key => envelope.verify(&fresh, topic).map_err(|e| forged(e.to_string()))?,
+            Some(_) => return Err(forged(e.to_string())),
+            None => return Err(no_key()),
+        }
+    }
     let (seq, floor, body) = (envelope.seq, envelope.floor, envelope.body);
     let body = match parsed {
         Topic::Heartbeat { .. } => Body::Heartbeat(decode("heartbeat", body)?),
@@ -369,8 +421,20 @@ fn decode_record(
     Ok(Some(Arrived { device, seq, floor, body }))
 }
 
-fn device_key(store: &dyn Store, known: &mut Known, device: &str) -> Result<Option<VerifyingKey>, IngestError> {
-    if let Some(Some(key)) = known.keys.get(device) {
+/// Whether a device key may come from the cache.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    Cached,
+    Fresh,
+}
+
+fn device_key(
+    store: &dyn Store,
+    known: &mut Known,
+    device: &str,
+    lookup: Lookup,
+) -> Result<Option<VerifyingKey>, IngestError> {
+    if let (Lookup::Cached, Some(Some(key))) = (lookup, known.keys.get(device)) {
         return Ok(Some(*key));
     }
     // Looked up again while unknown: the device may have enrolled since.

@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_ms() -> u64 {

@@ -9,8 +9,13 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::identity::BOOTSTRAP_ADMIN;
 use crate::api::{router, AppState};
-use crate::store::{SqliteStore, Store, StoreError};
+pub use crate::broker::mosquitto::MosquittoFiles;
+use crate::ingest::{MqttLogin, Revocations, SessionTarget};
+use crate::store::{OperatorRecord, SqliteStore, Store, StoreError};
+pub use crate::tls::TlsFiles;
+use proto::wire::Role;
 
 #[derive(Clone, Debug)]
 pub enum Mqtt {
@@ -32,6 +37,30 @@ pub struct ServerConfig {
     pub max_bundle_bytes: usize,
     /// How often running rollouts are evaluated.
     pub rollout_tick: std::time::Duration,
+    /// Username and password of the server's session on an external broker (Mosquitto with the
+    /// config from `fleetctl broker config`); the embedded broker makes its own.
+    pub mqtt_login: Option<MqttLogin>,
+    /// Serve HTTPS and MQTT over TLS (embedded broker) with this certificate and key.
+    pub tls: Option<TlsFiles>,
+    /// With an external Mosquitto: the password file to keep in step with the store.
+    pub mosquitto: Option<MosquittoFiles>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            data_dir: PathBuf::from("fleet-data"),
+            mqtt: Mqtt::Embedded { listen: ([127, 0, 0, 1], 0).into() },
+            operator_token: None,
+            trusted_keys: Vec::new(),
+            max_bundle_bytes: 512 << 20,
+            rollout_tick: std::time::Duration::from_secs(1),
+            mqtt_login: None,
+            tls: None,
+            mosquitto: None,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -48,12 +77,16 @@ pub enum ServerError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     MqttUrl(#[from] proto::endpoint::BadMqttUrl),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
 
 pub struct ServerHandle {
     pub http_addr: SocketAddr,
+    /// "http" or "https".
+    scheme: &'static str,
     /// The broker URL devices should use.
     pub mqtt_url: String,
     pub operator_token: String,
@@ -64,7 +97,7 @@ pub struct ServerHandle {
 
 impl ServerHandle {
     pub fn url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("{}://{}", self.scheme, self.http_addr)
     }
 
     /// Stops accepting work and waits until every task has finished: the HTTP API has answered
@@ -82,6 +115,8 @@ pub fn bundle_file(bundle_dir: &Path, name: &str, version: &str) -> PathBuf {
     bundle_dir.join(name).join(format!("{version}.bundle"))
 }
 
+/// The bootstrap admin's token: given, or made at first start and written to
+/// `<data>/operator.token` (mode 0600, written atomically).
 fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
     if let Some(token) = &config.operator_token {
         return Ok(token.clone());
@@ -92,10 +127,27 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
         Ok(token) => Ok(token.trim().to_string()),
         Err(_) => {
             let token = hex::encode(rand::random::<[u8; 24]>());
-            std::fs::write(&path, &token).map_err(io)?;
+            write_secret(&path, &token).map_err(io)?;
             Ok(token)
         }
     }
+}
+
+/// Writes a secret readable by its owner only: to a temporary file made 0600, then renamed.
+pub fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The MQTT client id of this server's persistent session: made once per data directory, so a
@@ -124,29 +176,52 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let trusted = Arc::new(TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))?);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir.join("fleet.db"))?);
     let operator_token = operator_token(&config)?;
-    let cancel = CancellationToken::new();
-
-    let mqtt_url = match &config.mqtt {
-        Mqtt::Embedded { listen } => {
-            crate::broker::start_embedded(*listen, proto::wire::MAX_MQTT_PAYLOAD + 1024)?;
-            format!("mqtt://{listen}")
-        }
-        Mqtt::External { url } => url.clone(),
+    let admin = OperatorRecord {
+        name: BOOTSTRAP_ADMIN.into(),
+        role: Role::Admin,
+        token_hash: crate::api::sha256_hex(&operator_token),
+        created_ms: crate::unix_ms(),
+        revoked_ms: None,
     };
-    let (host, port) = proto::endpoint::parse_mqtt_url(&mqtt_url)?;
+    store.put_operator(&admin, true)?;
+    let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+    let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+
+    let (mqtt_url, session_addr, login, sessions) = match &config.mqtt {
+        Mqtt::Embedded { listen } => {
+            let max_payload = proto::wire::MAX_MQTT_PAYLOAD + 1024;
+            let broker =
+                crate::broker::start_embedded(*listen, max_payload, store.clone(), tls.clone(), cancel.clone(), &tasks)
+                    .await?;
+            let scheme = if tls.is_some() { "mqtts" } else { "mqtt" };
+            let login = MqttLogin { username: crate::broker::SERVER_USERNAME.into(), password: broker.server_password };
+            let internal = (broker.internal.ip().to_string(), broker.internal.port());
+            (format!("{scheme}://{}", broker.public), internal, Some(login), Some(broker.sessions))
+        }
+        Mqtt::External { url } => (url.clone(), proto::endpoint::parse_mqtt_url(url)?, config.mqtt_login.clone(), None),
+    };
+    let broker_passwords = config
+        .mosquitto
+        .clone()
+        .map(|files| crate::broker::mosquitto::spawn_sync(store.clone(), files, cancel.clone(), &tasks));
     let client_id = mqtt_client_id(data_dir)?;
-    let notifier = crate::ingest::connect(&host, port, &client_id, store.clone(), cancel.clone(), &tasks);
+    let revocations = Revocations::default();
+    let (host, port) = session_addr;
+    let target = SessionTarget { host, port, client_id, login };
+    let notifier = crate::ingest::connect(&target, store.clone(), revocations.clone(), cancel.clone(), &tasks);
     let rollouts =
         crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone(), &tasks);
     let state = AppState {
         rollouts,
         store: store.clone(),
         bundle_dir: data_dir.join("bundles"),
-        operator_token: operator_token.as_str().into(),
         trusted,
         notifier,
         max_bundle_bytes: config.max_bundle_bytes,
+        revocations,
+        sessions,
+        broker_passwords,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -154,13 +229,27 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let http_addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let app = router(state);
     let shutdown = cancel.clone();
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-            tracing::error!(error = %e, "HTTP API stopped");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match tls {
+        Some(acceptor) => {
+            let listener = crate::tls::TlsListener::new(listener, acceptor)
+                .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+                    tracing::error!(error = %e, "HTTPS API stopped");
+                }
+            });
         }
-    });
+        None => {
+            tasks.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+                    tracing::error!(error = %e, "HTTP API stopped");
+                }
+            });
+        }
+    }
     tracing::info!(%http_addr, %mqtt_url, "fleet-server running");
-    Ok(ServerHandle { http_addr, mqtt_url, operator_token, store, cancel, tasks })
+    Ok(ServerHandle { http_addr, scheme, mqtt_url, operator_token, store, cancel, tasks })
 }
 
 /// A free loopback port for the embedded broker (rumqttd cannot report a port-0 choice back).
@@ -184,6 +273,7 @@ mod tests {
             trusted_keys: vec![hex::encode([9u8; 32])],
             max_bundle_bytes: 1 << 20,
             rollout_tick: std::time::Duration::from_millis(50),
+            ..ServerConfig::default()
         })
         .await
         .unwrap();

@@ -2,7 +2,8 @@
 
 use proto::rollout::RolloutPlan;
 use proto::wire::{
-    AuditEntry, BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, TokenRequest, TokenResponse,
+    AuditEntry, BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, OperatorCreated, OperatorRequest,
+    OperatorView, Role, TokenRequest, TokenResponse, TokenRevokeRequest,
 };
 
 use fleet_server::api::rollouts::RolloutView;
@@ -34,16 +35,20 @@ impl FleetClient {
         }
     }
 
+    /// A client that trusts only the CA in `ca_pem` (the fleet's private CA) for `https://`.
+    pub fn trusting(base: &str, token: &str, ca_pem: Option<&[u8]>) -> Result<FleetClient, String> {
+        let http = edge_agent::http::builder_trusting(ca_pem)?.build().map_err(|e| e.to_string())?;
+        Ok(FleetClient { base: base.trim_end_matches('/').to_string(), token: token.to_string(), http })
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
         what: &'static str,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
         let url = self.base.clone();
-        let actor = std::env::var("USER").unwrap_or_else(|_| "fleetctl".into());
         let response = request
             .bearer_auth(&self.token)
-            .header("x-fleet-actor", actor)
             .send()
             .await
             .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
@@ -111,13 +116,45 @@ impl FleetClient {
     }
 
     pub async fn tokens(&self, count: u32) -> Result<Vec<String>, ClientError> {
+        self.tokens_valid_for(count, None).await
+    }
+
+    /// Enrollment tokens valid for `valid_hours` (the server's default of 7 days when None).
+    pub async fn tokens_valid_for(&self, count: u32, valid_hours: Option<u32>) -> Result<Vec<String>, ClientError> {
         let response: TokenResponse = self
             .send(
                 "the token request",
-                self.http.post(format!("{}/api/v1/enrollment-tokens", self.base)).json(&TokenRequest { count }),
+                self.http
+                    .post(format!("{}/api/v1/enrollment-tokens", self.base))
+                    .json(&TokenRequest { count, valid_hours }),
             )
             .await?;
         Ok(response.tokens)
+    }
+
+    pub async fn revoke_token(&self, token: &str) -> Result<(), ClientError> {
+        let url = format!("{}/api/v1/enrollment-tokens/revoke", self.base);
+        let body = TokenRevokeRequest { token: token.to_string() };
+        self.send("the token revocation", self.http.post(url).json(&body)).await
+    }
+
+    pub async fn add_operator(&self, name: &str, role: Role) -> Result<OperatorCreated, ClientError> {
+        let body = OperatorRequest { name: name.to_string(), role };
+        self.send("the new operator", self.http.post(format!("{}/api/v1/operators", self.base)).json(&body)).await
+    }
+
+    pub async fn operators(&self) -> Result<Vec<OperatorView>, ClientError> {
+        self.send("the operator list", self.http.get(format!("{}/api/v1/operators", self.base))).await
+    }
+
+    pub async fn revoke_operator(&self, name: &str) -> Result<(), ClientError> {
+        let url = format!("{}/api/v1/operators/{}/revoke", self.base, percent_encode(name));
+        self.send("the operator revocation", self.http.post(url)).await
+    }
+
+    pub async fn revoke_device(&self, device: &str) -> Result<(), ClientError> {
+        let url = format!("{}/api/v1/devices/{}/revoke", self.base, percent_encode(device));
+        self.send("the device revocation", self.http.post(url)).await
     }
 
     /// Every device's delivery counters.

@@ -148,6 +148,8 @@ pub fn agent_config(
         intervals: Intervals { checkin_secs: 2.0, heartbeat_secs: 0.5, drift_secs: 1.0 },
         // Quick resends and retries: demo and test outages last seconds, not hours.
         limits: AgentLimits { ack_timeout_secs: 3.0, request_timeout_secs: 10.0, ..AgentLimits::default() },
+        ca_file: None,
+        allow_insecure: false,
     }
 }
 
@@ -248,6 +250,7 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
         trusted_keys: vec![public.clone()],
         max_bundle_bytes: 64 << 20,
         rollout_tick: std::time::Duration::from_millis(250),
+        ..ServerConfig::default()
     })
     .await?;
     progress(&format!("fleet server on {} with MQTT at {}", server.url(), server.mqtt_url));

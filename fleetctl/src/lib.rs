@@ -4,10 +4,12 @@
 //! libraries; they never depend on each other.
 #![forbid(unsafe_code)]
 
+pub mod broker_setup;
 pub mod client;
 pub mod demo;
 pub mod link;
 pub mod offline;
 pub mod ops;
 pub mod packaging;
+pub mod pki;
 pub mod scenario;

@@ -29,9 +29,20 @@ struct ServerArgs {
     /// Fleet server base URL.
     #[arg(long, env = "FLEET_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
-    /// Operator token (the server writes one to <data-dir>/operator.token).
+    /// Operator token (the server writes the bootstrap admin's to <data-dir>/operator.token;
+    /// `fleetctl operators add` makes named ones).
     #[arg(long, env = "FLEET_TOKEN")]
     token: String,
+    /// PEM of the fleet's CA (`fleetctl pki init`) to trust for an https:// server; pinned.
+    #[arg(long, env = "FLEET_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn client(&self) -> Result<FleetClient> {
+        let ca = self.ca_file.as_deref().map(read).transpose()?;
+        FleetClient::trusting(&self.server, &self.token, ca.as_deref()).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Subcommand)]
@@ -52,13 +63,26 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// List devices with their models, status and last health.
+    /// List devices with their models, status and last health (`devices revoke ID` revokes one).
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
     Devices {
+        #[command(subcommand)]
+        action: Option<DevicesCommand>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Named operator tokens with a role: viewer, operator or admin (admin only).
+    #[command(subcommand)]
+    Operators(OperatorsCommand),
+    /// A private CA and server certificates for TLS on HTTP and MQTT.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Set up Mosquitto as the fleet's broker.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
+
     /// Replace a device's labels (they select cohorts for rollouts): `fleetctl label dev-1 site=a region=eu`.
     Label {
         device: String,
@@ -200,8 +224,100 @@ enum TokensCommand {
     Create {
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Hours until the tokens expire [server default: 168, one week].
+        #[arg(long)]
+        valid_hours: Option<u32>,
         #[command(flatten)]
         server: ServerArgs,
+    },
+    /// Revoke an enrollment token that has not enrolled a device yet.
+    Revoke {
+        token: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Revoke a device (admin): its credential and key stop working and its MQTT session closes.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorsCommand {
+    /// Create a named operator; prints its token once.
+    Add {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Revoke an operator's token.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Write <out>/mosquitto.conf (no anonymous clients), <out>/acl (each device on
+    /// fleet/v1/devices/<its id>/… only, via `pattern … %u`), <out>/passwords (the server's
+    /// login; fleet-server adds each device as it enrolls) and <out>/server.password (0600).
+    Config {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8883)]
+        port: u16,
+        /// Listener address [default: 0.0.0.0 with TLS, 127.0.0.1 without].
+        #[arg(long)]
+        bind: Option<String>,
+        /// PEM certificate chain for TLS (`fleetctl pki issue`).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Make a private CA: <out>/ca.pem (give it to agents as ca_file) and <out>/ca.key (0600).
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "fleet CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        valid_days: u32,
+    },
+    /// Issue a server certificate signed by the CA: <out>/<name>.pem (chain) and <out>/<name>.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names and IP addresses the server is reached by; repeatable.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "server")]
+        name: String,
+        #[arg(long, default_value_t = 825)]
+        valid_days: u32,
     },
 }
 
@@ -262,16 +378,30 @@ async fn main() -> Result<()> {
         Command::Keygen { out, name } => keygen(&out, &name),
         Command::Bundle(command) => bundle(command),
         Command::Publish { bundle, server } => {
-            let info = FleetClient::new(&server.server, &server.token).publish(read(&bundle)?).await?;
+            let info = server.client()?.publish(read(&bundle)?).await?;
             println!(
                 "published {} {} ({} bytes, sha256 {}, signed by {})",
                 info.name, info.version, info.size, info.sha256, info.signed_by
             );
             Ok(())
         }
-        Command::Devices { json, server } => devices(json, &server).await,
+        Command::Devices { action: Some(DevicesCommand::Revoke { id, server }), .. } => {
+            server.client()?.revoke_device(&id).await?;
+            println!("{id} revoked: its credential is refused and its MQTT session closed");
+            Ok(())
+        }
+        Command::Devices { action: None, json, server } => devices(json, &server).await,
+        Command::Operators(command) => operators(command).await,
+        Command::Pki(command) => pki(command),
+        Command::Broker(BrokerCommand::Config { out, port, bind, tls_cert, tls_key }) => {
+            let tls = tls_cert.zip(tls_key);
+            let bind = bind.unwrap_or_else(|| if tls.is_some() { "0.0.0.0" } else { "127.0.0.1" }.into());
+            let tls = tls.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()));
+            println!("{}", fleetctl::broker_setup::write(&out, &bind, port, tls)?);
+            Ok(())
+        }
         Command::Deploy { model, version, devices, wait, timeout_secs, server } => {
-            let client = FleetClient::new(&server.server, &server.token);
+            let client = server.client()?;
             let request = DeployRequest { model: model.clone(), version: version.clone(), devices };
             let response = client.deploy(&request).await?;
             println!("desired on {} device(s): {}", response.devices.len(), response.devices.join(", "));
@@ -281,13 +411,13 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Telemetry(TelemetryCommand::Export { model, version, since, out, server }) => {
-            let client = FleetClient::new(&server.server, &server.token);
+            let client = server.client()?;
             let rows = fleetctl::ops::export_telemetry(&client, &model, version.as_deref(), since, &out).await?;
             println!("{rows} telemetry row(s) of {model} written to {}", out.display());
             Ok(())
         }
         Command::Delivery { json, server } => {
-            let views = FleetClient::new(&server.server, &server.token).delivery().await?;
+            let views = server.client()?.delivery().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
@@ -310,10 +440,15 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Tokens(TokensCommand::Create { count, server }) => {
-            for token in FleetClient::new(&server.server, &server.token).tokens(count).await? {
+        Command::Tokens(TokensCommand::Create { count, valid_hours, server }) => {
+            for token in server.client()?.tokens_valid_for(count, valid_hours).await? {
                 println!("{token}");
             }
+            Ok(())
+        }
+        Command::Tokens(TokensCommand::Revoke { token, server }) => {
+            server.client()?.revoke_token(&token).await?;
+            println!("token revoked");
             Ok(())
         }
         Command::Demo { agents, rows, mqtt_url, json, scenario } => {
@@ -326,12 +461,12 @@ async fn main() -> Result<()> {
                 let Some((key, value)) = pair.split_once('=') else { bail!("label {pair:?} must look like key=value") };
                 map.insert(key.to_string(), value.to_string());
             }
-            FleetClient::new(&server.server, &server.token).set_labels(&device, &map).await?;
+            server.client()?.set_labels(&device, &map).await?;
             println!("{device}: {} label(s) set", map.len());
             Ok(())
         }
         Command::Audit { rollout, json, server } => {
-            let entries = FleetClient::new(&server.server, &server.token).audit(rollout.as_deref()).await?;
+            let entries = server.client()?.audit(rollout.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
@@ -379,6 +514,53 @@ async fn follow(client: &FleetClient, targets: &[String], model: &str, version: 
         bail!("{bad} of {} device(s) did not activate {model} {version}", outcomes.len());
     }
     println!("{model} {version} active on all {} device(s)", outcomes.len());
+    Ok(())
+}
+
+async fn operators(command: OperatorsCommand) -> Result<()> {
+    match command {
+        OperatorsCommand::Add { name, role, server } => {
+            let role: proto::wire::Role = role.parse().map_err(anyhow::Error::msg)?;
+            let created = server.client()?.add_operator(&name, role).await?;
+            eprintln!("operator {} ({}) created; its token, shown once:", created.name, created.role.as_str());
+            println!("{}", created.token);
+        }
+        OperatorsCommand::List { json, server } => {
+            let operators = server.client()?.operators().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&operators)?);
+            } else {
+                println!("{:<24} {:<9} {:>15} {:>15}", "NAME", "ROLE", "CREATED_MS", "REVOKED_MS");
+                for o in operators {
+                    let revoked = o.revoked_ms.map_or("-".to_string(), |ms| ms.to_string());
+                    println!("{:<24} {:<9} {:>15} {:>15}", o.name, o.role.as_str(), o.created_ms, revoked);
+                }
+            }
+        }
+        OperatorsCommand::Revoke { name, server } => {
+            server.client()?.revoke_operator(&name).await?;
+            println!("operator {name} revoked");
+        }
+    }
+    Ok(())
+}
+
+fn pki(command: PkiCommand) -> Result<()> {
+    match command {
+        PkiCommand::Init { out, name, valid_days } => {
+            let (cert, key) = fleetctl::pki::init(&out, &name, valid_days)?;
+            println!("CA certificate {} (give it to agents as ca_file), key {}", cert.display(), key.display());
+        }
+        PkiCommand::Issue { ca, out, hosts, name, valid_days } => {
+            let (cert, key) = fleetctl::pki::issue(&ca, &out, &name, &hosts, valid_days)?;
+            println!(
+                "server certificate {} for {}, key {}: pass them as --tls-cert and --tls-key",
+                cert.display(),
+                hosts.join(", "),
+                key.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -443,7 +625,7 @@ fn bundle(command: BundleCommand) -> Result<()> {
 }
 
 async fn devices(json: bool, server: &ServerArgs) -> Result<()> {
-    let devices = FleetClient::new(&server.server, &server.token).devices().await?;
+    let devices = server.client()?.devices().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&devices)?);
         return Ok(());
@@ -566,12 +748,12 @@ async fn watch(client: &FleetClient, id: &str, json: bool) -> Result<()> {
 async fn rollout(command: RolloutCommand) -> Result<()> {
     let (action, args) = match command {
         RolloutCommand::Start { plan, watch: follow, json, server } => {
-            let client = FleetClient::new(&server.server, &server.token);
+            let client = server.client()?;
             let view = client.start_rollout(&read_plan(&plan)?).await?;
             return if follow { watch(&client, &view.rollout.id, json).await } else { show_rollout(&view, json) };
         }
         RolloutCommand::Status { id, watch: follow, json, server } => {
-            let client = FleetClient::new(&server.server, &server.token);
+            let client = server.client()?;
             return match id {
                 Some(id) if follow => watch(&client, &id, json).await,
                 Some(id) => show_rollout(&client.rollout(&id).await?, json),

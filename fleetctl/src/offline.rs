@@ -89,6 +89,7 @@ async fn start_server(
         trusted_keys: vec![public.to_string()],
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(250),
+        ..ServerConfig::default()
     };
     // The port is free again once the previous server let go of it.
     wait_for("the server to listen", Duration::from_secs(30), || async { server::start(config.clone()).await.ok() })
@@ -112,7 +113,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<Offlin
     let public = public_key_hex(&parse_secret_key(&secret).map_err(setup)?.verifying_key());
     // The broker outlives the server here, as a site's broker would: the embedded one on its port.
     let mqtt_port = server::free_loopback_port().map_err(setup)?;
-    fleet_server::broker::start_embedded(([127, 0, 0, 1], mqtt_port).into(), proto::wire::MAX_MQTT_PAYLOAD + 1024)
+    fleet_server::broker::start_open(([127, 0, 0, 1], mqtt_port).into(), proto::wire::MAX_MQTT_PAYLOAD + 1024)
         .map_err(setup)?;
     let http_port = server::free_loopback_port().map_err(setup)?;
     let server_dir = dir.path().join("server");

@@ -44,6 +44,7 @@ async fn deploy_wait_reports_each_device_outcome_and_telemetry_export_writes_the
         trusted_keys: vec![public.clone(), other_public],
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(200),
+        ..ServerConfig::default()
     })
     .await
     .unwrap();

@@ -122,3 +122,34 @@ fn the_offline_demo_accounts_for_every_record_and_exits_zero_when_nothing_was_lo
     assert_eq!(totals["records_stored"], totals["records_sent"]);
     assert_eq!(totals["duplicates_stored"], 0);
 }
+
+#[test]
+fn pki_and_broker_config_write_private_keys_0600_and_refuse_to_overwrite() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    let init = fleetctl(&["pki", "init", "--out", "pki/ca"], cwd);
+    assert!(init.status.success(), "{}", text(&init));
+    let issue = fleetctl(
+        &["pki", "issue", "--ca", "pki/ca", "--out", "pki/server", "--host", "127.0.0.1", "--host", "fleet.local"],
+        cwd,
+    );
+    assert!(issue.status.success() && text(&issue).contains("--tls-cert"), "{}", text(&issue));
+    let again = fleetctl(&["pki", "init", "--out", "pki/ca"], cwd);
+    assert!(!again.status.success() && text(&again).contains("refusing to overwrite"), "{}", text(&again));
+    let bad = fleetctl(&["pki", "issue", "--ca", "nowhere", "--out", "x", "--host", "h"], cwd);
+    assert!(!bad.status.success() && text(&bad).contains("is not a CA made by `fleetctl pki init`"), "{}", text(&bad));
+
+    let config = fleetctl(&["broker", "config", "--out", "broker", "--port", "18883"], cwd);
+    assert!(config.status.success() && text(&config).contains("--mosquitto-password-file"), "{}", text(&config));
+    let acl = std::fs::read_to_string(cwd.join("broker/acl")).unwrap();
+    assert!(acl.contains("pattern readwrite fleet/v1/devices/%u/#"), "{acl}");
+    let conf = std::fs::read_to_string(cwd.join("broker/mosquitto.conf")).unwrap();
+    assert!(conf.contains("allow_anonymous false") && conf.contains("listener 18883 127.0.0.1"), "{conf}");
+    for secret in ["pki/ca/ca.key", "pki/server/server.key", "broker/passwords", "broker/server.password"] {
+        let mode = std::fs::metadata(cwd.join(secret)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{secret}");
+    }
+    let again = fleetctl(&["broker", "config", "--out", "broker"], cwd);
+    assert!(!again.status.success() && text(&again).contains("refusing to overwrite"), "{}", text(&again));
+}

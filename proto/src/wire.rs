@@ -310,6 +310,9 @@ pub struct DeviceView {
     pub last_seen_ms: Option<u64>,
     pub health: Option<Health>,
     pub models: Vec<DeviceModelView>,
+    /// When an admin revoked the device; it can no longer check in, download or report.
+    #[serde(default)]
+    pub revoked_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -317,6 +320,71 @@ pub struct DeviceView {
 pub struct TokenRequest {
     #[serde(default = "one")]
     pub count: u32,
+    /// Hours until the tokens expire; the server's default (7 days) when absent.
+    #[serde(default)]
+    pub valid_hours: Option<u32>,
+}
+
+/// Revokes enrollment tokens not yet used: the token itself (the operator holds it).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TokenRevokeRequest {
+    pub token: String,
+}
+
+/// What an operator may do. Each role includes the ones below it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads fleet state: devices, rollouts, audit, delivery, telemetry.
+    Viewer,
+    /// Also changes it: publishes bundles, deploys, runs rollouts, labels devices, makes tokens.
+    Operator,
+    /// Also manages identities: operators, device and token revocation.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("role {other:?} is not one of viewer, operator, admin")),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct OperatorRequest {
+    pub name: String,
+    pub role: Role,
+}
+
+/// A new operator and its token, shown once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct OperatorCreated {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct OperatorView {
+    pub name: String,
+    pub role: Role,
+    pub created_ms: u64,
+    pub revoked_ms: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -358,10 +426,19 @@ pub enum AuditAction {
     RolledBack,
     /// An operator replaced a device's labels.
     Labels,
+    /// An operator set a model version on devices directly (`fleetctl deploy`).
+    Deploy,
+    /// An admin revoked a device.
+    DeviceRevoked,
+    /// An admin added or revoked an operator.
+    OperatorAdded,
+    OperatorRevoked,
+    /// An operator revoked an unused enrollment token.
+    TokenRevoked,
 }
 
 impl AuditAction {
-    const ALL: [AuditAction; 14] = [
+    const ALL: [AuditAction; 19] = [
         AuditAction::Created,
         AuditAction::Pause,
         AuditAction::Resume,
@@ -376,6 +453,11 @@ impl AuditAction {
         AuditAction::Halted,
         AuditAction::RolledBack,
         AuditAction::Labels,
+        AuditAction::Deploy,
+        AuditAction::DeviceRevoked,
+        AuditAction::OperatorAdded,
+        AuditAction::OperatorRevoked,
+        AuditAction::TokenRevoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -394,6 +476,11 @@ impl AuditAction {
             AuditAction::Halted => "halted",
             AuditAction::RolledBack => "rolled_back",
             AuditAction::Labels => "labels",
+            AuditAction::Deploy => "deploy",
+            AuditAction::DeviceRevoked => "device_revoked",
+            AuditAction::OperatorAdded => "operator_added",
+            AuditAction::OperatorRevoked => "operator_revoked",
+            AuditAction::TokenRevoked => "token_revoked",
         }
     }
 

@@ -50,6 +50,7 @@ pub async fn start_server(dir: &std::path::Path, mqtt: Mqtt, trusted_keys: Vec<S
         trusted_keys,
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(200),
+        ..ServerConfig::default()
     })
     .await
     .unwrap();
@@ -192,4 +193,94 @@ pub async fn infer(agent: &AgentHandle, body: serde_json::Value) -> (u16, serde_
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
+}
+
+/// A broker that admits anyone, like a Mosquitto run with its default config: the machine's
+/// Mosquitto when `FLEET_TEST_MQTT_URL` names it, else an unauthenticated rumqttd on loopback.
+/// For tests of what holds whichever broker carries the reports (signatures).
+pub fn open_mqtt() -> Mqtt {
+    match std::env::var("FLEET_TEST_MQTT_URL") {
+        Ok(url) if !url.is_empty() => Mqtt::External { url },
+        _ => {
+            let port = server::free_loopback_port().expect("a free loopback port");
+            fleet_server::broker::start_open(([127, 0, 0, 1], port).into(), 70_000).expect("an open broker");
+            Mqtt::External { url: format!("mqtt://127.0.0.1:{port}") }
+        }
+    }
+}
+
+/// Enrolls a device by hand (as an agent would) with a fresh token: (device id, credential).
+pub async fn enroll_by_hand(server_url: &str, client: &FleetClient) -> (String, String) {
+    let token = client.tokens(1).await.unwrap().remove(0);
+    let key = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let request = proto::wire::EnrollRequest {
+        token,
+        public_key: public_key_hex(&key.verifying_key()),
+        name: String::new(),
+        labels: Default::default(),
+    };
+    let response: proto::wire::EnrollResponse = edge_agent::http::client()
+        .post(format!("{server_url}/api/v1/enroll"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (response.device_id, response.credential)
+}
+
+/// What became of an MQTT connection attempt or action.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MqttOutcome {
+    /// Connected (and, for an action, the connection stayed up).
+    Up,
+    /// The broker refused the CONNECT with this return code.
+    Refused(String),
+    /// The broker closed the connection.
+    Closed,
+}
+
+/// Connects to `url` as `login` (None: anonymous), waits for the CONNACK, then runs `act` and
+/// reports whether the connection survived it for a second.
+pub async fn mqtt_try<F, Fut>(url: &str, login: Option<(&str, &str)>, act: F) -> MqttOutcome
+where
+    F: FnOnce(rumqttc::AsyncClient) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use rumqttc::{ConnectionError, Event, Packet};
+    let (host, port) = proto::endpoint::parse_mqtt_url(url).unwrap();
+    let mut options = rumqttc::MqttOptions::new(format!("probe-{}", rand::random::<u32>()), host, port);
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return MqttOutcome::Up,
+                Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(code)) => return MqttOutcome::Refused(format!("{code:?}")),
+                Err(_) => return MqttOutcome::Closed,
+            }
+        }
+    })
+    .await
+    .unwrap_or(MqttOutcome::Closed);
+    if connected != MqttOutcome::Up {
+        return connected;
+    }
+    act(client).await;
+    let survived = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            if eventloop.poll().await.is_err() {
+                return MqttOutcome::Closed;
+            }
+        }
+    })
+    .await;
+    survived.unwrap_or(MqttOutcome::Up)
 }

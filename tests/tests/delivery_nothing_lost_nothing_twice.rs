@@ -27,6 +27,7 @@ fn server_config(dir: &Path, http_port: u16, mqtt_url: &str, public: &str) -> Se
         trusted_keys: vec![public.to_string()],
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(200),
+        ..ServerConfig::default()
     }
 }
 
@@ -93,7 +94,7 @@ async fn reports_and_telemetry_sent_through_outages_are_stored_exactly_once() {
     // otherwise the embedded broker, which outlives the server in this process.
     let mut mosquitto = std::env::var("FLEET_TEST_MQTT_URL").ok().and_then(|_| OwnMosquitto::start(mqtt_port));
     if mosquitto.is_none() {
-        fleet_server::broker::start_embedded(([127, 0, 0, 1], mqtt_port).into(), 70_000).unwrap();
+        fleet_server::broker::start_open(([127, 0, 0, 1], mqtt_port).into(), 70_000).unwrap();
     }
     let mqtt_url = format!("mqtt://127.0.0.1:{mqtt_port}");
     let http_port = free_loopback_port().unwrap();

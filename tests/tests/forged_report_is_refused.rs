@@ -1,4 +1,5 @@
-//! Reports prove which device sent them: a status forged by an anonymous MQTT client (signed with
+//! Reports prove which device sent them, whichever broker carries them (here one that admits
+//! anyone, as a Mosquitto with its default config does): a status forged by an anonymous client (signed with
 //! another key, or in the envelope of before signatures), and a real signed status replayed on
 //! another device's topic, are dropped and counted as rejected with one log line each; the same
 //! real status replayed on its own topic is a duplicate, stored once. The server's view of both
@@ -15,7 +16,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_and_misplaced_reports_are_rejected_and_a_replay_is_stored_once() {
-    let fleet = Fleet::start(2, mqtt_from_env(), &[]).await;
+    let fleet = Fleet::start(2, open_mqtt(), &[]).await;
     let (a, b) = (fleet.agents[0].device_id().unwrap(), fleet.agents[1].device_id().unwrap());
     let (host, port) = proto::endpoint::parse_mqtt_url(&fleet.server.mqtt_url).unwrap();
     let (client, mut eventloop) =

@@ -26,7 +26,7 @@ async fn drift_summaries_buffered_while_the_broker_is_down_arrive_when_it_return
     let devices = fleet.client.devices().await.unwrap();
     assert_eq!(devices[0].models[0].drift_summaries, 0, "nothing can have arrived without a broker");
 
-    fleet_server::broker::start_embedded(([127, 0, 0, 1], port).into(), 70_000).unwrap();
+    fleet_server::broker::start_open(([127, 0, 0, 1], port).into(), 70_000).unwrap();
     fleet
         .wait_devices("every buffered drift summary to arrive", "tabular", |m| m.drift_summaries as usize >= buffered)
         .await;

@@ -21,6 +21,7 @@ fn config(dir: &std::path::Path, http_port: u16, mqtt_port: u16, public: &str) -
         trusted_keys: vec![public.to_string()],
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(100),
+        ..ServerConfig::default()
     }
 }
 
@@ -29,7 +30,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     let dir = tempfile::tempdir().unwrap();
     let (secret, public) = new_key();
     let (http_port, mqtt_port) = (free_loopback_port().unwrap(), free_loopback_port().unwrap());
-    fleet_server::broker::start_embedded(([127, 0, 0, 1], mqtt_port).into(), 70_000).unwrap();
+    fleet_server::broker::start_open(([127, 0, 0, 1], mqtt_port).into(), 70_000).unwrap();
     let first = server::start(config(dir.path(), http_port, mqtt_port, &public)).await.unwrap();
     let client = FleetClient::new(&first.url(), "op");
     let tokens = client.tokens(4).await.unwrap();

@@ -34,6 +34,8 @@ pub enum UplinkError {
     BadUrl(#[from] proto::endpoint::BadMqttUrl),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    #[error("MQTT over TLS: {0}")]
+    Tls(String),
 }
 
 struct Record {
@@ -87,6 +89,8 @@ pub struct UplinkConfig {
     pub telemetry: TelemetrySink,
     /// How long a published record waits for the server's acknowledgement before it is sent again.
     pub ack_timeout: Duration,
+    /// The pinned CA for `mqtts://` (required for it).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Most records published and not yet acknowledged, and most bytes of them read at once: enough
@@ -113,8 +117,15 @@ pub async fn spawn_uplink(
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<UplinkHandle, UplinkError> {
-    let (host, port) = proto::endpoint::parse_mqtt_url(&config.mqtt_url)?;
-    let mut options = MqttOptions::new(format!("agent-{}", config.device_id), host, port);
+    let broker = proto::endpoint::parse_broker_url(&config.mqtt_url)?;
+    let mut options = MqttOptions::new(format!("agent-{}", config.device_id), broker.host, broker.port);
+    if broker.tls {
+        let pem = config.ca_pem.as_deref().ok_or(UplinkError::Tls("mqtts:// needs ca_file".into()))?;
+        let tls = crate::http::rustls_trusting(pem).map_err(UplinkError::Tls)?;
+        options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            std::sync::Arc::new(tls),
+        )));
+    }
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
     options.set_credentials(config.device_id.clone(), config.credential.clone());

@@ -10,6 +10,8 @@ use proto::delivery::{DeliveryView, TelemetryAck, TelemetryBatch, MAX_TELEMETRY_
 use proto::names;
 use serde::Deserialize;
 
+use proto::wire::Role;
+
 use super::{blocking, ApiError, AppState};
 use crate::store::{StoredTelemetry, TelemetryQuery};
 
@@ -67,7 +69,7 @@ pub async fn export(
     headers: HeaderMap,
     Query(query): Query<ExportQuery>,
 ) -> Result<Json<Vec<StoredTelemetry>>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Viewer).await?;
     names::validate("model name", &query.model).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let q = TelemetryQuery {
         model: query.model,
@@ -80,6 +82,6 @@ pub async fn export(
 }
 
 pub async fn delivery(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeliveryView>>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Viewer).await?;
     Ok(Json(blocking(&state.store, |s| s.delivery()).await?))
 }

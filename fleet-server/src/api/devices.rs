@@ -5,11 +5,11 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use proto::names;
-use proto::wire::{CheckinRequest, DesiredState, EnrollRequest, EnrollResponse};
+use proto::wire::{CheckinRequest, DesiredState, EnrollRequest, EnrollResponse, Role};
 use tower::ServiceExt;
 
 use super::{blocking, sha256_hex, ApiError, AppState};
-use crate::store::NewDevice;
+use crate::store::{EnrollRefusal, NewDevice};
 
 /// How long after a token's use a retry with it still succeeds (the first reply was lost).
 const ENROLL_RETRY_GRACE_MS: u64 = 10 * 60 * 1000;
@@ -42,14 +42,24 @@ pub async fn enroll(
         credential_hash: sha256_hex(&credential),
         enrolled_ms: now,
         public_key: request.public_key.trim().to_ascii_lowercase(),
+        broker_hash: crate::broker::mosquitto::new_password_hash(&credential),
     };
-    let Some(device_id) =
-        blocking(&state.store, move |s| s.enroll(&token_hash, &device, ENROLL_RETRY_GRACE_MS)).await?
-    else {
-        return Err(ApiError::Forbidden(
-            "enrollment token is unknown or already used; create one with `fleetctl tokens create`".into(),
-        ));
-    };
+    let enrolled = blocking(&state.store, move |s| s.enroll(&token_hash, &device, ENROLL_RETRY_GRACE_MS)).await?;
+    let device_id = enrolled.map_err(|refusal| {
+        ApiError::Forbidden(
+            match refusal {
+                EnrollRefusal::UnknownOrUsed => "enrollment token is unknown or already used",
+                EnrollRefusal::Expired => "enrollment token has expired",
+                EnrollRefusal::Revoked => "enrollment token (or the device it enrolled) was revoked",
+            }
+            .to_string()
+                + "; create a new one with `fleetctl tokens create`",
+        )
+    })?;
+    if let Some(sync) = &state.broker_passwords {
+        // The device connects to the broker next: its password is there before the reply.
+        sync.sync().await;
+    }
     tracing::info!(device = %device_id, "device enrolled");
     Ok(Json(EnrollResponse { device_id, credential }))
 }
@@ -86,12 +96,18 @@ pub async fn download(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if state.require_operator(&headers).is_err() {
-        state.require_device(&headers).await?;
-    }
     names::validate("model name", &name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     semver::Version::parse(&version)
         .map_err(|_| ApiError::BadRequest(format!("version {version:?} is not a semantic version")))?;
+    // A device downloads only what its desired state names; an operator any published bundle.
+    if let Ok(device) = state.require_device(&headers).await {
+        let desired = blocking(&state.store, move |s| s.desired_state(&device)).await?;
+        if !desired.models.iter().any(|m| m.name == name && m.version == version) {
+            return Err(ApiError::Forbidden(format!("bundle {name} {version} is not in this device's desired state")));
+        }
+    } else {
+        state.require(&headers, Role::Viewer).await?;
+    }
     let (n, v) = (name.clone(), version.clone());
     if blocking(&state.store, move |s| s.bundle(&n, &v)).await?.is_none() {
         return Err(ApiError::NotFound(format!("no bundle {name} {version} is published")));

@@ -1,8 +1,10 @@
 //! The HTTP API under /api/v1. Devices authenticate with the bearer credential they got at
-//! enrollment; operators with the operator token. Every error body is `{"error": "<sentence>"}`.
+//! enrollment; operators with a named token whose role (viewer, operator, admin) decides what
+//! they may do, and whose name is the actor in the audit log. Every error body is `{"error": "<sentence>"}`.
 
 mod delivery;
 mod devices;
+pub mod identity;
 mod operator;
 pub mod rollouts;
 
@@ -14,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use proto::wire::ErrorBody;
+use proto::wire::{ErrorBody, Role};
 use proto::TrustedKeys;
 use sha2::{Digest, Sha256};
 
@@ -25,11 +27,15 @@ use crate::store::{Store, StoreError};
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub bundle_dir: PathBuf,
-    pub operator_token: Arc<str>,
     pub trusted: Arc<TrustedKeys>,
     pub notifier: Notifier,
     pub rollouts: crate::rollout::driver::RolloutHandle,
     pub max_bundle_bytes: usize,
+    pub revocations: crate::ingest::Revocations,
+    /// The embedded broker's sessions (None with an external broker).
+    pub sessions: Option<crate::broker::Sessions>,
+    /// Keeps an external Mosquitto's password file in step with enrollments and revocations.
+    pub broker_passwords: Option<crate::broker::mosquitto::PasswordSync>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -49,6 +55,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices/{id}/labels", axum::routing::put(operator::set_labels))
         .route("/api/v1/deployments", post(operator::deploy))
         .route("/api/v1/enrollment-tokens", post(operator::tokens))
+        .route("/api/v1/enrollment-tokens/revoke", post(operator::revoke_token))
+        .route("/api/v1/operators", post(identity::add_operator).get(identity::list_operators))
+        .route("/api/v1/operators/{name}/revoke", post(identity::revoke_operator))
+        .route("/api/v1/devices/{id}/revoke", post(identity::revoke_device))
         .route("/api/v1/rollouts", post(rollouts::create).get(rollouts::list))
         .route("/api/v1/rollouts/{id}", get(rollouts::show))
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
@@ -124,6 +134,17 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
+/// Appends an operator's action (not tied to a rollout) to the audit log.
+pub async fn audit(
+    state: &AppState,
+    actor: String,
+    action: proto::wire::AuditAction,
+    detail: String,
+) -> Result<(), ApiError> {
+    let entry = proto::wire::AuditEntry { at_ms: crate::unix_ms(), actor, rollout: None, action, detail };
+    blocking(&state.store, move |s| s.append_audit(&entry)).await
+}
+
 /// Runs a store call on the blocking pool, as an API error.
 pub async fn blocking<T: Send + 'static>(
     store: &Arc<dyn Store>,
@@ -132,13 +153,30 @@ pub async fn blocking<T: Send + 'static>(
     Ok(crate::store::blocking(store, f).await?)
 }
 
+/// The operator behind a request's token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+}
+
 impl AppState {
-    pub fn require_operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        match bearer(headers) {
-            // Compare digests so the comparison time does not depend on the secret's prefix.
-            Some(token) if sha256_hex(token) == sha256_hex(&self.operator_token) => Ok(()),
-            _ => Err(ApiError::Unauthorized),
+    /// The operator whose token the request carries, if its role is at least `role`. Tokens are
+    /// looked up by their SHA-256 digest, so lookup time depends on digests, never on how much
+    /// of a secret a guess got right.
+    pub async fn require(&self, headers: &HeaderMap, role: Role) -> Result<Operator, ApiError> {
+        let hash = sha256_hex(bearer(headers).ok_or(ApiError::Unauthorized)?);
+        let found = blocking(&self.store, move |s| s.operator_for_token(&hash)).await?;
+        let operator = found.ok_or(ApiError::Unauthorized)?;
+        if operator.role < role {
+            return Err(ApiError::Forbidden(format!(
+                "operator {} has the {} role; this needs {}",
+                operator.name,
+                operator.role.as_str(),
+                role.as_str()
+            )));
         }
+        Ok(Operator { name: operator.name, role: operator.role })
     }
 
     /// The device id behind a device credential.

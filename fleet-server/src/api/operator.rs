@@ -5,20 +5,26 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use proto::bundle::{read_archive, sha256_hex as bytes_sha256, Limits};
-use proto::wire::{BundleInfo, DeployRequest, DeployResponse, DeviceView, TokenRequest, TokenResponse};
+use proto::wire::{
+    AuditAction, BundleInfo, DeployRequest, DeployResponse, DeviceView, Role, TokenRequest, TokenResponse,
+    TokenRevokeRequest,
+};
 
 use super::{blocking, sha256_hex, ApiError, AppState};
 use crate::store::BundleRecord;
 
 /// Most tokens created by one request.
 const MAX_TOKENS_PER_REQUEST: u32 = 10_000;
+/// How long an enrollment token is valid unless the request says otherwise.
+const DEFAULT_TOKEN_HOURS: u32 = 7 * 24;
+const MAX_TOKEN_HOURS: u32 = 365 * 24;
 
 pub async fn publish(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<BundleInfo>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Operator).await?;
     let limits = Limits { max_bundle_bytes: state.max_bundle_bytes as u64, ..Limits::default() };
     let trusted = state.trusted.clone();
     let bytes = body.clone();
@@ -78,7 +84,7 @@ async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), A
 }
 
 pub async fn devices(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeviceView>>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Viewer).await?;
     Ok(Json(blocking(&state.store, |s| s.list_devices()).await?))
 }
 
@@ -87,7 +93,7 @@ pub async fn deploy(
     headers: HeaderMap,
     body: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<DeployResponse>, ApiError> {
-    state.require_operator(&headers)?;
+    let who = state.require(&headers, Role::Operator).await?;
     let Json(request) = body.map_err(|e| {
         ApiError::BadRequest(format!(
             "deployment body must be {{\"model\", \"version\", \"devices\"?}}: {}",
@@ -117,6 +123,13 @@ pub async fn deploy(
         state.notifier.desired_changed(&device, revision);
     }
     tracing::info!(model = %request.model, version = %request.version, devices = devices.len(), "deployment set");
+    super::audit(
+        &state,
+        who.name,
+        AuditAction::Deploy,
+        format!("{} {} on {} devices", request.model, request.version, devices.len()),
+    )
+    .await?;
     Ok(Json(DeployResponse { devices }))
 }
 
@@ -125,17 +138,46 @@ pub async fn tokens(
     headers: HeaderMap,
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<TokenResponse>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Operator).await?;
     let Json(request) =
         body.map_err(|e| ApiError::BadRequest(format!("token body must be {{\"count\": n}}: {}", e.body_text())))?;
     if request.count == 0 || request.count > MAX_TOKENS_PER_REQUEST {
         return Err(ApiError::BadRequest(format!("count must be between 1 and {MAX_TOKENS_PER_REQUEST}")));
     }
+    let valid_hours = request.valid_hours.unwrap_or(DEFAULT_TOKEN_HOURS);
+    if valid_hours == 0 || valid_hours > MAX_TOKEN_HOURS {
+        return Err(ApiError::BadRequest(format!("valid_hours must be between 1 and {MAX_TOKEN_HOURS}")));
+    }
     let tokens: Vec<String> = (0..request.count).map(|_| hex::encode(rand::random::<[u8; 16]>())).collect();
     let hashes: Vec<String> = tokens.iter().map(|t| sha256_hex(t)).collect();
     let now = crate::unix_ms();
-    blocking(&state.store, move |s| s.create_tokens(&hashes, now)).await?;
+    let expires = now + u64::from(valid_hours) * 3_600_000;
+    blocking(&state.store, move |s| s.create_tokens(&hashes, now, expires)).await?;
     Ok(Json(TokenResponse { tokens }))
+}
+
+/// Revokes an enrollment token that has not enrolled a device yet.
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<TokenRevokeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<()>, ApiError> {
+    let who = state.require(&headers, Role::Operator).await?;
+    let Json(request) =
+        body.map_err(|e| ApiError::BadRequest(format!("body must be {{\"token\": ...}}: {}", e.body_text())))?;
+    let hash = sha256_hex(&request.token);
+    let now = crate::unix_ms();
+    if !blocking(&state.store, move |s| s.revoke_token(&hash, now)).await? {
+        return Err(ApiError::NotFound("no unused, unrevoked enrollment token matches".into()));
+    }
+    super::audit(
+        &state,
+        who.name,
+        AuditAction::TokenRevoked,
+        format!("token {}…", request.token.chars().take(6).collect::<String>()),
+    )
+    .await?;
+    Ok(Json(()))
 }
 
 /// Replaces a device's labels (cohort membership for future rollouts) and audits the change.
@@ -145,7 +187,7 @@ pub async fn set_labels(
     Path(id): Path<String>,
     body: Result<Json<std::collections::BTreeMap<String, String>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<std::collections::BTreeMap<String, String>>, ApiError> {
-    state.require_operator(&headers)?;
+    let who = state.require(&headers, Role::Operator).await?;
     let Json(labels) =
         body.map_err(|e| ApiError::BadRequest(format!("labels must be a JSON object of strings: {}", e.body_text())))?;
     super::validate_labels(&labels)?;
@@ -153,13 +195,12 @@ pub async fn set_labels(
     if !blocking(&state.store, move |s| s.set_labels(&device, &stored)).await? {
         return Err(ApiError::NotFound(format!("device {id:?} is not enrolled")));
     }
-    let entry = proto::wire::AuditEntry {
-        at_ms: crate::unix_ms(),
-        actor: super::rollouts::actor(&headers),
-        rollout: None,
-        action: proto::wire::AuditAction::Labels,
-        detail: format!("{id}: {}", serde_json::to_string(&labels).unwrap_or_default()),
-    };
-    blocking(&state.store, move |s| s.append_audit(&entry)).await?;
+    super::audit(
+        &state,
+        who.name,
+        AuditAction::Labels,
+        format!("{id}: {}", serde_json::to_string(&labels).unwrap_or_default()),
+    )
+    .await?;
     Ok(Json(labels))
 }

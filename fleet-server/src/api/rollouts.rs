@@ -7,6 +7,8 @@ use proto::rollout::RolloutPlan;
 use proto::wire::AuditEntry;
 use serde::{Deserialize, Serialize};
 
+use proto::wire::Role;
+
 use super::{blocking, ApiError, AppState};
 use crate::rollout::create::{OperatorAction, RolloutError};
 use crate::rollout::driver::DriverError;
@@ -70,21 +72,12 @@ impl From<DriverError> for ApiError {
     }
 }
 
-pub fn actor(headers: &HeaderMap) -> String {
-    headers
-        .get("x-fleet-actor")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64)
-        .unwrap_or("operator")
-        .to_string()
-}
-
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<RolloutPlan>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<RolloutView>, ApiError> {
-    state.require_operator(&headers)?;
+    let who = state.require(&headers, Role::Operator).await?;
     let Json(plan) = body.map_err(|e| ApiError::BadRequest(format!("rollout plan is invalid: {}", e.body_text())))?;
     let (model, version) = (plan.model.clone(), plan.version.clone());
     if blocking(&state.store, move |s| s.bundle(&model, &version)).await?.is_none() {
@@ -93,11 +86,11 @@ pub async fn create(
             plan.model, plan.version
         )));
     }
-    Ok(Json(state.rollouts.create(plan, actor(&headers)).await?.into()))
+    Ok(Json(state.rollouts.create(plan, who.name).await?.into()))
 }
 
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<RolloutView>>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Viewer).await?;
     let rollouts = blocking(&state.store, |s| s.rollouts()).await?;
     Ok(Json(rollouts.into_iter().map(RolloutView::from).collect()))
 }
@@ -107,7 +100,7 @@ pub async fn show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<RolloutView>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Viewer).await?;
     let lookup = id.clone();
     let rollout = blocking(&state.store, move |s| s.rollout(&lookup))
         .await?
@@ -120,11 +113,11 @@ pub async fn act(
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
 ) -> Result<Json<RolloutView>, ApiError> {
-    state.require_operator(&headers)?;
+    let who = state.require(&headers, Role::Operator).await?;
     let action = OperatorAction::parse(&action).ok_or_else(|| {
         ApiError::BadRequest(format!("unknown action {action:?}; use pause, resume, abort, promote or retry"))
     })?;
-    Ok(Json(state.rollouts.operate(id, action, actor(&headers)).await?.into()))
+    Ok(Json(state.rollouts.operate(id, action, who.name).await?.into()))
 }
 
 #[derive(Deserialize)]
@@ -143,7 +136,7 @@ pub async fn audit(
     headers: HeaderMap,
     Query(query): Query<AuditQuery>,
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
-    state.require_operator(&headers)?;
+    state.require(&headers, Role::Viewer).await?;
     let limit = query.limit.clamp(1, 10_000);
     Ok(Json(blocking(&state.store, move |s| s.audit(query.rollout.as_deref(), limit)).await?))
 }

@@ -51,10 +51,17 @@ fn api() -> Api {
     let secret = hex::encode([7u8; 32]);
     let public = public_key_hex(&parse_secret_key(&secret).unwrap().verifying_key());
     let store: Arc<dyn crate::store::Store> = Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+    let admin = crate::store::OperatorRecord {
+        name: "admin".into(),
+        role: proto::wire::Role::Admin,
+        token_hash: super::sha256_hex(OPERATOR),
+        created_ms: 0,
+        revoked_ms: None,
+    };
+    store.put_operator(&admin, true).unwrap();
     let state = AppState {
         store: store.clone(),
         bundle_dir: dir.path().join("bundles"),
-        operator_token: OPERATOR.into(),
         trusted: Arc::new(TrustedKeys::from_hex([public.as_str()]).unwrap()),
         notifier: Notifier::detached(),
         rollouts: crate::rollout::driver::spawn(
@@ -65,6 +72,9 @@ fn api() -> Api {
             &tokio_util::task::TaskTracker::new(),
         ),
         max_bundle_bytes: 16 << 20,
+        revocations: Default::default(),
+        sessions: None,
+        broker_passwords: None,
     };
     Api { _dir: dir, app: router(state), secret }
 }
@@ -136,7 +146,10 @@ async fn an_enrollment_retried_with_the_same_token_gets_the_same_device_and_an_u
     let (refused, body) =
         api.json("POST", "/api/v1/enroll", None, serde_json::json!({"token": "nope", "public_key": DEVICE_KEY})).await;
     assert_eq!(refused, StatusCode::FORBIDDEN);
-    assert_eq!(body["error"], "enrollment token is unknown or already used; create one with `fleetctl tokens create`");
+    assert_eq!(
+        body["error"],
+        "enrollment token is unknown or already used; create a new one with `fleetctl tokens create`"
+    );
 }
 
 #[tokio::test]
@@ -240,6 +253,17 @@ async fn a_published_bundle_downloads_whole_or_by_range_and_the_desired_state_na
     assert_eq!(tail, bundle[1000..]);
     let (status, _) = api.call("GET", path, None, Body::empty(), None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A device downloads only what its desired state names; an operator any published bundle.
+    let (status, info) = api
+        .call("POST", "/api/v1/bundles", Some(OPERATOR), Body::from(fixture_bundle(&api.secret, "2.0.0")), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&info));
+    let other = "/api/v1/bundles/tabular/2.0.0";
+    let (status, body) = api.call("GET", other, Some(&credential), Body::empty(), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("not in this device's desired state"));
+    let (status, _) = api.call("GET", other, Some(OPERATOR), Body::empty(), None).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -5,32 +5,67 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use fleet_server::server::{start, Mqtt, ServerConfig};
+use fleet_server::ingest::MqttLogin;
+use fleet_server::server::{start, MosquittoFiles, Mqtt, ServerConfig, TlsFiles};
 
 #[derive(Parser)]
 #[command(version, about = "Fleet server: device registry, signed bundle store, desired state, MQTT ingest.")]
 struct Args {
-    /// HTTP API address.
-    #[arg(long, env = "FLEET_LISTEN", default_value = "0.0.0.0:8080")]
-    listen: SocketAddr,
+    /// HTTP API address [default: 0.0.0.0:8080 with TLS, 127.0.0.1:8080 without].
+    #[arg(long, env = "FLEET_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Data directory (SQLite store, bundles, operator token).
     #[arg(long, env = "FLEET_DATA_DIR", default_value = "/var/lib/fleet-server")]
     data_dir: PathBuf,
-    /// Address of the embedded MQTT broker (not 1883, so it never clashes with a system broker).
-    #[arg(long, env = "FLEET_MQTT_LISTEN", default_value = "0.0.0.0:1884")]
-    mqtt_listen: SocketAddr,
-    /// Use an external broker (e.g. Mosquitto) at mqtt://host:port instead of the embedded one.
+    /// Address of the embedded MQTT broker (not 1883, so it never clashes with a system broker)
+    /// [default: 0.0.0.0:1884 with TLS, 127.0.0.1:1884 without].
+    #[arg(long, env = "FLEET_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Use an external broker (e.g. Mosquitto set up by `fleetctl broker config`) at
+    /// mqtt://host:port instead of the embedded one.
     #[arg(long, env = "FLEET_MQTT_URL")]
     mqtt_url: Option<String>,
+    /// Username of this server's session on the external broker.
+    #[arg(long, env = "FLEET_MQTT_USERNAME", default_value = "fleet-server", requires = "mqtt_password_file")]
+    mqtt_username: String,
+    /// File holding the password of this server's session on the external broker.
+    #[arg(long, env = "FLEET_MQTT_PASSWORD_FILE")]
+    mqtt_password_file: Option<PathBuf>,
+    /// With Mosquitto: its password file, which this server keeps in step with enrollments and
+    /// revocations (`fleetctl broker config` writes the rest).
+    #[arg(long, env = "FLEET_MOSQUITTO_PASSWORD_FILE", requires = "mqtt_url")]
+    mosquitto_password_file: Option<PathBuf>,
+    /// Mosquitto's pid file: it gets a SIGHUP to reload the password file after each change.
+    #[arg(long, env = "FLEET_MOSQUITTO_PID_FILE", requires = "mosquitto_password_file")]
+    mosquitto_pid_file: Option<PathBuf>,
     /// Public key (hex or a .pub file) accepted on published bundles; repeatable.
     #[arg(long = "trusted-key", env = "FLEET_TRUSTED_KEYS", value_delimiter = ',', required = true)]
     trusted_keys: Vec<String>,
-    /// Operator token; generated into <data-dir>/operator.token when omitted.
+    /// Bootstrap admin token; generated into <data-dir>/operator.token (0600) when omitted.
     #[arg(long, env = "FLEET_OPERATOR_TOKEN")]
     operator_token: Option<String>,
     /// Largest bundle accepted, in bytes.
     #[arg(long, default_value_t = 512 << 20)]
     max_bundle_bytes: usize,
+    /// PEM certificate chain for HTTPS and MQTT over TLS (`fleetctl pki issue` makes one).
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP / MQTT on addresses that are not loopback (credentials travel in clear).
+    #[arg(long, env = "FLEET_ALLOW_INSECURE")]
+    allow_insecure: bool,
+}
+
+/// Plain text only on loopback, unless the operator says otherwise.
+fn check_plain(what: &str, addr: SocketAddr, tls: bool, allow_insecure: bool) -> Result<()> {
+    if !tls && !allow_insecure && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "{what} on {addr} would be plain text beyond this machine; pass --tls-cert and --tls-key (see `fleetctl pki`) or --allow-insecure"
+        );
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -47,22 +82,48 @@ async fn main() -> Result<()> {
             Err(_) => k.clone(),
         })
         .collect();
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
+    let any = if tls.is_some() { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+    let listen = args.listen.unwrap_or((any, 8080).into());
+    check_plain("the HTTP API", listen, tls.is_some(), args.allow_insecure)?;
     let mqtt = match args.mqtt_url {
         Some(url) => Mqtt::External { url },
-        None => Mqtt::Embedded { listen: args.mqtt_listen },
+        None => {
+            let listen = args.mqtt_listen.unwrap_or((any, 1884).into());
+            check_plain("the embedded MQTT broker", listen, tls.is_some(), args.allow_insecure)?;
+            Mqtt::Embedded { listen }
+        }
+    };
+    let mqtt_login = match &args.mqtt_password_file {
+        Some(path) => Some(MqttLogin {
+            username: args.mqtt_username.clone(),
+            password: std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the MQTT password file {}", path.display()))?
+                .trim()
+                .to_string(),
+        }),
+        None => None,
     };
     let config = ServerConfig {
-        listen: args.listen,
+        listen,
         data_dir: args.data_dir.clone(),
         mqtt,
         operator_token: args.operator_token,
         trusted_keys,
         max_bundle_bytes: args.max_bundle_bytes,
         rollout_tick: std::time::Duration::from_secs(2),
+        mqtt_login,
+        tls,
+        mosquitto: args
+            .mosquitto_password_file
+            .map(|password_file| MosquittoFiles { password_file, pid_file: args.mosquitto_pid_file }),
     };
     let server = start(config).await.context("fleet-server failed to start")?;
     if std::env::var("FLEET_OPERATOR_TOKEN").is_err() {
-        eprintln!("operator token in {}", args.data_dir.join("operator.token").display());
+        eprintln!("admin operator token in {}", args.data_dir.join("operator.token").display());
     }
     // SIGTERM (systemd's stop, docker stop) ends the server exactly as Ctrl-C does.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -243,6 +243,7 @@ mod tests {
             credential_hash: "h".into(),
             enrolled_ms: 1,
             public_key: String::new(),
+            broker_hash: String::new(),
         };
         store.insert_device(&new).unwrap();
         DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) }

@@ -75,6 +75,8 @@ pub struct NewDevice {
     pub enrolled_ms: u64,
     /// The device's ed25519 public key (hex) that verifies its reports; empty if it has none.
     pub public_key: String,
+    /// The credential's salted hash in Mosquitto's password-file format (`broker::mosquitto`).
+    pub broker_hash: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -139,17 +141,57 @@ pub struct TelemetryQuery {
 /// One stored inference record.
 pub use proto::delivery::ExportedTelemetry as StoredTelemetry;
 
+/// An operator identity as stored: its token only as a SHA-256 digest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub role: proto::wire::Role,
+    pub token_hash: String,
+    pub created_ms: u64,
+    pub revoked_ms: Option<u64>,
+}
+
+/// Why an enrollment was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    /// Unknown, or used longer ago than the retry grace period.
+    UnknownOrUsed,
+    Expired,
+    Revoked,
+}
+
 pub trait Store: Send + Sync + 'static {
-    fn create_tokens(&self, token_hashes: &[String], now_ms: u64) -> Result<(), StoreError>;
+    /// Stores enrollment tokens (as digests) valid until `expires_ms`.
+    fn create_tokens(&self, token_hashes: &[String], now_ms: u64, expires_ms: u64) -> Result<(), StoreError>;
+    /// Revokes an unused enrollment token; false if there is no such unused token.
+    fn revoke_token(&self, token_hash: &str, now_ms: u64) -> Result<bool, StoreError>;
     /// Enrolls `device` with a token in one transaction: marks the token used by it and inserts
     /// the device. A retry with the same token within `grace_ms` of its use (the first reply was
     /// lost) gives the device it enrolled the new credential instead. Returns the device id, or
-    /// None when the token is unknown, or used longer ago than the grace period.
-    fn enroll(&self, token_hash: &str, device: &NewDevice, grace_ms: u64) -> Result<Option<String>, StoreError>;
+    /// why the token was refused.
+    fn enroll(
+        &self,
+        token_hash: &str,
+        device: &NewDevice,
+        grace_ms: u64,
+    ) -> Result<Result<String, EnrollRefusal>, StoreError>;
     fn insert_device(&self, device: &NewDevice) -> Result<(), StoreError>;
+    /// The unrevoked device holding this credential.
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError>;
-    /// The device's registered public key (hex), if the device exists and has one.
+    /// The device's registered public key (hex), if the device exists, is not revoked and has one.
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError>;
+    /// (device id, Mosquitto password hash) of every unrevoked device that has one.
+    fn broker_passwords(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Revokes a device: its credential and key stop working. False if there is no such device.
+    fn revoke_device(&self, device: &str, now_ms: u64) -> Result<bool, StoreError>;
+
+    /// Creates or replaces the named operator (the bootstrap admin is replaced at every start).
+    fn put_operator(&self, operator: &OperatorRecord, replace: bool) -> Result<(), StoreError>;
+    /// The unrevoked operator holding this token.
+    fn operator_for_token(&self, token_hash: &str) -> Result<Option<OperatorRecord>, StoreError>;
+    fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
+    /// False if there is no such unrevoked operator.
+    fn revoke_operator(&self, name: &str, now_ms: u64) -> Result<bool, StoreError>;
     /// Counts reports under `device`'s id that were dropped because their signature failed.
     fn count_rejected(&self, device: &str, reports: u64) -> Result<(), StoreError>;
     fn device_exists(&self, id: &str) -> Result<bool, StoreError>;

@@ -11,8 +11,8 @@ use proto::wire::{bundle_path, DesiredModel, DesiredState, DeviceModelView, Devi
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Accepted, BundleRecord, DesiredChange, NewDevice, ObservationRows, SequencedReport, Store, StoreError, StoredDrift,
-    StoredTelemetry, TelemetryQuery,
+    Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, SequencedReport,
+    Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::rollout::{DeviceInfo, Rollout};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
@@ -21,6 +21,9 @@ use proto::wire::AuditEntry;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, used_ms INTEGER);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL, revoked_ms INTEGER);
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL,
     credential_hash TEXT NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL,
@@ -78,6 +81,11 @@ impl SqliteStore {
         add_column(&conn, "tokens", "device", "TEXT")?;
         add_column(&conn, "devices", "public_key", "TEXT NOT NULL DEFAULT ''")?;
         add_column(&conn, "delivery", "rejected", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(&conn, "devices", "revoked_ms", "INTEGER")?;
+        add_column(&conn, "devices", "broker_hash", "TEXT NOT NULL DEFAULT ''")?;
+        // Tokens made before expiry existed never expire.
+        add_column(&conn, "tokens", "expires_ms", "INTEGER")?;
+        add_column(&conn, "tokens", "revoked_ms", "INTEGER")?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -91,45 +99,137 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Store for SqliteStore {
-    fn create_tokens(&self, token_hashes: &[String], now_ms: u64) -> Result<(), StoreError> {
+    fn create_tokens(&self, token_hashes: &[String], now_ms: u64, expires_ms: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         for hash in token_hashes {
-            tx.execute("INSERT INTO tokens (hash, created_ms) VALUES (?1, ?2)", params![hash, now_ms as i64])?;
+            tx.execute(
+                "INSERT INTO tokens (hash, created_ms, expires_ms) VALUES (?1, ?2, ?3)",
+                params![hash, now_ms as i64, expires_ms as i64],
+            )?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn enroll(&self, token_hash: &str, d: &NewDevice, grace_ms: u64) -> Result<Option<String>, StoreError> {
+    fn revoke_token(&self, token_hash: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE tokens SET revoked_ms = ?2 WHERE hash = ?1 AND used_ms IS NULL AND revoked_ms IS NULL",
+            params![token_hash, now_ms as i64],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn enroll(
+        &self,
+        token_hash: &str,
+        d: &NewDevice,
+        grace_ms: u64,
+    ) -> Result<Result<String, EnrollRefusal>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let token: Option<(Option<i64>, Option<String>)> = tx
-            .query_row("SELECT used_ms, device FROM tokens WHERE hash = ?1", params![token_hash], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+        type TokenRow = (Option<i64>, Option<String>, Option<i64>, Option<i64>);
+        let token: Option<TokenRow> = tx
+            .query_row(
+                "SELECT used_ms, device, expires_ms, revoked_ms FROM tokens WHERE hash = ?1",
+                params![token_hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
             .optional()?;
+        let now = d.enrolled_ms as i64;
         let enrolled = match token {
-            None => None,
-            Some((None, _)) => {
+            None => Err(EnrollRefusal::UnknownOrUsed),
+            Some((_, _, _, Some(_))) => Err(EnrollRefusal::Revoked),
+            Some((None, _, Some(expires), _)) if now >= expires => Err(EnrollRefusal::Expired),
+            Some((None, _, _, _)) => {
                 tx.execute(
                     "UPDATE tokens SET used_ms = ?2, device = ?3 WHERE hash = ?1",
-                    params![token_hash, d.enrolled_ms as i64, d.id],
+                    params![token_hash, now, d.id],
                 )?;
                 insert_device(&tx, d)?;
-                Some(d.id.clone())
+                Ok(d.id.clone())
             }
-            Some((Some(used), Some(device))) if d.enrolled_ms.saturating_sub(used as u64) <= grace_ms => {
-                tx.execute(
-                    "UPDATE devices SET credential_hash = ?2, public_key = ?3 WHERE id = ?1",
-                    params![device, d.credential_hash, d.public_key],
+            Some((Some(used), Some(device), _, _)) if d.enrolled_ms.saturating_sub(used as u64) <= grace_ms => {
+                let changed = tx.execute(
+                    "UPDATE devices SET credential_hash = ?2, public_key = ?3, broker_hash = ?4
+                     WHERE id = ?1 AND revoked_ms IS NULL",
+                    params![device, d.credential_hash, d.public_key, d.broker_hash],
                 )?;
-                Some(device)
+                if changed == 1 {
+                    Ok(device)
+                } else {
+                    Err(EnrollRefusal::Revoked)
+                }
             }
-            Some(_) => None,
+            Some(_) => Err(EnrollRefusal::UnknownOrUsed),
         };
         tx.commit()?;
         Ok(enrolled)
+    }
+
+    fn broker_passwords(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, broker_hash FROM devices WHERE revoked_ms IS NULL AND broker_hash != '' ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn revoke_device(&self, device: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let exists = conn.query_row("SELECT 1 FROM devices WHERE id = ?1", params![device], |_| Ok(())).optional()?;
+        conn.execute(
+            "UPDATE devices SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            params![device, now_ms as i64],
+        )?;
+        Ok(exists.is_some())
+    }
+
+    fn put_operator(&self, o: &OperatorRecord, replace: bool) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let sql = if replace {
+            "INSERT OR REPLACE INTO operators (name, role, token_hash, created_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5)"
+        } else {
+            "INSERT INTO operators (name, role, token_hash, created_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5)"
+        };
+        match conn.execute(
+            sql,
+            params![o.name, o.role.as_str(), o.token_hash, o.created_ms as i64, o.revoked_ms.map(|v| v as i64)],
+        ) {
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(StoreError::Conflict(format!("an operator named {} exists; pick another name", o.name)))
+            }
+            other => other.map(|_| ()).map_err(StoreError::from),
+        }
+    }
+
+    fn operator_for_token(&self, token_hash: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, role, token_hash, created_ms, revoked_ms FROM operators
+                 WHERE token_hash = ?1 AND revoked_ms IS NULL",
+                params![token_hash],
+                operator_row,
+            )
+            .optional()?)
+    }
+
+    fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT name, role, token_hash, created_ms, revoked_ms FROM operators ORDER BY name")?;
+        let rows = stmt.query_map([], operator_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn revoke_operator(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE operators SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+            params![name, now_ms as i64],
+        )?;
+        Ok(changed == 1)
     }
 
     fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
@@ -139,7 +239,9 @@ impl Store for SqliteStore {
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
         let key: Option<String> = self
             .conn()
-            .query_row("SELECT public_key FROM devices WHERE id = ?1", params![device], |r| r.get(0))
+            .query_row("SELECT public_key FROM devices WHERE id = ?1 AND revoked_ms IS NULL", params![device], |r| {
+                r.get(0)
+            })
             .optional()?;
         Ok(key.filter(|k| !k.is_empty()))
     }
@@ -157,7 +259,11 @@ impl Store for SqliteStore {
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT id FROM devices WHERE credential_hash = ?1", params![credential_hash], |r| r.get(0))
+            .query_row(
+                "SELECT id FROM devices WHERE credential_hash = ?1 AND revoked_ms IS NULL",
+                params![credential_hash],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
@@ -178,8 +284,9 @@ impl Store for SqliteStore {
 
     fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, name, labels, enrolled_ms, last_seen_ms, health FROM devices ORDER BY name, id")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, name, labels, enrolled_ms, last_seen_ms, health, revoked_ms FROM devices ORDER BY name, id",
+        )?;
         let mut devices: Vec<DeviceView> = stmt
             .query_map([], |r| {
                 let labels: String = r.get(2)?;
@@ -192,6 +299,7 @@ impl Store for SqliteStore {
                     last_seen_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
                     health: health.and_then(|h| serde_json::from_str(&h).ok()),
                     models: Vec::new(),
+                    revoked_ms: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -426,10 +534,23 @@ impl Store for SqliteStore {
     }
 }
 
+fn operator_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OperatorRecord> {
+    let role: String = r.get(1)?;
+    Ok(OperatorRecord {
+        name: r.get(0)?,
+        // Written only from a Role; an unknown value reads as the least privilege.
+        role: role.parse().unwrap_or(proto::wire::Role::Viewer),
+        token_hash: r.get(2)?,
+        created_ms: r.get::<_, i64>(3)? as u64,
+        revoked_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+    })
+}
+
 fn insert_device(conn: &Connection, d: &NewDevice) -> Result<(), StoreError> {
     conn.execute(
-        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms, public_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64, d.public_key],
+        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms, public_key, broker_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64, d.public_key, d.broker_hash],
     )?;
     Ok(())
 }

@@ -18,6 +18,7 @@ fn device(store: &SqliteStore, id: &str) {
             credential_hash: format!("hash-{id}"),
             enrolled_ms: 1,
             public_key: String::new(),
+            broker_hash: String::new(),
         })
         .unwrap();
 }
@@ -42,21 +43,72 @@ fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
         credential_hash: credential_hash.into(),
         enrolled_ms,
         public_key: String::new(),
+        broker_hash: format!("$6$salt${credential_hash}"),
     }
 }
 
 #[test]
 fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back() {
     let (_dir, store) = store();
-    store.create_tokens(&["t1".into()], 1).unwrap();
-    assert_eq!(store.enroll("t1", &new_device("a", "ca", 2), 100).unwrap(), Some("a".into()));
+    store.create_tokens(&["t1".into()], 1, 1_000).unwrap();
+    assert_eq!(store.enroll("t1", &new_device("a", "ca", 2), 100).unwrap(), Ok("a".into()));
     // The reply was lost: the agent retries with the same token and gets a new credential.
-    assert_eq!(store.enroll("t1", &new_device("b", "cb", 50), 100).unwrap(), Some("a".into()));
+    assert_eq!(store.enroll("t1", &new_device("b", "cb", 50), 100).unwrap(), Ok("a".into()));
     assert_eq!(store.device_for_credential("cb").unwrap(), Some("a".into()));
+    assert_eq!(store.broker_passwords().unwrap(), vec![("a".to_string(), "$6$salt$cb".to_string())]);
     assert_eq!(store.device_for_credential("ca").unwrap(), None, "the lost credential no longer works");
     assert!(!store.device_exists("b").unwrap(), "no second device for one token");
-    assert_eq!(store.enroll("t1", &new_device("c", "cc", 500), 100).unwrap(), None, "after the grace period");
-    assert_eq!(store.enroll("unknown", &new_device("d", "cd", 3), 100).unwrap(), None);
+    let after_grace = store.enroll("t1", &new_device("c", "cc", 500), 100).unwrap();
+    assert_eq!(after_grace, Err(EnrollRefusal::UnknownOrUsed), "after the grace period");
+    assert_eq!(store.enroll("unknown", &new_device("d", "cd", 3), 100).unwrap(), Err(EnrollRefusal::UnknownOrUsed));
+}
+
+#[test]
+fn expired_and_revoked_tokens_enroll_nothing() {
+    let (_dir, store) = store();
+    store.create_tokens(&["old".into(), "gone".into()], 1, 1_000).unwrap();
+    assert_eq!(store.enroll("old", &new_device("a", "ca", 1_000), 100).unwrap(), Err(EnrollRefusal::Expired));
+    assert!(store.revoke_token("gone", 5).unwrap());
+    assert!(!store.revoke_token("gone", 6).unwrap(), "revoked once");
+    assert_eq!(store.enroll("gone", &new_device("b", "cb", 10), 100).unwrap(), Err(EnrollRefusal::Revoked));
+    assert!(store.device_ids().unwrap().is_empty());
+}
+
+#[test]
+fn a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace() {
+    let (_dir, store) = store();
+    store.create_tokens(&["t1".into()], 1, 10_000).unwrap();
+    let mut device = new_device("a", "ca", 2);
+    device.public_key = "ab".repeat(32);
+    store.enroll("t1", &device, 1_000).unwrap().unwrap();
+    assert!(store.revoke_device("a", 3).unwrap());
+    assert!(!store.revoke_device("nobody", 3).unwrap());
+    assert_eq!(store.device_for_credential("ca").unwrap(), None);
+    assert_eq!(store.device_public_key("a").unwrap(), None);
+    assert_eq!(store.enroll("t1", &new_device("a2", "cx", 4), 1_000).unwrap(), Err(EnrollRefusal::Revoked));
+    assert_eq!(store.list_devices().unwrap()[0].revoked_ms, Some(3));
+    assert!(store.broker_passwords().unwrap().is_empty(), "a revoked device leaves the broker's password file");
+}
+
+#[test]
+fn operators_are_found_by_token_digest_until_revoked() {
+    let (_dir, store) = store();
+    let alice = OperatorRecord {
+        name: "alice".into(),
+        role: proto::wire::Role::Viewer,
+        token_hash: "h1".into(),
+        created_ms: 1,
+        revoked_ms: None,
+    };
+    store.put_operator(&alice, false).unwrap();
+    assert!(matches!(store.put_operator(&alice, false), Err(StoreError::Conflict(_))), "names are unique");
+    assert_eq!(store.operator_for_token("h1").unwrap(), Some(alice.clone()));
+    assert!(store.revoke_operator("alice", 9).unwrap());
+    assert_eq!(store.operator_for_token("h1").unwrap(), None);
+    assert_eq!(store.operators().unwrap()[0].revoked_ms, Some(9));
+    let replaced = OperatorRecord { token_hash: "h2".into(), role: proto::wire::Role::Admin, ..alice };
+    store.put_operator(&replaced, true).unwrap();
+    assert_eq!(store.operator_for_token("h2").unwrap(), Some(replaced));
 }
 
 #[test]
