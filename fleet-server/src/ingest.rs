@@ -477,3 +477,56 @@ enum IngestError {
     #[error(transparent)]
     Store(StoreError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewDevice, SqliteStore};
+    use proto::delivery::sealed_payload;
+    use proto::keys::{public_key_hex, SigningKey};
+    use proto::wire::Health;
+
+    fn device(key: &SigningKey, at_ms: u64) -> NewDevice {
+        NewDevice {
+            id: "dev-00aa".into(),
+            name: "d".into(),
+            labels: Default::default(),
+            credential_hash: format!("c{at_ms}"),
+            enrolled_ms: at_ms,
+            public_key: public_key_hex(&key.verifying_key()),
+            broker_hash: String::new(),
+        }
+    }
+
+    fn heartbeat(key: &SigningKey, seq: u64) -> (String, Vec<u8>) {
+        let topic = Topic::Heartbeat { device: "dev-00aa".into() }.render();
+        let body = encode(&Heartbeat { at_ms: seq, uptime_secs: 1, health: Health::default(), models: Vec::new() });
+        let payload = sealed_payload(key, &topic, seq, 1, &body);
+        (topic, payload)
+    }
+
+    #[test]
+    fn a_key_replaced_by_an_enrollment_retry_is_used_without_a_restart_and_a_revoked_device_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
+        let (first, second) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        store.create_tokens(&["t".into()], 0, u64::MAX / 2).unwrap();
+        store.enroll("t", &device(&first, 1), 600_000).unwrap().unwrap();
+        let mut known = Known::default();
+        let (topic, payload) = heartbeat(&first, 1);
+        assert!(decode_record(&store, &mut known, &topic, &payload).unwrap().is_some(), "cached now");
+        // The first reply was lost; the retry registered another key.
+        store.enroll("t", &device(&second, 2), 600_000).unwrap().unwrap();
+        let (topic, payload) = heartbeat(&second, 2);
+        assert!(decode_record(&store, &mut known, &topic, &payload).unwrap().is_some(), "the new key is read again");
+        let (topic, payload) = heartbeat(&first, 3);
+        assert!(matches!(decode_record(&store, &mut known, &topic, &payload), Err(IngestError::Forged { .. })));
+        store.revoke_device("dev-00aa", 4).unwrap();
+        known.keys.clear(); // what a revocation does to the ingest's cache
+        let (topic, payload) = heartbeat(&second, 4);
+        match decode_record(&store, &mut known, &topic, &payload) {
+            Err(IngestError::Forged { reason, .. }) => assert!(reason.contains("revoked"), "{reason}"),
+            other => panic!("a revoked device's report was not refused: {:?}", other.map(|r| r.is_some())),
+        }
+    }
+}
