@@ -21,6 +21,8 @@ use crate::store::Store;
 
 /// How long a client has to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admissions waiting for rumqttd's auth hook at most.
+const MAX_PENDING_ADMISSIONS: usize = 10_000;
 /// Read buffer per direction and connection.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -75,7 +77,13 @@ pub struct Admitted {
 
 impl Admitted {
     fn insert(&self, client_id: &str, username: &str) {
-        self.lock().insert(client_id.to_string(), username.to_string());
+        let mut pending = self.lock();
+        // Entries rumqttd never asked about (the connection failed in between) are few; a
+        // broker that keeps failing must not grow this without bound.
+        if pending.len() >= MAX_PENDING_ADMISSIONS {
+            pending.clear();
+        }
+        pending.insert(client_id.to_string(), username.to_string());
     }
 
     /// True once for a client id the gate admitted with this username.
@@ -182,6 +190,10 @@ impl Gate {
         let session = self.sessions.register(&device, closed.clone());
         let result = pump(client, broker, buf, &device, self.max_packet, closed).await;
         self.sessions.unregister(&device, session);
+        if cancel.is_cancelled() {
+            // The server is shutting down: not the client's doing.
+            return Ok(());
+        }
         result
     }
 
@@ -237,7 +249,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
         Ok::<(), GateError>(())
     };
     tokio::select! {
-        _ = closed.cancelled() => Err(GateError::Refused(format!("device {device}'s session was closed (revoked or shutting down)"))),
+        _ = closed.cancelled() => Err(GateError::Refused(format!("device {device} was revoked; its session is closed"))),
         done = upstream => done,
         done = downstream => done,
     }
