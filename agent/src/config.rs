@@ -151,7 +151,7 @@ impl AgentConfig {
             .map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
         config.apply_env(|key| std::env::var(key).ok());
         config.validate()?;
-        config.check_ca()?;
+        config.read_ca()?;
         Ok(config)
     }
 
@@ -205,22 +205,15 @@ impl AgentConfig {
 }
 
 impl AgentConfig {
-    /// Reads `ca_file`, if set, and checks it holds a CA certificate (blocking: reads a file).
-    pub fn check_ca(&self) -> Result<(), ConfigError> {
-        if let Some(pem) = self.ca_pem()? {
-            crate::http::rustls_trusting(&pem).map_err(|e| ConfigError::Invalid(format!("ca_file: {e}")))?;
-        }
-        Ok(())
-    }
-
-    /// The pinned CA certificate (PEM), read from `ca_file`.
-    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, ConfigError> {
-        match &self.ca_file {
-            Some(path) => {
-                std::fs::read(path).map(Some).map_err(|source| ConfigError::Read { path: path.clone(), source })
-            }
-            None => Ok(None),
-        }
+    /// The pinned CA certificate (PEM) from `ca_file`, checked to hold a CA certificate
+    /// (blocking: reads a file).
+    pub fn read_ca(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        crate::http::rustls_trusting(&pem).map_err(|e| ConfigError::Invalid(format!("ca_file: {e}")))?;
+        Ok(Some(pem))
     }
 }
 

@@ -128,10 +128,12 @@ struct Opened {
     identity: Option<Identity>,
     telemetry: TelemetrySink,
     usage: SharedUsage,
+    /// The pinned CA (`ca_file`), read once here.
+    ca_pem: Option<Vec<u8>>,
 }
 
 fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
-    config.check_ca()?;
+    let ca_pem = config.read_ca()?;
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
     let state = StateDb::open(&data_dir.join("agent.db"))?;
@@ -148,7 +150,7 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
         usage: usage.clone(),
         sample_rate: config.limits.telemetry_sample_rate,
     })?;
-    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage })
+    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage, ca_pem })
 }
 
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
@@ -161,7 +163,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     })
     .await
     .map_err(|e| StartError::Join(e.to_string()))?;
-    let Opened { state, device_key, identity, telemetry, usage } = opened?;
+    let Opened { state, device_key, identity, telemetry, usage, ca_pem } = opened?;
     let outbox = Outbox::open(state_path, usage).await?;
     // One engine thread per core: each serves local API connections and runs the model inline.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_ENGINE_THREADS);
@@ -201,6 +203,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         outbox: outbox.clone(),
         telemetry: telemetry.clone(),
         tasks: tasks.clone(),
+        ca_pem,
     };
     tasks.spawn(connected.run(device_tx, drift_requests, cancel.clone()));
     Ok(AgentHandle { api_addr, data_dir, engine, telemetry, outbox, device, drift_now, cancel, tasks })
@@ -221,6 +224,8 @@ struct Connected {
     outbox: Outbox,
     telemetry: TelemetrySink,
     tasks: TaskTracker,
+    /// The pinned CA for HTTPS and MQTT over TLS, as read at start.
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl Connected {
@@ -230,11 +235,8 @@ impl Connected {
         drift_requests: mpsc::Receiver<oneshot::Sender<()>>,
         cancel: CancellationToken,
     ) {
-        let ca_pem = match self.config.ca_pem() {
-            Ok(pem) => pem,
-            Err(e) => return tracing::error!(error = %e, "cannot read the pinned CA"),
-        };
-        let built = crate::http::builder_trusting(ca_pem.as_deref()).and_then(|b| b.build().map_err(|e| e.to_string()));
+        let built =
+            crate::http::builder_trusting(self.ca_pem.as_deref()).and_then(|b| b.build().map_err(|e| e.to_string()));
         let http = match built {
             Ok(http) => http,
             Err(e) => return tracing::error!(error = %e, "cannot build the HTTP client"),
@@ -255,7 +257,7 @@ impl Connected {
                 outbox: self.outbox.clone(),
                 telemetry: self.telemetry.clone(),
                 ack_timeout: self.config.limits.ack_timeout(),
-                ca_pem,
+                ca_pem: self.ca_pem.clone(),
             },
             updater_tx,
             cancel.clone(),

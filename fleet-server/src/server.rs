@@ -127,24 +127,19 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
         Ok(token) => Ok(token.trim().to_string()),
         Err(_) => {
             let token = hex::encode(rand::random::<[u8; 24]>());
-            write_secret(&path, &token).map_err(io)?;
+            write_atomically(&path, &token, 0o600).map_err(io)?;
             Ok(token)
         }
     }
 }
 
-/// Writes a secret readable by its owner only: to a temporary file made 0600, then renamed.
-pub fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+/// Replaces `path` with `text` so that no reader sees a half-written file: written to a
+/// temporary file made with `mode` (e.g. 0o600 for a secret), synced, then renamed over it.
+pub fn write_atomically(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)

@@ -27,7 +27,7 @@ pub fn write(out: &Path, bind: &str, port: u16, tls: Option<(&Path, &Path)>) -> 
     for (name, text, secret) in files {
         let path = out.join(name);
         let mode = if secret { 0o600 } else { 0o644 };
-        write_new(&path, text, mode).with_context(|| format!("cannot write {}", path.display()))?;
+        crate::pki::create_new(&path, text, mode).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let scheme = if tls.is_some() { "mqtts" } else { "mqtt" };
     let server_port = if tls.is_some() { port.saturating_add(1) } else { port };
@@ -40,12 +40,4 @@ pub fn write(out: &Path, bind: &str, port: u16, tls: Option<(&Path, &Path)>) -> 
          and writable by fleet-server.",
         dir = out.display()
     ))
-}
-
-fn write_new(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()
 }

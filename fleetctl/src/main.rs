@@ -572,9 +572,9 @@ fn keygen(out: &Path, name: &str) -> Result<()> {
     if secret_path.exists() {
         bail!("{} exists; refusing to overwrite a signing key", secret_path.display());
     }
-    write(&secret_path, secret_key_hex(&key).as_bytes())?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o600))?;
+    // Created 0600, so the secret is never readable by others, not even for a moment.
+    fleetctl::pki::create_new(&secret_path, &secret_key_hex(&key), 0o600)
+        .with_context(|| format!("cannot write {}", secret_path.display()))?;
     write(&public_path, public_key_hex(&key.verifying_key()).as_bytes())?;
     println!(
         "key id {}: secret {} public {}",

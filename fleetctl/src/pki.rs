@@ -54,19 +54,19 @@ fn ca_params(name: &str, days: u32) -> CertificateParams {
 
 /// Writes `text` to a new file, readable by its owner only when `secret`.
 fn create(path: &Path, text: &str, secret: bool) -> Result<(), PkiError> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(|e| match e.kind() {
+    create_new(path, text, if secret { 0o600 } else { 0o644 }).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => PkiError::Exists(path.to_path_buf()),
         _ => PkiError::Io { path: path.to_path_buf(), source: e },
-    })?;
-    file.write_all(text.as_bytes()).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
+    })
+}
+
+/// Creates `path` with `mode` and writes `text`; fails if it exists (keys are never overwritten).
+pub fn create_new(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Makes `<out>/ca.pem`, `<out>/ca.key` (0600) and `<out>/ca.name`; returns the cert and key paths.

@@ -169,23 +169,13 @@ fn write_and_reload(store: &dyn Store, files: &MosquittoFiles) -> Result<usize, 
     };
     let text = render_passwords(&existing, &devices);
     if text != existing {
-        write_readable_by_group(path, &text).map_err(io)?;
+        // Mode 0640: Mosquitto's group may read the hashes, nobody else.
+        crate::server::write_atomically(path, &text, 0o640).map_err(io)?;
         if let Some(pid_file) = &files.pid_file {
             reload(pid_file)?;
         }
     }
     Ok(devices.len())
-}
-
-/// Mode 0640: Mosquitto's group may read the hashes, nobody else.
-fn write_readable_by_group(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o640).open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn reload(pid_file: &Path) -> Result<(), SyncError> {
