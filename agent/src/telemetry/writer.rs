@@ -358,7 +358,10 @@ mod tests {
         sink.flush().await.unwrap();
         // SQLite's own "database or disk is full": the file may not grow past its current pages.
         sink.set_max_pages(1).await;
-        let big = |i| TelemetryRecord { features: vec![1.0; 1000], ..record(i) };
+        // Each record needs ~20 pages, more than any free space left in the capped file, so none
+        // fits even when the writer takes the first one alone as its own batch (with 4 KB records
+        // that first batch sometimes fit and the test saw 199 drops).
+        let big = |i| TelemetryRecord { features: vec![1.0; 20_000], ..record(i) };
         for i in 1..=200 {
             sink.offer(big(i));
         }
