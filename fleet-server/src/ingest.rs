@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::delivery::{open_envelope, Ack, DeliveryEvent};
+use proto::delivery::{open_envelope, Ack, DeliveryEvent, Envelope, EnvelopeError};
 use proto::drift::{drift, ReferenceSketch};
 use proto::keys::{parse_public_key, VerifyingKey};
 use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
@@ -306,32 +306,28 @@ impl Ingest {
 
 /// Runs on the blocking pool: checks and decodes every publish, counts forged ones per device,
 /// stores the records in one transaction (one by one if that fails, so one record the store
-/// refuses cannot hold back the others).
+/// refuses cannot hold back the others). Signatures are checked on all cores at once.
 fn process(store: &dyn Store, known: &mut Known, publishes: &[Publish]) -> Processed {
     let mut records = Vec::with_capacity(publishes.len());
     let mut slots = Vec::with_capacity(publishes.len());
     let mut forged: BTreeMap<String, u64> = BTreeMap::new();
+    let mut opened = Vec::with_capacity(publishes.len());
+    let mut opened_slots = Vec::with_capacity(publishes.len());
     for publish in publishes {
-        slots.push(match decode_record(store, known, &publish.topic, &publish.payload) {
+        match open_record(store, known, &publish.topic, &publish.payload) {
             Ok(Some(record)) => {
-                records.push(record);
-                Slot::Record(records.len() - 1)
+                opened.push(record);
+                opened_slots.push(slots.len());
+                slots.push(Slot::Again); // decided below, once its signature is checked
             }
-            Ok(None) => Slot::Done,
-            Err(IngestError::Store(e)) => {
-                tracing::warn!(topic = %publish.topic, error = %e, "device message not stored; the broker will deliver it again");
-                Slot::Again
-            }
-            Err(IngestError::Forged { device, reason }) => {
-                tracing::warn!(%device, topic = %publish.topic, %reason, "report dropped: it does not prove it came from this device");
-                *forged.entry(device).or_default() += 1;
-                Slot::Done
-            }
-            Err(e) => {
-                tracing::warn!(topic = %publish.topic, error = %e, "device message dropped");
-                Slot::Done
-            }
-        });
+            other => slots.push(slot_for(other.map(|_| None), &publish.topic, &mut records, &mut forged)),
+        }
+    }
+    let verdicts = check_signatures(&opened.iter().map(|o| o.unchecked).collect::<Vec<_>>());
+    for ((record, verdict), slot) in opened.into_iter().zip(verdicts).zip(opened_slots) {
+        let topic = record.unchecked.topic;
+        let decoded = finish_record(store, known, record, verdict);
+        slots[slot] = slot_for(decoded, topic, &mut records, &mut forged);
     }
     for (device, count) in forged {
         if let Err(e) = store.count_rejected(&device, count) {
@@ -353,14 +349,119 @@ fn process(store: &dyn Store, known: &mut Known, publishes: &[Publish]) -> Proce
     Processed { slots, records, outcomes }
 }
 
+/// What becomes of one publish, given what checking and decoding it gave.
+fn slot_for(
+    decoded: Result<Option<Arrived>, IngestError>,
+    topic: &str,
+    records: &mut Vec<Arrived>,
+    forged: &mut BTreeMap<String, u64>,
+) -> Slot {
+    match decoded {
+        Ok(Some(record)) => {
+            records.push(record);
+            Slot::Record(records.len() - 1)
+        }
+        Ok(None) => Slot::Done,
+        Err(IngestError::Store(e)) => {
+            tracing::warn!(%topic, error = %e, "device message not stored; the broker will deliver it again");
+            Slot::Again
+        }
+        Err(IngestError::Forged { device, reason }) => {
+            tracing::warn!(%device, %topic, %reason, "report dropped: it does not prove it came from this device");
+            *forged.entry(device).or_default() += 1;
+            Slot::Done
+        }
+        Err(e) => {
+            tracing::warn!(%topic, error = %e, "device message dropped");
+            Slot::Done
+        }
+    }
+}
+
+/// One report waiting for its signature check: the envelope, the key it must verify under,
+/// and the topic it arrived on (part of what is signed).
+#[derive(Clone, Copy)]
+pub struct Unchecked<'a> {
+    pub envelope: Envelope<'a>,
+    pub key: VerifyingKey,
+    pub topic: &'a str,
+}
+
+impl Unchecked<'_> {
+    fn check(&self) -> Result<(), EnvelopeError> {
+        self.envelope.verify(&self.key, self.topic)
+    }
+}
+
+/// Fewer signatures than this are checked on the calling thread: starting threads would cost
+/// more than it saves.
+const PARALLEL_FROM: usize = 16;
+/// Most threads checking one batch's signatures.
+const MAX_CHECK_THREADS: usize = 8;
+
+/// Checks each report's signature (ed25519, strict), one verdict per report in order, on every
+/// core: the batch is cut into one slice per core, the calling thread takes the first.
+pub fn check_signatures(reports: &[Unchecked<'_>]) -> Vec<Result<(), EnvelopeError>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_CHECK_THREADS);
+    if threads < 2 || reports.len() < PARALLEL_FROM {
+        return reports.iter().map(Unchecked::check).collect();
+    }
+    let slice = reports.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut slices = reports.chunks(slice);
+        let own = slices.next().unwrap_or_default();
+        let helpers: Vec<_> = slices
+            .map(|part| {
+                let spawned = std::thread::Builder::new()
+                    .name("signature-check".into())
+                    .spawn_scoped(scope, move || part.iter().map(Unchecked::check).collect::<Vec<_>>());
+                // A thread that cannot start leaves its slice to the calling thread.
+                spawned.map_err(|_| part)
+            })
+            .collect();
+        let mut verdicts: Vec<_> = own.iter().map(Unchecked::check).collect();
+        for helper in helpers {
+            match helper {
+                Ok(thread) => verdicts.extend(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
+                Err(part) => verdicts.extend(part.iter().map(Unchecked::check)),
+            }
+        }
+        verdicts
+    })
+}
+
+/// A device record whose envelope opened and whose device has a key; its signature is not
+/// checked yet.
+struct Opened<'a> {
+    parsed: Topic,
+    device: String,
+    unchecked: Unchecked<'a>,
+}
+
 /// Checks one device record's signature against the device's key and decodes it; None for
 /// topics the server does not store.
+#[cfg(test)]
 fn decode_record(
     store: &dyn Store,
     known: &mut Known,
     topic: &str,
     payload: &[u8],
 ) -> Result<Option<Arrived>, IngestError> {
+    let Some(opened) = open_record(store, known, topic, payload)? else {
+        return Ok(None);
+    };
+    let verdict = opened.unchecked.check();
+    finish_record(store, known, opened, verdict)
+}
+
+/// Opens a device record's envelope and finds the key it must be signed with; None for topics
+/// the server does not store.
+fn open_record<'a>(
+    store: &dyn Store,
+    known: &mut Known,
+    topic: &'a str,
+    payload: &'a [u8],
+) -> Result<Option<Opened<'a>>, IngestError> {
     let Some(parsed) = Topic::parse(topic) else {
         return Ok(None);
     };
@@ -373,21 +474,41 @@ fn decode_record(
     };
     let envelope =
         open_envelope(payload).map_err(|e| IngestError::Forged { device: device.clone(), reason: e.to_string() })?;
-    let forged = |reason: String| IngestError::Forged { device: device.clone(), reason };
-    let no_key = || forged("no public key is registered for this device (unknown or revoked)".into());
     // Unknown and revoked devices, and devices enrolled before keys existed, have nothing to
     // verify with.
-    let key = device_key(store, known, &device, Lookup::Cached)?.ok_or_else(no_key)?;
-    if let Err(e) = envelope.verify(&key, topic) {
+    let key = device_key(store, known, &device, Lookup::Cached)?.ok_or_else(|| no_key(&device))?;
+    Ok(Some(Opened { parsed, device, unchecked: Unchecked { envelope, key, topic } }))
+}
+
+fn no_key(device: &str) -> IngestError {
+    IngestError::Forged {
+        device: device.to_string(),
+        reason: "no public key is registered for this device (unknown or revoked)".into(),
+    }
+}
+
+/// Given the record's signature verdict under the cached key, decides whether it came from its
+/// device and decodes it.
+fn finish_record(
+    store: &dyn Store,
+    known: &mut Known,
+    opened: Opened<'_>,
+    verdict: Result<(), EnvelopeError>,
+) -> Result<Option<Arrived>, IngestError> {
+    let Opened { parsed, device, unchecked } = opened;
+    let forged = |reason: String| IngestError::Forged { device: device.clone(), reason };
+    if let Err(e) = verdict {
         // The cached key may be stale: an enrollment retry registers a new one. Read it again
         // once; a forger pays one indexed lookup per forged report.
         match device_key(store, known, &device, Lookup::Fresh)? {
-            Some(fresh) if fresh != key => envelope.verify(&fresh, topic).map_err(|e| forged(e.to_string()))?,
+            Some(fresh) if fresh != unchecked.key => {
+                unchecked.envelope.verify(&fresh, unchecked.topic).map_err(|e| forged(e.to_string()))?
+            }
             Some(_) => return Err(forged(e.to_string())),
-            None => return Err(no_key()),
+            None => return Err(no_key(&device)),
         }
     }
-    let (seq, floor, body) = (envelope.seq, envelope.floor, envelope.body);
+    let (seq, floor, body) = (unchecked.envelope.seq, unchecked.envelope.floor, unchecked.envelope.body);
     let body = match parsed {
         Topic::Heartbeat { .. } => Body::Heartbeat(decode("heartbeat", body)?),
         Topic::Status { model, .. } => {
@@ -503,6 +624,30 @@ mod tests {
         let body = encode(&Heartbeat { at_ms: seq, uptime_secs: 1, health: Health::default(), models: Vec::new() });
         let payload = sealed_payload(key, &topic, seq, 1, &body);
         (topic, payload)
+    }
+
+    #[test]
+    fn signatures_checked_on_all_cores_keep_their_order() {
+        let (key, other) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+        // 100 reports, every seventh signed by another key: each verdict must land on its own report.
+        let payloads: Vec<(String, Vec<u8>)> =
+            (1..=100).map(|seq| heartbeat(if seq % 7 == 0 { &other } else { &key }, seq)).collect();
+        let unchecked: Vec<Unchecked<'_>> = payloads
+            .iter()
+            .map(|(topic, payload)| Unchecked {
+                envelope: open_envelope(payload).unwrap(),
+                key: key.verifying_key(),
+                topic,
+            })
+            .collect();
+        let verdicts = check_signatures(&unchecked);
+        assert_eq!(verdicts.len(), 100);
+        for (report, verdict) in unchecked.iter().zip(&verdicts) {
+            assert_eq!(verdict.is_err(), report.envelope.seq % 7 == 0, "report {}", report.envelope.seq);
+        }
+        // The same with fewer reports than are worth a thread.
+        let few = check_signatures(&unchecked[..PARALLEL_FROM - 1]);
+        assert_eq!(few, verdicts[..PARALLEL_FROM - 1]);
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Stream {
 /// device's signature over (topic, seq, floor, body), so a report proves which device sent it
 /// whichever broker carried it. Wire layout: `seq` and `floor` as postcard varints, the 64
 /// signature bytes, then the body's own postcard bytes.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Envelope<'a> {
     /// Starts at 1 and never repeats for a device, whatever was deleted or evicted.
     pub seq: u64,
@@ -288,9 +288,9 @@ mod tests {
         assert_eq!(open_envelope(&payload).unwrap().verify(&device, "t/b"), Err(EnvelopeError::BadSignature));
         let envelope = open_envelope(&payload).unwrap();
         for tampered in [
-            Envelope { seq: 6, ..envelope.clone() },
-            Envelope { floor: 5, ..envelope.clone() },
-            Envelope { body: &body[1..], ..envelope.clone() },
+            Envelope { seq: 6, ..envelope },
+            Envelope { floor: 5, ..envelope },
+            Envelope { body: &body[1..], ..envelope },
         ] {
             assert_eq!(tampered.verify(&device, "t/a"), Err(EnvelopeError::BadSignature));
         }
