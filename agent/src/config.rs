@@ -34,8 +34,15 @@ pub struct AgentConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub data_dir: PathBuf,
-    /// Hex ed25519 public keys whose signatures on bundles are accepted.
+    /// Hex ed25519 public keys whose signatures on bundles are accepted (any one suffices).
+    /// Use `root_file` instead for thresholds and key rotation; set one of the two.
+    #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// The signed root of trust the device starts from (`fleetctl root init`): the signing keys
+    /// by role and how many must sign. Newer roots from the server replace it only when signed by
+    /// a threshold of its root keys (ADR 0010).
+    #[serde(default)]
+    pub root_file: Option<PathBuf>,
     /// `mqtt://host:port`, or `mqtts://host:port` for TLS (needs `ca_file`).
     pub mqtt_url: String,
     /// PEM file of the CA that signed the server's certificate (`fleetctl pki init`). When set,
@@ -177,8 +184,18 @@ impl AgentConfig {
                 self.server_url
             )));
         }
-        if self.trusted_keys.is_empty() {
-            return Err(ConfigError::Invalid("trusted_keys is empty: no bundle could ever be accepted".into()));
+        match (self.trusted_keys.is_empty(), &self.root_file) {
+            (true, None) => {
+                return Err(ConfigError::Invalid(
+                    "neither root_file nor trusted_keys is set: no bundle could ever be accepted".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "set root_file or trusted_keys, not both: the root names the keys that sign bundles".into(),
+                ))
+            }
+            _ => {}
         }
         proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;

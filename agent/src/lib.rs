@@ -13,6 +13,7 @@ pub mod inference;
 pub mod runtime;
 pub mod state;
 pub mod telemetry;
+pub mod trust;
 pub mod updater;
 pub mod uplink;
 

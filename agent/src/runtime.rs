@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::admission::DeviceClass;
 use proto::bundle::Limits;
 use proto::keys::SigningKey;
 use proto::wire::{EnrollRequest, EnrollResponse, Heartbeat};
@@ -28,7 +29,7 @@ use crate::state::{Identity, StateDb, StateError};
 use crate::telemetry::upload::Uploader;
 use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
 use crate::updater::disk::Layout;
-use crate::updater::{restore_installed, UpdatePolicy, Updater};
+use crate::updater::{restore_installed, UpdatePolicy, Updater, Verifier};
 use crate::uplink::outbox::{Outbox, OutboxError, OutboxStats};
 use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
 
@@ -50,6 +51,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     DeviceKey(#[from] crate::device_key::DeviceKeyError),
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
     #[error("start-up task failed: {0}")]
     Join(String),
     #[error("not enrolled and no enrollment_token in the config: get one with `fleetctl tokens create`")]
@@ -130,6 +133,9 @@ struct Opened {
     usage: SharedUsage,
     /// The pinned CA (`ca_file`), read once here.
     ca_pem: Option<Vec<u8>>,
+    /// The root of trust to start from, when the config names one, and the freshness accepted
+    /// under it so far.
+    root: Option<(proto::root::Root, proto::freshness::Seen)>,
 }
 
 fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
@@ -142,6 +148,10 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
     if identity.is_none() && config.enrollment_token.is_none() {
         return Err(StartError::NoToken);
     }
+    let root = match config.root_file.as_deref() {
+        Some(initial) => Some((crate::trust::current_root(initial, &state)?, state.freshness()?)),
+        None => None,
+    };
     let usage = SharedUsage::new(config.limits.disk_budget_bytes);
     let telemetry = spawn_writer(WriterConfig {
         path: data_dir.join("telemetry.db"),
@@ -150,7 +160,7 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
         usage: usage.clone(),
         sample_rate: config.limits.telemetry_sample_rate,
     })?;
-    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage, ca_pem })
+    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage, ca_pem, root })
 }
 
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
@@ -163,18 +173,28 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     })
     .await
     .map_err(|e| StartError::Join(e.to_string()))?;
-    let Opened { state, device_key, identity, telemetry, usage, ca_pem } = opened?;
+    let Opened { state, device_key, identity, telemetry, usage, ca_pem, root } = opened?;
     let outbox = Outbox::open(state_path, usage).await?;
     // One engine thread per core: each serves local API connections and runs the model inline.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_ENGINE_THREADS);
     let engine = EngineHandle::spawn_threads(telemetry.clone(), 1024, threads).map_err(StartError::Engine)?;
-    let trusted = Arc::new(
-        TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))
+    if let Some((_, seen)) = &root {
+        engine.set_freshness(crate::inference::engine::FreshnessClock::new(seen)).await;
+    }
+    let root = root.map(|(root, _)| root);
+    let trusted = match &root {
+        Some(root) => root.targets(),
+        None => TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))
             .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?,
-    );
-    let limits = Limits { max_bundle_bytes: config.limits.max_bundle_bytes, ..Limits::default() };
+    };
+    let verifier = Arc::new(Verifier {
+        trusted,
+        root,
+        device: DeviceClass::this_build(config.labels.clone()),
+        limits: Limits { max_bundle_bytes: config.limits.max_bundle_bytes, ..Limits::default() },
+    });
     let layout = Layout::new(&data_dir);
-    restore_installed(&layout, &state, &engine, &trusted, &limits, config.limits.self_test_restarts).await;
+    restore_installed(&layout, &state, &engine, &verifier, config.limits.self_test_restarts).await;
 
     let cancel = CancellationToken::new();
     let listen_err = |source| StartError::Listen { addr: config.api_listen, source };
@@ -198,8 +218,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         identity,
         layout,
         engine: engine.clone(),
-        trusted,
-        limits,
+        verifier,
         outbox: outbox.clone(),
         telemetry: telemetry.clone(),
         tasks: tasks.clone(),
@@ -219,8 +238,7 @@ struct Connected {
     identity: Option<Identity>,
     layout: Layout,
     engine: EngineHandle,
-    trusted: Arc<TrustedKeys>,
-    limits: Limits,
+    verifier: Arc<Verifier>,
     outbox: Outbox,
     telemetry: TelemetrySink,
     tasks: TaskTracker,
@@ -298,8 +316,7 @@ impl Connected {
             state: self.state,
             engine: self.engine,
             uplink,
-            trusted: self.trusted,
-            limits: self.limits,
+            verifier: self.verifier,
             checkin_every: self.config.intervals.checkin(),
             request_timeout: self.config.limits.request_timeout(),
             policy: UpdatePolicy {

@@ -1,5 +1,5 @@
 //! `agent.db`: the agent's durable state — its identity, the last recorded step of each model's
-//! update, and the MQTT outbox with its delivery counters (SQL in `uplink/outbox.rs`). Each actor opens its own connection (WAL mode), so none shares a
+//! update, the roots of trust it rotated to, the freshness it accepted, the highest anti-rollback floor seen per model, and the MQTT outbox with its delivery counters (SQL in `uplink/outbox.rs`). Each actor opens its own connection (WAL mode), so none shares a
 //! lock with another.
 
 use std::path::{Path, PathBuf};
@@ -64,6 +64,17 @@ impl StateDb {
                 detail TEXT NOT NULL,
                 attempt INTEGER NOT NULL DEFAULT 0,
                 updated_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS roots (
+                version INTEGER PRIMARY KEY,
+                document BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS freshness (
+                one INTEGER PRIMARY KEY CHECK (one = 1),
+                counter INTEGER NOT NULL,
+                time_floor INTEGER NOT NULL,
+                fresh_until INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS floors (
+                model TEXT PRIMARY KEY,
+                floor TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS outbox (
                 id INTEGER PRIMARY KEY,
                 topic TEXT NOT NULL,
@@ -153,6 +164,81 @@ impl StateDb {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
+    /// What the device remembers of the signed check-in replies it accepted (ADR 0010).
+    pub fn freshness(&self) -> Result<proto::freshness::Seen, StateError> {
+        let seen = self
+            .conn()
+            .query_row("SELECT counter, time_floor, fresh_until FROM freshness", [], |r| {
+                Ok(proto::freshness::Seen {
+                    counter: r.get::<_, i64>(0)? as u64,
+                    time_floor: r.get::<_, i64>(1)? as u64,
+                    fresh_until: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .optional()
+            .map_err(self.err())?;
+        Ok(seen.unwrap_or_default())
+    }
+
+    pub fn save_freshness(&self, seen: &proto::freshness::Seen) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO freshness (one, counter, time_floor, fresh_until) VALUES (1, ?1, ?2, ?3)",
+                params![seen.counter as i64, seen.time_floor as i64, seen.fresh_until as i64],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// The newest root of trust this device rotated to (its signed JSON), if any.
+    pub fn latest_root(&self) -> Result<Option<Vec<u8>>, StateError> {
+        self.conn()
+            .query_row("SELECT document FROM roots ORDER BY version DESC LIMIT 1", [], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Keeps a root the device rotated to; written before the device uses it.
+    pub fn save_root(&self, version: u64, document: &[u8]) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO roots (version, document) VALUES (?1, ?2)",
+                params![version as i64, document],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// The highest anti-rollback floor seen for a model (ADR 0010), if any.
+    pub fn floor(&self, model: &str) -> Result<Option<semver::Version>, StateError> {
+        let text: Option<String> = self
+            .conn()
+            .query_row("SELECT floor FROM floors WHERE model = ?1", params![model], |r| r.get(0))
+            .optional()
+            .map_err(self.err())?;
+        text.map(|text| {
+            // A floor this agent cannot read is corruption: refuse rather than forget it.
+            semver::Version::parse(&text).map_err(|e| StateError {
+                path: self.path.clone(),
+                source: rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)),
+            })
+        })
+        .transpose()
+    }
+
+    /// Raises a model's floor to `floor` unless it is already at or above it; floors never fall.
+    /// Returns the floor now stored.
+    pub fn raise_floor(&self, model: &str, floor: &semver::Version) -> Result<semver::Version, StateError> {
+        let seen = self.floor(model)?;
+        if let Some(seen) = seen.filter(|seen| seen >= floor) {
+            return Ok(seen);
+        }
+        self.conn()
+            .execute("INSERT OR REPLACE INTO floors (model, floor) VALUES (?1, ?2)", params![model, floor.to_string()])
+            .map_err(self.err())?;
+        Ok(floor.clone())
+    }
+
     /// Runs `f` in one transaction on this connection (the outbox's SQL lives with its actor).
     pub fn transaction<T>(
         &self,
@@ -224,6 +310,22 @@ mod tests {
         let db = StateDb::open(&path).unwrap();
         assert_eq!(db.identity().unwrap(), Some(id));
         assert_eq!(db.records().unwrap(), vec![rec]);
+    }
+
+    #[test]
+    fn floors_only_rise_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let db = StateDb::open(&path).unwrap();
+        let v = |text: &str| semver::Version::parse(text).unwrap();
+        assert_eq!(db.floor("m").unwrap(), None);
+        assert_eq!(db.raise_floor("m", &v("1.2.0")).unwrap(), v("1.2.0"));
+        assert_eq!(db.raise_floor("m", &v("1.1.0")).unwrap(), v("1.2.0"), "a lower floor does not lower it");
+        assert_eq!(db.raise_floor("other", &v("0.1.0")).unwrap(), v("0.1.0"));
+        drop(db);
+        let db = StateDb::open(&path).unwrap();
+        assert_eq!(db.floor("m").unwrap(), Some(v("1.2.0")));
+        assert_eq!(db.floor("other").unwrap(), Some(v("0.1.0")));
     }
 
     #[test]

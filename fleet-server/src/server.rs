@@ -32,8 +32,16 @@ pub struct ServerConfig {
     pub mqtt: Mqtt,
     /// Secret for operator endpoints; `None` generates one and writes it to `<data>/operator.token`.
     pub operator_token: Option<String>,
-    /// Hex public keys accepted on published bundles.
+    /// Hex public keys accepted on published bundles while no root of trust is published.
     pub trusted_keys: Vec<String>,
+    /// A signed root of trust (`fleetctl root init`) to publish at start when the store holds
+    /// none; published bundles then need its targets keys (ADR 0010).
+    pub root_file: Option<PathBuf>,
+    /// Secret key (hex) of the root's timestamp role: signs every check-in reply with a per-device
+    /// counter and an expiry, which devices with a root require.
+    pub timestamp_key: Option<String>,
+    /// How long a signed check-in reply stays fresh.
+    pub freshness_lifetime: std::time::Duration,
     pub max_bundle_bytes: usize,
     /// How often running rollouts are evaluated.
     pub rollout_tick: std::time::Duration,
@@ -54,6 +62,9 @@ impl Default for ServerConfig {
             mqtt: Mqtt::Embedded { listen: ([127, 0, 0, 1], 0).into() },
             operator_token: None,
             trusted_keys: Vec::new(),
+            root_file: None,
+            timestamp_key: None,
+            freshness_lifetime: std::time::Duration::from_secs(24 * 3600),
             max_bundle_bytes: 512 << 20,
             rollout_tick: std::time::Duration::from_secs(1),
             mqtt_login: None,
@@ -71,8 +82,12 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("trusted keys: {0}")]
     Keys(#[from] proto::keys::KeyError),
-    #[error("no trusted keys: pass --trusted-key with a public key from `fleetctl keygen`")]
+    #[error("no trusted keys: pass --root with a root from `fleetctl root init`, or --trusted-key with a public key from `fleetctl keygen`")]
     NoKeys,
+    #[error("root file {path}: {reason}")]
+    Root { path: PathBuf, reason: String },
+    #[error("timestamp key: {0}")]
+    TimestampKey(String),
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
@@ -161,15 +176,69 @@ fn mqtt_client_id(data_dir: &Path) -> Result<String, ServerError> {
     }
 }
 
+/// Publishes the root in `path` when the store holds none (it must carry a threshold of its own
+/// root keys' signatures); a store that holds roots keeps them (rotations go through
+/// `fleetctl root publish`), unless the file is newer, which is refused.
+fn publish_initial_root(store: &dyn Store, path: &Path) -> Result<(), ServerError> {
+    let refused = |reason: String| ServerError::Root { path: path.to_path_buf(), reason };
+    let bytes = std::fs::read(path).map_err(|e| refused(e.to_string()))?;
+    let signed = proto::root::SignedRoot::parse(&bytes).map_err(|e| refused(e.to_string()))?;
+    let root = signed.verify_initial().map_err(|e| refused(e.to_string()))?;
+    match store.latest_root()? {
+        None => {
+            store.put_root(root.version, &signed.to_json_bytes(), crate::unix_ms())?;
+            tracing::info!(version = root.version, "initial root of trust published");
+            Ok(())
+        }
+        Some(stored) => {
+            let stored = proto::root::SignedRoot::parse(&stored).map_err(|e| refused(format!("stored root: {e}")))?;
+            if root.version > stored.signed.version {
+                return Err(refused(format!(
+                    "it is root {} and the server holds root {}: publish rotations with `fleetctl root publish`",
+                    root.version, stored.signed.version
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The check-in signer: the key must be one of the newest root's timestamp keys, or devices
+/// would refuse every reply it signs.
+fn timestamp_signer(
+    store: &dyn Store,
+    secret_hex: &str,
+    lifetime: std::time::Duration,
+) -> Result<Arc<crate::api::TimestampSigner>, ServerError> {
+    let key = proto::keys::parse_secret_key(secret_hex).map_err(|e| ServerError::TimestampKey(e.to_string()))?;
+    let Some(stored) = store.latest_root()? else {
+        return Err(ServerError::TimestampKey(
+            "no root of trust is published, so devices could not check what it signs: pass --root".into(),
+        ));
+    };
+    let root = proto::root::SignedRoot::parse(&stored).map_err(|e| ServerError::TimestampKey(e.to_string()))?;
+    let id = proto::KeyId::of(&key.verifying_key());
+    if root.signed.timestamp().get(&id).is_none() {
+        return Err(ServerError::TimestampKey(format!(
+            "key {id} is not in the timestamp role of root {}: devices would refuse every reply",
+            root.signed.version
+        )));
+    }
+    Ok(Arc::new(crate::api::TimestampSigner { key, lifetime }))
+}
+
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir.join("bundles"))
         .map_err(|source| ServerError::DataDir { path: data_dir.clone(), source })?;
-    if config.trusted_keys.is_empty() {
-        return Err(ServerError::NoKeys);
-    }
     let trusted = Arc::new(TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))?);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir.join("fleet.db"))?);
+    if let Some(path) = &config.root_file {
+        publish_initial_root(store.as_ref(), path)?;
+    }
+    if config.trusted_keys.is_empty() && store.latest_root()?.is_none() {
+        return Err(ServerError::NoKeys);
+    }
     let operator_token = operator_token(&config)?;
     let admin = OperatorRecord {
         name: BOOTSTRAP_ADMIN.into(),
@@ -201,6 +270,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         .clone()
         .map(|files| crate::broker::mosquitto::spawn_sync(store.clone(), files, cancel.clone(), &tasks));
     let client_id = mqtt_client_id(data_dir)?;
+    let timestamp = config
+        .timestamp_key
+        .as_deref()
+        .map(|hex| timestamp_signer(store.as_ref(), hex, config.freshness_lifetime))
+        .transpose()?;
     let revocations = Revocations::default();
     let (host, port) = session_addr;
     let target = SessionTarget { host, port, client_id, login };
@@ -217,6 +291,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         revocations,
         sessions,
         broker_passwords,
+        timestamp,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -3,7 +3,7 @@
 use proto::rollout::RolloutPlan;
 use proto::wire::{
     AuditEntry, BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, OperatorCreated, OperatorRequest,
-    OperatorView, Role, TokenRequest, TokenResponse, TokenRevokeRequest,
+    OperatorView, Role, RootInfo, TokenRequest, TokenResponse, TokenRevokeRequest,
 };
 
 use fleet_server::api::rollouts::RolloutView;
@@ -65,6 +65,11 @@ impl FleetClient {
 
     pub async fn publish(&self, bundle: Vec<u8>) -> Result<BundleInfo, ClientError> {
         self.send("the bundle", self.http.post(format!("{}/api/v1/bundles", self.base)).body(bundle)).await
+    }
+
+    /// Publishes a signed root of trust (the first, or the next rotation); admin only.
+    pub async fn publish_root(&self, document: Vec<u8>) -> Result<RootInfo, ClientError> {
+        self.send("the root", self.http.post(format!("{}/api/v1/roots", self.base)).body(document)).await
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceView>, ClientError> {

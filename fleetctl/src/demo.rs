@@ -21,7 +21,7 @@ use fleet_server::server::{self, Mqtt, ServerConfig, ServerError};
 
 pub const MODEL: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
 const METADATA: &str = include_str!("../../tests/fixtures/bundles/tabular.toml");
-const GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp.golden.json");
+pub const GOLDEN: &str = include_str!("../../tests/fixtures/models/mlp.golden.json");
 const REFERENCE: &str = include_str!("../../tests/fixtures/bundles/reference.csv");
 pub const SITES: [&str; 3] = ["plant-a", "plant-b", "plant-c"];
 
@@ -106,8 +106,24 @@ pub fn bundle_with_golden(
     model: &[u8],
     golden_json: &str,
 ) -> Result<Vec<u8>, DemoError> {
+    signed_bundle(secret_key_hex, fixture_metadata(version)?, model, golden_json)
+}
+
+/// The fixture bundle's metadata at `version`, to change before [`signed_bundle`].
+pub fn fixture_metadata(version: &str) -> Result<BundleMetadata, DemoError> {
     let mut metadata: BundleMetadata = toml::from_str(METADATA).map_err(|e| DemoError::Setup(e.to_string()))?;
     metadata.version = version.to_string();
+    Ok(metadata)
+}
+
+/// Builds a bundle of `model` from `metadata` with the fixture's reference rows, signed with
+/// `secret_key_hex`; returns the archive bytes.
+pub fn signed_bundle(
+    secret_key_hex: &str,
+    metadata: BundleMetadata,
+    model: &[u8],
+    golden_json: &str,
+) -> Result<Vec<u8>, DemoError> {
     let golden: serde_json::Value = serde_json::from_str(golden_json).map_err(|e| DemoError::Setup(e.to_string()))?;
     let golden = serde_json::from_value(golden["cases"].clone()).map_err(|e| DemoError::Setup(e.to_string()))?;
     let reference_rows = packaging::parse_csv(Path::new("reference.csv"), REFERENCE)?;
@@ -150,6 +166,7 @@ pub fn agent_config(
         limits: AgentLimits { ack_timeout_secs: 3.0, request_timeout_secs: 10.0, ..AgentLimits::default() },
         ca_file: None,
         allow_insecure: false,
+        root_file: None,
     }
 }
 
@@ -208,6 +225,20 @@ pub async fn send_rows(http: &reqwest::Client, agent: &AgentHandle, rows: &[Vec<
     Ok(())
 }
 
+/// Writes root 1 for a demo fleet: a fresh root key (used once, then dropped), the release key
+/// `targets_public` and a fresh timestamp key, one signature each, valid for a year. Returns the
+/// timestamp key's secret (hex), for the server.
+pub fn write_demo_root(path: &Path, targets_public: &str) -> Result<String, DemoError> {
+    let setup = |e: String| DemoError::Setup(e);
+    let targets = proto::keys::parse_public_key(targets_public).map_err(|e| setup(e.to_string()))?;
+    let root_key = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let timestamp = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let expires = fleet_server::unix_ms() / 1000 + 365 * 86_400;
+    let root = proto::root::single_key_root(&root_key, &targets, &timestamp.verifying_key(), expires);
+    std::fs::write(path, root.to_json_bytes()).map_err(|e| setup(format!("cannot write {}: {e}", path.display())))?;
+    Ok(proto::keys::secret_key_hex(&timestamp))
+}
+
 /// A running demo fleet: server, signing key, agents; removed with its temporary directory.
 pub struct DemoFleet {
     _dir: tempfile::TempDir,
@@ -232,6 +263,12 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let public =
         public_key_hex(&parse_secret_key(&secret).map_err(|e| DemoError::Setup(e.to_string()))?.verifying_key());
+    let root_file = dir.path().join("root.json");
+    let timestamp_key = write_demo_root(&root_file, &public)?;
+    progress(&format!(
+        "root of trust {}: one root, one release and one timestamp key, a year to expiry",
+        root_file.display()
+    ));
     progress("building and signing bundle tabular 1.0.0 from tests/fixtures/models/mlp.onnx");
     let bundle = fixture_bundle(&secret, "1.0.0", MODEL)?;
 
@@ -247,7 +284,8 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
         data_dir: dir.path().join("server"),
         mqtt,
         operator_token: None,
-        trusted_keys: vec![public.clone()],
+        root_file: Some(root_file.clone()),
+        timestamp_key: Some(timestamp_key),
         max_bundle_bytes: 64 << 20,
         rollout_tick: std::time::Duration::from_millis(250),
         ..ServerConfig::default()
@@ -259,7 +297,7 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
     let tokens = client.tokens(options.agents as u32).await?;
     let mut agents = Vec::with_capacity(options.agents);
     for (index, token) in tokens.iter().enumerate() {
-        let config = agent_config(
+        let mut config = agent_config(
             &server.url(),
             &server.mqtt_url,
             token,
@@ -267,6 +305,8 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
             dir.path().join(format!("agent-{index:03}")),
             index,
         );
+        config.trusted_keys.clear();
+        config.root_file = Some(root_file.clone());
         agents.push(
             edge_agent::start(config).await.map_err(|source| DemoError::Agent { index, source: Box::new(source) })?,
         );

@@ -13,3 +13,4 @@ pub mod ops;
 pub mod packaging;
 pub mod pki;
 pub mod scenario;
+pub mod trust_root;

@@ -14,6 +14,8 @@ use proto::keys::{parse_public_key, parse_secret_key, public_key_hex, secret_key
 use proto::wire::DeployRequest;
 use proto::{KeyId, TrustedKeys};
 
+mod root_cli;
+
 #[derive(Parser)]
 #[command(
     version,
@@ -76,6 +78,9 @@ enum Command {
     /// Named operator tokens with a role: viewer, operator or admin (admin only).
     #[command(subcommand)]
     Operators(OperatorsCommand),
+    /// The root of trust: which keys sign bundles and roots, how many must sign, and rotation.
+    #[command(subcommand)]
+    Root(root_cli::RootCommand),
     /// A private CA and server certificates for TLS on HTTP and MQTT.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -344,8 +349,11 @@ enum BundleCommand {
     Verify {
         bundle: PathBuf,
         /// Public key files (or hex) to trust; repeatable.
-        #[arg(long = "trusted-key", required = true)]
+        #[arg(long = "trusted-key", required_unless_present = "root", conflicts_with = "root")]
         trusted_keys: Vec<String>,
+        /// A root of trust: the bundle needs its targets keys, as many as its threshold.
+        #[arg(long)]
+        root: Option<PathBuf>,
     },
 }
 
@@ -393,6 +401,7 @@ async fn main() -> Result<()> {
         Command::Devices { action: None, json, server } => devices(json, &server).await,
         Command::Operators(command) => operators(command).await,
         Command::Pki(command) => pki(command),
+        Command::Root(command) => root_cli::run(command).await,
         Command::Broker(BrokerCommand::Config { out, port, bind, tls_cert, tls_key }) => {
             let tls = tls_cert.zip(tls_key);
             let bind = bind.unwrap_or_else(|| if tls.is_some() { "0.0.0.0" } else { "127.0.0.1" }.into());
@@ -601,12 +610,17 @@ fn bundle(command: BundleCommand) -> Result<()> {
             write(&out, &write_archive(&archive.manifest_bytes, &archive.files, &archive.signatures))?;
             println!("signed {} with key {key_id}", out.display());
         }
-        BundleCommand::Verify { bundle, trusted_keys } => {
-            let keys = trusted_keys
-                .iter()
-                .map(|k| key_text(k).and_then(|t| Ok(parse_public_key(&t)?)))
-                .collect::<Result<Vec<_>>>()?;
-            let verified = read_archive(&read(&bundle)?, &Limits::default())?.verify(&TrustedKeys::new(keys))?;
+        BundleCommand::Verify { bundle, trusted_keys, root } => {
+            let trusted = match root {
+                Some(root) => proto::root::SignedRoot::parse(&read(&root)?)?.verify_initial()?.targets(),
+                None => TrustedKeys::new(
+                    trusted_keys
+                        .iter()
+                        .map(|k| key_text(k).and_then(|t| Ok(parse_public_key(&t)?)))
+                        .collect::<Result<Vec<_>>>()?,
+                ),
+            };
+            let verified = read_archive(&read(&bundle)?, &Limits::default())?.verify(&trusted)?;
             let loaded = model_runtime::LoadedModel::load(&verified.manifest, verified.model_bytes())?;
             loaded.self_test()?;
             let m = &verified.manifest;

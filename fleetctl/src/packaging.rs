@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use model_runtime::{reference_sketch, LoadedModel, ModelError};
 use proto::bundle::{
-    DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, TensorSpec, UnverifiedBundle, MODEL_PATH,
+    DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, Targets, TensorSpec, UnverifiedBundle, MODEL_PATH,
 };
 use proto::drift::DEFAULT_BINS;
 use serde::Deserialize;
@@ -43,6 +43,16 @@ pub struct BundleMetadata {
     pub reference: Option<ReferenceMetadata>,
     #[serde(default)]
     pub lineage: Lineage,
+    /// The lowest version of this model devices may install once they have seen this bundle.
+    #[serde(default)]
+    pub floor: Option<String>,
+    /// The devices the bundle is for (`arch = ["aarch64"]`, `labels = { accelerator = "npu" }`).
+    #[serde(default)]
+    pub targets: Targets,
+    /// What devices do with the model after `grace_days` without fresh signed instructions:
+    /// `on_stale = "keep_serving"` (answers flagged stale) or `"stop_serving"`.
+    #[serde(default)]
+    pub offline: Option<proto::freshness::OfflinePolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,8 +150,16 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
         feature_names: meta.contract.feature_names.clone(),
         output_labels: meta.contract.output_labels.clone(),
     };
+    let floor = meta
+        .floor
+        .as_deref()
+        .map(|text| semver::Version::parse(text).map_err(|_| PackagingError::Version(text.to_string())))
+        .transpose()?;
     let mut manifest = Manifest {
         created_at: inputs.created_at,
+        floor,
+        targets: meta.targets.clone(),
+        offline: meta.offline,
         golden: GoldenSet { tolerance: meta.golden.tolerance, cases: inputs.golden },
         lineage: meta.lineage.clone(),
         ..Manifest::for_model(&meta.name, version, &inputs.model, contract)

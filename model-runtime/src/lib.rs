@@ -36,6 +36,8 @@ pub struct LoadedModel {
     pub contract: ModelContract,
     pub reference: ReferenceSketch,
     pub golden: proto::bundle::GoldenSet,
+    /// What the device does with this model when it has no fresh instructions (ADR 0010).
+    pub offline: proto::freshness::OfflinePolicy,
     plan: Arc<TypedSimplePlan>,
 }
 
@@ -100,6 +102,7 @@ impl LoadedModel {
             contract: contract.clone(),
             reference: manifest.reference.clone(),
             golden: manifest.golden.clone(),
+            offline: manifest.offline.unwrap_or_default(),
             plan,
         })
     }

@@ -49,6 +49,36 @@ pub struct Manifest {
     pub golden: GoldenSet,
     pub reference: ReferenceSketch,
     pub lineage: Lineage,
+    /// The lowest version of this model a device may install once it has seen this manifest
+    /// (ADR 0010): signed with the manifest, so only a release key can raise it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<semver::Version>,
+    /// The devices this bundle is built for; empty means every device.
+    #[serde(default, skip_serializing_if = "Targets::is_any")]
+    pub targets: Targets,
+    /// What a device does with this model after it has had no fresh signed instructions for a
+    /// while (ADR 0010); the default when absent: 30 days' grace, then keep serving, flagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<crate::freshness::OfflinePolicy>,
+}
+
+/// The device class a bundle is bound to: every condition given must hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// CPU architectures as Rust names them (`std::env::consts::ARCH`: x86_64, aarch64, arm);
+    /// empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arch: Vec<String>,
+    /// Labels the device must carry with exactly these values (e.g. `accelerator = "npu"`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Targets {
+    pub fn is_any(&self) -> bool {
+        self.arch.is_empty() && self.labels.is_empty()
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -139,6 +169,10 @@ pub enum ManifestError {
     GoldenInputLen { case: usize, got: usize, want: usize },
     #[error("golden case {case} has {got} expected values; the contract output gives {want}")]
     GoldenOutputLen { case: usize, got: usize, want: usize },
+    #[error("manifest version {version} is below its own floor {floor}")]
+    BelowOwnFloor { version: String, floor: String },
+    #[error("manifest targets architecture {0:?}, which is not an architecture name")]
+    BadArch(String),
 }
 
 impl Manifest {
@@ -156,6 +190,9 @@ impl Manifest {
             golden: GoldenSet { tolerance: 0.0, cases: Vec::new() },
             reference: ReferenceSketch::default(),
             lineage: Lineage::default(),
+            floor: None,
+            targets: Targets::default(),
+            offline: None,
         }
     }
 
@@ -181,6 +218,12 @@ impl Manifest {
         }
         if !seen.contains(MODEL_PATH) {
             return Err(ManifestError::NoModel);
+        }
+        if let Some(floor) = self.floor.as_ref().filter(|floor| **floor > self.version) {
+            return Err(ManifestError::BelowOwnFloor { version: self.version.to_string(), floor: floor.to_string() });
+        }
+        if let Some(arch) = self.targets.arch.iter().find(|a| names::validate("architecture", a).is_err()) {
+            return Err(ManifestError::BadArch(arch.clone()));
         }
         let (want_in, want_out) = (self.contract.input.sample_len(), self.contract.output.sample_len());
         for (case, golden) in self.golden.cases.iter().enumerate() {
@@ -272,6 +315,8 @@ pub enum VerifyError {
         "bundle is signed only by untrusted key(s) {0}; add the signer's public key to the trusted keys or re-sign"
     )]
     UntrustedSigner(String),
+    #[error("bundle is signed by {valid} trusted key(s); {threshold} are needed")]
+    BelowThreshold { valid: usize, threshold: usize },
     #[error("signature by trusted key {key_id} does not match the manifest: the manifest or signature was altered")]
     BadSignature { key_id: KeyId },
     #[error("signed manifest is invalid: {0}")]
@@ -363,9 +408,10 @@ impl UnverifiedBundle {
     }
 }
 
-/// Accepts when at least one signature is by a trusted key and every trusted-key signature
-/// verifies. A bad signature by a trusted key is an error even when another one is good: it means
-/// somebody altered something.
+/// Accepts when valid signatures by at least `trusted.threshold()` distinct trusted keys cover the
+/// manifest bytes. A bad signature by a trusted key is an error even when others are good: it
+/// means somebody altered something. Signatures by keys not trusted (unknown or revoked) count for
+/// nothing. Returns the first trusted signer.
 pub fn verify_signatures(
     manifest_bytes: &[u8],
     signatures: &BTreeMap<KeyId, Vec<u8>>,
@@ -374,19 +420,23 @@ pub fn verify_signatures(
     if signatures.is_empty() {
         return Err(VerifyError::MissingSignature);
     }
-    let mut good = None;
+    let mut good = Vec::new();
     for (key_id, sig_bytes) in signatures {
         let Some(key) = trusted.get(key_id) else {
             continue;
         };
         let signature = Signature::from_slice(sig_bytes).map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
         key.verify_strict(manifest_bytes, &signature).map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
-        good.get_or_insert(*key_id);
+        good.push(*key_id);
     }
-    good.ok_or_else(|| {
+    let Some(first) = good.first() else {
         let ids: Vec<String> = signatures.keys().map(|k| k.to_string()).collect();
-        VerifyError::UntrustedSigner(ids.join(", "))
-    })
+        return Err(VerifyError::UntrustedSigner(ids.join(", ")));
+    };
+    if good.len() < trusted.threshold() {
+        return Err(VerifyError::BelowThreshold { valid: good.len(), threshold: trusted.threshold() });
+    }
+    Ok(*first)
 }
 
 pub fn verify_files(manifest: &Manifest, files: &BTreeMap<String, Vec<u8>>) -> Result<(), VerifyError> {

@@ -176,3 +176,65 @@ fn a_stream_longer_than_the_bundle_limit_is_refused_as_too_large() {
     let err = read_archive_from(std::io::Cursor::new(&bytes), &limits).unwrap_err();
     assert!(matches!(err, ArchiveError::TooLarge { .. }), "{err}");
 }
+
+#[test]
+fn a_manifest_below_its_own_floor_or_with_an_odd_architecture_is_invalid() {
+    let mut below = manifest(b"m");
+    below.floor = Some(semver::Version::new(2, 0, 0));
+    assert!(matches!(below.check(), Err(ManifestError::BelowOwnFloor { .. })));
+    below.floor = Some(semver::Version::new(1, 0, 0));
+    assert!(below.check().is_ok(), "a floor at its own version");
+    below.targets.arch = vec!["../x86".into()];
+    assert!(matches!(below.check(), Err(ManifestError::BadArch(_))));
+}
+
+#[test]
+fn a_manifest_without_floor_or_targets_writes_neither() {
+    let text = String::from_utf8(manifest(b"m").to_json_bytes()).unwrap();
+    assert!(!text.contains("floor") && !text.contains("targets"), "{text}");
+    let mut bound = manifest(b"m");
+    bound.floor = Some(semver::Version::new(1, 0, 0));
+    bound.targets.arch = vec!["aarch64".into()];
+    assert_eq!(Manifest::parse(&bound.to_json_bytes()).unwrap(), bound);
+}
+
+#[test]
+fn a_threshold_of_two_needs_two_distinct_trusted_signatures() {
+    let (first, second) = (key(1), key(2));
+    let both = TrustedKeys::new([first.verifying_key(), second.verifying_key()]).with_threshold(2);
+    let one = signed_bundle(&first);
+    assert!(matches!(verify(&one, &both), Err(VerifyError::BelowThreshold { valid: 1, threshold: 2 })));
+    let mut bundle = read_archive(&one, &Limits::default()).unwrap();
+    add_signature(&mut bundle, &second);
+    let two = write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures);
+    assert!(verify(&two, &both).is_ok());
+    // A third signature by a key outside the set adds nothing and takes nothing away.
+    add_signature(&mut bundle, &key(9));
+    let three = write_archive(&bundle.manifest_bytes, &bundle.files, &bundle.signatures);
+    assert!(verify(&three, &both).is_ok());
+    let revoked = TrustedKeys::new([first.verifying_key(), key(3).verifying_key()]).with_threshold(2);
+    assert!(matches!(verify(&three, &revoked), Err(VerifyError::BelowThreshold { valid: 1, .. })));
+}
+
+#[test]
+fn a_manifest_and_model_from_two_releases_do_not_verify_together() {
+    let signer = key(1);
+    let release = |model: &[u8], version: u64| {
+        let mut bundle = UnverifiedBundle {
+            manifest_bytes: Manifest { version: semver::Version::new(version, 0, 0), ..manifest(model) }
+                .to_json_bytes(),
+            signatures: BTreeMap::new(),
+            files: [(MODEL_PATH.to_string(), model.to_vec())].into(),
+        };
+        add_signature(&mut bundle, &signer);
+        bundle
+    };
+    let (one, two) = (release(b"model one", 1), release(b"model two", 2));
+    // Release 1's signed manifest with release 2's model: both parts are genuine, the pair is not.
+    let mixed = write_archive(&one.manifest_bytes, &two.files, &one.signatures);
+    let trusted = TrustedKeys::new([signer.verifying_key()]);
+    assert!(matches!(verify(&mixed, &trusted), Err(VerifyError::DigestMismatch { .. })));
+    // And release 2's manifest under release 1's signature.
+    let swapped = write_archive(&two.manifest_bytes, &two.files, &one.signatures);
+    assert!(matches!(verify(&swapped, &trusted), Err(VerifyError::BadSignature { .. })));
+}

@@ -62,15 +62,26 @@ pub fn secret_key_hex(key: &SigningKey) -> String {
     hex::encode(key.to_bytes())
 }
 
-/// The keys a verifier accepts, by key id.
+/// The keys a verifier accepts, by key id, and how many of them must sign (at least 1).
 #[derive(Clone, Debug, Default)]
 pub struct TrustedKeys {
     keys: BTreeMap<KeyId, VerifyingKey>,
+    threshold: usize,
 }
 
 impl TrustedKeys {
+    /// Any one of `keys` suffices.
     pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> TrustedKeys {
-        TrustedKeys { keys: keys.into_iter().map(|k| (KeyId::of(&k), k)).collect() }
+        TrustedKeys { keys: keys.into_iter().map(|k| (KeyId::of(&k), k)).collect(), threshold: 1 }
+    }
+
+    /// Valid signatures by this many distinct keys are needed (raised to at least 1).
+    pub fn with_threshold(self, threshold: usize) -> TrustedKeys {
+        TrustedKeys { threshold: threshold.max(1), ..self }
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold.max(1)
     }
 
     pub fn from_hex<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<TrustedKeys, KeyError> {
@@ -85,6 +96,57 @@ impl TrustedKeys {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// A signature carried beside a JSON document (roots, freshness): key id and signature in hex.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DetachedSignature {
+    pub keyid: String,
+    /// 64 bytes in hex.
+    pub sig: String,
+}
+
+impl DetachedSignature {
+    pub fn new(key: &SigningKey, message: &[u8]) -> DetachedSignature {
+        DetachedSignature {
+            keyid: KeyId::of(&key.verifying_key()).to_string(),
+            sig: hex::encode(sign(key, message).to_bytes()),
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ThresholdError {
+    #[error("the signature by key {keyid} does not match: the document was altered")]
+    BadSignature { keyid: String },
+    #[error("signed by {valid} of the trusted keys; {threshold} are needed")]
+    BelowThreshold { valid: usize, threshold: usize },
+}
+
+/// Accepts when valid signatures over `message` by at least `trusted.threshold()` distinct
+/// trusted keys are among `signatures`. Signatures by other keys count for nothing; one by a
+/// trusted key that does not verify is an error (somebody altered something).
+pub fn verify_threshold(
+    message: &[u8],
+    signatures: &[DetachedSignature],
+    trusted: &TrustedKeys,
+) -> Result<(), ThresholdError> {
+    let mut valid = std::collections::BTreeSet::new();
+    for signature in signatures {
+        let Some((id, key)) = KeyId::parse(&signature.keyid).ok().and_then(|id| Some((id, trusted.get(&id)?))) else {
+            continue;
+        };
+        let bad = || ThresholdError::BadSignature { keyid: signature.keyid.clone() };
+        let bytes = hex::decode(&signature.sig).map_err(|_| bad())?;
+        let sig = Signature::from_slice(&bytes).map_err(|_| bad())?;
+        key.verify_strict(message, &sig).map_err(|_| bad())?;
+        valid.insert(id);
+    }
+    if valid.len() < trusted.threshold() {
+        return Err(ThresholdError::BelowThreshold { valid: valid.len(), threshold: trusted.threshold() });
+    }
+    Ok(())
 }
 
 /// Signs exact bytes; the caller passes the manifest bytes as stored in the bundle.

@@ -235,11 +235,25 @@ pub struct CheckinRequest {
     pub models: Vec<UpdateStatus>,
 }
 
+/// The reply to publishing a root of trust.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RootInfo {
+    pub version: u64,
+    pub expires: u64,
+}
+
 /// What the server wants on a device: one entry per model name.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct DesiredState {
     pub revision: u64,
     pub models: Vec<DesiredModel>,
+    /// The newest root of trust the server holds (ADR 0010); a device with an older one fetches
+    /// each version after its own from `/api/v1/roots/{version}` and rotates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_version: Option<u64>,
+    /// Signed by the root's timestamp key: for which device, how new, until when (ADR 0010).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<crate::freshness::SignedFreshness>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -435,10 +449,12 @@ pub enum AuditAction {
     OperatorRevoked,
     /// An operator revoked an unused enrollment token.
     TokenRevoked,
+    /// An admin published a root of trust (the first, or a rotation).
+    RootPublished,
 }
 
 impl AuditAction {
-    const ALL: [AuditAction; 19] = [
+    const ALL: [AuditAction; 20] = [
         AuditAction::Created,
         AuditAction::Pause,
         AuditAction::Resume,
@@ -458,6 +474,7 @@ impl AuditAction {
         AuditAction::OperatorAdded,
         AuditAction::OperatorRevoked,
         AuditAction::TokenRevoked,
+        AuditAction::RootPublished,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -481,6 +498,7 @@ impl AuditAction {
             AuditAction::OperatorAdded => "operator_added",
             AuditAction::OperatorRevoked => "operator_revoked",
             AuditAction::TokenRevoked => "token_revoked",
+            AuditAction::RootPublished => "root_published",
         }
     }
 

@@ -2,6 +2,7 @@
 //! `FLEET_TEST_MQTT_URL`), a signing key, and in-process agents with their own data directories.
 
 pub mod proxy;
+pub mod stub;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,18 +43,24 @@ pub fn new_key() -> (String, String) {
 /// A fleet server for tests: loopback, data under `dir/server`, operator token `op`, trusting
 /// `trusted_keys`, rollouts ticking every 200 ms; and an operator client for it.
 pub async fn start_server(dir: &std::path::Path, mqtt: Mqtt, trusted_keys: Vec<String>) -> (ServerHandle, FleetClient) {
-    let server = server::start(ServerConfig {
+    start_server_with(ServerConfig { trusted_keys, ..test_server_config(dir, mqtt) }).await
+}
+
+/// The configuration [`start_server`] uses, to change before [`start_server_with`].
+pub fn test_server_config(dir: &std::path::Path, mqtt: Mqtt) -> ServerConfig {
+    ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
         mqtt,
         operator_token: Some("op".into()),
-        trusted_keys,
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(200),
         ..ServerConfig::default()
-    })
-    .await
-    .unwrap();
+    }
+}
+
+pub async fn start_server_with(config: ServerConfig) -> (ServerHandle, FleetClient) {
+    let server = server::start(config).await.unwrap();
     let client = FleetClient::new(&server.url(), &server.operator_token);
     (server, client)
 }
@@ -66,6 +73,10 @@ pub struct Fleet {
     pub secret: String,
     pub public: String,
     pub agents: Vec<AgentHandle>,
+    /// The initial root agents start from, when the fleet trusts a root (ADR 0010).
+    pub root_file: Option<PathBuf>,
+    /// The secret (hex) of the root's timestamp key the server signs check-in replies with.
+    pub timestamp_secret: Option<String>,
 }
 
 impl Fleet {
@@ -75,8 +86,55 @@ impl Fleet {
         let (secret, public) = new_key();
         let mut trusted_keys = vec![public.clone()];
         trusted_keys.extend_from_slice(extra_server_keys);
-        let (server, client) = start_server(dir.path(), mqtt, trusted_keys).await;
-        let mut fleet = Fleet { dir, server, client, secret, public, agents: Vec::new() };
+        let config = ServerConfig { trusted_keys, ..test_server_config(dir.path(), mqtt) };
+        Fleet::start_with(dir, config, secret, public, None, agents).await
+    }
+
+    /// A fleet whose server and agents trust root 1 (ADR 0010): `root_key` is its only root key,
+    /// the fleet key its only targets key, with a fresh timestamp key the server signs check-in
+    /// replies with; a year to expiry.
+    pub async fn start_rooted(agents: usize, mqtt: Mqtt, root_key: &proto::keys::SigningKey) -> Fleet {
+        Fleet::start_rooted_fresh_for(agents, mqtt, root_key, Duration::from_secs(24 * 3600)).await
+    }
+
+    /// [`Fleet::start_rooted`] with check-in replies fresh for `freshness` only.
+    pub async fn start_rooted_fresh_for(
+        agents: usize,
+        mqtt: Mqtt,
+        root_key: &proto::keys::SigningKey,
+        freshness: Duration,
+    ) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = new_key();
+        let targets = proto::keys::parse_public_key(&public).unwrap();
+        let timestamp = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+        let expires = fleet_server::unix_ms() / 1000 + 365 * 86_400;
+        let root_file = dir.path().join("root.1.json");
+        let root = proto::root::single_key_root(root_key, &targets, &timestamp.verifying_key(), expires);
+        std::fs::write(&root_file, root.to_json_bytes()).unwrap();
+        let timestamp_secret = proto::keys::secret_key_hex(&timestamp);
+        let config = ServerConfig {
+            root_file: Some(root_file.clone()),
+            timestamp_key: Some(timestamp_secret.clone()),
+            freshness_lifetime: freshness,
+            ..test_server_config(dir.path(), mqtt)
+        };
+        let mut fleet = Fleet::start_with(dir, config, secret, public, Some(root_file), agents).await;
+        fleet.timestamp_secret = Some(timestamp_secret);
+        fleet
+    }
+
+    async fn start_with(
+        dir: tempfile::TempDir,
+        config: ServerConfig,
+        secret: String,
+        public: String,
+        root_file: Option<PathBuf>,
+        agents: usize,
+    ) -> Fleet {
+        let (server, client) = start_server_with(config).await;
+        let mut fleet =
+            Fleet { dir, server, client, secret, public, agents: Vec::new(), root_file, timestamp_secret: None };
         for index in 0..agents {
             let agent = fleet.start_agent(index).await;
             fleet.agents.push(agent);
@@ -111,6 +169,7 @@ impl Fleet {
             index,
         );
         config.enrollment_token = None;
+        self.trust(&mut config);
         edge_agent::start(config).await.unwrap()
     }
 
@@ -121,9 +180,18 @@ impl Fleet {
     /// Starts agent `index` (enrolling with a fresh token, or reusing its saved identity).
     pub async fn start_agent(&self, index: usize) -> AgentHandle {
         let token = self.client.tokens(1).await.unwrap().remove(0);
-        let config =
+        let mut config =
             agent_config(&self.server.url(), &self.server.mqtt_url, &token, &self.public, self.agent_dir(index), index);
+        self.trust(&mut config);
         edge_agent::start(config).await.unwrap()
+    }
+
+    /// Points an agent config at the fleet's root, when it has one.
+    pub fn trust(&self, config: &mut edge_agent::AgentConfig) {
+        if let Some(root) = &self.root_file {
+            config.trusted_keys.clear();
+            config.root_file = Some(root.clone());
+        }
     }
 
     pub async fn publish(&self, bundle: Vec<u8>) -> BundleInfo {
@@ -185,12 +253,17 @@ pub fn scale_options() -> fleetctl::demo::DemoOptions {
 
 /// POSTs rows to an agent's local API; returns the JSON answer and the HTTP status.
 pub async fn infer(agent: &AgentHandle, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let response = edge_agent::http::client()
-        .post(format!("http://{}/v1/infer", agent.api_addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    infer_at(agent, "/v1/infer", body).await
+}
+
+/// The same for one named model.
+pub async fn infer_model(agent: &AgentHandle, model: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    infer_at(agent, &format!("/v1/models/{model}/infer"), body).await
+}
+
+async fn infer_at(agent: &AgentHandle, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response =
+        edge_agent::http::client().post(format!("http://{}{path}", agent.api_addr)).json(&body).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
 }

@@ -3,39 +3,10 @@
 //! before using it in a path or URL. Nothing is written for them, the credential goes nowhere
 //! else, and 1.0.0 keeps serving.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-
+use fleet_tests::stub::HttpStub;
 use fleet_tests::*;
 use fleetctl::demo::wait_for;
 use proto::wire::{bundle_path, DesiredModel, DesiredState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-/// Accepts connections and counts them; answers every HTTP request with `body` (JSON).
-async fn http_stub(body: String) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counted = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut request = vec![0u8; 64 * 1024];
-                let _ = socket.read(&mut request).await;
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(reply.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    (addr, requests)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_while_1_0_0_serves() {
@@ -45,7 +16,8 @@ async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_whi
     agent.shutdown().await;
 
     // Where a stolen credential would go.
-    let (elsewhere, stolen) = http_stub(String::new()).await;
+    let stolen = HttpStub::start(String::new()).await;
+    let elsewhere = stolen.addr;
     let honest = |version: &str| DesiredModel {
         name: "tabular".into(),
         version: version.into(),
@@ -63,10 +35,12 @@ async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_whi
             DesiredModel { bundle_sha256: "../../etc".into(), ..honest("3.0.0") },
             DesiredModel { name: "../models".into(), ..honest("4.0.0") },
         ],
+        root_version: None,
+        freshness: None,
     };
-    let (hostile, checkins) = http_stub(serde_json::to_string(&desired).unwrap()).await;
+    let hostile = HttpStub::start(serde_json::to_string(&desired).unwrap()).await;
     let mut config = fleetctl::demo::agent_config(
-        &format!("http://{hostile}"),
+        &hostile.url(),
         &fleet.server.mqtt_url,
         "unused",
         &fleet.public,
@@ -77,12 +51,12 @@ async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_whi
     config.intervals.checkin_secs = 0.2;
     let agent = edge_agent::start(config).await.unwrap();
     wait_for("several check-ins with the hostile server", TIMEOUT, || async {
-        (checkins.load(Ordering::SeqCst) >= 5).then_some(())
+        (hostile.requests() >= 5).then_some(())
     })
     .await
     .unwrap();
 
-    assert_eq!(stolen.load(Ordering::SeqCst), 0, "the credential was sent to another host");
+    assert_eq!(stolen.requests(), 0, "the credential was sent to another host");
     let (status, answer) = infer(&agent, serde_json::json!({ "inputs": [vec![0.1f32; 8]] })).await;
     assert_eq!((status, answer["version"].as_str()), (200, Some("1.0.0")), "{answer}");
     // Nothing was written for the refused versions: no update record, no download, no directory.

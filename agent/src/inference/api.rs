@@ -69,6 +69,7 @@ async fn run(
     match answer {
         Ok(response) => Json(response).into_response(),
         Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ InferError::Stale { .. }) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e @ (InferError::Run(_) | InferError::Panicked { .. } | InferError::Stopped)) => {
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }

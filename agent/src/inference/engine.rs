@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use proto::drift::{drift, ReferenceSketch, SketchCounts};
+use proto::freshness::{OnStale, Standing};
 use proto::wire::{DriftSummary, ModelCounters};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -46,6 +47,8 @@ pub enum InferError {
     Panicked { model: String, message: String },
     #[error("the inference engine has stopped")]
     Stopped,
+    #[error("model {model:?} stopped serving: this device has had no fresh signed instructions since {since} (unix seconds, past the model's offline grace period); it serves again after its next check-in")]
+    Stale { model: String, since: u64 },
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -53,6 +56,32 @@ pub struct InferResponse {
     pub model: String,
     pub version: String,
     pub outputs: Vec<Vec<f32>>,
+    /// Set when the device has had no fresh signed instructions for longer than the model's
+    /// offline grace period and the model's policy is to keep serving (ADR 0010).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+}
+
+/// How fresh the device's instructions are, for judging each model's offline policy: when the
+/// last accepted check-in reply expires, and a time floor that runs on with the monotonic clock
+/// (so a device whose wall clock is wrong still sees time pass while it runs).
+#[derive(Clone, Copy, Debug)]
+pub struct FreshnessClock {
+    pub fresh_until: u64,
+    pub time_floor: u64,
+    pub floor_at: Instant,
+}
+
+impl FreshnessClock {
+    pub fn new(seen: &proto::freshness::Seen) -> FreshnessClock {
+        FreshnessClock { fresh_until: seen.fresh_until, time_floor: seen.time_floor, floor_at: Instant::now() }
+    }
+
+    /// The later of the wall clock and the time floor advanced by the time since it was set.
+    fn now(&self) -> u64 {
+        let floor = self.time_floor.saturating_add(self.floor_at.elapsed().as_secs());
+        (unix_ms() / 1000).max(floor)
+    }
 }
 
 /// A model being served: its tract session, drift window and counters. Owned by the engine thread.
@@ -153,17 +182,37 @@ impl Serving {
 pub(crate) struct Engine {
     serving: BTreeMap<String, Serving>,
     telemetry: TelemetrySink,
+    /// None when the device has no root of trust: nothing goes stale.
+    freshness: Option<FreshnessClock>,
 }
 
 impl Engine {
     pub(crate) fn new(telemetry: TelemetrySink) -> Engine {
-        Engine { serving: BTreeMap::new(), telemetry }
+        Engine { serving: BTreeMap::new(), telemetry, freshness: None }
     }
 
-    /// The hot path, with a panic inside tract contained to this one request.
+    pub(crate) fn set_freshness(&mut self, clock: FreshnessClock) {
+        self.freshness = Some(clock);
+    }
+
+    /// The hot path, with a panic inside tract contained to this one request. A model past its
+    /// offline grace period answers flagged stale, or not at all, as its policy says.
     pub(crate) fn infer(&mut self, model: Option<String>, rows: Vec<Vec<f32>>) -> Result<InferResponse, InferError> {
-        let telemetry = &self.telemetry;
-        guarded_infer(&mut self.serving, model, |s| infer(s, rows, telemetry))
+        let (telemetry, freshness) = (&self.telemetry, self.freshness);
+        guarded_infer(&mut self.serving, model, |s| {
+            let standing = freshness.map_or(Standing::Serving, |clock| {
+                proto::freshness::standing(&s.model.offline, clock.fresh_until, clock.now())
+            });
+            match standing {
+                Standing::Serving => infer(s, rows, telemetry),
+                Standing::Stale { policy: OnStale::KeepServing, .. } => {
+                    infer(s, rows, telemetry).map(|answer| InferResponse { stale: true, ..answer })
+                }
+                Standing::Stale { policy: OnStale::StopServing, since } => {
+                    Err(InferError::Stale { model: s.name.to_string(), since })
+                }
+            }
+        })
     }
 
     #[cfg(test)]
@@ -299,7 +348,7 @@ fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) 
         });
         outputs.push(output);
     }
-    Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs })
+    Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs, stale: false })
 }
 
 /// One engine thread's part of a model's drift window, with the reference to score the whole.

@@ -43,6 +43,10 @@ enum EngineMsg {
         rows: Vec<Vec<f32>>,
         reply: oneshot::Sender<Result<InferResponse, InferError>>,
     },
+    Freshness {
+        clock: super::engine::FreshnessClock,
+        reply: oneshot::Sender<()>,
+    },
     Install {
         model: Box<LoadedModel>,
         now_ms: u64,
@@ -170,6 +174,12 @@ impl EngineHandle {
         merge_stats(answers.into_iter().map(|(stats, _)| stats).collect(), dropped)
     }
 
+    /// How fresh the device's signed instructions are: each model's offline policy is judged
+    /// against it from now on (ADR 0010).
+    pub async fn set_freshness(&self, clock: super::engine::FreshnessClock) {
+        self.ask_all(|reply| EngineMsg::Freshness { clock, reply }).await;
+    }
+
     /// Active model name -> version.
     pub async fn active(&self) -> BTreeMap<String, String> {
         self.ask(|reply| EngineMsg::Active { reply }).await.unwrap_or_default()
@@ -209,6 +219,10 @@ fn handle(engine: &SharedEngine, msg: EngineMsg) {
     match msg {
         EngineMsg::Infer { model, rows, reply } => {
             let _ = reply.send(engine.lock().infer(model, rows));
+        }
+        EngineMsg::Freshness { clock, reply } => {
+            engine.lock().set_freshness(clock);
+            let _ = reply.send(());
         }
         EngineMsg::Install { model, now_ms, reply } => {
             let _ = reply.send(engine.lock().install(*model, now_ms));

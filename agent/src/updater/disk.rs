@@ -27,8 +27,16 @@ pub enum DiskError {
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("installed bundle {path} failed verification: {source}")]
     Verify { path: PathBuf, source: proto::VerifyError },
+    #[error("installed bundle {path} holds {found}: a version directory must hold the version it is named after")]
+    Misplaced { path: PathBuf, found: String },
     #[error(transparent)]
     Model(#[from] ModelError),
+}
+
+/// An installed version read back from disk, verified and loaded.
+pub struct Installed {
+    pub manifest: proto::Manifest,
+    pub model: LoadedModel,
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
@@ -139,18 +147,24 @@ impl Layout {
         Ok(final_dir)
     }
 
-    /// Reads an installed version back, verifies it and loads the model (contract checked).
+    /// Reads an installed version back, verifies it, checks that it is the model and version its
+    /// directory says, and loads the model (contract checked).
     pub fn load(
         &self,
         name: &str,
         version: &str,
         trusted: &TrustedKeys,
         limits: &Limits,
-    ) -> Result<LoadedModel, DiskError> {
+    ) -> Result<Installed, DiskError> {
         let dir = self.version_dir(name, version);
         let bundle = read_dir_bundle(&dir, limits)?;
         let verified = bundle.verify(trusted).map_err(|source| DiskError::Verify { path: dir.clone(), source })?;
-        Ok(LoadedModel::load(&verified.manifest, verified.model_bytes())?)
+        let manifest = &verified.manifest;
+        if manifest.name != name || manifest.version.to_string() != version {
+            return Err(DiskError::Misplaced { path: dir, found: format!("{} {}", manifest.name, manifest.version) });
+        }
+        let model = LoadedModel::load(manifest, verified.model_bytes())?;
+        Ok(Installed { manifest: verified.manifest, model })
     }
 
     /// Points `current` at `version`, keeping the old target as `previous`. Returns the old one.
@@ -282,5 +296,28 @@ mod tests {
         layout.stage(&bundle("1.0.0-rc.1")).unwrap();
         assert!(kept.join(MODEL_PATH).is_file(), "staging 1.0.0-rc.1 removed installed version 1.0.0-rc.staging");
         assert!(layout.version_dir("m", "1.0.0-rc.1").join(MODEL_PATH).is_file());
+    }
+
+    #[test]
+    fn a_version_directory_holding_another_version_is_refused_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let key = proto::keys::SigningKey::from_bytes(&[5; 32]);
+        let trusted = TrustedKeys::new([key.verifying_key()]);
+        let staged = bundle("1.0.0");
+        let mut unverified = UnverifiedBundle {
+            manifest_bytes: staged.manifest_bytes,
+            signatures: BTreeMap::new(),
+            files: staged.files,
+        };
+        proto::bundle::add_signature(&mut unverified, &key);
+        layout.stage(&unverified.verify(&trusted).unwrap()).unwrap();
+        // A validly signed 1.0.0 moved to where 2.0.0 belongs.
+        std::fs::rename(layout.version_dir("m", "1.0.0"), layout.version_dir("m", "2.0.0")).unwrap();
+        match layout.load("m", "2.0.0", &trusted, &Limits::default()) {
+            Err(DiskError::Misplaced { found, .. }) => assert_eq!(found, "m 1.0.0"),
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a misplaced version was loaded"),
+        }
     }
 }

@@ -264,8 +264,9 @@ mod tests {
         assert!(matches!(d.run().await, Err(DownloadError::TooLarge { .. })));
     }
 
-    /// A server that sends the first bytes of the body and then holds the connection open.
-    async fn serve_stalling(body_len: usize, sent: usize) -> String {
+    /// A server that announces `body_len` bytes, sends `sent` (in 64 KiB pieces), then holds the
+    /// connection open when `hold`, else closes it.
+    async fn serve_raw(body_len: usize, sent: usize, hold: bool) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/b", listener.local_addr().unwrap());
         tokio::spawn(async move {
@@ -276,8 +277,17 @@ mod tests {
                     let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut request).await;
                     let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len}\r\n\r\n");
                     let _ = socket.write_all(head.as_bytes()).await;
-                    let _ = socket.write_all(&vec![7u8; sent]).await;
-                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                    let mut left = sent;
+                    while left > 0 {
+                        let piece = left.min(65_536);
+                        if socket.write_all(&vec![7u8; piece]).await.is_err() {
+                            return;
+                        }
+                        left -= piece;
+                    }
+                    if hold {
+                        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                    }
                 });
             }
         });
@@ -286,7 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_stops_sending_mid_download_fails_the_attempt_within_the_stall_window() {
-        let url = serve_stalling(100_000, 1300).await;
+        let url = serve_raw(100_000, 1300, true).await;
         let client = crate::http::client();
         let dir = tempfile::tempdir().unwrap();
         let body = vec![7u8; 100_000];
@@ -297,6 +307,20 @@ mod tests {
         let err = d.run().await.unwrap_err();
         assert!(matches!(err, DownloadError::Stalled { .. }), "{err}");
         assert!(err.to_string().contains("stalled"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_lies_about_the_length_is_cut_off_at_the_announced_size() {
+        // The check-in said 10,000 bytes; the download claims 50 MB and keeps sending.
+        let url = serve_raw(50_000_000, 50_000_000, false).await;
+        let body = vec![7u8; 10_000];
+        let sha = hex::encode(Sha256::digest(&body));
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("m-1.0.0.bundle");
+        let client = crate::http::client();
+        let err = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap_err();
+        assert!(matches!(err, DownloadError::Overrun { expected: 10_000, .. }), "{err}");
+        assert!(!dest.exists() && !dest.with_extension("bundle.part").exists(), "nothing of it is kept");
     }
 
     #[tokio::test]

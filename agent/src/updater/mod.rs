@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use std::path::Path;
 
+use proto::admission::{admit, raised_floor, DeviceClass, Refusal};
 use proto::bundle::{read_archive_from, Limits};
 use proto::wire::{CheckinRequest, DesiredModel, DesiredState, UpdateStatus, UpdateStep};
-use proto::TrustedKeys;
+use proto::{Manifest, TrustedKeys};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,10 @@ pub enum UpdateError {
     Verify { model: String, version: String, source: proto::VerifyError },
     #[error("bundle names {got}, but {want} was desired: refused")]
     WrongBundle { want: String, got: String },
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("check-in reply refused: {0}")]
+    Stale(#[from] proto::freshness::FreshnessError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
@@ -70,13 +75,48 @@ pub struct Updater {
     pub state: Arc<StateDb>,
     pub engine: EngineHandle,
     pub uplink: UplinkHandle,
-    pub trusted: Arc<TrustedKeys>,
-    pub limits: Limits,
+    pub verifier: Arc<Verifier>,
     pub checkin_every: std::time::Duration,
     pub request_timeout: std::time::Duration,
     pub policy: UpdatePolicy,
     /// Versions whose last download failed, and when the next try may start.
     pub retry_after: HashMap<(String, String), tokio::time::Instant>,
+}
+
+/// What every bundle is checked against before it is installed or loaded: the keys that may sign
+/// it, the device it must be built for, and the size limits for reading it.
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    pub trusted: TrustedKeys,
+    /// The root of trust `trusted` comes from (its targets role), when the config names one;
+    /// None when the config lists `trusted_keys`, which never rotate.
+    pub root: Option<proto::root::Root>,
+    pub device: DeviceClass,
+    pub limits: Limits,
+}
+
+impl Verifier {
+    /// The same checks under a newer root: bundles need its targets keys and threshold.
+    fn rotated(&self, root: proto::root::Root) -> Verifier {
+        Verifier { trusted: root.targets(), root: Some(root), ..self.clone() }
+    }
+
+    /// Refuses a version below the model's stored floor or not built for this device (ADR 0010).
+    fn admit(&self, state: &StateDb, manifest: &Manifest) -> Result<(), UpdateError> {
+        let floor = state.floor(&manifest.name)?;
+        Ok(admit(manifest, &self.device, floor.as_ref())?)
+    }
+
+    /// Stores the manifest's floor when it is higher than the one seen: from now on no version
+    /// below it is installed, whatever the server says.
+    fn remember_floor(&self, state: &StateDb, manifest: &Manifest) -> Result<(), UpdateError> {
+        let seen = state.floor(&manifest.name)?;
+        if let Some(raised) = raised_floor(seen.as_ref(), manifest).filter(|raised| Some(raised) != seen.as_ref()) {
+            state.raise_floor(&manifest.name, &raised)?;
+            tracing::info!(model = %manifest.name, floor = %raised, "anti-rollback floor raised");
+        }
+        Ok(())
+    }
 }
 
 /// How hard the updater tries before a version is `failed`.
@@ -114,6 +154,9 @@ impl Updater {
 
     async fn check_in_and_apply(&mut self) -> Result<(), UpdateError> {
         let mut desired = self.check_in().await?;
+        // A rotated root can change which keys sign bundles and replies: follow it first.
+        self.follow_root(desired.root_version).await;
+        self.check_fresh(&desired).await?;
         // Nothing the server names reaches a path, a URL or a topic before it is checked.
         desired.models.retain(|model| match proto::desired::validate(model) {
             Ok(()) => true,
@@ -152,6 +195,46 @@ impl Updater {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Moves to the server's newest root when it is newer than ours, one version at a time,
+    /// each signed by a threshold of the previous root's keys. A refused root is logged and the
+    /// device keeps the last one it accepted.
+    async fn follow_root(&mut self, latest: Option<u64>) {
+        let (Some(current), Some(latest)) = (self.verifier.root.clone(), latest) else { return };
+        if latest <= current.version {
+            return;
+        }
+        let (root, refused) = crate::trust::follow_rotations(
+            &self.http,
+            &self.server_url,
+            &self.credential,
+            &self.state,
+            &current,
+            latest,
+        )
+        .await;
+        if root.version != current.version {
+            self.verifier = Arc::new(self.verifier.rotated(root));
+        }
+        if let Some(e) = refused {
+            tracing::error!(device = %self.device_id, error = %e, "root of trust not rotated; keeping the last accepted root");
+        }
+    }
+
+    /// Under a root, a reply counts only when its timestamp signature names this device, a
+    /// counter above the last accepted and an expiry not yet passed (ADR 0010); what was
+    /// accepted is stored before the reply is acted on.
+    async fn check_fresh(&self, desired: &DesiredState) -> Result<(), UpdateError> {
+        let Some(root) = &self.verifier.root else { return Ok(()) };
+        let state = self.state.clone();
+        let seen = blocking(move || state.freshness()).await??;
+        let clock = crate::unix_ms() / 1000;
+        let accepted = proto::freshness::accept(desired, &root.timestamp(), &self.device_id, &seen, clock)?;
+        let state = self.state.clone();
+        blocking(move || state.save_freshness(&accepted)).await??;
+        self.engine.set_freshness(crate::inference::engine::FreshnessClock::new(&accepted)).await;
         Ok(())
     }
 
@@ -227,8 +310,7 @@ impl Updater {
             state: self.state.clone(),
             engine: self.engine.clone(),
             uplink: self.uplink.clone(),
-            trusted: self.trusted.clone(),
-            limits: self.limits,
+            verifier: self.verifier.clone(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -260,7 +342,7 @@ impl Updater {
                 dest,
                 size: desired.bundle_size,
                 sha256: &desired.bundle_sha256,
-                limit: self.limits.max_bundle_bytes,
+                limit: self.verifier.limits.max_bundle_bytes,
                 min_bytes_per_sec: self.policy.min_download_bytes_per_sec,
                 stall_window: self.policy.stall_window,
                 free_bytes,
@@ -283,8 +365,7 @@ struct InstallJob {
     state: Arc<StateDb>,
     engine: EngineHandle,
     uplink: UplinkHandle,
-    trusted: Arc<TrustedKeys>,
-    limits: Limits,
+    verifier: Arc<Verifier>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -327,18 +408,24 @@ impl InstallJob {
                 path: path.into(),
                 source,
             })?;
-            let verified = read_archive_from(std::io::BufReader::new(file), &self.limits)
+            let verified = read_archive_from(std::io::BufReader::new(file), &self.verifier.limits)
                 .map_err(|e| verify_err(e.into()))?
-                .verify(&self.trusted)
+                .verify(&self.verifier.trusted)
                 .map_err(verify_err)?;
             if verified.manifest.name != name || verified.manifest.version.to_string() != version {
                 let got = format!("{} {}", verified.manifest.name, verified.manifest.version);
                 return Err(UpdateError::WrongBundle { want: format!("{name} {version}"), got });
             }
+            self.verifier.admit(&self.state, &verified.manifest)?;
+            self.verifier.remember_floor(&self.state, &verified.manifest)?;
             self.layout.stage(&verified)?;
         }
         self.report_blocking(desired, UpdateStep::SelfTest, failures)?;
-        let loaded = self.layout.load(name, version, &self.trusted, &self.limits)?;
+        let verifier = &self.verifier;
+        let installed = self.layout.load(name, version, &verifier.trusted, &verifier.limits)?;
+        // A kept version (a rollback to `previous`) is held to the floor as much as a download.
+        verifier.admit(&self.state, &installed.manifest)?;
+        let loaded = installed.model;
         loaded.self_test()?;
         self.report_blocking(desired, UpdateStep::Activating, failures)?;
         self.layout.activate(name, version)?;
@@ -384,8 +471,7 @@ pub async fn restore_installed(
     layout: &Layout,
     state: &Arc<StateDb>,
     engine: &EngineHandle,
-    trusted: &Arc<TrustedKeys>,
-    limits: &Limits,
+    verifier: &Arc<Verifier>,
     self_test_restarts: u32,
 ) {
     let (l, s) = (layout.clone(), state.clone());
@@ -396,7 +482,7 @@ pub async fn restore_installed(
     for (name, candidates) in installed {
         let mut restored = false;
         for (which, version) in candidates {
-            match restore_one(layout, state, engine, trusted, limits, &name, which, &version).await {
+            match restore_one(layout, state, engine, verifier, &name, which, &version).await {
                 Ok(()) => {
                     restored = true;
                     break;
@@ -477,20 +563,27 @@ fn recover_in_flight(
 }
 
 /// Loads one installed version (off the workers), puts it in the engine, and when it is the
-/// `previous` one makes it `current` and records the rollback.
-#[allow(clippy::too_many_arguments)]
+/// `previous` one makes it `current` and records the rollback. `current` serves even when a floor
+/// seen since it was installed is above it (it keeps the device answering until the server names
+/// a newer version); falling back to `previous` is a rollback and is held to the floor.
 async fn restore_one(
     layout: &Layout,
     state: &Arc<StateDb>,
     engine: &EngineHandle,
-    trusted: &Arc<TrustedKeys>,
-    limits: &Limits,
+    verifier: &Arc<Verifier>,
     name: &str,
     which: &'static str,
     version: &str,
 ) -> Result<(), UpdateError> {
-    let (l, t, lim, n, v) = (layout.clone(), trusted.clone(), *limits, name.to_string(), version.to_string());
-    let loaded = blocking(move || l.load(&n, &v, &t, &lim)).await??;
+    let (l, s, checks, n, v) = (layout.clone(), state.clone(), verifier.clone(), name.to_string(), version.to_string());
+    let loaded = blocking(move || {
+        let installed = l.load(&n, &v, &checks.trusted, &checks.limits)?;
+        if which == "previous" {
+            checks.admit(&s, &installed.manifest)?;
+        }
+        Ok::<_, UpdateError>(installed.model)
+    })
+    .await??;
     engine.install(loaded, crate::unix_ms()).await?;
     if which == "previous" {
         let (l, s, n, v) = (layout.clone(), state.clone(), name.to_string(), version.to_string());

@@ -77,6 +77,7 @@ pub async fn checkin(
     let Json(request) =
         body.map_err(|e| ApiError::BadRequest(format!("check-in body is invalid: {}", e.body_text())))?;
     let now = crate::unix_ms();
+    let timestamp = state.timestamp.clone();
     let desired = blocking(&state.store, move |s| {
         s.touch(&device, now)?;
         for status in &request.models {
@@ -84,7 +85,13 @@ pub async fn checkin(
                 s.record_status(&device, status)?;
             }
         }
-        s.desired_state(&device)
+        let mut desired = s.desired_state(&device)?;
+        if let Some(timestamp) = &timestamp {
+            let counter = s.next_freshness_counter(&device)?;
+            let lifetime = timestamp.lifetime.as_secs();
+            proto::freshness::seal(&mut desired, &timestamp.key, &device, counter, now / 1000, lifetime);
+        }
+        Ok(desired)
     })
     .await?;
     Ok(Json(desired))

@@ -7,6 +7,7 @@ mod devices;
 pub mod identity;
 mod operator;
 pub mod rollouts;
+pub mod roots;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,14 @@ pub struct AppState {
     pub sessions: Option<crate::broker::Sessions>,
     /// Keeps an external Mosquitto's password file in step with enrollments and revocations.
     pub broker_passwords: Option<crate::broker::mosquitto::PasswordSync>,
+    /// Signs check-in replies with the root's timestamp key (ADR 0010); None leaves them unsigned.
+    pub timestamp: Option<Arc<TimestampSigner>>,
+}
+
+/// The server's online timestamp key and how long what it signs stays fresh.
+pub struct TimestampSigner {
+    pub key: proto::keys::SigningKey,
+    pub lifetime: std::time::Duration,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -63,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}", get(rollouts::show))
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
         .route("/api/v1/audit", get(rollouts::audit))
+        .route("/api/v1/roots", post(roots::publish))
+        .route("/api/v1/roots/{version}", get(roots::get))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)

@@ -26,7 +26,7 @@ pub async fn publish(
 ) -> Result<Json<BundleInfo>, ApiError> {
     state.require(&headers, Role::Operator).await?;
     let limits = Limits { max_bundle_bytes: state.max_bundle_bytes as u64, ..Limits::default() };
-    let trusted = state.trusted.clone();
+    let trusted = super::roots::bundle_keys(&state).await?;
     let bytes = body.clone();
     let verified = tokio::task::spawn_blocking(move || {
         read_archive(&bytes, &limits).map_err(proto::VerifyError::from)?.verify(&trusted)

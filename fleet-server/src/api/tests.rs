@@ -75,6 +75,7 @@ fn api() -> Api {
         revocations: Default::default(),
         sessions: None,
         broker_passwords: None,
+        timestamp: None,
     };
     Api { _dir: dir, app: router(state), secret }
 }

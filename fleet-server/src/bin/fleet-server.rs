@@ -38,9 +38,19 @@ struct Args {
     /// Mosquitto's pid file: it gets a SIGHUP to reload the password file after each change.
     #[arg(long, env = "FLEET_MOSQUITTO_PID_FILE", requires = "mosquitto_password_file")]
     mosquitto_pid_file: Option<PathBuf>,
-    /// Public key (hex or a .pub file) accepted on published bundles; repeatable.
-    #[arg(long = "trusted-key", env = "FLEET_TRUSTED_KEYS", value_delimiter = ',', required = true)]
+    /// Public key (hex or a .pub file) accepted on published bundles; repeatable. Or use --root.
+    #[arg(long = "trusted-key", env = "FLEET_TRUSTED_KEYS", value_delimiter = ',')]
     trusted_keys: Vec<String>,
+    /// Signed root of trust (`fleetctl root init`), published at start when the server holds none.
+    #[arg(long, env = "FLEET_ROOT")]
+    root: Option<PathBuf>,
+    /// Secret key file of the root's timestamp role: signs every check-in reply (needed by
+    /// devices that start from a root).
+    #[arg(long, env = "FLEET_TIMESTAMP_KEY")]
+    timestamp_key: Option<PathBuf>,
+    /// Hours a signed check-in reply stays fresh.
+    #[arg(long, default_value_t = 24)]
+    freshness_hours: u64,
     /// Bootstrap admin token; generated into <data-dir>/operator.token (0600) when omitted.
     #[arg(long, env = "FLEET_OPERATOR_TOKEN")]
     operator_token: Option<String>,
@@ -113,6 +123,17 @@ async fn main() -> Result<()> {
         mqtt,
         operator_token: args.operator_token,
         trusted_keys,
+        root_file: args.root,
+        timestamp_key: match &args.timestamp_key {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the timestamp key {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        },
+        freshness_lifetime: std::time::Duration::from_secs(args.freshness_hours.max(1) * 3600),
         max_bundle_bytes: args.max_bundle_bytes,
         rollout_tick: std::time::Duration::from_secs(2),
         mqtt_login,

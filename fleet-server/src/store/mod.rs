@@ -201,6 +201,14 @@ pub trait Store: Send + Sync + 'static {
     fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError>;
 
     /// Stores a bundle's record; the same name and version with other bytes is a conflict.
+    /// Raises and returns the device's freshness counter: every signed check-in reply carries a
+    /// higher one than the last (ADR 0010).
+    fn next_freshness_counter(&self, device: &str) -> Result<u64, StoreError>;
+    /// Stores a root of trust, verified by the caller; its version must follow the newest stored
+    /// (any version when none is), else `Conflict`.
+    fn put_root(&self, version: u64, document: &[u8], at_ms: u64) -> Result<(), StoreError>;
+    fn root(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    fn latest_root(&self) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_bundle(&self, bundle: &BundleRecord) -> Result<(), StoreError>;
     fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>, StoreError>;
 

@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL,
     credential_hash TEXT NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL,
     last_seen_ms INTEGER, health TEXT, revision INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS roots (
+    version INTEGER PRIMARY KEY, document BLOB NOT NULL, published_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS bundles (
     name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
     created_at INTEGER NOT NULL, signed_by TEXT NOT NULL, manifest BLOB NOT NULL,
@@ -86,6 +88,7 @@ impl SqliteStore {
         // Tokens made before expiry existed never expire.
         add_column(&conn, "tokens", "expires_ms", "INTEGER")?;
         add_column(&conn, "tokens", "revoked_ms", "INTEGER")?;
+        add_column(&conn, "devices", "freshness_counter", "INTEGER NOT NULL DEFAULT 0")?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -378,6 +381,45 @@ impl Store for SqliteStore {
         Ok(devices)
     }
 
+    fn next_freshness_counter(&self, device: &str) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let counter: i64 = conn.query_row(
+            "UPDATE devices SET freshness_counter = freshness_counter + 1 WHERE id = ?1 RETURNING freshness_counter",
+            params![device],
+            |r| r.get(0),
+        )?;
+        Ok(counter as u64)
+    }
+
+    fn put_root(&self, version: u64, document: &[u8], at_ms: u64) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let latest: Option<i64> = conn.query_row("SELECT MAX(version) FROM roots", [], |r| r.get(0))?;
+        let expected = latest.map_or(version, |v| v as u64 + 1);
+        if version != expected {
+            return Err(StoreError::Conflict(format!(
+                "root {version} cannot be stored: the server holds root {} and the next must be {expected}",
+                latest.unwrap_or(0)
+            )));
+        }
+        conn.execute(
+            "INSERT INTO roots (version, document, published_ms) VALUES (?1, ?2, ?3)",
+            params![version as i64, document, at_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    fn root(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row("SELECT document FROM roots WHERE version = ?1", params![version as i64], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn latest_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let conn = self.conn();
+        Ok(conn.query_row("SELECT document FROM roots ORDER BY version DESC LIMIT 1", [], |r| r.get(0)).optional()?)
+    }
+
     fn put_bundle(&self, b: &BundleRecord) -> Result<(), StoreError> {
         let conn = self.conn();
         let existing: Option<String> = conn
@@ -457,7 +499,13 @@ impl Store for SqliteStore {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        Ok(DesiredState { revision: revision as u64, models })
+        let root_version: Option<i64> = conn.query_row("SELECT MAX(version) FROM roots", [], |r| r.get(0))?;
+        Ok(DesiredState {
+            revision: revision as u64,
+            models,
+            root_version: root_version.map(|v| v as u64),
+            freshness: None,
+        })
     }
 
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {

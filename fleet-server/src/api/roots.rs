@@ -1,0 +1,63 @@
+//! The root of trust (ADR 0010): admins publish the first root and each rotation, which the
+//! server checks by TUF's rule before storing; anyone may read a root (it is signed, public
+//! data), and devices fetch the versions after theirs when a check-in says a newer one exists.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::IntoResponse;
+use axum::Json;
+use proto::root::{rotate, Root, SignedRoot};
+use proto::wire::{AuditAction, Role, RootInfo};
+use proto::TrustedKeys;
+
+use super::{audit, blocking, ApiError, AppState};
+
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<RootInfo>, ApiError> {
+    let admin = state.require(&headers, Role::Admin).await?;
+    let refused = |e: proto::root::RootError| ApiError::BadRequest(format!("root refused: {e}"));
+    let signed = SignedRoot::parse(&body).map_err(refused)?;
+    let latest = latest_root(&state).await?;
+    let accepted = match &latest {
+        None => signed.verify_initial(),
+        Some(current) => rotate(current, &signed, crate::unix_ms() / 1000),
+    }
+    .map_err(refused)?;
+    let (version, document) = (accepted.version, signed.to_json_bytes());
+    blocking(&state.store, move |s| s.put_root(version, &document, crate::unix_ms())).await?;
+    let detail = match &latest {
+        None => format!("root {version} (the first)"),
+        Some(previous) => format!("root {version} replaces root {}", previous.version),
+    };
+    audit(&state, admin.name, AuditAction::RootPublished, detail).await?;
+    tracing::info!(version, "root of trust published");
+    Ok(Json(RootInfo { version, expires: accepted.expires }))
+}
+
+pub async fn get(State(state): State<AppState>, Path(version): Path<u64>) -> Result<impl IntoResponse, ApiError> {
+    let document = blocking(&state.store, move |s| s.root(version)).await?;
+    let document = document.ok_or_else(|| ApiError::NotFound(format!("no root {version} is published")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], document))
+}
+
+/// The newest published root, as verified when it was stored.
+pub async fn latest_root(state: &AppState) -> Result<Option<Root>, ApiError> {
+    let Some(document) = blocking(&state.store, |s| s.latest_root()).await? else {
+        return Ok(None);
+    };
+    let signed = SignedRoot::parse(&document).map_err(|e| ApiError::Internal(format!("stored root: {e}")))?;
+    Ok(Some(signed.signed))
+}
+
+/// The keys a published bundle must be signed with: the newest root's targets role when a root
+/// is published, else the server's configured trusted keys.
+pub async fn bundle_keys(state: &AppState) -> Result<std::sync::Arc<TrustedKeys>, ApiError> {
+    Ok(match latest_root(state).await? {
+        Some(root) => std::sync::Arc::new(root.targets()),
+        None => state.trusted.clone(),
+    })
+}
