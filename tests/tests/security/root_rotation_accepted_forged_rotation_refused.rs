@@ -9,7 +9,7 @@ use proto::keys::{parse_public_key, SigningKey};
 use proto::root::SignedRoot;
 use proto::wire::UpdateStep;
 
-use crate::{serving, wait_step};
+use crate::{serving, smuggle_bundle, wait_step};
 
 fn targets_only(public: &str) -> RootChanges {
     let keys = vec![parse_public_key(public).unwrap()];
@@ -43,8 +43,15 @@ async fn a_rotation_signed_by_the_root_key_moves_devices_to_the_new_release_key(
     fleet.wait_active("tabular", "2.0.0").await;
     assert_eq!(serving(&fleet.agents[0]).await, "2.0.0");
 
-    // The device kept root 2: after a restart it still refuses nothing signed by the new key
-    // and still knows the old key is revoked.
+    // A bundle the revoked key signs reaches the device anyway (put into the store by hand): the
+    // device refuses it too.
+    smuggle_bundle(&fleet, &fixture_bundle(&fleet.secret, "1.6.0", MLP).unwrap());
+    fleet.deploy_all("tabular", "1.6.0").await;
+    let detail = wait_step(&fleet, "1.6.0", UpdateStep::Failed).await;
+    assert!(detail.contains("signed only by untrusted key"), "{detail}");
+    assert_eq!(serving(&fleet.agents[0]).await, "2.0.0");
+
+    // The device stored root 2 before using it, so a restart starts from root 2.
     let stored: Vec<u8> = rusqlite::Connection::open(fleet.agent_dir(0).join("agent.db"))
         .unwrap()
         .query_row("SELECT document FROM roots WHERE version = 2", [], |r| r.get(0))
