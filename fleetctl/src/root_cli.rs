@@ -8,7 +8,7 @@ use fleetctl::trust_root::{self, RoleKeys, RootChanges};
 use proto::keys::{parse_public_key, parse_secret_key};
 use proto::root::{rotate, SignedRoot};
 
-use crate::ServerArgs;
+use crate::{key_text, ServerArgs};
 
 #[derive(Subcommand)]
 pub enum RootCommand {
@@ -92,14 +92,6 @@ impl RoleArgs {
             timestamp: role(&self.timestamp_keys, self.timestamp_threshold)?,
             expires,
         })
-    }
-}
-
-fn key_text(arg: &str) -> Result<String> {
-    match std::fs::read_to_string(arg) {
-        Ok(text) => Ok(text.trim().to_string()),
-        Err(_) if !arg.contains('/') && !arg.ends_with(".pub") => Ok(arg.to_string()),
-        Err(e) => Err(e).with_context(|| format!("cannot read key file {arg}")),
     }
 }
 

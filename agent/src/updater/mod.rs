@@ -101,16 +101,17 @@ impl Verifier {
         Verifier { trusted: root.targets(), root: Some(root), ..self.clone() }
     }
 
-    /// Refuses a version below the model's stored floor or not built for this device (ADR 0010).
-    fn admit(&self, state: &StateDb, manifest: &Manifest) -> Result<(), UpdateError> {
+    /// Refuses a version below the model's stored floor or not built for this device (ADR 0010);
+    /// returns the stored floor.
+    fn admit(&self, state: &StateDb, manifest: &Manifest) -> Result<Option<semver::Version>, UpdateError> {
         let floor = state.floor(&manifest.name)?;
-        Ok(admit(manifest, &self.device, floor.as_ref())?)
+        admit(manifest, &self.device, floor.as_ref())?;
+        Ok(floor)
     }
 
-    /// Stores the manifest's floor when it is higher than the one seen: from now on no version
-    /// below it is installed, whatever the server says.
-    fn remember_floor(&self, state: &StateDb, manifest: &Manifest) -> Result<(), UpdateError> {
-        let seen = state.floor(&manifest.name)?;
+    /// Stores the manifest's floor when it is higher than `seen`, the one stored: from now on no
+    /// version below it is installed, whatever the server says.
+    fn remember_floor(state: &StateDb, manifest: &Manifest, seen: Option<semver::Version>) -> Result<(), UpdateError> {
         if let Some(raised) = raised_floor(seen.as_ref(), manifest).filter(|raised| Some(raised) != seen.as_ref()) {
             state.raise_floor(&manifest.name, &raised)?;
             tracing::info!(model = %manifest.name, floor = %raised, "anti-rollback floor raised");
@@ -416,8 +417,8 @@ impl InstallJob {
                 let got = format!("{} {}", verified.manifest.name, verified.manifest.version);
                 return Err(UpdateError::WrongBundle { want: format!("{name} {version}"), got });
             }
-            self.verifier.admit(&self.state, &verified.manifest)?;
-            self.verifier.remember_floor(&self.state, &verified.manifest)?;
+            let seen = self.verifier.admit(&self.state, &verified.manifest)?;
+            Verifier::remember_floor(&self.state, &verified.manifest, seen)?;
             self.layout.stage(&verified)?;
         }
         self.report_blocking(desired, UpdateStep::SelfTest, failures)?;
