@@ -99,8 +99,9 @@ pub fn steady_traffic(agents: Arc<Vec<AgentHandle>>, rows: usize, every: Duratio
 pub fn line(view: &RolloutView) -> String {
     let s = &view.summary;
     let r = &view.rollout;
+    let waiting = r.waiting_for.as_ref().map(|w| format!("; waiting for {w}")).unwrap_or_default();
     format!(
-        "rollout {} {} ({} {}): wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {} failed {} reverted {}",
+        "rollout {} {} ({} {}): wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {} failed {} reverted {}{waiting}",
         r.id,
         r.phase.as_str(),
         r.plan.model,

@@ -67,6 +67,12 @@ impl SketchCounts {
         }
     }
 
+    /// No window was ever recorded into these counts: they have no layout yet, so they merge
+    /// with nothing and add nothing (a device that has reported its status but no window).
+    pub fn is_unset(&self) -> bool {
+        self.samples == 0 && self.features.is_empty() && self.classes.is_empty()
+    }
+
     pub fn merge(&mut self, other: &SketchCounts) -> Result<(), SketchError> {
         if self.features.len() != other.features.len()
             || self.features.iter().zip(&other.features).any(|(a, b)| a.len() != b.len())

@@ -27,7 +27,10 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
         if let Some(p) = m.latency_p95_us {
             p95s.push(p);
         }
+        // A device with a status but no window yet has counts without a layout: taking those
+        // as the group's would make every other device's window a "layout mismatch".
         match counts.as_mut() {
+            _ if m.counts.is_unset() => {}
             None => counts = Some(m.counts.clone()),
             Some(c) => {
                 // A layout mismatch means different contracts: such a device is not comparable.
@@ -232,6 +235,27 @@ mod tests {
         assert_eq!(latency(&[600.0, 700.0, 800.0]), Some(700.0));
         assert_eq!(latency(&[60.0, 80.0]), Some(70.0));
         assert_eq!(latency(&[]), None);
+    }
+
+    #[test]
+    fn a_device_without_a_window_yet_does_not_hide_the_samples_of_the_others() {
+        let reference = proto::drift::build_reference(&[vec![0.5]], &[vec![1.0]], 10);
+        let mut counts = SketchCounts::empty_for(&reference, 1);
+        for _ in 0..300 {
+            counts.observe(&reference.edges, &[0.5], &[1.0]);
+        }
+        let reported = DeviceObservation {
+            metrics: [("1.0.0".to_string(), VersionMetrics { counts, ..Default::default() })].into(),
+            ..Default::default()
+        };
+        let status_only = DeviceObservation {
+            metrics: [("1.0.0".to_string(), VersionMetrics::default())].into(),
+            ..Default::default()
+        };
+        // The silent device first, as a device id sorting first would put it.
+        let members = [(&status_only, "1.0.0"), (&reported, "1.0.0"), (&reported, "1.0.0")];
+        let total = group(members.iter().copied());
+        assert_eq!((total.devices, total.samples), (3, 600));
     }
 
     #[test]
