@@ -422,7 +422,7 @@ async fn report_drift(
         };
         for model in engine.active().await.into_keys() {
             if let Some(summary) = engine.take_window(model, crate::unix_ms()).await {
-                if summary.counts.samples > 0 {
+                if summary.sketch.rows > 0 {
                     uplink.drift(&summary).await;
                 }
             }

@@ -132,7 +132,7 @@ pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
     use fleet_server::rollout::decide;
     use fleet_server::rollout::state::{DeviceObservation, VersionMetrics};
     use fleet_server::rollout::DeviceInfo;
-    use proto::drift::SketchCounts;
+    use proto::drift::{FeatureDecl, ReferenceProfile, WindowSketch};
     let infos: Vec<DeviceInfo> = (0..devices)
         .map(|i| DeviceInfo {
             id: format!("dev-{i:06}"),
@@ -147,12 +147,17 @@ pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
     rollout = decide(&rollout, &Default::default(), 1).rollout;
     rollout.wave = 2;
     rollout = decide(&rollout, &Default::default(), 2).rollout;
-    let counts = |conf: f64| SketchCounts {
-        samples: 1000,
-        features: vec![vec![100; 10]; 8],
-        classes: vec![300, 400, 300],
-        confidence_micros: (conf * 1e9) as u64,
-    };
+    // An 8-feature, 3-class window of 1,000 rows, like a device's after a minute of traffic.
+    let decls: Vec<FeatureDecl> = (0..8).map(|i| FeatureDecl::numeric(&format!("f{i}"))).collect();
+    let rows: Vec<Vec<f32>> = (0..1000).map(|i| (0..8).map(|f| ((i * (f + 3)) % 97) as f32).collect()).collect();
+    let outputs: Vec<Vec<f32>> =
+        (0..1000).map(|i| vec![[0.75, 0.15, 0.1], [0.1, 0.75, 0.15], [0.15, 0.1, 0.75]][i % 3].to_vec()).collect();
+    let profile = ReferenceProfile::build(&decls, &rows, &outputs, 3);
+    let mut window = WindowSketch::empty(&profile.layout);
+    for (row, output) in rows.iter().zip(&outputs) {
+        window.observe(&profile.layout, row, output, 60);
+    }
+    let counts = |_conf: f64| window.clone();
     let observations: std::collections::BTreeMap<String, DeviceObservation> = rollout
         .members
         .iter()
@@ -165,7 +170,7 @@ pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
                 ..Default::default()
             };
             let metrics = VersionMetrics {
-                counts: counts(0.75),
+                sketch: counts(0.75),
                 input_drift: Some(0.05),
                 inferences: 1000,
                 errors: 1,

@@ -84,8 +84,13 @@ const MLP_SHAPE: [usize; 2] = [1, 8];
 
 fn manifest(name: &str, model: &[u8], input: (&str, Vec<usize>), output: (&str, Vec<usize>)) -> Manifest {
     let spec = |(name, shape): (&str, Vec<usize>)| TensorSpec { name: name.into(), dtype: DType::F32, shape };
-    let contract =
-        ModelContract { input: spec(input), output: spec(output), feature_names: vec![], output_labels: vec![] };
+    let contract = ModelContract {
+        input: spec(input),
+        output: spec(output),
+        feature_names: vec![],
+        output_labels: vec![],
+        features: vec![],
+    };
     Manifest::for_model(name, semver::Version::new(1, 0, 0), model, contract)
 }
 

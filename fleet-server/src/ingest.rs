@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::delivery::{open_envelope, Ack, DeliveryEvent, Envelope, EnvelopeError};
-use proto::drift::{drift, ReferenceSketch};
 use proto::keys::{parse_public_key, VerifyingKey};
 use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use proto::Manifest;
@@ -23,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::drift::ModelDrift;
 use crate::store::{Accepted, Report, SequencedReport, Store, StoreError, StoredDrift};
 
 /// Where the server's own MQTT session goes and as whom.
@@ -179,8 +179,8 @@ struct Ingest {
 /// What the ingest remembers between batches: read from the store once.
 #[derive(Default)]
 struct Known {
-    /// Reference sketches by (model, version), from the bundle's manifest.
-    references: HashMap<(String, String), Option<ReferenceSketch>>,
+    /// Reference profiles and thresholds by (model, version), from the bundle's manifest.
+    references: HashMap<(String, String), Option<Arc<ModelDrift>>>,
     /// Devices' registered public keys; None for a device unknown or without a key.
     keys: HashMap<String, Option<VerifyingKey>>,
 }
@@ -523,10 +523,20 @@ fn finish_record(
             if summary.model != model {
                 return Err(IngestError::Mismatch(format!("drift for {} on the topic of {model}", summary.model)));
             }
-            let reference = reference(store, known, &summary.model, &summary.version)?;
-            let report = reference.as_ref().and_then(|r| drift(r, &summary.counts).ok());
-            let score = report.as_ref().map_or(summary.score, |r| r.score);
-            let mean_confidence = summary.counts.mean_confidence();
+            // A window of a published version must fit that version's profile; its score is
+            // the share of features drifted in it alone (0 for a version the server lacks).
+            let score = match reference(store, known, &summary.model, &summary.version)? {
+                Some(model) => {
+                    model
+                        .evaluate(&summary.sketch)
+                        .map_err(|e| {
+                            IngestError::Mismatch(format!("drift window of {} {}: {e}", summary.model, summary.version))
+                        })?
+                        .drift_share
+                }
+                None => 0.0,
+            };
+            let mean_confidence = summary.sketch.mean_confidence();
             Body::Drift { summary, score, mean_confidence }
         }
         Topic::Events { .. } => {
@@ -576,13 +586,14 @@ fn reference(
     known: &mut Known,
     model: &str,
     version: &str,
-) -> Result<Option<ReferenceSketch>, IngestError> {
+) -> Result<Option<Arc<ModelDrift>>, IngestError> {
     let key = (model.to_string(), version.to_string());
     if let Some(cached) = known.references.get(&key) {
         return Ok(cached.clone());
     }
     let record = store.bundle(model, version).map_err(IngestError::Store)?;
-    let reference = record.and_then(|r| Manifest::parse(&r.manifest_json).ok()).map(|m| m.reference);
+    let reference =
+        record.and_then(|r| Manifest::parse(&r.manifest_json).ok()).map(|m| Arc::new(ModelDrift::from_manifest(m)));
     known.references.insert(key, reference.clone());
     Ok(reference)
 }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod drift;
 pub mod ingest;
 pub mod rollout;
 pub mod server;

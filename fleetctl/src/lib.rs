@@ -13,4 +13,5 @@ pub mod ops;
 pub mod packaging;
 pub mod pki;
 pub mod scenario;
+pub mod table;
 pub mod trust_root;

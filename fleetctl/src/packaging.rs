@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use model_runtime::{reference_sketch, LoadedModel, ModelError};
+use model_runtime::{reference_profile, LoadedModel, ModelError};
 use proto::bundle::{
     DType, GoldenCase, GoldenSet, Lineage, Manifest, ModelContract, Targets, TensorSpec, UnverifiedBundle, MODEL_PATH,
 };
-use proto::drift::DEFAULT_BINS;
+use proto::drift::{DriftPolicy, FeatureDecl};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -30,6 +30,8 @@ pub enum PackagingError {
     Manifest(#[from] proto::bundle::ManifestError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Table(#[from] crate::table::TableError),
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +55,9 @@ pub struct BundleMetadata {
     /// `on_stale = "keep_serving"` (answers flagged stale) or `"stop_serving"`.
     #[serde(default)]
     pub offline: Option<proto::freshness::OfflinePolicy>,
+    /// Thresholds this model's drift is judged by; Evidently-like defaults when absent.
+    #[serde(default)]
+    pub drift: Option<DriftPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +69,10 @@ pub struct ContractMetadata {
     pub feature_names: Vec<String>,
     #[serde(default)]
     pub output_labels: Vec<String>,
+    /// `[[contract.features]]`: each input's kind (numeric, or categorical with its
+    /// categories in code order), whether it may be null, and its fill.
+    #[serde(default)]
+    pub features: Vec<FeatureDecl>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +93,9 @@ pub struct GoldenMetadata {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceMetadata {
-    /// CSV of input rows (no header) the drift reference is computed from.
+    /// CSV of input rows the drift reference is computed from: numbers only without a header
+    /// (one column per input), or with a header naming the contract's features, categorical
+    /// columns holding category names; an empty cell is a missing value.
     pub file: PathBuf,
 }
 
@@ -119,20 +130,48 @@ pub fn read_inputs(model_path: &Path, metadata_path: &Path, created_at: u64) -> 
     let reference_rows = match &metadata.reference {
         Some(reference) => {
             let path = base.join(&reference.file);
-            parse_csv(&path, &String::from_utf8_lossy(&read(&path)?))?
+            reference_rows(&path, &String::from_utf8_lossy(&read(&path)?), &metadata.contract)?
         }
         None => Vec::new(),
     };
     Ok(BuildInputs { model, metadata, golden: golden.cases, reference_rows, created_at })
 }
 
+/// Reference rows as the engine takes them (NaN where missing, category codes), from a CSV with
+/// a header naming the contract's features or, without one, numbers only in input order.
+pub fn reference_rows(path: &Path, text: &str, contract: &ContractMetadata) -> Result<Vec<Vec<f32>>, PackagingError> {
+    let first_cell = text.lines().find(|l| !l.trim().is_empty()).and_then(|l| l.split(',').next()).unwrap_or("");
+    if first_cell.trim().is_empty() || first_cell.trim().parse::<f32>().is_ok() {
+        return parse_csv(path, text);
+    }
+    let decls = if contract.features.is_empty() {
+        contract.feature_names.iter().map(|n| FeatureDecl::numeric(n)).collect()
+    } else {
+        contract.features.clone()
+    };
+    let table = crate::table::parse(path, text)?;
+    let rows = table.encode(path, &decls, "the contract")?;
+    // A category name outside the declared ones is a mistake in reference data, not drift.
+    for (i, decl) in decls.iter().enumerate().filter(|(_, d)| !d.categories.is_empty()) {
+        if let Some(line) = rows.iter().position(|r| r[i] as usize >= decl.categories.len() && !r[i].is_nan()) {
+            let message = format!("feature {:?} holds a category its contract does not declare", decl.name);
+            return Err(PackagingError::Reference { path: path.into(), line: line + 2, message });
+        }
+    }
+    Ok(rows)
+}
+
+/// Numbers only, one row per line, an empty cell a missing value.
 pub fn parse_csv(path: &Path, text: &str) -> Result<Vec<Vec<f32>>, PackagingError> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, line)| {
             line.split(',')
-                .map(|v| v.trim().parse::<f32>())
+                .map(|v| match v.trim() {
+                    "" => Ok(f32::NAN),
+                    v => v.parse::<f32>(),
+                })
                 .collect::<Result<Vec<f32>, _>>()
                 .map_err(|e| PackagingError::Reference { path: path.into(), line: i + 1, message: e.to_string() })
         })
@@ -149,6 +188,7 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
         output: spec(&meta.contract.output),
         feature_names: meta.contract.feature_names.clone(),
         output_labels: meta.contract.output_labels.clone(),
+        features: meta.contract.features.clone(),
     };
     let floor = meta
         .floor
@@ -162,6 +202,7 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
         offline: meta.offline,
         golden: GoldenSet { tolerance: meta.golden.tolerance, cases: inputs.golden },
         lineage: meta.lineage.clone(),
+        drift: meta.drift.unwrap_or_default(),
         ..Manifest::for_model(&meta.name, version, &inputs.model, contract)
     };
     manifest.check()?;
@@ -175,7 +216,8 @@ pub fn build(inputs: BuildInputs) -> Result<UnverifiedBundle, PackagingError> {
             message: format!("{} values, the model input takes {width}", row.len()),
         });
     }
-    manifest.reference = reference_sketch(&loaded, &inputs.reference_rows, DEFAULT_BINS)?;
+    manifest.reference = reference_profile(&loaded, &inputs.reference_rows)?;
+    manifest.check()?;
     Ok(UnverifiedBundle {
         manifest_bytes: manifest.to_json_bytes(),
         signatures: BTreeMap::new(),
@@ -196,8 +238,8 @@ mod tests {
         let inputs = read_inputs(&fixture("models/mlp.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap();
         let bundle = build(inputs).unwrap();
         let manifest = Manifest::parse(&bundle.manifest_bytes).unwrap();
-        assert_eq!(manifest.reference.edges.len(), 8);
-        assert_eq!(manifest.reference.counts.samples, 1000);
+        assert_eq!(manifest.reference.layout.features.len(), 8);
+        assert_eq!(manifest.reference.sketch.rows, 1000);
         assert_eq!(manifest.golden.cases.len(), 4);
     }
 

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use proto::bundle::{ModelContract, TensorSpec};
-use proto::drift::{build_reference, ReferenceSketch};
+use proto::drift::ReferenceProfile;
 use proto::Manifest;
 use thiserror::Error;
 use tract_onnx::prelude::*;
@@ -34,7 +34,7 @@ pub struct LoadedModel {
     pub name: String,
     pub version: String,
     pub contract: ModelContract,
-    pub reference: ReferenceSketch,
+    pub reference: ReferenceProfile,
     pub golden: proto::bundle::GoldenSet,
     /// What the device does with this model when it has no fresh instructions (ADR 0010).
     pub offline: proto::freshness::OfflinePolicy,
@@ -159,12 +159,16 @@ impl Session {
     }
 }
 
-/// The drift reference of a model: the sketch of `rows` (each one input sample) and of the
-/// model's outputs on them, with `bins` quantile bins per feature.
-pub fn reference_sketch(model: &LoadedModel, rows: &[Vec<f32>], bins: usize) -> Result<ReferenceSketch, ModelError> {
+/// The drift reference of a model: the layout and sketch of `rows` (each one input sample, NaN
+/// where a nullable feature is missing) and of the model's outputs on them (missing values
+/// filled as the agent fills them).
+pub fn reference_profile(model: &LoadedModel, rows: &[Vec<f32>]) -> Result<ReferenceProfile, ModelError> {
     let mut session = model.session()?;
-    let outputs = rows.iter().map(|row| session.run(row)).collect::<Result<Vec<_>, _>>()?;
-    Ok(build_reference(rows, &outputs, bins))
+    let fills = model.contract.fills();
+    let outputs =
+        rows.iter().map(|row| session.run(&proto::bundle::fill_missing(row, &fills))).collect::<Result<Vec<_>, _>>()?;
+    let classes = model.contract.output.sample_len();
+    Ok(ReferenceProfile::build(&model.contract.feature_decls(), rows, &outputs, classes))
 }
 
 /// Runs a raw, unoptimized-path-free baseline: what "plain tract" answers, for tests and benches.

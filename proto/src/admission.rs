@@ -81,8 +81,13 @@ mod tests {
 
     fn manifest(version: &str) -> Manifest {
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![1, 2] };
-        let contract =
-            ModelContract { input: spec("x"), output: spec("y"), feature_names: Vec::new(), output_labels: Vec::new() };
+        let contract = ModelContract {
+            input: spec("x"),
+            output: spec("y"),
+            feature_names: Vec::new(),
+            output_labels: Vec::new(),
+            features: Vec::new(),
+        };
         Manifest::for_model("tabular", Version::parse(version).unwrap(), b"model", contract)
     }
 

@@ -13,14 +13,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::drift::ReferenceSketch;
+use crate::drift::{DriftPolicy, FeatureDecl, FeatureKind, ReferenceProfile, SketchError};
 use crate::keys::{KeyId, TrustedKeys};
 use crate::names;
 
 pub const MANIFEST_PATH: &str = "manifest.json";
 pub const MODEL_PATH: &str = "model.onnx";
 pub const SIGNATURE_DIR: &str = "signatures/";
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 2 carries drift profiles (ADR 0011); format 1's decile sketches are not read.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Explicit size limits for reading an untrusted bundle.
 #[derive(Clone, Copy, Debug)]
@@ -47,8 +48,11 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     pub contract: ModelContract,
     pub golden: GoldenSet,
-    pub reference: ReferenceSketch,
+    pub reference: ReferenceProfile,
     pub lineage: Lineage,
+    /// The thresholds this model's drift is judged by (bundle metadata `[drift]`).
+    #[serde(default, skip_serializing_if = "is_default_policy")]
+    pub drift: DriftPolicy,
     /// The lowest version of this model a device may install once it has seen this manifest
     /// (ADR 0010): signed with the manifest, so only a release key can raise it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +125,53 @@ pub struct ModelContract {
     /// One label per output value (classes).
     #[serde(default)]
     pub output_labels: Vec<String>,
+    /// Kinds of the input values (numeric or categorical, nullable or not); empty means every
+    /// value is a numeric, required feature named by `feature_names`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<FeatureDecl>,
+}
+
+impl ModelContract {
+    /// The declaration of every sketched feature: the declared ones, or one numeric feature per
+    /// name in `feature_names`. Image models (no names) sketch no features.
+    pub fn feature_decls(&self) -> Vec<FeatureDecl> {
+        if !self.features.is_empty() {
+            return self.features.clone();
+        }
+        self.feature_names.iter().map(|name| FeatureDecl::numeric(name)).collect()
+    }
+
+    /// Whether any input may be sent as `null`.
+    pub fn has_nullable(&self) -> bool {
+        self.features.iter().any(|f| f.nullable)
+    }
+
+    /// What the model receives for a missing value, by input index: the fill of a nullable
+    /// feature (0 unless declared), None where a value is required. Empty without declarations.
+    pub fn fills(&self) -> Vec<Option<f32>> {
+        self.features.iter().map(|f| f.nullable.then(|| f.fill.unwrap_or(0.0))).collect()
+    }
+
+    /// Categorical features' declared category counts, by input index (0 for numeric ones).
+    pub fn category_counts(&self) -> Vec<usize> {
+        self.features.iter().map(|f| if f.kind == FeatureKind::Categorical { f.categories.len() } else { 0 }).collect()
+    }
+}
+
+/// `row` with each missing (NaN) value replaced by its feature's fill; values without a fill
+/// stay as they are (the caller has refused a missing required value before).
+pub fn fill_missing(row: &[f32], fills: &[Option<f32>]) -> Vec<f32> {
+    row.iter()
+        .enumerate()
+        .map(|(i, &v)| match fills.get(i).copied().flatten() {
+            Some(fill) if v.is_nan() => fill,
+            _ => v,
+        })
+        .collect()
+}
+
+fn is_default_policy(policy: &DriftPolicy) -> bool {
+    *policy == DriftPolicy::default()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -155,7 +206,7 @@ pub struct Lineage {
 pub enum ManifestError {
     #[error("manifest is not valid JSON for format {FORMAT_VERSION}: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("manifest format {0} is not supported (this build reads format {FORMAT_VERSION})")]
+    #[error("manifest format {0} is not supported (this build reads format {FORMAT_VERSION}); rebuild the bundle with this release's fleetctl")]
     Format(u32),
     #[error(transparent)]
     Name(#[from] names::InvalidName),
@@ -173,6 +224,10 @@ pub enum ManifestError {
     BelowOwnFloor { version: String, floor: String },
     #[error("manifest targets architecture {0:?}, which is not an architecture name")]
     BadArch(String),
+    #[error("the contract declares {got} features; the model input takes {want} values")]
+    FeatureCount { got: usize, want: usize },
+    #[error("manifest drift profile or thresholds are invalid: {0}")]
+    Drift(#[from] SketchError),
 }
 
 impl Manifest {
@@ -188,8 +243,9 @@ impl Manifest {
             files: vec![file_entry(MODEL_PATH, model)],
             contract,
             golden: GoldenSet { tolerance: 0.0, cases: Vec::new() },
-            reference: ReferenceSketch::default(),
+            reference: ReferenceProfile::default(),
             lineage: Lineage::default(),
+            drift: DriftPolicy::default(),
             floor: None,
             targets: Targets::default(),
             offline: None,
@@ -197,6 +253,16 @@ impl Manifest {
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        // The format first: a manifest of another format would otherwise fail on its first
+        // unknown field, with a message that hides the reason.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let Format { format } = serde_json::from_slice(bytes)?;
+        if format != FORMAT_VERSION {
+            return Err(ManifestError::Format(format));
+        }
         let manifest: Manifest = serde_json::from_slice(bytes)?;
         manifest.check()?;
         Ok(manifest)
@@ -226,6 +292,21 @@ impl Manifest {
             return Err(ManifestError::BadArch(arch.clone()));
         }
         let (want_in, want_out) = (self.contract.input.sample_len(), self.contract.output.sample_len());
+        let features = &self.contract.features;
+        if !features.is_empty() && features.len() != want_in {
+            return Err(ManifestError::FeatureCount { got: features.len(), want: want_in });
+        }
+        features.iter().enumerate().try_for_each(|(i, f)| f.check(i))?;
+        self.reference.check()?;
+        let layout = &self.reference.layout;
+        if !layout.features.is_empty() || layout.classes != 0 {
+            let declared: Vec<String> = self.contract.feature_decls().into_iter().map(|f| f.name).collect();
+            let sketched: Vec<&str> = layout.features.iter().map(|f| f.name()).collect();
+            if declared != sketched || layout.classes != want_out {
+                return Err(SketchError::LayoutMismatch("reference features or classes against the contract").into());
+            }
+        }
+        self.drift.check()?;
         for (case, golden) in self.golden.cases.iter().enumerate() {
             if golden.input.len() != want_in {
                 return Err(ManifestError::GoldenInputLen { case, got: golden.input.len(), want: want_in });

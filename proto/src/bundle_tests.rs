@@ -12,6 +12,7 @@ fn manifest(model: &[u8]) -> Manifest {
         output: TensorSpec { name: "probabilities".into(), dtype: DType::F32, shape: vec![1, 2] },
         feature_names: vec!["a".into(), "b".into()],
         output_labels: vec![],
+        features: vec![],
     };
     Manifest {
         created_at: 1,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::drift::SketchCounts;
+use crate::drift::WindowSketch;
 use crate::names;
 
 /// Largest MQTT payload either side publishes or accepts.
@@ -198,9 +198,9 @@ pub struct DriftSummary {
     pub version: String,
     pub window_start_ms: u64,
     pub window_end_ms: u64,
-    pub counts: SketchCounts,
-    /// The agent's own PSI against the bundle's reference; the server recomputes from counts.
-    pub score: f64,
+    /// What the window saw, in the layout of the version's reference profile; the server runs
+    /// the statistical tests.
+    pub sketch: WindowSketch,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

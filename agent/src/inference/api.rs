@@ -1,6 +1,7 @@
 //! The local inference API, bound to 127.0.0.1 by default:
 //! `POST /v1/models/{name}/infer` and `POST /v1/infer` (when one model is active),
-//! body `{"inputs": [[f32, ...], ...]}`; `GET /v1/models`; `GET /healthz`.
+//! body `{"inputs": [[f32 or null, ...], ...]}` (null only for features the contract declares
+//! nullable); `GET /v1/models`; `GET /healthz`.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -8,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::engine::InferError;
@@ -17,7 +19,31 @@ use proto::wire::ErrorBody;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferRequest {
-    pub inputs: Vec<Vec<f32>>,
+    pub inputs: Vec<Row>,
+}
+
+/// One input row; a JSON `null` becomes NaN, the engine's mark for a missing value (JSON has no
+/// NaN of its own, so nothing else can produce one). Read straight into the engine's row type.
+pub struct Row(pub Vec<f32>);
+
+impl<'de> Deserialize<'de> for Row {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Row, D::Error> {
+        struct RowVisitor;
+        impl<'de> Visitor<'de> for RowVisitor {
+            type Value = Row;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of numbers (or null for a missing value)")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Row, A::Error> {
+                let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(value) = seq.next_element::<Option<f32>>()? {
+                    values.push(value.unwrap_or(f32::NAN));
+                }
+                Ok(Row(values))
+            }
+        }
+        deserializer.deserialize_seq(RowVisitor)
+    }
 }
 
 /// Served on the engine thread's own runtime (see `thread.rs`): handlers run the model inline.
@@ -41,7 +67,7 @@ fn body_error(rejection: JsonRejection) -> Response {
             "send the body as JSON with content-type application/json".to_string()
         }
         JsonRejection::JsonDataError(e) => {
-            format!("the body must be {{\"inputs\": [[numbers, ...], ...]}}: {}", e.body_text())
+            format!("the body must be {{\"inputs\": [[numbers or null, ...], ...]}}: {}", e.body_text())
         }
         JsonRejection::JsonSyntaxError(e) => {
             format!("the body is not valid JSON: {}", e.body_text())
@@ -65,7 +91,8 @@ async fn run(
         Ok(Json(request)) => request,
         Err(rejection) => return body_error(rejection),
     };
-    let answer = engine.lock().infer(model, request.inputs);
+    let rows = request.inputs.into_iter().map(|row| row.0).collect();
+    let answer = engine.lock().infer(model, rows);
     match answer {
         Ok(response) => Json(response).into_response(),
         Err(e @ (InferError::UnknownModel(_) | InferError::NoModel)) => error(StatusCode::NOT_FOUND, e.to_string()),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use proto::drift::{drift, ReferenceSketch, SketchCounts};
+use proto::drift::WindowSketch;
 use proto::freshness::{OnStale, Standing};
 use proto::wire::{DriftSummary, ModelCounters};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,8 @@ pub enum InferError {
     RowLength { row: usize, got: usize, want: usize, model: String, features: String },
     #[error("input row {row} holds a value that is not a finite number")]
     NotFinite { row: usize },
+    #[error("input row {row} has no value for {feature}, which model {model:?} requires (only features its contract declares nullable may be null)")]
+    Missing { row: usize, feature: String, model: String },
     #[error("inference failed: {0}")]
     Run(String),
     #[error("inference of model {model:?} panicked ({message}); the request failed, the engine keeps serving")]
@@ -90,8 +92,10 @@ struct Serving {
     session: Session,
     name: Arc<str>,
     version: Arc<str>,
-    window: SketchCounts,
+    window: WindowSketch,
     window_start_ms: u64,
+    /// What the model receives for a missing value, by input index (see `ModelContract::fills`).
+    fills: Vec<Option<f32>>,
     inferences: u64,
     errors: u64,
     latency: LatencyHistogram,
@@ -163,8 +167,9 @@ impl LatencyHistogram {
 impl Serving {
     fn new(model: LoadedModel, now_ms: u64) -> Result<Serving, ModelError> {
         let session = model.session()?;
-        let window = SketchCounts::empty_for(&model.reference, model.contract.output.sample_len());
+        let window = WindowSketch::empty(&model.reference.layout);
         Ok(Serving {
+            fills: model.contract.fills(),
             name: model.name.as_str().into(),
             version: model.version.as_str().into(),
             session,
@@ -314,20 +319,33 @@ fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
                 features,
             });
         }
-        if values.iter().any(|v| !v.is_finite()) {
+        // NaN is how the API hands over a JSON null; it is a value only where a fill exists.
+        if values.iter().any(|v| v.is_infinite()) {
             return Err(InferError::NotFinite { row });
+        }
+        if let Some(index) = values.iter().enumerate().position(|(i, v)| v.is_nan() && !has_fill(&serving.fills, i)) {
+            let names = serving.model.contract.feature_decls();
+            let feature = names.get(index).map_or(format!("value {index}"), |d| format!("feature {:?}", d.name));
+            return Err(InferError::Missing { row, feature, model: serving.model.name.clone() });
         }
     }
     Ok(())
+}
+
+fn has_fill(fills: &[Option<f32>], index: usize) -> bool {
+    fills.get(index).is_some_and(Option::is_some)
 }
 
 /// The hot path: validate, run each row, update the drift window, hand telemetry off.
 fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) -> Result<InferResponse, InferError> {
     validate(serving, &rows)?;
     let mut outputs = Vec::with_capacity(rows.len());
+    let nullable = serving.fills.iter().any(Option::is_some);
     for features in rows {
+        let filled = (nullable && features.iter().any(|v| v.is_nan()))
+            .then(|| proto::bundle::fill_missing(&features, &serving.fills));
         let started = Instant::now();
-        let output = match serving.session.run(&features) {
+        let output = match serving.session.run(filled.as_deref().unwrap_or(&features)) {
             Ok(output) => output,
             Err(e) => {
                 serving.errors += 1;
@@ -337,7 +355,7 @@ fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) 
         let latency_us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
         serving.inferences += 1;
         serving.latency.record(latency_us);
-        serving.window.observe(&serving.model.reference.edges, &features, &output);
+        serving.window.observe(&serving.model.reference.layout, &features, &output, latency_us);
         telemetry.offer(TelemetryRecord {
             at_ms: unix_ms(),
             model: serving.name.clone(),
@@ -351,10 +369,9 @@ fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) 
     Ok(InferResponse { model: serving.name.to_string(), version: serving.version.to_string(), outputs, stale: false })
 }
 
-/// One engine thread's part of a model's drift window, with the reference to score the whole.
+/// One engine thread's part of a model's drift window.
 pub(crate) struct WindowPart {
     summary: DriftSummary,
-    reference: ReferenceSketch,
 }
 
 /// One engine thread's counters of a model.
@@ -367,31 +384,29 @@ pub(crate) struct ModelStats {
 }
 
 fn take_window(serving: &mut Serving, now: u64) -> WindowPart {
-    let fresh = SketchCounts::empty_for(&serving.model.reference, serving.model.contract.output.sample_len());
-    let counts = std::mem::replace(&mut serving.window, fresh);
+    let fresh = WindowSketch::empty(&serving.model.reference.layout);
+    let sketch = std::mem::replace(&mut serving.window, fresh);
     let start = std::mem::replace(&mut serving.window_start_ms, now);
     let summary = DriftSummary {
         model: serving.name.to_string(),
         version: serving.version.to_string(),
         window_start_ms: start,
         window_end_ms: now,
-        counts,
-        score: 0.0,
+        sketch,
     };
-    WindowPart { summary, reference: serving.model.reference.clone() }
+    WindowPart { summary }
 }
 
-/// The window of every engine thread as one summary: counts merged (exact), the earliest start,
-/// the drift score of the whole against the reference.
+/// The window of every engine thread as one summary: sketches merged (exact), the earliest
+/// start. The server runs the tests.
 pub(crate) fn merge_windows(parts: Vec<WindowPart>) -> Option<DriftSummary> {
     let mut parts = parts.into_iter();
-    let WindowPart { mut summary, reference } = parts.next()?;
+    let WindowPart { mut summary } = parts.next()?;
     for part in parts.filter(|p| p.summary.version == summary.version) {
         // Same model and version on every thread, so the layouts match.
-        let _ = summary.counts.merge(&part.summary.counts);
+        let _ = summary.sketch.merge(&part.summary.sketch);
         summary.window_start_ms = summary.window_start_ms.min(part.summary.window_start_ms);
     }
-    summary.score = drift(&reference, &summary.counts).map(|r| r.score).unwrap_or(0.0);
     Some(summary)
 }
 

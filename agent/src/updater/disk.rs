@@ -267,8 +267,13 @@ mod tests {
 
     fn bundle(version: &str) -> VerifiedBundle {
         let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![1, 2] };
-        let contract =
-            ModelContract { input: spec("in"), output: spec("out"), feature_names: vec![], output_labels: vec![] };
+        let contract = ModelContract {
+            input: spec("in"),
+            output: spec("out"),
+            feature_names: vec![],
+            output_labels: vec![],
+            features: vec![],
+        };
         let manifest = Manifest::for_model("m", semver::Version::parse(version).unwrap(), b"model", contract);
         VerifiedBundle {
             manifest_bytes: manifest.to_json_bytes(),

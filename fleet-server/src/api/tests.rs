@@ -27,6 +27,7 @@ fn fixture_bundle(secret: &str, version: &str) -> Vec<u8> {
         output: spec("probabilities", vec![1, 3]),
         feature_names: vec![],
         output_labels: vec![],
+        features: vec![],
     };
     let lineage = Lineage { metrics: [("accuracy".to_string(), 0.91)].into(), ..Lineage::default() };
     let manifest =

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::drift::SketchCounts;
+use proto::drift::{OutputSketch, WindowSketch};
 use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
 use proto::wire::{AuditAction, UpdateStep};
 
@@ -258,13 +258,18 @@ fn a_wave_that_ends_below_the_success_threshold_breaches() {
     assert!(d.rollout.reason.unwrap().contains("8 of 10 devices active (80%), below the 90% success threshold"));
 }
 
-fn metrics(samples: u64, classes: Vec<u32>, confidence: f64) -> VersionMetrics {
+fn metrics(samples: u64, classes: Vec<u64>, confidence: f64) -> VersionMetrics {
     VersionMetrics {
-        counts: SketchCounts {
-            samples,
+        sketch: WindowSketch {
+            rows: samples,
             features: vec![],
-            classes,
-            confidence_micros: (confidence * 1e6) as u64 * samples,
+            outputs: OutputSketch {
+                classes,
+                top_score: vec![0; 10],
+                margin: vec![0; 10],
+                top_score_micros: (confidence * 1e6) as u64 * samples,
+            },
+            latency: vec![0; proto::drift::LATENCY_BUCKETS],
         },
         input_drift: Some(0.02),
         inferences: samples,

@@ -16,9 +16,9 @@ use tokio_util::task::TaskTracker;
 use super::create::{busy_devices, create, operate, OperatorAction, RolloutError};
 use super::decide::{decide, Decision};
 use super::state::{Effect, MemberStatus, Rollout};
+use crate::drift::ModelDrift;
 use crate::ingest::Notifier;
 use crate::store::{ObservationRows, Store, StoreError};
-use proto::drift::ReferenceSketch;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Error)]
@@ -208,7 +208,7 @@ fn observation_inputs(
     store: &dyn Store,
     model: &str,
     since_ms: u64,
-) -> Result<(ObservationRows, BTreeMap<String, ReferenceSketch>), StoreError> {
+) -> Result<(ObservationRows, BTreeMap<String, ModelDrift>), StoreError> {
     let rows = store.observation_rows(model, since_ms)?;
     let mut references = BTreeMap::new();
     for version in rows.windows.iter().map(|w| &w.version) {
@@ -217,7 +217,7 @@ fn observation_inputs(
         }
         let manifest = store.bundle(model, version)?.and_then(|b| proto::Manifest::parse(&b.manifest_json).ok());
         if let Some(manifest) = manifest {
-            references.insert(version.clone(), manifest.reference);
+            references.insert(version.clone(), ModelDrift::from_manifest(manifest));
         }
     }
     Ok((rows, references))

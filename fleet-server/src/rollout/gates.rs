@@ -1,18 +1,19 @@
 //! Health gates on the model: the candidate group against the control group, and the breaches
 //! they report as data ([`GateBreach`]) whose `Display` is the sentence operators read.
 
-use proto::drift::{psi, SketchCounts};
+use proto::drift::WindowSketch;
 use proto::rollout::HealthGates;
 use serde::{Deserialize, Serialize};
 
 use super::state::{DeviceObservation, GroupMetrics, VersionMetrics};
+use crate::drift::stattest::psi;
 
 /// Adds up one group's metrics; devices without metrics for the version count as present. The
 /// group's latency is the median of its devices' p95s: a slower model raises every device's p95,
 /// while one device stalled by something else (its CPU busy installing, say) must not decide.
 pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>) -> GroupMetrics {
     let mut total = GroupMetrics::default();
-    let mut counts: Option<SketchCounts> = None;
+    let mut merged = WindowSketch::default();
     let (mut drift_sum, mut drift_n) = (0.0, 0);
     let mut p95s = Vec::new();
     for (observation, version) in members {
@@ -27,22 +28,14 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
         if let Some(p) = m.latency_p95_us {
             p95s.push(p);
         }
-        // A device with a status but no window yet has counts without a layout: taking those
-        // as the group's would make every other device's window a "layout mismatch".
-        match counts.as_mut() {
-            _ if m.counts.is_unset() => {}
-            None => counts = Some(m.counts.clone()),
-            Some(c) => {
-                // A layout mismatch means different contracts: such a device is not comparable.
-                let _ = c.merge(&m.counts);
-            }
-        }
+        // A device with a status but no window yet has an unset sketch, which adds nothing
+        // (were it taken as the group's layout, every other window would be a "mismatch"). A
+        // layout mismatch means different contracts: such a device is not comparable.
+        let _ = merged.merge(&m.sketch);
     }
-    if let Some(c) = counts {
-        total.samples = c.samples;
-        total.mean_confidence = c.mean_confidence();
-        total.classes = c.classes;
-    }
+    total.samples = merged.rows;
+    total.mean_confidence = merged.mean_confidence();
+    total.classes = merged.outputs.classes;
     total.input_drift = (drift_n > 0).then(|| drift_sum / drift_n as f64);
     total.latency_p95_us = median(&mut p95s);
     total
@@ -239,13 +232,14 @@ mod tests {
 
     #[test]
     fn a_device_without_a_window_yet_does_not_hide_the_samples_of_the_others() {
-        let reference = proto::drift::build_reference(&[vec![0.5]], &[vec![1.0]], 10);
-        let mut counts = SketchCounts::empty_for(&reference, 1);
+        let layout =
+            proto::drift::SketchLayout::from_reference(&[proto::drift::FeatureDecl::numeric("x")], &[vec![0.5]], 1);
+        let mut sketch = WindowSketch::empty(&layout);
         for _ in 0..300 {
-            counts.observe(&reference.edges, &[0.5], &[1.0]);
+            sketch.observe(&layout, &[0.5], &[1.0], 10);
         }
         let reported = DeviceObservation {
-            metrics: [("1.0.0".to_string(), VersionMetrics { counts, ..Default::default() })].into(),
+            metrics: [("1.0.0".to_string(), VersionMetrics { sketch, ..Default::default() })].into(),
             ..Default::default()
         };
         let status_only = DeviceObservation {

@@ -5,20 +5,23 @@
 
 use std::collections::BTreeMap;
 
-use proto::drift::{drift, ReferenceSketch, SketchCounts};
+use proto::drift::WindowSketch;
 
 use super::state::{Observations, VersionMetrics};
+use crate::drift::ModelDrift;
 use crate::store::ObservationRows;
 
 /// Samples a device needs before its input drift is compared. PSI is biased upwards by about
-/// (bins - 1) / samples (9/500 < 0.02 here), so below this a device that just switched versions
-/// would look "drifted" next to one that ran all along.
+/// (bins - 1) / samples (34/500 < 0.07 here, the same for candidate and control), so below this
+/// a device that just switched versions would look "drifted" next to one that ran all along.
 pub const MIN_DRIFT_SAMPLES: u64 = 500;
 
 /// Builds each device's observation: its status and counters, its drift windows merged per
-/// version (a window that does not decode or whose layout differs is skipped), and its input
-/// drift against that version's reference once it has [`MIN_DRIFT_SAMPLES`].
-pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ReferenceSketch>) -> Observations {
+/// version (a window that does not decode or whose layout differs is skipped), its latency p95
+/// from those windows (time-aligned with the rollout, unlike the status row's, which counts
+/// since the agent started), and its input drift against that version's reference once it has
+/// [`MIN_DRIFT_SAMPLES`].
+pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ModelDrift>) -> Observations {
     let mut observations = Observations::new();
     for row in &rows.statuses {
         let o = observations.entry(row.device.clone()).or_default();
@@ -34,21 +37,22 @@ pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ReferenceSk
         o.active_version = row.active_version.clone();
     }
     for window in &rows.windows {
-        let Ok(counts) = proto::wire::decode::<SketchCounts>("stored drift counts", &window.counts) else { continue };
+        let Ok(sketch) = proto::wire::decode::<WindowSketch>("stored drift window", &window.counts) else { continue };
         let metrics: &mut VersionMetrics =
             observations.entry(window.device.clone()).or_default().metrics.entry(window.version.clone()).or_default();
-        if metrics.counts.samples == 0 && metrics.counts.classes.is_empty() {
-            metrics.counts = counts;
-        } else {
-            // A layout mismatch means another contract: that window is not comparable.
-            let _ = metrics.counts.merge(&counts);
-        }
+        // A layout mismatch means another contract: that window is not comparable.
+        let _ = metrics.sketch.merge(&sketch);
     }
     for observation in observations.values_mut() {
-        for (version, metrics) in observation.metrics.iter_mut().filter(|(_, m)| m.counts.samples >= MIN_DRIFT_SAMPLES)
-        {
-            if let Some(report) = references.get(version).and_then(|r| drift(r, &metrics.counts).ok()) {
-                metrics.input_drift = report.feature_psi.iter().copied().reduce(f64::max);
+        for (version, metrics) in observation.metrics.iter_mut() {
+            if let Some(p95) = metrics.sketch.latency_quantile_us(0.95) {
+                metrics.latency_p95_us = Some(p95);
+            }
+            if metrics.sketch.rows < MIN_DRIFT_SAMPLES {
+                continue;
+            }
+            if let Some(verdict) = references.get(version).and_then(|r| r.evaluate(&metrics.sketch).ok()) {
+                metrics.input_drift = verdict.features.iter().map(|f| f.psi).reduce(f64::max);
             }
         }
     }
@@ -57,26 +61,27 @@ pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ReferenceSk
 
 #[cfg(test)]
 mod tests {
-    use proto::drift::build_reference;
+    use proto::drift::{FeatureDecl, ReferenceProfile};
     use proto::wire::UpdateStep;
 
     use super::*;
     use crate::store::{StatusRow, WindowRow};
 
     /// A one-feature reference from values 0..1000 and a one-class model.
-    fn reference() -> ReferenceSketch {
+    fn reference() -> ReferenceProfile {
         let rows: Vec<Vec<f32>> = (0..1000).map(|i| vec![i as f32 / 1000.0]).collect();
         let outputs = vec![vec![1.0]; rows.len()];
-        build_reference(&rows, &outputs, 10)
+        ReferenceProfile::build(&[FeatureDecl::numeric("x")], &rows, &outputs, 1)
     }
 
+    /// A window of `values`, each inference taking 40 µs.
     fn window(device: &str, version: &str, values: impl Iterator<Item = f32>) -> WindowRow {
-        let reference = reference();
-        let mut counts = SketchCounts::empty_for(&reference, 1);
+        let layout = reference().layout;
+        let mut sketch = WindowSketch::empty(&layout);
         for v in values {
-            counts.observe(&reference.edges, &[v], &[1.0]);
+            sketch.observe(&layout, &[v], &[1.0], 40);
         }
-        WindowRow { device: device.into(), version: version.into(), counts: proto::wire::encode(&counts) }
+        WindowRow { device: device.into(), version: version.into(), counts: proto::wire::encode(&sketch) }
     }
 
     fn status(device: &str, active: &str) -> StatusRow {
@@ -92,8 +97,8 @@ mod tests {
         }
     }
 
-    fn references() -> BTreeMap<String, ReferenceSketch> {
-        [("1.0.0".to_string(), reference())].into()
+    fn references() -> BTreeMap<String, ModelDrift> {
+        [("1.0.0".to_string(), ModelDrift { profile: reference(), policy: Default::default() })].into()
     }
 
     #[test]
@@ -107,7 +112,8 @@ mod tests {
         };
         let o = &observe(&rows, &references())["d1"];
         let m = &o.metrics["1.0.0"];
-        assert_eq!((m.counts.samples, m.inferences, m.errors, m.latency_p95_us), (700, 700, 2, Some(64.0)));
+        // Latency from the windows (40 µs, a bucket floor of 40) rather than the status row's 64.
+        assert_eq!((m.sketch.rows, m.inferences, m.errors, m.latency_p95_us), (700, 700, 2, Some(40.0)));
         assert_eq!((o.active_version.as_deref(), o.step), (Some("1.0.0"), Some(UpdateStep::Active)));
     }
 
@@ -117,7 +123,7 @@ mod tests {
         assert_eq!(observe(&few, &references())["d1"].metrics["1.0.0"].input_drift, None);
         let enough = ObservationRows { statuses: vec![], windows: vec![window("d1", "1.0.0", (0..500).map(|_| 0.05))] };
         let drift = observe(&enough, &references())["d1"].metrics["1.0.0"].input_drift.unwrap();
-        assert!(drift > 1.0, "all 500 samples in one decile of ten: PSI {drift}");
+        assert!(drift > 1.0, "all 500 samples in one bin of 35: PSI {drift}");
     }
 
     #[test]
@@ -130,7 +136,7 @@ mod tests {
             ],
         };
         let observed = observe(&rows, &references());
-        assert!(observed["d1"].metrics["1.0.0"].input_drift.unwrap() < 0.02);
+        assert!(observed["d1"].metrics["1.0.0"].input_drift.unwrap() < 0.05);
         assert_eq!(observed["d2"].metrics["9.9.9"].input_drift, None, "no reference for 9.9.9");
     }
 
@@ -140,6 +146,6 @@ mod tests {
         broken.counts = vec![0xFF; 3];
         let rows =
             ObservationRows { statuses: vec![], windows: vec![broken, window("d1", "1.0.0", (0..20).map(|_| 0.5))] };
-        assert_eq!(observe(&rows, &references())["d1"].metrics["1.0.0"].counts.samples, 20);
+        assert_eq!(observe(&rows, &references())["d1"].metrics["1.0.0"].sketch.rows, 20);
     }
 }

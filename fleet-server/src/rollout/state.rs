@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::drift::SketchCounts;
+use proto::drift::WindowSketch;
 use proto::rollout::RolloutPlan;
 use proto::wire::UpdateStep;
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ pub struct GroupMetrics {
     pub mean_confidence: Option<f64>,
     pub latency_p95_us: Option<f64>,
     pub input_drift: Option<f64>,
-    pub classes: Vec<u32>,
+    pub classes: Vec<u64>,
 }
 
 /// Why a rollout stopped, with the numbers.
@@ -142,7 +142,8 @@ pub type Observations = BTreeMap<String, DeviceObservation>;
 /// What the store knows about one device's model metrics for one version, since the rollout began.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct VersionMetrics {
-    pub counts: SketchCounts,
+    /// The device's drift windows of this version, merged.
+    pub sketch: WindowSketch,
     /// Input drift: the largest per-feature PSI of the merged windows against the version's
     /// reference, once the device has enough samples (see `observe`).
     pub input_drift: Option<f64>,

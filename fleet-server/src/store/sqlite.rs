@@ -651,10 +651,10 @@ pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -
             s.version,
             s.window_start_ms as i64,
             s.window_end_ms as i64,
-            s.counts.samples as i64,
+            s.sketch.rows as i64,
             d.score,
             d.mean_confidence,
-            proto::wire::encode(&s.counts)
+            proto::wire::encode(&s.sketch)
         ],
     )?;
     Ok(inserted == 1)

@@ -1,6 +1,6 @@
 use super::*;
 use crate::store::Report;
-use proto::drift::SketchCounts;
+use proto::drift::WindowSketch;
 use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStep};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
@@ -142,8 +142,7 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
         version: "1.0.0".into(),
         window_start_ms: 10,
         window_end_ms: 20,
-        counts: SketchCounts { samples: 5, ..Default::default() },
-        score: 0.3,
+        sketch: WindowSketch { rows: 5, ..Default::default() },
     };
     let stored = StoredDrift { summary: &summary, score: 0.31, mean_confidence: Some(0.8) };
     assert!(store.record_drift("d1", &stored).unwrap());
