@@ -7,6 +7,7 @@
 pub mod broker_setup;
 pub mod client;
 pub mod demo;
+pub mod drift_compare;
 pub mod link;
 pub mod offline;
 pub mod ops;

@@ -14,6 +14,7 @@ use proto::keys::{parse_public_key, parse_secret_key, public_key_hex, secret_key
 use proto::wire::DeployRequest;
 use proto::{KeyId, TrustedKeys};
 
+mod drift_cli;
 mod root_cli;
 
 #[derive(Parser)]
@@ -87,6 +88,9 @@ enum Command {
     /// Set up Mosquitto as the fleet's broker.
     #[command(subcommand)]
     Broker(BrokerCommand),
+    /// Drift: compare two data sets as the fleet would, or show the fleet's verdicts.
+    #[command(subcommand)]
+    Drift(drift_cli::DriftCommand),
 
     /// Replace a device's labels (they select cohorts for rollouts): `fleetctl label dev-1 site=a region=eu`.
     Label {
@@ -402,6 +406,7 @@ async fn main() -> Result<()> {
         Command::Operators(command) => operators(command).await,
         Command::Pki(command) => pki(command),
         Command::Root(command) => root_cli::run(command).await,
+        Command::Drift(command) => drift_cli::run(command),
         Command::Broker(BrokerCommand::Config { out, port, bind, tls_cert, tls_key }) => {
             let tls = tls_cert.zip(tls_key);
             let bind = bind.unwrap_or_else(|| if tls.is_some() { "0.0.0.0" } else { "127.0.0.1" }.into());

@@ -272,8 +272,9 @@ impl ReferenceProfile {
     pub fn build(decls: &[FeatureDecl], rows: &[Vec<f32>], outputs: &[Vec<f32>], classes: usize) -> ReferenceProfile {
         let layout = SketchLayout::from_reference(decls, rows, classes);
         let mut sketch = WindowSketch::empty(&layout);
-        for (row, output) in rows.iter().zip(outputs) {
-            sketch.observe(&layout, row, output, 0);
+        // Without outputs (a comparison of data alone) the rows are still sketched.
+        for (i, row) in rows.iter().enumerate() {
+            sketch.observe(&layout, row, outputs.get(i).map_or(&[][..], Vec::as_slice), 0);
         }
         ReferenceProfile { layout, sketch }
     }
