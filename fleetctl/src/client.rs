@@ -186,9 +186,32 @@ impl FleetClient {
             query.push(("after_device", device.to_string()));
             query.push(("after_seq", seq.to_string()));
         }
+        self.send("the telemetry export", self.http.get(self.query_url("/api/v1/telemetry", &query))).await
+    }
+
+    /// A model's drift per version and time bucket, for the devices matching `cohort`
+    /// (`key=value,…`; empty for the whole fleet).
+    pub async fn drift(
+        &self,
+        model: &str,
+        cohort: &str,
+        since_ms: Option<u64>,
+        bucket_secs: u64,
+    ) -> Result<fleet_server::drift::report::DriftReport, ClientError> {
+        let mut query: Vec<(&str, String)> =
+            vec![("model", model.to_string()), ("bucket_secs", bucket_secs.to_string())];
+        if !cohort.is_empty() {
+            query.push(("cohort", cohort.to_string()));
+        }
+        if let Some(since) = since_ms {
+            query.push(("since_ms", since.to_string()));
+        }
+        self.send("the drift report", self.http.get(self.query_url("/api/v1/drift", &query))).await
+    }
+
+    fn query_url(&self, path: &str, query: &[(&str, String)]) -> String {
         let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", percent_encode(v))).collect();
-        let url = format!("{}/api/v1/telemetry?{}", self.base, query.join("&"));
-        self.send("the telemetry export", self.http.get(url)).await
+        format!("{}{path}?{}", self.base, query.join("&"))
     }
 }
 

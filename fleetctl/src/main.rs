@@ -406,7 +406,7 @@ async fn main() -> Result<()> {
         Command::Operators(command) => operators(command).await,
         Command::Pki(command) => pki(command),
         Command::Root(command) => root_cli::run(command).await,
-        Command::Drift(command) => drift_cli::run(command),
+        Command::Drift(command) => drift_cli::run(command).await,
         Command::Broker(BrokerCommand::Config { out, port, bind, tls_cert, tls_key }) => {
             let tls = tls_cert.zip(tls_key);
             let bind = bind.unwrap_or_else(|| if tls.is_some() { "0.0.0.0" } else { "127.0.0.1" }.into());

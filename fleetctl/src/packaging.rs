@@ -239,7 +239,7 @@ mod tests {
         let bundle = build(inputs).unwrap();
         let manifest = Manifest::parse(&bundle.manifest_bytes).unwrap();
         assert_eq!(manifest.reference.layout.features.len(), 8);
-        assert_eq!(manifest.reference.sketch.rows, 1000);
+        assert_eq!(manifest.reference.sketch.rows, 4000);
         assert_eq!(manifest.golden.cases.len(), 4);
     }
 

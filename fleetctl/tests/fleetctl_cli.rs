@@ -101,6 +101,14 @@ fn the_demo_prints_its_result_as_json_and_exits_zero() {
         assert_eq!(device["inferences"], 100);
         assert!(device["drift_summaries"].as_u64().unwrap() >= 2);
     }
+    let flagged: Vec<&str> = result["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["drifted"] == true)
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(flagged, ["temperature", "vibration", "pressure", "current"], "only the shifted features drift");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod delivery;
 mod devices;
+pub mod drift;
 pub mod identity;
 mod operator;
 pub mod rollouts;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}", get(rollouts::show))
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
         .route("/api/v1/audit", get(rollouts::audit))
+        .route("/api/v1/drift", get(drift::show))
         .route("/api/v1/roots", post(roots::publish))
         .route("/api/v1/roots/{version}", get(roots::get))
         .route("/healthz", get(|| async { "ok" }))

@@ -6,6 +6,7 @@
 //! feature (prediction drift), and the mean top score estimates accuracy (a calibrated model's
 //! expected accuracy, as NannyML's CBPE assumes).
 
+pub mod report;
 pub mod stattest;
 
 use proto::drift::{
@@ -102,6 +103,26 @@ impl ModelDrift {
     pub fn evaluate(&self, current: &WindowSketch) -> Result<DriftVerdict, SketchError> {
         evaluate(&self.profile, &self.policy, current)
     }
+}
+
+/// The drift half of the published manifest of each of `versions` of `model` (a version
+/// without a readable bundle is left out).
+pub fn references<'a>(
+    store: &dyn crate::store::Store,
+    model: &str,
+    versions: impl Iterator<Item = &'a String>,
+) -> Result<std::collections::BTreeMap<String, ModelDrift>, crate::store::StoreError> {
+    let mut references = std::collections::BTreeMap::new();
+    for version in versions {
+        if references.contains_key(version) {
+            continue;
+        }
+        let manifest = store.bundle(model, version)?.and_then(|b| proto::Manifest::parse(&b.manifest_json).ok());
+        if let Some(manifest) = manifest {
+            references.insert(version.clone(), ModelDrift::from_manifest(manifest));
+        }
+    }
+    Ok(references)
 }
 
 /// Tests the merged window `current` against the profile's reference under `policy`.

@@ -210,16 +210,7 @@ fn observation_inputs(
     since_ms: u64,
 ) -> Result<(ObservationRows, BTreeMap<String, ModelDrift>), StoreError> {
     let rows = store.observation_rows(model, since_ms)?;
-    let mut references = BTreeMap::new();
-    for version in rows.windows.iter().map(|w| &w.version) {
-        if references.contains_key(version) {
-            continue;
-        }
-        let manifest = store.bundle(model, version)?.and_then(|b| proto::Manifest::parse(&b.manifest_json).ok());
-        if let Some(manifest) = manifest {
-            references.insert(version.clone(), ModelDrift::from_manifest(manifest));
-        }
-    }
+    let references = crate::drift::references(store, model, rows.windows.iter().map(|w| &w.version))?;
     Ok((rows, references))
 }
 

@@ -81,7 +81,7 @@ mod tests {
         for v in values {
             sketch.observe(&layout, &[v], &[1.0], 40);
         }
-        WindowRow { device: device.into(), version: version.into(), counts: proto::wire::encode(&sketch) }
+        WindowRow { device: device.into(), version: version.into(), start_ms: 0, counts: proto::wire::encode(&sketch) }
     }
 
     fn status(device: &str, active: &str) -> StatusRow {

@@ -53,6 +53,7 @@ pub struct StatusRow {
 pub struct WindowRow {
     pub device: String,
     pub version: String,
+    pub start_ms: u64,
     pub counts: Vec<u8>,
 }
 

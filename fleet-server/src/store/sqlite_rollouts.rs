@@ -88,11 +88,17 @@ pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result
         row.step = step.as_deref().map(|text| parse_step(&row.device, text)).transpose()?;
         statuses.push(row);
     }
-    let mut drift =
-        conn.prepare("SELECT device, version, counts FROM drift WHERE model = ?1 AND window_start_ms >= ?2")?;
+    let mut drift = conn.prepare(
+        "SELECT device, version, window_start_ms, counts FROM drift WHERE model = ?1 AND window_start_ms >= ?2",
+    )?;
     let windows = drift
         .query_map(params![model, since_ms as i64], |r| {
-            Ok(WindowRow { device: r.get(0)?, version: r.get(1)?, counts: r.get(2)? })
+            Ok(WindowRow {
+                device: r.get(0)?,
+                version: r.get(1)?,
+                start_ms: r.get::<_, i64>(2)? as u64,
+                counts: r.get(3)?,
+            })
         })?
         .collect::<Result<_, _>>()?;
     Ok(ObservationRows { statuses, windows })
