@@ -209,6 +209,23 @@ impl FleetClient {
         self.send("the drift report", self.http.get(self.query_url("/api/v1/drift", &query))).await
     }
 
+    /// Every published model version with its lineage.
+    pub async fn models(&self) -> Result<Vec<proto::lineage::ModelVersionView>, ClientError> {
+        self.send("the model list", self.http.get(format!("{}/api/v1/models", self.base))).await
+    }
+
+    /// One device's models, lineage, recent steps and audit lines.
+    pub async fn device(&self, id: &str) -> Result<proto::lineage::DeviceDetail, ClientError> {
+        // Device ids are `dev-<hex>`: nothing to escape; anything else is refused before sending.
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(ClientError::Refused {
+                what: "the device",
+                message: format!("{id:?} is not a device id (dev-…)"),
+            });
+        }
+        self.send("the device", self.http.get(format!("{}/api/v1/devices/{id}", self.base))).await
+    }
+
     fn query_url(&self, path: &str, query: &[(&str, String)]) -> String {
         let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", percent_encode(v))).collect();
         format!("{}{path}?{}", self.base, query.join("&"))

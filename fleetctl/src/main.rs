@@ -15,6 +15,7 @@ use proto::wire::DeployRequest;
 use proto::{KeyId, TrustedKeys};
 
 mod drift_cli;
+mod lineage_cli;
 mod root_cli;
 
 #[derive(Parser)]
@@ -66,8 +67,9 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// List devices with their models, status and last health (`devices revoke ID` revokes one).
-    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+    /// List devices with their models, status and last health (`devices show ID` shows one with
+    /// lineage and history, `devices revoke ID` revokes one).
+    #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true, visible_alias = "device")]
     Devices {
         #[command(subcommand)]
         action: Option<DevicesCommand>,
@@ -88,6 +90,13 @@ enum Command {
     /// Set up Mosquitto as the fleet's broker.
     #[command(subcommand)]
     Broker(BrokerCommand),
+    /// Every published model version with its digest, signer, creation time and lineage.
+    Models {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Drift: compare two data sets as the fleet would, or show the fleet's verdicts.
     #[command(subcommand)]
     Drift(drift_cli::DriftCommand),
@@ -249,6 +258,15 @@ enum TokensCommand {
 
 #[derive(Subcommand)]
 enum DevicesCommand {
+    /// One device: per model the active and previous version, bundle digest, lineage, what
+    /// installed it and when, and recent update steps; then its audit lines.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Revoke a device (admin): its credential and key stop working and its MQTT session closes.
     Revoke {
         id: String,
@@ -402,7 +420,11 @@ async fn main() -> Result<()> {
             println!("{id} revoked: its credential is refused and its MQTT session closed");
             Ok(())
         }
+        Command::Devices { action: Some(DevicesCommand::Show { id, json, server }), .. } => {
+            lineage_cli::device(&id, json, &server).await
+        }
         Command::Devices { action: None, json, server } => devices(json, &server).await,
+        Command::Models { json, server } => lineage_cli::models(json, &server).await,
         Command::Operators(command) => operators(command).await,
         Command::Pki(command) => pki(command),
         Command::Root(command) => root_cli::run(command).await,

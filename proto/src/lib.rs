@@ -17,6 +17,7 @@ pub mod drift;
 pub mod endpoint;
 pub mod freshness;
 pub mod keys;
+pub mod lineage;
 pub mod names;
 pub mod rollout;
 pub mod root;

@@ -80,3 +80,29 @@ async fn a_malformed_inference_request_gets_a_400_that_says_what_is_wrong() {
     assert!(body["error"].as_str().unwrap().contains("inputs"), "{body}");
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_sees_each_versions_lineage_and_how_a_device_got_what_it_runs() {
+    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
+    fleet.deploy_all("tabular", "2.0.0").await;
+    fleet.wait_active("tabular", "2.0.0").await;
+
+    let models = fleet.client.models().await.unwrap();
+    assert_eq!(models.iter().map(|m| m.version.as_str()).collect::<Vec<_>>(), ["1.0.0", "2.0.0"]);
+    assert!(models.iter().all(|m| m.lineage.code_commit == "3c9e1f0" && m.lineage.metrics["accuracy"] == 0.91));
+    assert!(models[1].lineage.training_data.starts_with("sha256:"));
+
+    let id = fleet.agents[0].device_id().unwrap();
+    let detail = fleet.client.device(&id).await.unwrap();
+    let m = &detail.models[0];
+    assert_eq!((m.active_version.as_deref(), m.previous_version.as_deref()), (Some("2.0.0"), Some("1.0.0")));
+    assert_eq!(m.bundle_sha256.as_deref(), Some(models[1].sha256.as_str()));
+    assert_eq!(m.installed_by.as_deref(), Some("deployment"));
+    assert!(m.installed_ms.is_some() && m.lineage.as_ref().unwrap().code_commit == "3c9e1f0");
+    // Newest first: 2.0.0's steps, down to 1.0.0 going active.
+    assert_eq!(m.history[0].step, proto::wire::UpdateStep::Active);
+    assert!(m.history.iter().any(|e| e.version == "1.0.0" && e.step == proto::wire::UpdateStep::Active));
+    assert!(fleet.client.device("dev-nobody").await.unwrap_err().to_string().contains("no device dev-nobody"));
+    fleet.shutdown().await;
+}

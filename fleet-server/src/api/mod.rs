@@ -6,6 +6,7 @@ mod delivery;
 mod devices;
 pub mod drift;
 pub mod identity;
+pub mod lineage;
 mod operator;
 pub mod rollouts;
 pub mod roots;
@@ -62,6 +63,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/bundles/{name}/{version}", get(devices::download))
         .route("/api/v1/bundles", post(operator::publish).layer(DefaultBodyLimit::max(bundle_limit)))
         .route("/api/v1/devices", get(operator::devices))
+        .route("/api/v1/devices/{id}", get(lineage::device))
+        .route("/api/v1/models", get(lineage::models))
         .route("/api/v1/devices/{id}/labels", axum::routing::put(operator::set_labels))
         .route("/api/v1/deployments", post(operator::deploy))
         .route("/api/v1/enrollment-tokens", post(operator::tokens))

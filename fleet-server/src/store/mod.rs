@@ -256,4 +256,11 @@ pub trait Store: Send + Sync + 'static {
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+
+    /// Every published bundle (lineage is in each manifest).
+    fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError>;
+    /// A device's recent update steps of a model, newest first (bounded per device and model).
+    fn status_history(&self, device: &str, model: &str) -> Result<Vec<proto::lineage::StatusEntry>, StoreError>;
+    /// Audit lines that name the device, newest first.
+    fn audit_for_device(&self, device: &str, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 }

@@ -79,6 +79,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(lineage::SCHEMA)?;
         add_column(&conn, "devices", "heartbeat_ms", "INTEGER")?;
         add_column(&conn, "tokens", "device", "TEXT")?;
         add_column(&conn, "devices", "public_key", "TEXT NOT NULL DEFAULT ''")?;
@@ -573,6 +574,18 @@ impl Store for SqliteStore {
         rollouts::append_audit(&self.conn(), entry)
     }
 
+    fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {
+        lineage::bundles(&self.conn())
+    }
+
+    fn status_history(&self, device: &str, model: &str) -> Result<Vec<proto::lineage::StatusEntry>, StoreError> {
+        lineage::status_history(&self.conn(), device, model)
+    }
+
+    fn audit_for_device(&self, device: &str, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        lineage::audit_for_device(&self.conn(), device, limit)
+    }
+
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
@@ -612,7 +625,7 @@ pub(super) fn status_into(conn: &Connection, device: &str, s: &UpdateStatus) -> 
          WHERE model_status.at_ms IS NULL OR model_status.at_ms <= excluded.at_ms",
         params![device, s.model, s.version, s.step.as_str(), s.detail, s.active_version, s.at_ms as i64],
     )?;
-    Ok(())
+    lineage::record_history(conn, device, s)
 }
 
 /// Applies a heartbeat unless a newer one is already stored (a backlog may deliver old ones
@@ -676,6 +689,9 @@ mod delivery;
 
 #[path = "sqlite_rollouts.rs"]
 mod rollouts;
+
+#[path = "sqlite_lineage.rs"]
+mod lineage;
 
 #[cfg(test)]
 #[path = "sqlite_tests.rs"]

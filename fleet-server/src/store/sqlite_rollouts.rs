@@ -163,10 +163,23 @@ pub fn load(conn: &Connection, id: Option<&str>) -> Result<Vec<Rollout>, StoreEr
 }
 
 pub fn audit(conn: &Connection, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT at_ms, actor, rollout, action, detail FROM audit WHERE ?1 IS NULL OR rollout = ?1 ORDER BY id DESC LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![rollout, limit as i64], |r| {
+    let mut entries = audit_rows(conn, "?1 IS NULL OR rollout = ?1", rollout, limit)?;
+    entries.reverse();
+    Ok(entries)
+}
+
+/// Audit lines matching `filter` (SQL over the audit table, with `?1` bound to `param` and
+/// `?2` to the limit), newest first.
+pub(super) fn audit_rows(
+    conn: &Connection,
+    filter: &str,
+    param: Option<&str>,
+    limit: usize,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let sql =
+        format!("SELECT at_ms, actor, rollout, action, detail FROM audit WHERE {filter} ORDER BY id DESC LIMIT ?2");
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params![param, limit as i64], |r| {
         let entry = AuditEntry {
             at_ms: r.get::<_, i64>(0)? as u64,
             actor: r.get(1)?,
@@ -183,6 +196,5 @@ pub fn audit(conn: &Connection, rollout: Option<&str>, limit: usize) -> Result<V
             .ok_or_else(|| StoreError::Corrupt(format!("audit line with unknown action {action:?}")))?;
         entries.push(entry);
     }
-    entries.reverse();
     Ok(entries)
 }
