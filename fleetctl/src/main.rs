@@ -15,6 +15,7 @@ use proto::wire::DeployRequest;
 use proto::{KeyId, TrustedKeys};
 
 mod drift_cli;
+mod image;
 mod lineage_cli;
 mod root_cli;
 
@@ -100,6 +101,9 @@ enum Command {
     /// Drift: compare two data sets as the fleet would, or show the fleet's verdicts.
     #[command(subcommand)]
     Drift(drift_cli::DriftCommand),
+    /// Flashable disk images: write a device's config into one (`image configure`).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 
     /// Replace a device's labels (they select cohorts for rollouts): `fleetctl label dev-1 site=a region=eu`.
     Label {
@@ -429,6 +433,7 @@ async fn main() -> Result<()> {
         Command::Pki(command) => pki(command),
         Command::Root(command) => root_cli::run(command).await,
         Command::Drift(command) => drift_cli::run(command).await,
+        Command::Image(command) => image::run(command),
         Command::Broker(BrokerCommand::Config { out, port, bind, tls_cert, tls_key }) => {
             let tls = tls_cert.zip(tls_key);
             let bind = bind.unwrap_or_else(|| if tls.is_some() { "0.0.0.0" } else { "127.0.0.1" }.into());
