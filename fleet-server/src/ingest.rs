@@ -56,6 +56,12 @@ impl Notifier {
         Notifier { client }
     }
 
+    /// Publishes an event for the systems around the fleet (at least once, from the server's
+    /// persistent session); fails only when the session's queue is full.
+    pub fn publish_event(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).map_err(|e| e.to_string())
+    }
+
     /// Best effort: a device that misses it still checks in on its own interval.
     pub fn desired_changed(&self, device: &str, revision: u64) {
         let topic = Topic::Desired { device: device.to_string() }.render();

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// With an external Mosquitto: the password file to keep in step with the store.
     pub mosquitto: Option<MosquittoFiles>,
+    /// When persistent drift asks for a retraining, and where the event goes.
+    pub retrain: crate::retrain::RetrainConfig,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +72,7 @@ impl Default for ServerConfig {
             mqtt_login: None,
             tls: None,
             mosquitto: None,
+            retrain: crate::retrain::RetrainConfig::default(),
         }
     }
 }
@@ -281,6 +284,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let notifier = crate::ingest::connect(&target, store.clone(), revocations.clone(), cancel.clone(), &tasks);
     let rollouts =
         crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone(), &tasks);
+    crate::retrain::spawn(store.clone(), notifier.clone(), config.retrain.clone(), cancel.clone(), &tasks);
     let state = AppState {
         rollouts,
         store: store.clone(),

@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod desired;
 pub mod drift;
 pub mod endpoint;
+pub mod events;
 pub mod freshness;
 pub mod keys;
 pub mod lineage;

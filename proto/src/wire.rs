@@ -451,10 +451,12 @@ pub enum AuditAction {
     TokenRevoked,
     /// An admin published a root of trust (the first, or a rotation).
     RootPublished,
+    /// Drift persisted long enough that the server asked for a retraining (`proto::events`).
+    RetrainRequested,
 }
 
 impl AuditAction {
-    const ALL: [AuditAction; 20] = [
+    const ALL: [AuditAction; 21] = [
         AuditAction::Created,
         AuditAction::Pause,
         AuditAction::Resume,
@@ -475,6 +477,7 @@ impl AuditAction {
         AuditAction::OperatorRevoked,
         AuditAction::TokenRevoked,
         AuditAction::RootPublished,
+        AuditAction::RetrainRequested,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -499,6 +502,7 @@ impl AuditAction {
             AuditAction::OperatorRevoked => "operator_revoked",
             AuditAction::TokenRevoked => "token_revoked",
             AuditAction::RootPublished => "root_published",
+            AuditAction::RetrainRequested => "retrain_requested",
         }
     }
 

@@ -82,11 +82,22 @@ pub struct Fleet {
 impl Fleet {
     /// A server trusting the fleet key (plus `extra_server_keys`) and `agents` enrolled agents.
     pub async fn start(agents: usize, mqtt: Mqtt, extra_server_keys: &[String]) -> Fleet {
+        Fleet::start_changed(agents, mqtt, extra_server_keys, |_| {}).await
+    }
+
+    /// [`Fleet::start`] with the server's configuration changed by `change` first.
+    pub async fn start_changed(
+        agents: usize,
+        mqtt: Mqtt,
+        extra_server_keys: &[String],
+        change: impl FnOnce(&mut ServerConfig),
+    ) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let (secret, public) = new_key();
         let mut trusted_keys = vec![public.clone()];
         trusted_keys.extend_from_slice(extra_server_keys);
-        let config = ServerConfig { trusted_keys, ..test_server_config(dir.path(), mqtt) };
+        let mut config = ServerConfig { trusted_keys, ..test_server_config(dir.path(), mqtt) };
+        change(&mut config);
         Fleet::start_with(dir, config, secret, public, None, agents).await
     }
 

@@ -6,11 +6,22 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use fleet_server::ingest::MqttLogin;
+use fleet_server::retrain::RetrainConfig;
 use fleet_server::server::{start, MosquittoFiles, Mqtt, ServerConfig, TlsFiles};
 
 #[derive(Parser)]
 #[command(version, about = "Fleet server: device registry, signed bundle store, desired state, MQTT ingest.")]
 struct Args {
+    /// POST a JSON retraining event here when a model's drift persists in a cohort for the
+    /// model's `persist_windows` windows (the event also goes to MQTT fleet/v1/events/retrain).
+    #[arg(long, env = "FLEET_RETRAIN_WEBHOOK")]
+    retrain_webhook: Option<String>,
+    /// Drift is watched for the whole fleet and per value of this device label.
+    #[arg(long, env = "FLEET_DRIFT_COHORT_LABEL", default_value = "site")]
+    drift_cohort_label: String,
+    /// The window (seconds) in which persistent drift is counted.
+    #[arg(long, env = "FLEET_DRIFT_WINDOW_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=604_800))]
+    drift_window_secs: u64,
     /// HTTP API address [default: 0.0.0.0:8080 with TLS, 127.0.0.1:8080 without].
     #[arg(long, env = "FLEET_LISTEN")]
     listen: Option<SocketAddr>,
@@ -141,6 +152,13 @@ async fn main() -> Result<()> {
         mosquitto: args
             .mosquitto_password_file
             .map(|password_file| MosquittoFiles { password_file, pid_file: args.mosquitto_pid_file }),
+        retrain: RetrainConfig {
+            webhook: args.retrain_webhook,
+            cohort_label: Some(args.drift_cohort_label).filter(|l| !l.is_empty()),
+            bucket_secs: args.drift_window_secs,
+            // A bucket is judged once it is complete; checking four times a bucket is soon enough.
+            check_every: std::time::Duration::from_secs((args.drift_window_secs / 4).max(15)),
+        },
     };
     let server = start(config).await.context("fleet-server failed to start")?;
     if std::env::var("FLEET_OPERATOR_TOKEN").is_err() {

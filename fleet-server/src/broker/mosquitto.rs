@@ -20,16 +20,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::store::Store;
 
-/// Devices are kept to their own topics; the server may use every device's.
+/// Devices are kept to their own topics; the server may use every device's, and publishes the
+/// fleet's events (retraining requests) outside the device tree, where no device reaches.
 pub fn acl(server_username: &str) -> String {
     format!(
         "# fleet ACL (written by fleetctl broker config)\n\
          user {server_username}\n\
          topic readwrite {root}/#\n\
+         topic readwrite {events}\n\
          \n\
          # every other user is a device: its own topics only\n\
          pattern readwrite {root}/%u/#\n",
-        root = proto::wire::TOPIC_ROOT
+        root = proto::wire::TOPIC_ROOT,
+        events = proto::events::RETRAIN_TOPIC
     )
 }
 

@@ -7,6 +7,7 @@
 //! expected accuracy, as NannyML's CBPE assumes).
 
 pub mod report;
+pub mod retrain;
 pub mod stattest;
 
 use proto::drift::{

@@ -7,7 +7,9 @@ mod sqlite;
 use proto::delivery::{DeliveryEvent, DeliveryView, TelemetryAck, TelemetryRow};
 use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep};
 
+use crate::drift::retrain::Watch;
 use crate::rollout::{DeviceInfo, Rollout};
+use proto::events::RetrainEvent;
 pub use sqlite::SqliteStore;
 use thiserror::Error;
 
@@ -263,4 +265,34 @@ pub trait Store: Send + Sync + 'static {
     fn status_history(&self, device: &str, model: &str) -> Result<Vec<proto::lineage::StatusEntry>, StoreError>;
     /// Audit lines that name the device, newest first.
     fn audit_for_device(&self, device: &str, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// The retraining watch of (model, version, cohort key).
+    fn drift_watch(&self, model: &str, version: &str, cohort: &str) -> Result<Option<Watch>, StoreError>;
+    /// Saves a watch under (model, version, cohort key) with the event it fired (stored once by
+    /// id) and that event's audit line, in one transaction; true when the event is new.
+    fn save_drift_watch(
+        &self,
+        key: (&str, &str, &str),
+        watch: &Watch,
+        fired: Option<(&RetrainEvent, &AuditEntry)>,
+    ) -> Result<bool, StoreError>;
+    /// Undelivered events whose next try is due, oldest first.
+    fn due_events(&self, now_ms: u64, limit: usize) -> Result<Vec<PendingEvent>, StoreError>;
+    /// Records a delivery try: Ok marks the event delivered; Err keeps it for `next_attempt_ms`.
+    fn event_attempted(
+        &self,
+        id: &str,
+        outcome: &Result<(), String>,
+        now_ms: u64,
+        next_attempt_ms: u64,
+    ) -> Result<(), StoreError>;
+}
+
+/// An event waiting to be delivered, as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingEvent {
+    pub id: String,
+    /// The event's JSON, sent as it was stored.
+    pub payload: String,
+    pub attempts: u32,
 }

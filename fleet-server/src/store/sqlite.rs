@@ -11,11 +11,13 @@ use proto::wire::{bundle_path, DesiredModel, DesiredState, DeviceModelView, Devi
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, SequencedReport,
-    Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
+    Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, PendingEvent,
+    SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
+use crate::drift::retrain::Watch;
 use crate::rollout::{DeviceInfo, Rollout};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
+use proto::events::RetrainEvent;
 use proto::wire::AuditEntry;
 
 const SCHEMA: &str = "
@@ -80,6 +82,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(lineage::SCHEMA)?;
+        conn.execute_batch(events::SCHEMA)?;
         add_column(&conn, "devices", "heartbeat_ms", "INTEGER")?;
         add_column(&conn, "tokens", "device", "TEXT")?;
         add_column(&conn, "devices", "public_key", "TEXT NOT NULL DEFAULT ''")?;
@@ -586,6 +589,33 @@ impl Store for SqliteStore {
         lineage::audit_for_device(&self.conn(), device, limit)
     }
 
+    fn drift_watch(&self, model: &str, version: &str, cohort: &str) -> Result<Option<Watch>, StoreError> {
+        events::drift_watch(&self.conn(), model, version, cohort)
+    }
+
+    fn save_drift_watch(
+        &self,
+        key: (&str, &str, &str),
+        watch: &Watch,
+        fired: Option<(&RetrainEvent, &AuditEntry)>,
+    ) -> Result<bool, StoreError> {
+        events::save_drift_watch(&mut self.conn(), key, watch, fired)
+    }
+
+    fn due_events(&self, now_ms: u64, limit: usize) -> Result<Vec<PendingEvent>, StoreError> {
+        events::due_events(&self.conn(), now_ms, limit)
+    }
+
+    fn event_attempted(
+        &self,
+        id: &str,
+        outcome: &Result<(), String>,
+        now_ms: u64,
+        next_attempt_ms: u64,
+    ) -> Result<(), StoreError> {
+        events::event_attempted(&self.conn(), id, outcome, now_ms, next_attempt_ms)
+    }
+
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
@@ -692,6 +722,9 @@ mod rollouts;
 
 #[path = "sqlite_lineage.rs"]
 mod lineage;
+
+#[path = "sqlite_events.rs"]
+mod events;
 
 #[cfg(test)]
 #[path = "sqlite_tests.rs"]
