@@ -175,6 +175,7 @@ pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
                 inferences: 1000,
                 errors: 1,
                 latency_p95_us: Some(64.0),
+                shadow: None,
             };
             o.metrics.insert(version.into(), metrics);
             (id.clone(), o)

@@ -212,7 +212,7 @@ struct Arrived {
 enum Body {
     Status(UpdateStatus),
     Heartbeat(Heartbeat),
-    Drift { summary: DriftSummary, score: f64, mean_confidence: Option<f64> },
+    Drift { summary: Box<DriftSummary>, score: f64, mean_confidence: Option<f64> },
     Event(DeliveryEvent),
 }
 
@@ -543,7 +543,7 @@ fn finish_record(
                 None => 0.0,
             };
             let mean_confidence = summary.sketch.mean_confidence();
-            Body::Drift { summary, score, mean_confidence }
+            Body::Drift { summary: Box::new(summary), score, mean_confidence }
         }
         Topic::Events { .. } => {
             let event: DeliveryEvent = decode("delivery event", body)?;

@@ -97,6 +97,7 @@ fn fleet_of(
             window_start_ms: device as u64,
             window_end_ms: device as u64 + 1,
             sketch,
+            shadow: None,
         };
         let bytes = proto::wire::encode(&summary);
         largest = largest.max(bytes.len());

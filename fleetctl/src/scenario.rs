@@ -49,7 +49,7 @@ pub fn plan(version: &str) -> RolloutPlan {
         version: version.into(),
         selector: Default::default(),
         holdout: 0.2,
-        waves: [20.0, 60.0, 100.0].iter().map(|p| WaveSpec { percent: Some(*p), count: None }).collect(),
+        waves: [20.0, 60.0, 100.0].iter().map(|p| WaveSpec { percent: Some(*p), count: None, shadow: false }).collect(),
         soak_secs: 3.0,
         min_executed: 2,
         success_threshold: 0.9,
@@ -60,6 +60,7 @@ pub fn plan(version: &str) -> RolloutPlan {
         // In the demo every "device" shares this machine's cores, so latency measures the machine
         // (and the other agents installing at that moment), not the model: loosen that one gate.
         gates: HealthGates { min_samples: 150, max_latency_p95_ratio: 10.0, ..HealthGates::default() },
+        shadow_sample_rate: 0.1,
     }
 }
 

@@ -10,7 +10,7 @@ use crate::wire::{bundle_path, DesiredModel};
 /// Longest version string accepted.
 pub const MAX_VERSION_LEN: usize = 64;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, PartialEq)]
 pub enum InvalidDesired {
     #[error(transparent)]
     Name(#[from] InvalidName),
@@ -20,6 +20,8 @@ pub enum InvalidDesired {
     BundlePath { found: String, expected: String },
     #[error("bundle digest {0:?} is not 64 lowercase hex digits")]
     Digest(String),
+    #[error("shadow sample rate {0} is not in (0, 1]")]
+    SampleRate(f32),
 }
 
 /// Accepts a desired model only if its name follows the name rules, its version is canonical
@@ -41,6 +43,12 @@ pub fn validate(model: &DesiredModel) -> Result<(), InvalidDesired> {
     if !hex_digest {
         return Err(InvalidDesired::Digest(model.bundle_sha256.clone()));
     }
+    if let Some(shadow) = &model.shadow {
+        if !(shadow.sample_rate > 0.0 && shadow.sample_rate <= 1.0) {
+            return Err(InvalidDesired::SampleRate(shadow.sample_rate));
+        }
+        validate(&shadow.as_model(&model.name, model.attempt))?;
+    }
     Ok(())
 }
 
@@ -56,6 +64,7 @@ mod tests {
             bundle_sha256: "ab".repeat(32),
             bundle_size: 10,
             attempt: 0,
+            shadow: None,
         }
     }
 

@@ -195,6 +195,7 @@ mod tests {
                 bundle_sha256: "ab".repeat(32),
                 bundle_size: 10,
                 attempt: 0,
+                shadow: None,
             }],
             root_version: Some(1),
             freshness: None,

@@ -22,6 +22,7 @@ pub mod lineage;
 pub mod names;
 pub mod rollout;
 pub mod root;
+pub mod shadow;
 pub mod wire;
 
 pub use bundle::{Manifest, VerifiedBundle, VerifyError};

@@ -37,6 +37,10 @@ pub struct WaveSpec {
     pub percent: Option<f64>,
     #[serde(default)]
     pub count: Option<usize>,
+    /// Run the candidate in shadow on this wave's devices first; activate it there only once
+    /// its outputs agree with the active version's (`gates.min_shadow_agreement`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 /// Thresholds on how the candidate model behaves, compared with the control group.
@@ -55,6 +59,11 @@ pub struct HealthGates {
     pub max_prediction_psi: f64,
     /// Largest accepted increase of input drift (PSI vs reference) over control.
     pub max_input_drift_increase: f64,
+    /// Smallest accepted share of shadowed requests where the candidate picks the active
+    /// version's top output (shadow waves).
+    pub min_shadow_agreement: f64,
+    /// Shadowed requests needed across a shadow wave before its agreement is judged.
+    pub min_shadow_samples: u64,
 }
 
 impl Default for HealthGates {
@@ -66,6 +75,8 @@ impl Default for HealthGates {
             min_confidence_ratio: 0.8,
             max_prediction_psi: 0.25,
             max_input_drift_increase: 0.25,
+            min_shadow_agreement: 0.8,
+            min_shadow_samples: 200,
         }
     }
 }
@@ -103,6 +114,9 @@ pub struct RolloutPlan {
     pub on_breach: OnBreach,
     #[serde(default)]
     pub gates: HealthGates,
+    /// Share of live requests a shadow wave's devices copy to the candidate.
+    #[serde(default = "defaults::shadow_sample_rate")]
+    pub shadow_sample_rate: f64,
 }
 
 mod defaults {
@@ -126,6 +140,9 @@ mod defaults {
     }
     pub fn device_timeout_secs() -> f64 {
         900.0
+    }
+    pub fn shadow_sample_rate() -> f64 {
+        0.1
     }
 }
 
@@ -174,6 +191,10 @@ impl RolloutPlan {
                 _ => return Err(invalid(field, "give exactly one of `percent` or `count`")),
             }
         }
+        if !(self.shadow_sample_rate > 0.0 && self.shadow_sample_rate <= 1.0) {
+            return Err(invalid("shadow_sample_rate", "must be in (0, 1]"));
+        }
+        fraction("gates.min_shadow_agreement", self.gates.min_shadow_agreement, 1.0)?;
         if !(self.soak_secs.is_finite() && self.soak_secs >= 0.0) {
             return Err(invalid("soak_secs", "must be zero or more seconds"));
         }

@@ -182,6 +182,9 @@ pub struct ModelCounters {
     pub telemetry_dropped: u64,
     /// 95th percentile inference latency since the model was loaded (log-bucket estimate).
     pub latency_p95_us: Option<u32>,
+    /// The candidate running in shadow beside it, if any.
+    #[serde(default)]
+    pub shadow_version: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -201,6 +204,9 @@ pub struct DriftSummary {
     /// What the window saw, in the layout of the version's reference profile; the server runs
     /// the statistical tests.
     pub sketch: WindowSketch,
+    /// How a candidate in shadow compared with this version over the same window.
+    #[serde(default)]
+    pub shadow: Option<crate::shadow::ShadowSummary>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -267,6 +273,36 @@ pub struct DesiredModel {
     /// Raised by the server to make a device retry a version that failed on it.
     #[serde(default)]
     pub attempt: u32,
+    /// A candidate to run in shadow beside this version (a rollout's shadow wave).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<DesiredShadow>,
+}
+
+/// A candidate the device installs and verifies like any version, but runs only on a sample
+/// of live requests, off the hot path, comparing its outputs with the active version's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DesiredShadow {
+    pub version: String,
+    pub bundle_path: String,
+    pub bundle_sha256: String,
+    pub bundle_size: u64,
+    /// Share of requests copied to the shadow, in (0, 1].
+    pub sample_rate: f32,
+}
+
+impl DesiredShadow {
+    /// The shadow as a desired model of its own, to download, verify and stage.
+    pub fn as_model(&self, name: &str, attempt: u32) -> DesiredModel {
+        DesiredModel {
+            name: name.to_string(),
+            version: self.version.clone(),
+            bundle_path: self.bundle_path.clone(),
+            bundle_sha256: self.bundle_sha256.clone(),
+            bundle_size: self.bundle_size,
+            attempt,
+            shadow: None,
+        }
+    }
 }
 
 pub fn bundle_path(model: &str, version: &str) -> String {
@@ -453,10 +489,12 @@ pub enum AuditAction {
     RootPublished,
     /// Drift persisted long enough that the server asked for a retraining (`proto::events`).
     RetrainRequested,
+    /// A shadow wave's candidate agreed enough with the active version: it is being activated.
+    ShadowPassed,
 }
 
 impl AuditAction {
-    const ALL: [AuditAction; 21] = [
+    const ALL: [AuditAction; 22] = [
         AuditAction::Created,
         AuditAction::Pause,
         AuditAction::Resume,
@@ -478,6 +516,7 @@ impl AuditAction {
         AuditAction::TokenRevoked,
         AuditAction::RootPublished,
         AuditAction::RetrainRequested,
+        AuditAction::ShadowPassed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -503,6 +542,7 @@ impl AuditAction {
             AuditAction::TokenRevoked => "token_revoked",
             AuditAction::RootPublished => "root_published",
             AuditAction::RetrainRequested => "retrain_requested",
+            AuditAction::ShadowPassed => "shadow_passed",
         }
     }
 

@@ -25,6 +25,7 @@ async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_whi
         bundle_sha256: "ab".repeat(32),
         bundle_size: 1000,
         attempt: 0,
+        shadow: None,
     };
     let traversal = "x/../../../../escaped";
     let desired = DesiredState {

@@ -60,7 +60,10 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
         version: "2.0.0".into(),
         selector: Default::default(),
         holdout: 0.0,
-        waves: vec![WaveSpec { percent: Some(50.0), count: None }, WaveSpec { percent: Some(100.0), count: None }],
+        waves: vec![
+            WaveSpec { percent: Some(50.0), count: None, shadow: false },
+            WaveSpec { percent: Some(100.0), count: None, shadow: false },
+        ],
         soak_secs: 3600.0,
         min_executed: 1,
         success_threshold: 1.0,
@@ -69,6 +72,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
         device_timeout_secs: 120.0,
         on_breach: OnBreach::Rollback,
         gates: Default::default(),
+        shadow_sample_rate: 0.1,
     };
     let id = client.start_rollout(&plan).await.unwrap().rollout.id;
     let before = wait_for("wave 1 to pass and soak", TIMEOUT, || async {

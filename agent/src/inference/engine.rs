@@ -15,6 +15,7 @@ use proto::wire::{DriftSummary, ModelCounters};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::shadow::ShadowTap;
 use crate::telemetry::{TelemetryRecord, TelemetrySink};
 use crate::unix_ms;
 use model_runtime::{LoadedModel, ModelError, Session};
@@ -96,6 +97,9 @@ struct Serving {
     window_start_ms: u64,
     /// What the model receives for a missing value, by input index (see `ModelContract::fills`).
     fills: Vec<Option<f32>>,
+    /// A candidate in shadow beside this version, and this thread's sampling credit for it.
+    shadow: Option<ShadowTap>,
+    shadow_credit: f32,
     inferences: u64,
     errors: u64,
     latency: LatencyHistogram,
@@ -170,6 +174,8 @@ impl Serving {
         let window = WindowSketch::empty(&model.reference.layout);
         Ok(Serving {
             fills: model.contract.fills(),
+            shadow: None,
+            shadow_credit: 0.0,
             name: model.name.as_str().into(),
             version: model.version.as_str().into(),
             session,
@@ -227,9 +233,21 @@ impl Engine {
 
     /// Swaps a model in (replacing any version of the same name); its first window starts at `now_ms`.
     pub(crate) fn install(&mut self, model: LoadedModel, now_ms: u64) -> Result<(), ModelError> {
-        let serving = Serving::new(model, now_ms)?;
+        let mut serving = Serving::new(model, now_ms)?;
+        // A shadow keeps running beside a reinstalled version, unless it is the version now active.
+        if let Some(old) = self.serving.get_mut(&serving.model.name) {
+            serving.shadow = old.shadow.take().filter(|tap| *tap.version != *serving.version);
+        }
         self.serving.insert(serving.model.name.clone(), serving);
         Ok(())
+    }
+
+    /// Starts (or stops, with None) copying a sample of the model's requests to a shadow.
+    pub(crate) fn set_shadow(&mut self, model: &str, tap: Option<ShadowTap>) {
+        if let Some(serving) = self.serving.get_mut(model) {
+            serving.shadow = tap;
+            serving.shadow_credit = 0.0;
+        }
     }
 
     /// Closes this engine thread's share of a model's window (merged across threads by
@@ -356,6 +374,12 @@ fn infer(serving: &mut Serving, rows: Vec<Vec<f32>>, telemetry: &TelemetrySink) 
         serving.inferences += 1;
         serving.latency.record(latency_us);
         serving.window.observe(&serving.model.reference.layout, &features, &output, latency_us);
+        if let Some(tap) = &serving.shadow {
+            // After the answer is computed, a copy at most: the request never waits for the shadow.
+            if tap.sampled(&mut serving.shadow_credit) {
+                tap.offer(filled.clone().unwrap_or_else(|| features.clone()), output.clone());
+            }
+        }
         telemetry.offer(TelemetryRecord {
             at_ms: unix_ms(),
             model: serving.name.clone(),
@@ -393,6 +417,7 @@ fn take_window(serving: &mut Serving, now: u64) -> WindowPart {
         window_start_ms: start,
         window_end_ms: now,
         sketch,
+        shadow: None,
     };
     WindowPart { summary }
 }
@@ -435,6 +460,7 @@ pub(crate) fn merge_stats(parts: Vec<Vec<ModelStats>>, telemetry_dropped: u64) -
             errors: s.errors,
             telemetry_dropped,
             latency_p95_us: s.latency.p95(),
+            shadow_version: None,
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod shadow;
 pub mod thread;
 
 pub use engine::{InferError, InferResponse};

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{merge_stats, merge_windows, Engine, InferError, InferResponse, ModelStats, WindowPart};
+use super::shadow::{ShadowTap, ShadowWorker};
 use crate::telemetry::TelemetrySink;
 use model_runtime::{LoadedModel, ModelError};
 
@@ -57,6 +58,11 @@ enum EngineMsg {
         now_ms: u64,
         reply: oneshot::Sender<Option<WindowPart>>,
     },
+    SetShadow {
+        model: String,
+        tap: Option<ShadowTap>,
+        reply: oneshot::Sender<()>,
+    },
     Stats {
         reply: oneshot::Sender<(Vec<ModelStats>, u64)>,
     },
@@ -87,6 +93,9 @@ pub struct LocalApi {
 #[derive(Clone)]
 pub struct EngineHandle {
     threads: Arc<[mpsc::Sender<EngineMsg>]>,
+    /// Candidates in shadow, by model name. Touched only by the updater and reporters on the
+    /// main runtime, briefly; the engine threads hold taps, never this.
+    shadows: Arc<Mutex<BTreeMap<String, ShadowWorker>>>,
 }
 
 impl EngineHandle {
@@ -107,7 +116,7 @@ impl EngineHandle {
                 .spawn(move || runtime.block_on(control(rx, engine)))?;
             senders.push(tx);
         }
-        Ok(EngineHandle { threads: senders.into() })
+        Ok(EngineHandle { threads: senders.into(), shadows: Arc::default() })
     }
 
     /// Serves the local API from every engine thread, from now on (the agent calls it once the
@@ -162,16 +171,54 @@ impl EngineHandle {
         answers.into_iter().collect()
     }
 
-    /// Closes the model's current drift window at `now_ms` and opens the next one there.
+    /// Closes the model's current drift window at `now_ms` and opens the next one there; a
+    /// candidate in shadow closes its comparison window with it.
     pub async fn take_window(&self, model: String, now_ms: u64) -> Option<DriftSummary> {
         let parts = self.ask_all(|reply| EngineMsg::TakeWindow { model: model.clone(), now_ms, reply }).await;
-        merge_windows(parts.into_iter().flatten().collect())
+        let mut summary = merge_windows(parts.into_iter().flatten().collect())?;
+        summary.shadow = self.lock_shadows().get(&model).map(ShadowWorker::take);
+        Some(summary)
     }
 
     pub async fn counters(&self) -> Vec<ModelCounters> {
         let answers = self.ask_all(|reply| EngineMsg::Stats { reply }).await;
         let dropped = answers.first().map_or(0, |(_, dropped)| *dropped);
-        merge_stats(answers.into_iter().map(|(stats, _)| stats).collect(), dropped)
+        let mut counters = merge_stats(answers.into_iter().map(|(stats, _)| stats).collect(), dropped);
+        let shadows = self.lock_shadows();
+        for c in &mut counters {
+            c.shadow_version = shadows.get(&c.model).map(|w| w.version().to_string());
+        }
+        counters
+    }
+
+    fn lock_shadows(&self) -> MutexGuard<'_, BTreeMap<String, ShadowWorker>> {
+        self.shadows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `candidate` in shadow beside the active version of its model: `sample_rate` of the
+    /// requests are copied to it after they are answered. Replaces any shadow of that model.
+    pub async fn install_shadow(&self, candidate: LoadedModel, sample_rate: f32) -> Result<(), ModelError> {
+        let name = candidate.name.clone();
+        let worker = ShadowWorker::spawn(candidate, sample_rate)?;
+        let tap = worker.tap();
+        let answers =
+            self.ask_all(|reply| EngineMsg::SetShadow { model: name.clone(), tap: Some(tap.clone()), reply }).await;
+        if answers.len() < self.threads.len() {
+            return Err(ModelError::Run("the inference engine has stopped".into()));
+        }
+        self.lock_shadows().insert(name, worker);
+        Ok(())
+    }
+
+    /// Stops the model's shadow, if it has one.
+    pub async fn remove_shadow(&self, model: &str) {
+        self.ask_all(|reply| EngineMsg::SetShadow { model: model.to_string(), tap: None, reply }).await;
+        self.lock_shadows().remove(model);
+    }
+
+    /// The version of the candidate in shadow beside `model`, if any.
+    pub fn shadow_version(&self, model: &str) -> Option<String> {
+        self.lock_shadows().get(model).map(|w| w.version().to_string())
     }
 
     /// How fresh the device's signed instructions are: each model's offline policy is judged
@@ -229,6 +276,10 @@ fn handle(engine: &SharedEngine, msg: EngineMsg) {
         }
         EngineMsg::TakeWindow { model, now_ms, reply } => {
             let _ = reply.send(engine.lock().take_window(&model, now_ms));
+        }
+        EngineMsg::SetShadow { model, tap, reply } => {
+            engine.lock().set_shadow(&model, tap);
+            let _ = reply.send(());
         }
         EngineMsg::Stats { reply } => {
             let engine = engine.lock();

@@ -96,6 +96,7 @@ mod tests {
             bundle_sha256: String::new(),
             bundle_size: 0,
             attempt: 0,
+            shadow: None,
         }
     }
 

@@ -29,6 +29,9 @@ pub struct Summary {
     pub wave_target: usize,
     pub waiting: usize,
     pub assigned: usize,
+    /// Running the candidate in shadow (shadow waves).
+    #[serde(default)]
+    pub shadowing: usize,
     pub active: usize,
     pub failed: usize,
     pub reverted: usize,
@@ -48,7 +51,8 @@ impl From<Rollout> for RolloutView {
             }
             match m.status {
                 MemberStatus::Waiting => s.waiting += 1,
-                MemberStatus::Assigned => s.assigned += 1,
+                MemberStatus::Assigned | MemberStatus::ShadowAssigned => s.assigned += 1,
+                MemberStatus::Shadowing => s.shadowing += 1,
                 MemberStatus::Active => s.active += 1,
                 MemberStatus::Failed(_) | MemberStatus::TimedOut => s.failed += 1,
                 MemberStatus::Reverted => s.reverted += 1,

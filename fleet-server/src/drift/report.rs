@@ -136,7 +136,13 @@ mod tests {
         for i in 0..600 {
             sketch.observe(&layout, &[(i % 100) as f32 / 100.0 + shift], &[], 10);
         }
-        WindowRow { device: device.into(), version: "1.0.0".into(), start_ms, counts: proto::wire::encode(&sketch) }
+        WindowRow {
+            device: device.into(),
+            version: "1.0.0".into(),
+            start_ms,
+            counts: proto::wire::encode(&sketch),
+            shadow: None,
+        }
     }
 
     fn device(id: &str, site: &str) -> DeviceInfo {

@@ -81,6 +81,7 @@ pub fn create(
         soak_until_ms: None,
         promoted: false,
         waiting_for: None,
+        shadow_passed: false,
         reason: None,
         evidence: None,
         created_ms: now_ms,

@@ -41,7 +41,12 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
     }
 
     let target = r.plan.wave_target(r.wave, r.order.len());
-    assign(&mut r, target, now_ms, &candidate_version, &mut effects);
+    let shadow_phase = r.plan.waves.get(r.wave).is_some_and(|w| w.shadow) && !r.shadow_passed;
+    assign(&mut r, target, now_ms, &candidate_version, shadow_phase, &mut effects);
+    if shadow_phase {
+        shadow_gate(&mut r, observations, target, now_ms, evidence, &mut effects);
+        return Decision { rollout: r, effects };
+    }
 
     let wave_done = r.order[..target].iter().all(|id| r.members[id].status.executed());
     if wave_done {
@@ -61,15 +66,19 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
     Decision { rollout: r, effects }
 }
 
-/// Moves assigned members to active, failed or timed out from what their devices report.
+/// Moves assigned members to active (or, told to shadow, to shadowing), failed or timed out
+/// from what their devices report.
 fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, effects: &mut Vec<Effect>) {
     let version = r.plan.version.clone();
     let timeout_ms = (r.plan.device_timeout_secs * 1000.0) as u64;
     let empty = DeviceObservation::default();
-    for (id, member) in r.members.iter_mut().filter(|(_, m)| m.status == MemberStatus::Assigned) {
+    for (id, member) in r.members.iter_mut().filter(|(_, m)| m.status.in_flight()) {
         let o = observations.get(id).unwrap_or(&empty);
-        if o.active_version.as_deref() == Some(version.as_str()) {
+        let shadow = member.status == MemberStatus::ShadowAssigned;
+        if !shadow && o.active_version.as_deref() == Some(version.as_str()) {
             member.status = MemberStatus::Active;
+        } else if shadow && o.shadow_version.as_deref() == Some(version.as_str()) {
+            member.status = MemberStatus::Shadowing;
         } else if o.step == Some(UpdateStep::Failed) && o.step_version.as_deref() == Some(version.as_str()) {
             member.status = MemberStatus::Failed(o.detail.clone());
             audit(effects, AuditAction::DeviceFailed, format!("{id}: {}", o.detail));
@@ -144,19 +153,27 @@ fn breach(r: &mut Rollout, evidence: Evidence, effects: &mut Vec<Effect>) {
     r.evidence = Some(evidence);
 }
 
-/// Puts every device this rollout assigned back on its previous version.
+/// Puts every device this rollout assigned back on its previous version (a shadow stops too).
 pub fn revert_touched(r: &mut Rollout, effects: &mut Vec<Effect>) {
     for (id, member) in r.members.iter_mut().filter(|(_, m)| m.wave.is_some() && m.status != MemberStatus::Reverted) {
         if let Some(previous) = &member.previous_version {
-            effects.push(Effect::SetDesired { device: id.clone(), version: previous.clone(), attempt: member.attempt });
+            effects.push(Effect::SetDesired {
+                device: id.clone(),
+                version: previous.clone(),
+                attempt: member.attempt,
+                shadow: None,
+            });
         }
         member.status = MemberStatus::Reverted;
     }
 }
 
-/// Assigns waiting members of the current wave, within the disruption budget.
-fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, effects: &mut Vec<Effect>) {
-    let in_flight = r.members.values().filter(|m| m.status == MemberStatus::Assigned).count();
+/// Assigns waiting members of the current wave, within the disruption budget. In a shadow
+/// wave's shadow phase they run the candidate in shadow beside what they run (a device that runs
+/// no version of the model has nothing to compare with and waits for the activation); after it,
+/// shadowing members are activated like waiting ones.
+fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, shadow_phase: bool, effects: &mut Vec<Effect>) {
+    let in_flight = r.members.values().filter(|m| m.status.in_flight()).count();
     let mut budget = r.plan.max_concurrent.saturating_sub(in_flight);
     let wave = r.wave;
     for id in &r.order[..target] {
@@ -164,18 +181,118 @@ fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, effects: &
             break;
         }
         let Some(member) = r.members.get_mut(id) else { continue };
-        if member.status == MemberStatus::Waiting {
-            member.status = MemberStatus::Assigned;
-            member.assigned_ms = Some(now_ms);
-            member.wave = Some(wave);
-            effects.push(Effect::SetDesired {
-                device: id.clone(),
-                version: version.to_string(),
-                attempt: member.attempt,
-            });
-            budget -= 1;
+        let effect = match (&member.status, shadow_phase, &member.previous_version) {
+            (MemberStatus::Waiting, true, Some(previous)) => {
+                member.status = MemberStatus::ShadowAssigned;
+                Effect::SetDesired {
+                    device: id.clone(),
+                    version: previous.clone(),
+                    attempt: member.attempt,
+                    shadow: Some(version.to_string()),
+                }
+            }
+            (MemberStatus::Waiting | MemberStatus::Shadowing, false, _) => {
+                member.status = MemberStatus::Assigned;
+                Effect::SetDesired {
+                    device: id.clone(),
+                    version: version.to_string(),
+                    attempt: member.attempt,
+                    shadow: None,
+                }
+            }
+            _ => continue,
+        };
+        member.assigned_ms = Some(now_ms);
+        member.wave = Some(wave);
+        effects.push(effect);
+        budget -= 1;
+    }
+}
+
+/// The shadow phase of a shadow wave: once its devices run the candidate in shadow (or failed
+/// trying), the wave must have enough of them shadowing, then enough shadowed requests, then
+/// enough agreement between the candidate's top outputs and the active version's; then the
+/// candidate is activated on them and the wave goes on as any wave.
+fn shadow_gate(
+    r: &mut Rollout,
+    observations: &Observations,
+    target: usize,
+    now_ms: u64,
+    mut evidence: Evidence,
+    effects: &mut Vec<Effect>,
+) {
+    let version = r.plan.version.clone();
+    let in_wave: Vec<&String> =
+        r.order[..target].iter().filter(|id| r.members[*id].previous_version.is_some()).collect();
+    if !in_wave.iter().all(|id| r.members[*id].status.shadow_executed()) {
+        return;
+    }
+    let shadowing: Vec<&String> =
+        in_wave.iter().copied().filter(|id| r.members[*id].status == MemberStatus::Shadowing).collect();
+    let wanted = in_wave.len();
+    if wanted > 0 && (shadowing.len() as f64 / wanted as f64) < r.plan.success_threshold {
+        let reason = GateBreach::WaveSuccess {
+            wave: r.wave,
+            active: shadowing.len(),
+            target: wanted,
+            threshold: r.plan.success_threshold,
+        };
+        evidence.breaches.push(reason);
+        breach(r, evidence, effects);
+        return;
+    }
+    let merged = shadow_group(shadowing.iter().filter_map(|id| observations.get(*id)), &version);
+    let rows = merged.as_ref().map_or(0, |s| s.rows);
+    let gates = &r.plan.gates;
+    if rows < gates.min_shadow_samples && !r.promoted {
+        r.waiting_for = Some(format!(
+            "{} shadowed requests on wave {} before its shadow agreement can pass (have {rows})",
+            gates.min_shadow_samples,
+            r.wave + 1
+        ));
+        return;
+    }
+    let agreement = merged.as_ref().and_then(|s| s.agreement()).unwrap_or(1.0);
+    if rows > 0 && agreement < gates.min_shadow_agreement {
+        let min = gates.min_shadow_agreement;
+        evidence.candidate.shadow = merged;
+        evidence.breaches.push(GateBreach::ShadowAgreement { agreement, min, rows });
+        breach(r, evidence, effects);
+        return;
+    }
+    r.shadow_passed = true;
+    r.waiting_for = None;
+    r.promoted = false;
+    audit(
+        effects,
+        AuditAction::ShadowPassed,
+        format!(
+            "wave {}: {} of {wanted} devices shadowed {version}, {:.1}% agreement over {rows} requests; activating",
+            r.wave + 1,
+            shadowing.len(),
+            agreement * 100.0
+        ),
+    );
+    // The activation itself goes through `assign` on this tick and the next, within the budget.
+    let target = r.plan.wave_target(r.wave, r.order.len());
+    assign(r, target, now_ms, &version, false, effects);
+}
+
+/// The candidate's shadow windows on these devices, merged.
+pub fn shadow_group<'a>(
+    devices: impl Iterator<Item = &'a DeviceObservation>,
+    version: &str,
+) -> Option<proto::shadow::ShadowSummary> {
+    let mut merged: Option<proto::shadow::ShadowSummary> = None;
+    for shadow in devices.filter_map(|o| o.metrics.get(version)?.shadow.as_ref()) {
+        match merged.as_mut() {
+            None => merged = Some(shadow.clone()),
+            Some(m) => {
+                m.merge(shadow);
+            }
         }
     }
+    merged
 }
 
 /// A passed wave soaks, then the next wave starts, or the rollout completes. A wave whose model
@@ -202,6 +319,7 @@ fn advance(r: &mut Rollout, target: usize, judged: bool, now_ms: u64, effects: &
             r.soak_until_ms = None;
             r.promoted = false;
             r.waiting_for = None;
+            r.shadow_passed = false;
             if r.wave + 1 < r.plan.waves.len() {
                 r.wave += 1;
                 let next = r.plan.wave_target(r.wave, r.order.len());

@@ -28,7 +28,7 @@ fn plan_judging(waves: &[f64], holdout: f64) -> RolloutPlan {
         version: "2.0.0".into(),
         selector: BTreeMap::new(),
         holdout,
-        waves: waves.iter().map(|p| WaveSpec { percent: Some(*p), count: None }).collect(),
+        waves: waves.iter().map(|p| WaveSpec { percent: Some(*p), count: None, shadow: false }).collect(),
         soak_secs: 10.0,
         min_executed: 2,
         success_threshold: 0.9,
@@ -37,6 +37,7 @@ fn plan_judging(waves: &[f64], holdout: f64) -> RolloutPlan {
         device_timeout_secs: 60.0,
         on_breach: OnBreach::Rollback,
         gates: Default::default(),
+        shadow_sample_rate: 0.1,
     }
 }
 
@@ -275,6 +276,7 @@ fn metrics(samples: u64, classes: Vec<u64>, confidence: f64) -> VersionMetrics {
         inferences: samples,
         errors: 0,
         latency_p95_us: Some(50.0),
+        shadow: None,
     }
 }
 
@@ -447,4 +449,100 @@ fn a_soaked_wave_waits_for_judgeable_samples_unless_promoted() {
     let promoted = operate(&r, OperatorAction::Promote, T0 + 20_001).unwrap().rollout;
     let r = decide(&promoted, &obs, T0 + 20_002).rollout;
     assert_eq!((r.wave, r.promoted, r.waiting_for.clone()), (1, false, None));
+}
+
+/// A one-wave plan whose wave runs the candidate in shadow first.
+fn shadow_plan(devices: usize) -> Rollout {
+    let mut p = plan(&[100.0], 0.0);
+    p.waves[0].shadow = true;
+    p.gates.min_shadow_samples = 100;
+    rollout(p, devices)
+}
+
+/// A device that runs 1.0.0 with 2.0.0 in shadow, agreeing on `agree` of 200 requests.
+fn shadowing(agree: u64) -> DeviceObservation {
+    let mut o = active("1.0.0");
+    o.shadow_version = Some("2.0.0".into());
+    let mut summary = proto::shadow::ShadowSummary::empty("2.0.0", 2);
+    summary.rows = 200;
+    summary.agree = agree;
+    o.metrics.insert("2.0.0".into(), VersionMetrics { shadow: Some(summary), ..Default::default() });
+    o
+}
+
+fn shadow_effects(effects: &[Effect]) -> Vec<(String, Option<String>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::SetDesired { version, shadow, .. } => Some((version.clone(), shadow.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_shadow_wave_runs_the_candidate_beside_the_current_version_then_activates_it_once_it_agrees() {
+    let r = shadow_plan(4);
+    let d = decide(&r, &observe(&r, &[], active("1.0.0")), T0);
+    assert_eq!(shadow_effects(&d.effects), vec![("1.0.0".to_string(), Some("2.0.0".to_string())); 4]);
+    assert!(d.rollout.members.values().all(|m| m.status == MemberStatus::ShadowAssigned));
+    let r = d.rollout;
+
+    // Shadowing, but too few shadowed requests yet (min 100, each device reports none).
+    let mut quiet = active("1.0.0");
+    quiet.shadow_version = Some("2.0.0".into());
+    let d = decide(&r, &observe(&r, &r.order, quiet), T0 + 1);
+    assert!(d.rollout.members.values().all(|m| m.status == MemberStatus::Shadowing));
+    assert!(
+        d.rollout.waiting_for.as_deref().unwrap().starts_with("100 shadowed requests on wave 1"),
+        "{:?}",
+        d.rollout.waiting_for
+    );
+    assert!(desired(&d.effects).is_empty());
+
+    // 190 of 200 agree on each device: 95% passes the 80% gate; the candidate is activated.
+    let d = decide(&d.rollout, &observe(&r, &r.order, shadowing(190)), T0 + 2);
+    assert_eq!(d.rollout.phase, Phase::Running);
+    assert!(d.rollout.shadow_passed);
+    assert_eq!(shadow_effects(&d.effects), vec![("2.0.0".to_string(), None); 4]);
+    assert!(d
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Audit { action, .. } if *action == AuditAction::ShadowPassed)));
+    // From here the wave goes on as any wave: active devices complete it.
+    let d = decide(&d.rollout, &observe(&r, &r.order, active("2.0.0")), T0 + 3);
+    assert!(d.rollout.members.values().all(|m| m.status == MemberStatus::Active));
+}
+
+#[test]
+fn a_candidate_that_disagrees_in_shadow_is_stopped_before_any_device_activates_it() {
+    let r = shadow_plan(4);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let d = decide(&r, &observe(&r, &r.order, shadowing(100)), T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert!(
+        matches!(breaches(&d)[..], [GateBreach::ShadowAgreement { agreement, min, rows: 800 }] if agreement == 0.5 && min == 0.8)
+    );
+    assert!(d
+        .rollout
+        .reason
+        .unwrap()
+        .contains("agreed with the active version on 50.0% of 800 requests, below the 80.0% gate"));
+    // Reverting stops the shadow and keeps 1.0.0: nothing ever asked for 2.0.0 as active.
+    assert_eq!(shadow_effects(&d.effects), vec![("1.0.0".to_string(), None); 4]);
+}
+
+#[test]
+fn a_shadow_wave_whose_devices_cannot_install_the_candidate_fails_on_its_success_threshold() {
+    let r = shadow_plan(10);
+    let r = decide(&r, &observe(&r, &[], active("1.0.0")), T0).rollout;
+    let mut obs = observe(&r, &r.order[..8], shadowing(200));
+    for id in &r.order[8..] {
+        obs.insert(id.clone(), failed());
+    }
+    let mut p = r.clone();
+    p.plan.failure_threshold = 1.0;
+    let d = decide(&p, &obs, T0 + 1);
+    assert_eq!(d.rollout.phase, Phase::RolledBack);
+    assert_eq!(breaches(&d), vec![GateBreach::WaveSuccess { wave: 0, active: 8, target: 10, threshold: 0.9 }]);
 }

@@ -18,7 +18,7 @@ use super::decide::{decide, Decision};
 use super::state::{Effect, MemberStatus, Rollout};
 use crate::drift::ModelDrift;
 use crate::ingest::Notifier;
-use crate::store::{ObservationRows, Store, StoreError};
+use crate::store::{DesiredChange, ObservationRows, Store, StoreError};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Error)]
@@ -34,7 +34,7 @@ pub enum DriverError {
 }
 
 enum Command {
-    Create { plan: RolloutPlan, actor: String, reply: oneshot::Sender<Result<Rollout, DriverError>> },
+    Create { plan: Box<RolloutPlan>, actor: String, reply: oneshot::Sender<Result<Rollout, DriverError>> },
     Operate { id: String, action: OperatorAction, actor: String, reply: oneshot::Sender<Result<Rollout, DriverError>> },
 }
 
@@ -47,7 +47,7 @@ pub struct RolloutHandle {
 impl RolloutHandle {
     pub async fn create(&self, plan: RolloutPlan, actor: String) -> Result<Rollout, DriverError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Create { plan, actor, reply }).await.map_err(|_| DriverError::Stopped)?;
+        self.tx.send(Command::Create { plan: Box::new(plan), actor, reply }).await.map_err(|_| DriverError::Stopped)?;
         rx.await.map_err(|_| DriverError::Stopped)?
     }
 
@@ -88,7 +88,7 @@ impl Driver {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 command = rx.recv() => match command {
-                    Some(Command::Create { plan, actor, reply }) => { let _ = reply.send(self.create(plan, actor).await); }
+                    Some(Command::Create { plan, actor, reply }) => { let _ = reply.send(self.create(*plan, actor).await); }
                     Some(Command::Operate { id, action, actor, reply }) => { let _ = reply.send(self.operate(id, action, actor).await); }
                     None => return,
                 },
@@ -163,7 +163,10 @@ impl Driver {
                     action,
                     detail,
                 }),
-                Effect::SetDesired { device, version, attempt } => desired.push((device, version, attempt)),
+                Effect::SetDesired { device, version, attempt, shadow } => {
+                    let shadow = shadow.map(|v| (v, rollout.plan.shadow_sample_rate as f32));
+                    desired.push(DesiredChange { device, version, attempt, shadow })
+                }
             }
         }
         let saved = rollout.clone();
@@ -185,13 +188,24 @@ impl Driver {
     async fn reassert_all(&self) -> Result<(), DriverError> {
         let rollouts = self.blocking(|s| s.rollouts()).await?;
         for rollout in rollouts.into_iter().filter(|r| r.phase.is_active()) {
-            let wanted: Vec<(String, String, u32)> = rollout
+            let rate = rollout.plan.shadow_sample_rate as f32;
+            let candidate = rollout.plan.version.clone();
+            let wanted: Vec<DesiredChange> = rollout
                 .members
                 .iter()
                 .filter_map(|(id, m)| match m.status {
-                    MemberStatus::Assigned | MemberStatus::Active => {
-                        Some((id.clone(), rollout.plan.version.clone(), m.attempt))
-                    }
+                    MemberStatus::Assigned | MemberStatus::Active => Some(DesiredChange {
+                        device: id.clone(),
+                        version: candidate.clone(),
+                        attempt: m.attempt,
+                        shadow: None,
+                    }),
+                    MemberStatus::ShadowAssigned | MemberStatus::Shadowing => Some(DesiredChange {
+                        device: id.clone(),
+                        version: m.previous_version.clone()?,
+                        attempt: m.attempt,
+                        shadow: Some((candidate.clone(), rate)),
+                    }),
                     _ => None,
                 })
                 .collect();
@@ -257,7 +271,13 @@ mod tests {
         member.wave = Some(0);
         member.status = MemberStatus::Reverted;
         rollout.phase = Phase::RolledBack;
-        store.save_rollout(&rollout, &[], &[("d1".into(), "1.0.0".into(), 0)]).unwrap();
+        store
+            .save_rollout(
+                &rollout,
+                &[],
+                &[DesiredChange { device: "d1".into(), version: "1.0.0".into(), attempt: 0, shadow: None }],
+            )
+            .unwrap();
         // Later an operator deploys 3.0.0 to d1; then the server restarts.
         store.set_desired(&["d1".into()], "tabular", "3.0.0").unwrap();
 
@@ -276,11 +296,23 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
         let device = enrolled_d1(&store);
         let rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
-        let revisions = store.save_rollout(&rollout, &[], &[("d1".into(), "2.0.0".into(), 0)]).unwrap();
+        let revisions = store
+            .save_rollout(
+                &rollout,
+                &[],
+                &[DesiredChange { device: "d1".into(), version: "2.0.0".into(), attempt: 0, shadow: None }],
+            )
+            .unwrap();
         assert_eq!(revisions, vec![("d1".to_string(), 1)]);
         assert!(store.rollout("ro-1").unwrap().is_some());
         assert_eq!(store.list_devices().unwrap()[0].models[0].desired_version.as_deref(), Some("2.0.0"));
-        let again = store.save_rollout(&rollout, &[], &[("d1".into(), "2.0.0".into(), 0)]).unwrap();
+        let again = store
+            .save_rollout(
+                &rollout,
+                &[],
+                &[DesiredChange { device: "d1".into(), version: "2.0.0".into(), attempt: 0, shadow: None }],
+            )
+            .unwrap();
         assert!(again.is_empty(), "re-saving the same desired version changes no revision");
     }
 }

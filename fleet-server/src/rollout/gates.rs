@@ -101,6 +101,12 @@ pub enum GateBreach {
     /// A model gate breached against the candidate devices' own previous version (same devices,
     /// earlier) rather than against the holdout.
     AgainstPreviousVersion(Box<GateBreach>),
+    /// In a shadow wave, the candidate chose the active version's top output too rarely.
+    ShadowAgreement {
+        agreement: f64,
+        min: f64,
+        rows: u64,
+    },
 }
 
 impl std::fmt::Display for GateBreach {
@@ -139,6 +145,12 @@ impl std::fmt::Display for GateBreach {
                 wave + 1,
                 if *target == 0 { 0.0 } else { *active as f64 * 100.0 / *target as f64 },
                 threshold * 100.0
+            ),
+            GateBreach::ShadowAgreement { agreement, min, rows } => write!(
+                f,
+                "in shadow the candidate agreed with the active version on {:.1}% of {rows} requests, below the {:.1}% gate",
+                agreement * 100.0,
+                min * 100.0
             ),
             GateBreach::AgainstPreviousVersion(breach) => {
                 write!(f, "{breach} (against the previous version on the same devices)")

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use proto::drift::WindowSketch;
+use proto::shadow::ShadowSummary;
 
 use super::state::{Observations, VersionMetrics};
 use crate::drift::ModelDrift;
@@ -28,6 +29,7 @@ pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ModelDrift>
         o.step = row.step;
         o.step_version = row.step_version.clone();
         o.detail = row.detail.clone();
+        o.shadow_version = row.shadow_version.clone();
         if let Some(active) = &row.active_version {
             let m = o.metrics.entry(active.clone()).or_default();
             m.inferences = row.inferences;
@@ -42,6 +44,19 @@ pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ModelDrift>
             observations.entry(window.device.clone()).or_default().metrics.entry(window.version.clone()).or_default();
         // A layout mismatch means another contract: that window is not comparable.
         let _ = metrics.sketch.merge(&sketch);
+        // The candidate's comparison goes with the candidate's version.
+        let shadow =
+            window.shadow.as_deref().and_then(|b| proto::wire::decode::<ShadowSummary>("stored shadow", b).ok());
+        if let Some(shadow) = shadow {
+            let o = observations.entry(window.device.clone()).or_default();
+            let candidate = o.metrics.entry(shadow.version.clone()).or_default();
+            match candidate.shadow.as_mut() {
+                Some(merged) => {
+                    merged.merge(&shadow);
+                }
+                None => candidate.shadow = Some(shadow),
+            }
+        }
     }
     for observation in observations.values_mut() {
         for (version, metrics) in observation.metrics.iter_mut() {
@@ -81,7 +96,13 @@ mod tests {
         for v in values {
             sketch.observe(&layout, &[v], &[1.0], 40);
         }
-        WindowRow { device: device.into(), version: version.into(), start_ms: 0, counts: proto::wire::encode(&sketch) }
+        WindowRow {
+            device: device.into(),
+            version: version.into(),
+            start_ms: 0,
+            counts: proto::wire::encode(&sketch),
+            shadow: None,
+        }
     }
 
     fn status(device: &str, active: &str) -> StatusRow {
@@ -94,6 +115,7 @@ mod tests {
             inferences: 700,
             errors: 2,
             latency_p95_us: Some(64),
+            shadow_version: None,
         }
     }
 

@@ -47,6 +47,10 @@ pub enum MemberStatus {
     Waiting,
     /// Told to install the candidate.
     Assigned,
+    /// Told to run the candidate in shadow (a shadow wave), beside its current version.
+    ShadowAssigned,
+    /// Runs the candidate in shadow; activated once the wave's shadow gate passes.
+    Shadowing,
     Active,
     Failed(String),
     TimedOut,
@@ -61,6 +65,16 @@ impl MemberStatus {
 
     pub fn failed(&self) -> bool {
         matches!(self, MemberStatus::Failed(_) | MemberStatus::TimedOut)
+    }
+
+    /// Finished the shadow phase of a shadow wave: shadowing, or failed trying.
+    pub fn shadow_executed(&self) -> bool {
+        matches!(self, MemberStatus::Shadowing) || self.failed()
+    }
+
+    /// Told something and not yet done with it: counts against the disruption budget.
+    pub fn in_flight(&self) -> bool {
+        matches!(self, MemberStatus::Assigned | MemberStatus::ShadowAssigned)
     }
 }
 
@@ -88,6 +102,9 @@ pub struct GroupMetrics {
     pub latency_p95_us: Option<f64>,
     pub input_drift: Option<f64>,
     pub classes: Vec<u64>,
+    /// The candidate in shadow on the group's devices, compared with what they run.
+    #[serde(default)]
+    pub shadow: Option<proto::shadow::ShadowSummary>,
 }
 
 /// Why a rollout stopped, with the numbers.
@@ -120,6 +137,9 @@ pub struct Rollout {
     /// Why the rollout is waiting, when it is (e.g. for samples); cleared when it moves on.
     #[serde(default)]
     pub waiting_for: Option<String>,
+    /// The current wave is a shadow wave whose shadow gate passed: its devices were activated.
+    #[serde(default)]
+    pub shadow_passed: bool,
     pub reason: Option<String>,
     pub evidence: Option<Evidence>,
     pub created_ms: u64,
@@ -150,6 +170,9 @@ pub struct VersionMetrics {
     pub inferences: u64,
     pub errors: u64,
     pub latency_p95_us: Option<f64>,
+    /// How the version did in shadow on this device (its merged shadow windows).
+    #[serde(default)]
+    pub shadow: Option<proto::shadow::ShadowSummary>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -159,6 +182,9 @@ pub struct DeviceObservation {
     /// The version the step is about.
     pub step_version: Option<String>,
     pub detail: String,
+    /// The candidate the device runs in shadow (from its heartbeats), if any.
+    #[serde(default)]
+    pub shadow_version: Option<String>,
     /// By version.
     pub metrics: BTreeMap<String, VersionMetrics>,
 }
@@ -166,6 +192,15 @@ pub struct DeviceObservation {
 /// What the driver must do after a decision, in order, once the new state is persisted.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Effect {
-    SetDesired { device: String, version: String, attempt: u32 },
-    Audit { action: AuditAction, detail: String },
+    /// Run `version`; `shadow` is the candidate to run beside it in shadow, if any.
+    SetDesired {
+        device: String,
+        version: String,
+        attempt: u32,
+        shadow: Option<String>,
+    },
+    Audit {
+        action: AuditAction,
+        detail: String,
+    },
 }

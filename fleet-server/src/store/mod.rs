@@ -48,6 +48,8 @@ pub struct StatusRow {
     pub inferences: u64,
     pub errors: u64,
     pub latency_p95_us: Option<u64>,
+    /// The candidate the device runs in shadow, from its last heartbeat.
+    pub shadow_version: Option<String>,
 }
 
 /// One stored drift window, its counts still postcard-encoded.
@@ -57,6 +59,8 @@ pub struct WindowRow {
     pub version: String,
     pub start_ms: u64,
     pub counts: Vec<u8>,
+    /// The window's shadow comparison, still encoded, when a candidate ran in shadow.
+    pub shadow: Option<Vec<u8>>,
 }
 
 /// What the rollout engine observes of one model, as the store holds it.
@@ -67,7 +71,15 @@ pub struct ObservationRows {
 }
 
 /// A rollout's desired version for one device of its model: (device, version, attempt).
-pub type DesiredChange = (String, String, u32);
+/// A rollout's desired version on one device, and the candidate it runs in shadow (with the
+/// share of requests copied to it), if any.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredChange {
+    pub device: String,
+    pub version: String,
+    pub attempt: u32,
+    pub shadow: Option<(String, f32)>,
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewDevice {

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use proto::wire::{bundle_path, DesiredModel, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus};
+use proto::wire::{
+    bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
@@ -93,6 +95,10 @@ impl SqliteStore {
         add_column(&conn, "tokens", "expires_ms", "INTEGER")?;
         add_column(&conn, "tokens", "revoked_ms", "INTEGER")?;
         add_column(&conn, "devices", "freshness_counter", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column(&conn, "desired", "shadow_version", "TEXT")?;
+        add_column(&conn, "desired", "shadow_rate", "REAL")?;
+        add_column(&conn, "model_status", "shadow_version", "TEXT")?;
+        add_column(&conn, "drift", "shadow", "BLOB")?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
@@ -473,7 +479,7 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let mut revisions = Vec::with_capacity(devices.len());
         for device in devices {
-            if let Some(revision) = rollouts::upsert_desired(&tx, device, model, version, None)? {
+            if let Some(revision) = rollouts::upsert_desired(&tx, device, model, version, None, None)? {
                 revisions.push((device.clone(), revision));
             }
         }
@@ -486,13 +492,24 @@ impl Store for SqliteStore {
         let revision: i64 =
             conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
         let mut stmt = conn.prepare(
-            "SELECT d.model, d.version, b.sha256, b.size, d.attempt FROM desired d
+            "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size
+             FROM desired d
              JOIN bundles b ON b.name = d.model AND b.version = d.version
+             LEFT JOIN bundles s ON s.name = d.model AND s.version = d.shadow_version
              WHERE d.device = ?1 ORDER BY d.model",
         )?;
         let models = stmt
             .query_map(params![device], |r| {
                 let (name, version): (String, String) = (r.get(0)?, r.get(1)?);
+                let shadow_version: Option<String> = r.get(5)?;
+                let shadow_bundle: Option<(String, i64)> = r.get::<_, Option<String>>(7)?.zip(r.get(8)?);
+                let shadow = shadow_version.zip(shadow_bundle).map(|(v, (sha256, size))| DesiredShadow {
+                    bundle_path: bundle_path(&name, &v),
+                    version: v,
+                    bundle_sha256: sha256,
+                    bundle_size: size as u64,
+                    sample_rate: r.get::<_, Option<f64>>(6).ok().flatten().unwrap_or(0.1) as f32,
+                });
                 Ok(DesiredModel {
                     bundle_path: bundle_path(&name, &version),
                     name,
@@ -500,6 +517,7 @@ impl Store for SqliteStore {
                     bundle_sha256: r.get(2)?,
                     bundle_size: r.get::<_, i64>(3)? as u64,
                     attempt: r.get(4)?,
+                    shadow,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -672,11 +690,12 @@ pub(super) fn heartbeat_into(conn: &Connection, device: &str, heartbeat: &Heartb
     }
     for m in &heartbeat.models {
         conn.execute(
-            "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us, shadow_version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
                active_version = excluded.active_version, errors = excluded.errors,
-               latency_p95_us = excluded.latency_p95_us",
-            params![device, m.model, m.version, m.inferences as i64, m.errors as i64, m.latency_p95_us],
+               latency_p95_us = excluded.latency_p95_us, shadow_version = excluded.shadow_version",
+            params![device, m.model, m.version, m.inferences as i64, m.errors as i64, m.latency_p95_us, m.shadow_version],
         )?;
     }
     Ok(())
@@ -686,8 +705,8 @@ pub(super) fn heartbeat_into(conn: &Connection, device: &str, heartbeat: &Heartb
 pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
     let s = d.summary;
     let inserted = conn.execute(
-        "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             device,
             s.model,
@@ -697,7 +716,8 @@ pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -
             s.sketch.rows as i64,
             d.score,
             d.mean_confidence,
-            proto::wire::encode(&s.sketch)
+            proto::wire::encode(&s.sketch),
+            s.shadow.as_ref().map(proto::wire::encode)
         ],
     )?;
     Ok(inserted == 1)

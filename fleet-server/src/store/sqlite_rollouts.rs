@@ -18,24 +18,30 @@ pub fn upsert_desired(
     model: &str,
     version: &str,
     attempt: Option<u32>,
+    shadow: Option<(&str, f32)>,
 ) -> Result<Option<u64>, StoreError> {
+    let (shadow_version, shadow_rate) = (shadow.map(|(v, _)| v), shadow.map(|(_, r)| r as f64));
     if let Some(attempt) = attempt {
-        let current: Option<(String, u32)> = tx
+        let current: Option<(String, u32, Option<String>, Option<f64>)> = tx
             .query_row(
-                "SELECT version, attempt FROM desired WHERE device = ?1 AND model = ?2",
+                "SELECT version, attempt, shadow_version, shadow_rate FROM desired WHERE device = ?1 AND model = ?2",
                 params![device, model],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        if current.as_ref().is_some_and(|(v, a)| v == version && *a == attempt) {
+        let unchanged = current.as_ref().is_some_and(|(v, a, sv, sr)| {
+            v == version && *a == attempt && sv.as_deref() == shadow_version && *sr == shadow_rate
+        });
+        if unchanged {
             return Ok(None);
         }
     }
     tx.execute(
-        "INSERT INTO desired (device, model, version, attempt) VALUES (?1, ?2, ?3, COALESCE(?4, 0))
+        "INSERT INTO desired (device, model, version, attempt, shadow_version, shadow_rate)
+         VALUES (?1, ?2, ?3, COALESCE(?4, 0), ?5, ?6)
          ON CONFLICT (device, model) DO UPDATE SET version = excluded.version,
-           attempt = COALESCE(?4, desired.attempt)",
-        params![device, model, version, attempt],
+           attempt = COALESCE(?4, desired.attempt), shadow_version = ?5, shadow_rate = ?6",
+        params![device, model, version, attempt, shadow_version, shadow_rate],
     )?;
     let revision: i64 = tx.query_row(
         "UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
@@ -65,7 +71,8 @@ pub fn device_infos(conn: &Connection, model: &str) -> Result<Vec<DeviceInfo>, S
 /// windows since `since_ms` (counts still encoded). No policy here: see `rollout::observe`.
 pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
     let mut status = conn.prepare(
-        "SELECT device, active_version, step, version, detail, inferences, errors, latency_p95_us FROM model_status WHERE model = ?1",
+        "SELECT device, active_version, step, version, detail, inferences, errors, latency_p95_us, shadow_version
+         FROM model_status WHERE model = ?1",
     )?;
     let rows = status.query_map(params![model], |r| {
         Ok((
@@ -78,6 +85,7 @@ pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result
                 inferences: r.get::<_, i64>(5)? as u64,
                 errors: r.get::<_, i64>(6)? as u64,
                 latency_p95_us: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+                shadow_version: r.get(8)?,
             },
             r.get::<_, Option<String>>(2)?,
         ))
@@ -89,7 +97,7 @@ pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result
         statuses.push(row);
     }
     let mut drift = conn.prepare(
-        "SELECT device, version, window_start_ms, counts FROM drift WHERE model = ?1 AND window_start_ms >= ?2",
+        "SELECT device, version, window_start_ms, counts, shadow FROM drift WHERE model = ?1 AND window_start_ms >= ?2",
     )?;
     let windows = drift
         .query_map(params![model, since_ms as i64], |r| {
@@ -98,6 +106,7 @@ pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result
                 version: r.get(1)?,
                 start_ms: r.get::<_, i64>(2)? as u64,
                 counts: r.get(3)?,
+                shadow: r.get(4)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -130,9 +139,12 @@ pub fn save(
         insert_audit(&tx, entry)?;
     }
     let mut revisions = Vec::new();
-    for (device, version, attempt) in desired {
-        if let Some(revision) = upsert_desired(&tx, device, &rollout.plan.model, version, Some(*attempt))? {
-            revisions.push((device.clone(), revision));
+    for d in desired {
+        let shadow = d.shadow.as_ref().map(|(v, r)| (v.as_str(), *r));
+        if let Some(revision) =
+            upsert_desired(&tx, &d.device, &rollout.plan.model, &d.version, Some(d.attempt), shadow)?
+        {
+            revisions.push((d.device.clone(), revision));
         }
     }
     tx.commit()?;

@@ -143,6 +143,7 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
         window_start_ms: 10,
         window_end_ms: 20,
         sketch: WindowSketch { rows: 5, ..Default::default() },
+        shadow: None,
     };
     let stored = StoredDrift { summary: &summary, score: 0.31, mean_confidence: Some(0.8) };
     assert!(store.record_drift("d1", &stored).unwrap());
@@ -161,6 +162,7 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
                     errors: 0,
                     telemetry_dropped: 0,
                     latency_p95_us: Some(64),
+                    shadow_version: None,
                 }],
             },
         )
@@ -215,6 +217,7 @@ fn heartbeat(at_ms: u64, inferences: u64) -> Heartbeat {
             errors: 0,
             telemetry_dropped: 0,
             latency_p95_us: None,
+            shadow_version: None,
         }],
     }
 }
