@@ -187,9 +187,26 @@ impl Layout {
         sync_dir(&self.model_dir(name))
     }
 
-    /// Removes versions other than `current` and `previous`, and leftover staging directories.
+    /// Points `shadow` at the candidate running in shadow, or removes the link (None). The link
+    /// only keeps the version's directory from garbage collection; what runs in shadow is what
+    /// the server asks for at each check-in.
+    pub fn set_shadow(&self, name: &str, version: Option<&str>) -> Result<(), DiskError> {
+        match version {
+            Some(version) => self.point(name, "shadow", version),
+            None => match fs::remove_file(self.link(name, "shadow")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(DiskError::Io { action: "remove", path: self.link(name, "shadow"), source: e })
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Removes versions other than `current`, `previous` and `shadow`, and leftover staging
+    /// directories.
     pub fn collect_garbage(&self, name: &str) -> Result<(), DiskError> {
-        let keep: Vec<String> = ["current", "previous"].iter().filter_map(|w| self.linked_version(name, w)).collect();
+        let keep: Vec<String> =
+            ["current", "previous", "shadow"].iter().filter_map(|w| self.linked_version(name, w)).collect();
         let versions = self.model_dir(name).join("versions");
         let Ok(entries) = fs::read_dir(&versions) else {
             return Ok(());

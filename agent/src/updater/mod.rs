@@ -13,6 +13,7 @@
 pub mod disk;
 pub mod download;
 pub mod machine;
+mod shadow;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -196,6 +197,12 @@ impl Updater {
                 }
             }
         }
+        // Shadows last: a candidate runs beside a version only once that version is active.
+        let active = self.engine.active().await;
+        let records = self.records().await?;
+        for model in &desired.models {
+            self.reconcile_shadow(model, &active, &records).await?;
+        }
         Ok(())
     }
 
@@ -319,6 +326,17 @@ impl Updater {
     /// Downloads (unless the version is kept on disk), then runs the install job off the async
     /// workers: verify -> stage -> load -> self-test -> switch -> clean-up.
     async fn install(&self, desired: &DesiredModel, failures: u32) -> Result<(), UpdateError> {
+        let bundle = self.fetch(desired, failures).await?;
+        let (job, desired) = (self.job(), desired.clone());
+        let (name, version) = (desired.name.clone(), desired.version.clone());
+        blocking(move || job.run(&desired, bundle.as_deref(), failures)).await??;
+        tracing::info!(device = %self.device_id, model = %name, %version, "model active");
+        Ok(())
+    }
+
+    /// The version's bundle, downloaded, or None when the version is kept on disk (a rollback to
+    /// `previous`, or a candidate that ran in shadow), which the install job verifies again.
+    async fn fetch(&self, desired: &DesiredModel, failures: u32) -> Result<Option<std::path::PathBuf>, UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
         let job = self.job();
         let layout = self.layout.clone();
@@ -352,10 +370,7 @@ impl Updater {
             .await?;
             Some(path)
         };
-        let desired = desired.clone();
-        blocking(move || job.run(&desired, bundle.as_deref(), failures)).await??;
-        tracing::info!(device = %self.device_id, model = name, version, "model active");
-        Ok(())
+        Ok(bundle)
     }
 }
 
@@ -401,6 +416,25 @@ impl InstallJob {
     /// staged version. Blocking: sha256, ed25519, tract, fsync and renames all run here.
     fn run(&self, desired: &DesiredModel, bundle: Option<&Path>, failures: u32) -> Result<(), UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
+        let loaded = self.verify_and_load(desired, bundle, failures)?;
+        self.report_blocking(desired, UpdateStep::Activating, failures)?;
+        self.layout.activate(name, version)?;
+        self.runtime.block_on(self.engine.install(loaded, crate::unix_ms()))?;
+        self.report_blocking(desired, UpdateStep::Active, 0)?;
+        self.layout.remove_download(name, version);
+        self.layout.collect_garbage(name)?;
+        Ok(())
+    }
+
+    /// Verify (a download) and stage it, then load the staged or kept version and self-test it:
+    /// what a version goes through before it may serve, or run in shadow.
+    fn verify_and_load(
+        &self,
+        desired: &DesiredModel,
+        bundle: Option<&Path>,
+        failures: u32,
+    ) -> Result<crate::inference::LoadedModel, UpdateError> {
+        let (name, version) = (desired.name.as_str(), desired.version.as_str());
         if let Some(path) = bundle {
             self.report_blocking(desired, UpdateStep::Verifying, failures)?;
             let verify_err = |source| UpdateError::Verify { model: name.into(), version: version.into(), source };
@@ -428,13 +462,7 @@ impl InstallJob {
         verifier.admit(&self.state, &installed.manifest)?;
         let loaded = installed.model;
         loaded.self_test()?;
-        self.report_blocking(desired, UpdateStep::Activating, failures)?;
-        self.layout.activate(name, version)?;
-        self.runtime.block_on(self.engine.install(loaded, crate::unix_ms()))?;
-        self.report_blocking(desired, UpdateStep::Active, 0)?;
-        self.layout.remove_download(name, version);
-        self.layout.collect_garbage(name)?;
-        Ok(())
+        Ok(loaded)
     }
 }
 

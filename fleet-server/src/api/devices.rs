@@ -106,10 +106,14 @@ pub async fn download(
     names::validate("model name", &name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     semver::Version::parse(&version)
         .map_err(|_| ApiError::BadRequest(format!("version {version:?} is not a semantic version")))?;
-    // A device downloads only what its desired state names; an operator any published bundle.
+    // A device downloads only what its desired state names (a version, or a candidate to run in
+    // shadow); an operator any published bundle.
     if let Ok(device) = state.require_device(&headers).await {
         let desired = blocking(&state.store, move |s| s.desired_state(&device)).await?;
-        if !desired.models.iter().any(|m| m.name == name && m.version == version) {
+        let named = |m: &proto::wire::DesiredModel| {
+            m.name == name && (m.version == version || m.shadow.as_ref().is_some_and(|s| s.version == version))
+        };
+        if !desired.models.iter().any(named) {
             return Err(ApiError::Forbidden(format!("bundle {name} {version} is not in this device's desired state")));
         }
     } else {
