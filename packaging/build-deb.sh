@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the edge-agent .deb from an already built binary:
-#   packaging/build-deb.sh --arch amd64|arm64|armhf [--binary PATH] [--version V] [--out DIR]
+#   packaging/build-deb.sh --arch amd64|arm64|armhf [--binary PATH] [--version V] [--out DIR] [--fast]
 # Default binary: the release build for that architecture (cargo build --release for amd64,
 # cross/build.sh aarch64|armv7 for arm64|armhf), under $CARGO_TARGET_DIR or target/. Default
 # output: <target>/deb/edge-agent_<version>_<arch>.deb. Prints the path of the package.
@@ -12,14 +12,15 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 target="${CARGO_TARGET_DIR:-$root/target}"
 
-arch="" binary="" version="" out=""
+arch="" binary="" version="" out="" compress=(-Zxz)
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) arch="$2"; shift 2 ;;
     --binary) binary="$2"; shift 2 ;;
     --version) version="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    *) echo "usage: packaging/build-deb.sh --arch amd64|arm64|armhf [--binary PATH] [--version V] [--out DIR]" >&2; exit 2 ;;
+    --fast) compress=(-Zgzip -z1); shift ;;  # for tests: seconds instead of a minute for big binaries
+    *) echo "usage: packaging/build-deb.sh --arch amd64|arm64|armhf [--binary PATH] [--version V] [--out DIR] [--fast]" >&2; exit 2 ;;
   esac
 done
 case "$arch" in
@@ -91,5 +92,5 @@ CONTROL
 chmod 0644 "$pkg/DEBIAN/control" "$pkg/DEBIAN/conffiles" "$pkg/DEBIAN/md5sums"
 find "$pkg" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 deb="$out/edge-agent_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$pkg" "$deb" >/dev/null
+dpkg-deb --root-owner-group "${compress[@]}" --build "$pkg" "$deb" >/dev/null
 echo "$deb"

@@ -7,8 +7,9 @@
 # the system user; the unit's directives and `systemd-analyze verify`; the unit enabled; the
 # agent run as its user refusing the shipped (incomplete) config with status 78; an upgrade that
 # keeps the state directory and the edited conffile; remove keeps state and config; purge
-# deletes both. --lint also runs lintian on the package. Needs root; installs debootstrap (and
-# lintian) with apt-get when missing. The root is cached in /var/cache/edge-image.
+# deletes both. --lint also runs lintian on the package. Needs root; installs debootstrap,
+# dpkg-dev and binutils (and lintian) with apt-get when missing. The root is cached in
+# $EDGE_IMAGE_CACHE (default /var/cache/edge-image).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 target="${CARGO_TARGET_DIR:-$root/target}"
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "packaging/test-deb.sh: needs root (chroot)" >&2; exit 1; }
-need=(debootstrap)
+need=(debootstrap dpkg-dev binutils)
 $lint && need+=(lintian)
 for p in "${need[@]}"; do
   if [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" != installed ]; then
@@ -44,12 +45,16 @@ check() { # check "what" command...
 }
 in_root() { chroot "$chroot_dir" "$@"; }
 
+# A debug build (CI passes target/debug/edge-agent) carries ~0.5 GB of debug info: drop it first.
+cp "$binary" "$work/edge-agent"
+strip --strip-debug "$work/edge-agent"
+binary="$work/edge-agent"
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$root/Cargo.toml")
-deb1=$("$root/packaging/build-deb.sh" --arch amd64 --binary "$binary" --version "$version" --out "$work/debs")
-deb2=$("$root/packaging/build-deb.sh" --arch amd64 --binary "$binary" --version "$version+upgrade" --out "$work/debs")
+deb1=$("$root/packaging/build-deb.sh" --arch amd64 --binary "$binary" --version "$version" --out "$work/debs" --fast)
+deb2=$("$root/packaging/build-deb.sh" --arch amd64 --binary "$binary" --version "$version+upgrade" --out "$work/debs" --fast)
 
 # The throw-away root: debootstrap once, then unpacked from the cache on each run.
-cache=/var/cache/edge-image
+cache="${EDGE_IMAGE_CACHE:-/var/cache/edge-image}"
 tarball="$cache/deb-test-root-bookworm-amd64.tar"
 if [ ! -f "$tarball" ]; then
   mkdir -p "$cache/bookworm-amd64"
