@@ -135,8 +135,10 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
   [ $(( $(date +%s) - stopping )) -lt 180 ] || fail "the guest did not power off within 180 s"
   sleep 1
 done
-grep -q "edge-agent\[[0-9]*\]: .* stopped$" "$work/console.log" || fail "the agent did not log its clean stop on power-off"
-grep -q "edge-agent.service: Deactivated successfully" "$work/console.log" || fail "edge-agent.service did not end with status 0 on power-off"
+# The serial console ends its lines with \r\n.
+tr -d '\r' < "$work/console.log" > "$work/console.txt"
+grep -q "edge-agent\[[0-9]*\]: .* stopped$" "$work/console.txt" || fail "the agent did not log its clean stop on power-off"
+grep -q "edge-agent.service: Deactivated successfully" "$work/console.txt" || fail "edge-agent.service did not end with status 0 on power-off"
 echo "powered off in $(( $(date +%s) - stopping )) s; the agent logged its clean stop and its unit ended with status 0"
 echo
 echo "| boot under qemu-system-x86_64, TCG, 2 vCPUs, 1 GiB ($(date -u +%F)) | seconds after power-on |"
