@@ -4,6 +4,7 @@
 //! ```text
 //! cargo build --release --locked --bins && target/release/fleet-bench --write docs/BENCHMARKS.md
 //! target/release/fleet-bench delivery --write docs/BENCHMARKS.md
+//! target/release/fleet-bench drift --write docs/BENCHMARKS.md
 //! ```
 //!
 //! Each writes its own part of the file and keeps the other's.
@@ -12,6 +13,7 @@
 //! model runtime: what it measures is what a caller of those crates gets.
 
 mod delivery;
+mod drift;
 mod hot_paths;
 mod local_api;
 
@@ -65,6 +67,12 @@ enum Mode {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Drift: sketch update cost, summary sizes, sketch tests against exact ones, shadow cost.
+    Drift {
+        /// Replace the drift section of this Markdown file (docs/BENCHMARKS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// The baseline server of the local-API comparison: axum + tract, nothing else.
     #[command(hide = true)]
     BareServer {
@@ -77,6 +85,30 @@ enum Mode {
 
 /// Where the delivery section of docs/BENCHMARKS.md starts.
 const DELIVERY_MARKER: &str = "## Delivery";
+/// Where the drift section starts.
+const DRIFT_MARKER: &str = "## Drift";
+
+/// `existing` with the section starting at `marker` (up to the next `## ` heading) replaced by
+/// `section`, or `section` appended when there is none: each mode writes its own part and keeps
+/// every other.
+fn replace_section(existing: &str, marker: &str, section: &str) -> String {
+    match existing.find(marker) {
+        Some(start) => {
+            let rest = &existing[start + marker.len()..];
+            let end = rest.find("\n## ").map_or(existing.len(), |i| start + marker.len() + i + 1);
+            format!("{}{}\n{}", &existing[..start], section.trim_end(), &existing[end..]).trim_end().to_string() + "\n"
+        }
+        None => format!("{}\n\n{}", existing.trim_end(), section.trim_end()) + "\n",
+    }
+}
+
+fn write_section(path: &Path, marker: &str, section: &str) -> Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    std::fs::write(path, replace_section(&existing, marker, section))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
 
 const CNN: &[u8] = include_bytes!("../../tests/fixtures/models/cnn.onnx");
 const MLP: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -181,11 +213,17 @@ async fn main() -> Result<()> {
         let section = delivery::section(&figures);
         print!("{section}");
         if let Some(path) = write {
-            let existing = std::fs::read_to_string(path).unwrap_or_default();
-            let main_part = existing.split(DELIVERY_MARKER).next().unwrap_or_default().trim_end();
-            std::fs::write(path, format!("{main_part}\n\n{section}"))
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!("wrote {}", path.display());
+            write_section(path, DELIVERY_MARKER, &section)?;
+        }
+        return Ok(());
+    }
+    if let Some(Mode::Drift { write }) = &args.command {
+        eprintln!("drift: sketch cost, summary sizes, accuracy against exact statistics, shadow cost...");
+        let mlp = manifest("tabular", MLP, ("features", MLP_SHAPE.to_vec()), ("probabilities", vec![1, 3]));
+        let section = drift::section(&drift::run(&mlp, MLP, dir.path()).await?);
+        print!("{section}");
+        if let Some(path) = write {
+            write_section(path, DRIFT_MARKER, &section)?;
         }
         return Ok(());
     }
@@ -228,9 +266,9 @@ async fn main() -> Result<()> {
     let report = report(&figures);
     print!("{report}");
     if let Some(path) = args.write {
-        // Keep the delivery section, which `fleet-bench delivery` writes.
+        // Keep the sections the other modes (and people) write: everything from the first `## `.
         let existing = std::fs::read_to_string(&path).unwrap_or_default();
-        let kept = existing.find(DELIVERY_MARKER).map(|at| format!("\n{}", &existing[at..])).unwrap_or_default();
+        let kept = existing.find("\n## ").map(|at| existing[at..].to_string()).unwrap_or_default();
         std::fs::write(&path, format!("{report}{kept}")).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
@@ -328,4 +366,19 @@ the channel hop to the writer thread and the batched transaction. RSS is read fr
         v_loaded = verdict(f.rss_loaded_kib.is_some_and(|k| k <= 20 * 1024)),
         failures = f.api.failures(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_section;
+
+    #[test]
+    fn a_section_is_replaced_in_place_and_the_others_are_kept() {
+        let doc = "# Benchmarks\n\ntable\n\n## Delivery\nold delivery\n\n## Drift\nold drift\n";
+        let out = replace_section(doc, "## Delivery", "## Delivery\nnew delivery\n");
+        assert_eq!(out, "# Benchmarks\n\ntable\n\n## Delivery\nnew delivery\n## Drift\nold drift\n");
+        let out = replace_section(&out, "## Drift", "## Drift\nnew drift\n");
+        assert!(out.ends_with("## Drift\nnew drift\n") && out.contains("new delivery"), "{out}");
+        assert_eq!(replace_section("# B\n", "## Cross", "## Cross\nx\n"), "# B\n\n## Cross\nx\n");
+    }
 }
