@@ -57,9 +57,13 @@ impl Notifier {
     }
 
     /// Publishes an event for the systems around the fleet (at least once, from the server's
-    /// persistent session); fails only when the session's queue is full.
-    pub fn publish_event(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        self.client.try_publish(topic, QoS::AtLeastOnce, false, payload).map_err(|e| e.to_string())
+    /// persistent session), waiting up to `within` for room in the session's queue, which the
+    /// ingest's acknowledgements share.
+    pub async fn publish_event(&self, topic: &str, payload: Vec<u8>, within: Duration) -> Result<(), String> {
+        match tokio::time::timeout(within, self.client.publish(topic, QoS::AtLeastOnce, false, payload)).await {
+            Ok(published) => published.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("the MQTT session had no room for {} s", within.as_secs())),
+        }
     }
 
     /// Best effort: a device that misses it still checks in on its own interval.

@@ -175,7 +175,7 @@ async fn deliver(
         // MQTT first, once: QoS 1 from the server's persistent session; the webhook decides
         // whether the event counts as delivered.
         if attempts == 0 {
-            if let Err(e) = notifier.publish_event(RETRAIN_TOPIC, payload.clone().into_bytes()) {
+            if let Err(e) = notifier.publish_event(RETRAIN_TOPIC, payload.clone().into_bytes(), WEBHOOK_TIMEOUT).await {
                 tracing::warn!(%id, error = %e, "retraining event not published over MQTT");
             }
         }

@@ -54,6 +54,8 @@ pub struct DemoOptions {
     /// Scenario traffic: rows per agent per tick, and the tick.
     pub traffic_rows: usize,
     pub traffic_every: Duration,
+    /// The server's retraining watch (window, webhook); the server's default when None.
+    pub retrain: Option<fleet_server::retrain::RetrainConfig>,
 }
 
 impl Default for DemoOptions {
@@ -65,6 +67,7 @@ impl Default for DemoOptions {
             timeout: Duration::from_secs(60),
             traffic_rows: 10,
             traffic_every: Duration::from_millis(100),
+            retrain: None,
         }
     }
 }
@@ -302,6 +305,7 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
         timestamp_key: Some(timestamp_key),
         max_bundle_bytes: 64 << 20,
         rollout_tick: std::time::Duration::from_millis(250),
+        retrain: options.retrain.clone().unwrap_or_default(),
         ..ServerConfig::default()
     })
     .await?;
@@ -425,13 +429,14 @@ pub async fn run_scenario(
     let what = match scenario {
         Scenario::Good => "a retrained, healthy model",
         Scenario::BadModel => "a model whose confidence collapsed",
-        Scenario::Offline => "no candidate",
+        Scenario::Shadow => "the collapsed model, run in shadow in wave 1 before it may serve",
+        Scenario::Offline | Scenario::Retrain => "no candidate",
     };
     progress(&format!(
         "published candidate {} {} ({what}); starting a staged rollout with a 20% holdout",
         info.name, info.version
     ));
-    let plan = crate::scenario::plan(&info.version);
+    let plan = crate::scenario::plan(scenario, &info.version);
     let view = crate::scenario::drive(&fleet.client, &plan, options.timeout * 2, &progress).await?;
     if let Some(reason) = &view.rollout.reason {
         progress(&format!("rollout {}: {reason}", view.rollout.phase.as_str()));
@@ -523,7 +528,11 @@ pub fn render_table(result: &DemoResult) -> String {
         }
         (true, Some(Scenario::Good)) => "the candidate reached every non-holdout device; the holdout kept 1.0.0",
         (true, Some(Scenario::BadModel)) => "the candidate was stopped in wave 1 and every device is back on 1.0.0",
+        (true, Some(Scenario::Shadow)) => {
+            "the candidate disagreed with 1.0.0 in shadow in wave 1 and was stopped before any device served it"
+        }
         (true, Some(Scenario::Offline)) => "nothing lost, nothing stored twice",
+        (true, Some(Scenario::Retrain)) => "one retraining event each for the shifted site and the fleet",
         (false, Some(_)) => "FAILED: the rollout did not end as the scenario expects",
     };
     out.push_str(&format!("result: {verdict}\n"));

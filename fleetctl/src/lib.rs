@@ -13,6 +13,7 @@ pub mod offline;
 pub mod ops;
 pub mod packaging;
 pub mod pki;
+pub mod retrain_demo;
 pub mod scenario;
 pub mod table;
 pub mod trust_root;

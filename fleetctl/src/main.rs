@@ -712,37 +712,41 @@ async fn run_demo(
         bail!("--agents must be at least 1");
     }
     let progress = |line: &str| eprintln!("==> {line}");
-    if scenario == Some(Scenario::Offline) {
-        let agents = if agents == 5 { 6 } else { agents };
-        let result =
-            fleetctl::offline::run(DemoOptions { agents, mqtt_url, ..DemoOptions::default() }, progress).await?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&result)?);
-        } else {
-            print!("{}", fleetctl::offline::render_table(&result));
+    // Each scenario has a default fleet size; --agents changes it.
+    let sized = |default: usize| if agents == 5 { default } else { agents };
+    match scenario {
+        Some(Scenario::Offline) => {
+            let options = DemoOptions { agents: sized(6), mqtt_url, ..DemoOptions::default() };
+            let result = fleetctl::offline::run(options, progress).await?;
+            finish(&result, result.ok, json, fleetctl::offline::render_table)
         }
-        if !result.ok {
-            std::process::exit(1);
+        Some(Scenario::Retrain) => {
+            let options = DemoOptions { agents: sized(6), mqtt_url, ..DemoOptions::default() };
+            let result = fleetctl::retrain_demo::run(options, progress).await?;
+            finish(&result, result.ok, json, fleetctl::retrain_demo::render_table)
         }
-        return Ok(());
-    }
-    let result = match scenario {
         None => {
-            demo::run(DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() }, progress)
-                .await?
+            let options = DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() };
+            let result = demo::run(options, progress).await?;
+            finish(&result, result.ok, json, demo::render_table)
         }
         Some(scenario) => {
-            // A scenario needs cohorts and a holdout: use at least 30 agents unless told otherwise.
-            let agents = if agents == 5 { 30 } else { agents };
-            demo::run_scenario(DemoOptions { agents, mqtt_url, ..DemoOptions::default() }, scenario, progress).await?
+            // A rollout needs cohorts and a holdout: 30 agents unless told otherwise.
+            let options = DemoOptions { agents: sized(30), mqtt_url, ..DemoOptions::default() };
+            let result = demo::run_scenario(options, scenario, progress).await?;
+            finish(&result, result.ok, json, demo::render_table)
         }
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
-    } else {
-        print!("{}", demo::render_table(&result));
     }
-    if !result.ok {
+}
+
+/// Prints a demo's result (JSON or its table) and exits 1 when it is not what it promises.
+fn finish<T: serde::Serialize>(result: &T, ok: bool, json: bool, table: impl Fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(result)?);
+    } else {
+        print!("{}", table(result));
+    }
+    if !ok {
         std::process::exit(1);
     }
     Ok(())

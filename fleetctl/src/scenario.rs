@@ -31,6 +31,12 @@ pub enum Scenario {
     /// One site loses the server and the broker, the server restarts, the site returns and
     /// syncs: nothing lost, nothing stored twice.
     Offline,
+    /// The degraded candidate again, but wave 1 runs it in shadow first: it disagrees with the
+    /// active version there and is stopped before any device serves it.
+    Shadow,
+    /// One site's inputs shift and stay shifted: the server sends one retraining event for that
+    /// site and one for the fleet to a webhook, none for the other sites.
+    Retrain,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -43,8 +49,8 @@ pub struct RolloutOutcome {
     pub holdout_devices: usize,
 }
 
-pub fn plan(version: &str) -> RolloutPlan {
-    RolloutPlan {
+pub fn plan(scenario: Scenario, version: &str) -> RolloutPlan {
+    let mut plan = RolloutPlan {
         model: "tabular".into(),
         version: version.into(),
         selector: Default::default(),
@@ -59,16 +65,25 @@ pub fn plan(version: &str) -> RolloutPlan {
         on_breach: OnBreach::Rollback,
         // In the demo every "device" shares this machine's cores, so latency measures the machine
         // (and the other agents installing at that moment), not the model: loosen that one gate.
-        gates: HealthGates { min_samples: 150, max_latency_p95_ratio: 10.0, ..HealthGates::default() },
-        shadow_sample_rate: 0.1,
+        gates: HealthGates {
+            min_samples: 150,
+            max_latency_p95_ratio: 10.0,
+            min_shadow_samples: 100,
+            ..HealthGates::default()
+        },
+        shadow_sample_rate: 0.25,
+    };
+    if scenario == Scenario::Shadow {
+        plan.waves[0].shadow = true;
     }
+    plan
 }
 
 pub fn candidate(scenario: Scenario, secret: &str, version: &str) -> Result<Vec<u8>, DemoError> {
     match scenario {
         Scenario::Good => bundle_with_golden(secret, version, MLP_V2, MLP_V2_GOLDEN),
-        Scenario::BadModel => bundle_with_golden(secret, version, MLP_FLAT, MLP_FLAT_GOLDEN),
-        Scenario::Offline => Err(DemoError::Setup("the offline scenario rolls out no candidate".into())),
+        Scenario::BadModel | Scenario::Shadow => bundle_with_golden(secret, version, MLP_FLAT, MLP_FLAT_GOLDEN),
+        Scenario::Offline | Scenario::Retrain => Err(DemoError::Setup("this scenario rolls out no candidate".into())),
     }
 }
 
@@ -226,7 +241,17 @@ pub fn verdict(scenario: Scenario, view: &RolloutView, devices: &[DeviceView]) -
                 && holdout_untouched
                 && candidate_count == 0
         }
-        // Not a rollout: judged by `offline::verdict`.
-        Scenario::Offline => false,
+        Scenario::Shadow => {
+            let in_shadow = r.evidence.as_ref().is_some_and(|e| {
+                e.breaches.iter().any(|b| matches!(b, fleet_server::rollout::gates::GateBreach::ShadowAgreement { .. }))
+            });
+            matches!(r.phase, Phase::RolledBack | Phase::Halted)
+                && r.wave == 0
+                && in_shadow
+                && holdout_untouched
+                && candidate_count == 0
+        }
+        // Not rollouts: judged by `offline::verdict` and `retrain_demo::run`.
+        Scenario::Offline | Scenario::Retrain => false,
     }
 }

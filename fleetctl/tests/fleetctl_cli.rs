@@ -161,3 +161,15 @@ fn pki_and_broker_config_write_private_keys_0600_and_refuse_to_overwrite() {
     let again = fleetctl(&["broker", "config", "--out", "broker"], cwd);
     assert!(!again.status.success() && text(&again).contains("refusing to overwrite"), "{}", text(&again));
 }
+
+#[test]
+fn the_retrain_demo_sends_one_event_for_the_drifting_site_and_one_for_the_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = fleetctl(&["demo", "--scenario", "retrain", "--json"], dir.path());
+    assert!(output.status.success(), "{}", text(&output));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut cohorts: Vec<String> =
+        result["events"].as_array().unwrap().iter().map(|e| e["cohort"].to_string()).collect();
+    cohorts.sort();
+    assert_eq!(cohorts, [r#"{"site":"plant-a"}"#, "{}"]);
+}

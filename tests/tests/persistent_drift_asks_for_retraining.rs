@@ -55,13 +55,13 @@ async fn one_sites_persistent_drift_sends_one_retraining_event_per_cohort_to_the
     fleet.wait_active("tabular", "1.0.0").await;
 
     // Agent 0 (site plant-a) sees inputs shifted by +3 on the first four features; the others
-    // see the reference distribution. 20 rows each, every 200 ms, until both events arrived.
+    // see the reference distribution. 120 rows each every 200 ms, until both events arrived.
     let agents = fleet.agents.clone();
     let traffic = tokio::spawn(async move {
         let http = edge_agent::http::client();
         for round in 0u64.. {
             for (i, agent) in agents.iter().enumerate() {
-                let rows = synthetic_rows(round * 10 + i as u64, 20, if i == 0 { 3.0 } else { 0.0 });
+                let rows = synthetic_rows(round * 10 + i as u64, 120, if i == 0 { 3.0 } else { 0.0 });
                 let _ = send_rows(&http, agent, &rows).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -83,7 +83,11 @@ async fn one_sites_persistent_drift_sends_one_retraining_event_per_cohort_to_the
     assert!(cohorts.contains(&"site=plant-a".to_string()) && cohorts.contains(&String::new()), "{cohorts:?}");
     let site = got.iter().find(|e| !e.cohort.is_empty()).unwrap();
     let names: Vec<&str> = site.drifted_features.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["temperature", "vibration", "pressure", "current"]);
+    // All four shifted features; a site's small window is judged by KS at p < 0.05, where an
+    // unshifted one may drift by chance (one window in twenty), so others may stand beside them.
+    for shifted in ["temperature", "vibration", "pressure", "current"] {
+        assert!(names.contains(&shifted), "{names:?}");
+    }
     assert_eq!((site.model.as_str(), site.version.as_str(), site.windows), ("tabular", "1.0.0", 3));
     assert_eq!(site.lineage.code_commit, "3c9e1f0");
     assert!(site.telemetry_export.contains("--model tabular --version 1.0.0"));

@@ -70,3 +70,17 @@ async fn a_candidate_that_disagrees_in_shadow_never_serves_and_the_wave_is_rolle
     }
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shadow_demo_stops_the_collapsed_candidate_in_shadow_on_thirty_agents() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let options = fleetctl::demo::DemoOptions { agents: 30, ..fleetctl::demo::DemoOptions::default() };
+    let result =
+        fleetctl::demo::run_scenario(options, fleetctl::scenario::Scenario::Shadow, |line| eprintln!("{line}"))
+            .await
+            .unwrap();
+    let rollout = result.rollout.as_ref().unwrap();
+    assert!(result.ok, "{rollout:?}");
+    assert!(rollout.reason.as_deref().unwrap().contains("in shadow the candidate agreed"), "{rollout:?}");
+    assert!(result.devices.iter().all(|d| d.model_version.as_deref() == Some("1.0.0")));
+}
