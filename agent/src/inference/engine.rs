@@ -337,11 +337,24 @@ fn validate(serving: &Serving, rows: &[Vec<f32>]) -> Result<(), InferError> {
                 features,
             });
         }
-        // NaN is how the API hands over a JSON null; it is a value only where a fill exists.
-        if values.iter().any(|v| v.is_infinite()) {
+        // One pass over the row (an image's is 150,000 values): only a value that is not finite
+        // is looked at again. NaN is how the API hands over a JSON null; it is a value only where
+        // a fill exists.
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            check_not_finite(serving, row, values, index)?;
+        }
+    }
+    Ok(())
+}
+
+/// The non-finite values of a row from `first` on: an infinity is refused, a missing value
+/// where the contract allows none is refused by feature name.
+fn check_not_finite(serving: &Serving, row: usize, values: &[f32], first: usize) -> Result<(), InferError> {
+    for (index, v) in values.iter().enumerate().skip(first).filter(|(_, v)| !v.is_finite()) {
+        if v.is_infinite() {
             return Err(InferError::NotFinite { row });
         }
-        if let Some(index) = values.iter().enumerate().position(|(i, v)| v.is_nan() && !has_fill(&serving.fills, i)) {
+        if !has_fill(&serving.fills, index) {
             let names = serving.model.contract.feature_decls();
             let feature = names.get(index).map_or(format!("value {index}"), |d| format!("feature {:?}", d.name));
             return Err(InferError::Missing { row, feature, model: serving.model.name.clone() });
