@@ -11,7 +11,8 @@
 #   2  ext4 "edge-root": the Debian root file system (minbase + systemd, networkd with DHCP,
 #      resolved, timesyncd, the kernel, the agent)
 # amd64 images boot on a BIOS PC or under qemu-system-x86_64. arm64 images carry the arm64
-# kernel and initrd on the boot partition but no boot loader: that is board-specific.
+# kernel and initrd on the boot partition but no boot loader: that is board-specific
+# (images/test-boot.sh --arch arm64 hands them to qemu's virt board directly).
 # Also writes <out>.bmap for bmaptool. Prints the image's path and sizes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

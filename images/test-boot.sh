@@ -2,7 +2,11 @@
 # Boots the amd64 image under qemu-system-x86_64 (software emulation, no KVM) against a real
 # fleet-server on this machine and checks that the device enrolls, heartbeats, installs a model
 # and answers an inference, then powers it off and checks the agent stopped cleanly:
-#   images/test-boot.sh [--image PATH] [--timeout SECONDS]
+#   images/test-boot.sh [--arch amd64|arm64] [--image PATH] [--timeout SECONDS]
+# amd64 boots the whole disk: BIOS, the image's MBR and syslinux. arm64 images have no boot
+# loader (it is board-specific), so qemu's "virt" board boots the kernel and initrd taken from
+# the image's boot partition directly, with the image as its disk: everything after the boot
+# loader is the image's own (kernel, initrd, root file system, systemd, the agent).
 #
 # The guest reaches the host only through qemu's user-mode networking: its 10.0.2.2 is this
 # machine's 127.0.0.1, where fleet-server listens. To the agent 10.0.2.2 is another host, so
@@ -17,21 +21,31 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 target="${CARGO_TARGET_DIR:-$root/target}"
-image="$target/images/edge.img" timeout=900
+arch=amd64 image="" timeout=900
 while [ $# -gt 0 ]; do
   case "$1" in
+    --arch) arch="$2"; shift 2 ;;
     --image) image="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
-    *) echo "usage: images/test-boot.sh [--image PATH] [--timeout SECONDS]" >&2; exit 2 ;;
+    *) echo "usage: images/test-boot.sh [--arch amd64|arm64] [--image PATH] [--timeout SECONDS]" >&2; exit 2 ;;
   esac
 done
-[ -f "$image" ] || { echo "images/test-boot.sh: no image at $image: run images/build.sh --arch amd64 --out $image" >&2; exit 1; }
+case "$arch" in
+  amd64) image="${image:-$target/images/edge.img}" qemu=qemu-system-x86_64 qemu_pkgs="qemu-system-x86 seabios" ;;
+  arm64) image="${image:-$target/images/edge-arm64.img}" qemu=qemu-system-aarch64 qemu_pkgs="qemu-system-arm" ;;
+  *) echo "images/test-boot.sh: --arch must be amd64 or arm64" >&2; exit 2 ;;
+esac
+[ -f "$image" ] || { echo "images/test-boot.sh: no image at $image: run images/build.sh --arch $arch --out $image" >&2; exit 1; }
 for b in fleet-server fleetctl; do
   [ -x "$target/release/$b" ] || { echo "images/test-boot.sh: $target/release/$b is missing: cargo build --release --locked -p fleet-server -p fleetctl" >&2; exit 1; }
 done
-if ! command -v qemu-system-x86_64 >/dev/null || [ ! -f /usr/share/seabios/bios-256k.bin ] || ! command -v mcopy >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || { echo "images/test-boot.sh: install qemu-system-x86, seabios and mtools (as root)" >&2; exit 1; }
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-system-x86 seabios mtools
+missing=""
+for p in $qemu_pkgs mtools fdisk; do
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "images/test-boot.sh: install$missing (as root)" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi
 fleetctl="$target/release/fleetctl"
 measure="python3 $root/cross/measure.py"
@@ -73,15 +87,23 @@ cp --sparse=always "$image" "$work/device.img"
 # Test only: the journal on the serial console too, so a failure shows the agent's own lines.
 boot_offset=$(( $(sfdisk --json "$work/device.img" | python3 -c 'import json, sys; print(json.load(sys.stdin)["partitiontable"]["partitions"][0]["start"])') * 512 ))
 export MTOOLS_SKIP_CHECK=1
-mcopy -n -i "$work/device.img@@$boot_offset" ::/syslinux.cfg "$work/syslinux.cfg"
-sed -i 's/^\(  APPEND .*\)$/\1 systemd.journald.forward_to_console=1/' "$work/syslinux.cfg"
-mcopy -o -i "$work/device.img@@$boot_offset" "$work/syslinux.cfg" ::/syslinux.cfg
+common=(-accel tcg -m 1024 -smp 2 -display none -no-reboot
+  -serial "file:$work/console.log" -monitor "unix:$work/monitor.sock,server,nowait"
+  -drive "file=$work/device.img,format=raw,if=virtio"
+  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$api_port-:8686" -device virtio-net-pci,netdev=n0,romfile=)
+if [ "$arch" = amd64 ]; then
+  mcopy -n -i "$work/device.img@@$boot_offset" ::/syslinux.cfg "$work/syslinux.cfg"
+  sed -i 's/^\(  APPEND .*\)$/\1 systemd.journald.forward_to_console=1/' "$work/syslinux.cfg"
+  mcopy -o -i "$work/device.img@@$boot_offset" "$work/syslinux.cfg" ::/syslinux.cfg
+  boot=(qemu-system-x86_64 -machine pc "${common[@]}")
+else
+  mcopy -n -i "$work/device.img@@$boot_offset" ::/vmlinuz ::/initrd.img "$work/"
+  boot=(qemu-system-aarch64 -machine virt -cpu cortex-a72 "${common[@]}" -kernel "$work/vmlinuz" -initrd "$work/initrd.img"
+    -append "root=LABEL=edge-root ro rootwait console=ttyAMA0 systemd.journald.forward_to_console=1")
+fi
 
 powered_on=$(date +%s.%N)
-qemu-system-x86_64 -machine pc -accel tcg -m 1024 -smp 2 -display none -no-reboot \
-  -serial "file:$work/console.log" -monitor "unix:$work/monitor.sock,server,nowait" \
-  -drive "file=$work/device.img,format=raw,if=virtio" \
-  -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$api_port-:8686" -device virtio-net-pci,netdev=n0,romfile= &
+"${boot[@]}" &
 qemu_pid=$!
 pids+=("$qemu_pid")
 since() { python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$powered_on"; }
@@ -141,7 +163,7 @@ grep -q "edge-agent\[[0-9]*\]: .* stopped$" "$work/console.txt" || fail "the age
 grep -q "edge-agent.service: Deactivated successfully" "$work/console.txt" || fail "edge-agent.service did not end with status 0 on power-off"
 echo "powered off in $(( $(date +%s) - stopping )) s; the agent logged its clean stop and its unit ended with status 0"
 echo
-echo "| boot under qemu-system-x86_64, TCG, 2 vCPUs, 1 GiB ($(date -u +%F)) | seconds after power-on |"
+echo "| $arch image under $qemu, TCG, 2 vCPUs, 1 GiB ($(date -u +%F)) | seconds after power-on |"
 echo "|---|---|"
 echo "| enrolled | $enrolled |"
 echo "| first heartbeat stored | $heartbeat |"
