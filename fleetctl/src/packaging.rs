@@ -251,6 +251,36 @@ mod tests {
     }
 
     #[test]
+    fn declared_features_and_drift_thresholds_reach_the_manifest_and_string_categories_their_codes() {
+        let mut inputs = read_inputs(&fixture("models/mlp.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap();
+        let mut features: Vec<FeatureDecl> =
+            inputs.metadata.contract.feature_names.iter().map(|n| FeatureDecl::numeric(n)).collect();
+        features[7] = FeatureDecl::categorical("load", &["low", "mid", "high"]).nullable();
+        inputs.metadata.contract.features = features.clone();
+        inputs.metadata.drift = Some(DriftPolicy { wasserstein: 0.3, persist_windows: 5, ..DriftPolicy::default() });
+        let header = inputs.metadata.contract.feature_names.join(",");
+        let text = format!("{header}\n0,0,0,0,0,0,0,low\n1,1,1,1,1,1,1,high\n0.5,0,0,0,0,0,0,\n");
+        inputs.reference_rows = reference_rows(Path::new("ref.csv"), &text, &inputs.metadata.contract).unwrap();
+        assert_eq!(inputs.reference_rows[1][7], 2.0, "high is code 2");
+        assert!(inputs.reference_rows[2][7].is_nan(), "an empty cell is missing");
+        let manifest = Manifest::parse(&build(inputs).unwrap().manifest_bytes).unwrap();
+        assert_eq!((manifest.drift.wasserstein, manifest.drift.persist_windows), (0.3, 5));
+        assert_eq!(manifest.contract.features, features);
+        let proto::drift::FeatureSketch::Categorical(load) = &manifest.reference.sketch.features[7] else { panic!() };
+        assert_eq!(load.missing, 1);
+
+        let wrong = format!("{header}\n0,0,0,0,0,0,0,huge\n");
+        let mut contract =
+            read_inputs(&fixture("models/mlp.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap().metadata.contract;
+        contract.features = features;
+        let err = reference_rows(Path::new("ref.csv"), &wrong, &contract).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "reference file ref.csv line 2: feature \"load\" holds a category its contract does not declare"
+        );
+    }
+
+    #[test]
     fn golden_cases_from_another_model_fail_the_build() {
         let mut inputs = read_inputs(&fixture("models/mlp_v2.onnx"), &fixture("bundles/tabular.toml"), 1).unwrap();
         inputs.metadata.version = "2.0.0".into();
