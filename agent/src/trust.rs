@@ -51,7 +51,9 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 /// Follows the server's roots from `current` up to `latest` (at most
 /// [`MAX_ROTATIONS_PER_CHECKIN`]), each checked by TUF's rule against the one before and stored
 /// before it is used. Returns the newest root reached, which is `current` if none was accepted;
-/// the first refusal stops the walk and is returned with the root reached so far.
+/// the first refusal stops the walk and is returned with the root reached so far. Expiry is
+/// judged at `now_secs`, the device's trusted time (never below its time floor, ADR 0010), so a
+/// device whose clock reads 1970 does not take an expired root.
 pub async fn follow_rotations(
     http: &reqwest::Client,
     server_url: &str,
@@ -59,12 +61,13 @@ pub async fn follow_rotations(
     state: &std::sync::Arc<StateDb>,
     current: &Root,
     latest: u64,
+    now_secs: u64,
 ) -> (Root, Option<TrustError>) {
     let mut root = current.clone();
     let last = latest.min(current.version + MAX_ROTATIONS_PER_CHECKIN);
     while root.version < last {
         let version = root.version + 1;
-        match next_root(http, server_url, credential, state, &root, version).await {
+        match next_root(http, server_url, credential, state, &root, version, now_secs).await {
             Ok(next) => {
                 tracing::info!(version, "root of trust rotated");
                 root = next;
@@ -82,6 +85,7 @@ async fn next_root(
     state: &std::sync::Arc<StateDb>,
     current: &Root,
     version: u64,
+    now_secs: u64,
 ) -> Result<Root, TrustError> {
     let url = format!("{server_url}/api/v1/roots/{version}");
     let failed = |reason: String| TrustError::Fetch { version, url: url.clone(), reason };
@@ -92,7 +96,7 @@ async fn next_root(
     let bytes = crate::http::read_capped(response, MAX_ROOT_BYTES).await.map_err(failed)?;
     let refused = |source| TrustError::Rotation { version, source };
     let signed = SignedRoot::parse(&bytes).map_err(refused)?;
-    let next = rotate(current, &signed, crate::unix_ms() / 1000).map_err(refused)?;
+    let next = rotate(current, &signed, now_secs).map_err(refused)?;
     let (state, document) = (state.clone(), signed.to_json_bytes());
     tokio::task::spawn_blocking(move || state.save_root(version, &document))
         .await

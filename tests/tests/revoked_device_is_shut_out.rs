@@ -24,7 +24,13 @@ async fn a_revoked_device_is_disconnected_refused_and_ignored_but_keeps_serving(
     assert_eq!(download(credential.clone()).await, 403, "1.0.0 is not in the hand-made device's desired state");
 
     fleet.client.revoke_device(&revoked).await.unwrap();
-    fleet.client.revoke_device(&by_hand).await.unwrap();
+    // Revoked while its MQTT session is open: the broker closes it.
+    let (client, id) = (fleet.client.clone(), by_hand.clone());
+    let open_session = mqtt_try(&fleet.server.mqtt_url, Some((&by_hand, &credential)), |_session| async move {
+        client.revoke_device(&id).await.unwrap();
+    })
+    .await;
+    assert_eq!(open_session, MqttOutcome::Closed, "the revoked device's open MQTT session survived its revocation");
     let checkin = http
         .post(format!("{url}/api/v1/devices/{by_hand}/checkin"))
         .bearer_auth(&credential)

@@ -214,6 +214,15 @@ impl Updater {
         if latest <= current.version {
             return;
         }
+        let state = self.state.clone();
+        let seen = match blocking(move || state.freshness()).await.and_then(|r| r.map_err(UpdateError::from)) {
+            Ok(seen) => seen,
+            Err(e) => {
+                tracing::error!(device = %self.device_id, error = %e, "root of trust not rotated: the time floor cannot be read");
+                return;
+            }
+        };
+        let now = proto::freshness::trusted_now(crate::unix_ms() / 1000, &seen);
         let (root, refused) = crate::trust::follow_rotations(
             &self.http,
             &self.server_url,
@@ -221,6 +230,7 @@ impl Updater {
             &self.state,
             &current,
             latest,
+            now,
         )
         .await;
         if root.version != current.version {

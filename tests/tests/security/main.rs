@@ -2,6 +2,7 @@
 //! so the suite costs one link. Every refusal must leave the previous model serving and say why
 //! in one sentence.
 
+mod archive_entries_that_escape_or_repeat_are_refused;
 mod bundle_for_another_device_class_is_refused;
 mod downgrade_below_the_floor_is_refused;
 mod offline_past_grace_follows_the_model_policy;
@@ -42,23 +43,22 @@ pub fn smuggle_bundle(fleet: &Fleet, bundle: &[u8]) -> String {
     let read = proto::bundle::read_archive(bundle, &Default::default()).unwrap();
     let manifest = proto::Manifest::parse(&read.manifest_bytes).unwrap();
     let version = manifest.version.to_string();
-    let path = fleet.dir.path().join(format!("server/bundles/{}/{version}.bundle", manifest.name));
+    smuggle_raw(fleet, &manifest.name, &version, bundle, &read.manifest_bytes);
+    version
+}
+
+/// Stores any bytes as bundle `name` `version`, with `manifest_bytes` as its recorded manifest.
+pub fn smuggle_raw(fleet: &Fleet, name: &str, version: &str, bundle: &[u8], manifest_bytes: &[u8]) {
+    let path = fleet.dir.path().join(format!("server/bundles/{name}/{version}.bundle"));
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, bundle).unwrap();
     rusqlite::Connection::open(fleet.dir.path().join("server/fleet.db"))
         .unwrap()
         .execute(
             "INSERT INTO bundles (name, version, sha256, size, created_at, signed_by, manifest) VALUES (?1, ?2, ?3, ?4, 0, 'smuggled', ?5)",
-            rusqlite::params![
-                manifest.name,
-                version,
-                proto::bundle::sha256_hex(bundle),
-                bundle.len() as i64,
-                read.manifest_bytes
-            ],
+            rusqlite::params![name, version, proto::bundle::sha256_hex(bundle), bundle.len() as i64, manifest_bytes],
         )
         .unwrap();
-    version
 }
 
 /// The version the agent's local API answers with.
