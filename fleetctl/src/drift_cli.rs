@@ -109,6 +109,41 @@ fn utc(ms: u64) -> String {
     }
 }
 
+/// How a candidate in shadow compared with the version beside it over one bucket.
+fn shadow_line(bucket: String, version: &str, s: &proto::shadow::ShadowSummary) -> String {
+    let classes = (s.flips.len() as f64).sqrt() as usize;
+    let flips: Vec<String> = (0..classes)
+        .flat_map(|a| (0..classes).map(move |b| (a, b)))
+        .filter(|(a, b)| a != b && s.flips[a * classes + b] > 0)
+        .map(|(a, b)| format!("{a}->{b}: {}", s.flips[a * classes + b]))
+        .collect();
+    let latency = shadow_latency_p95(s).map_or("-".into(), |us| format!("{us:.0} us"));
+    format!(
+        "shadow {bucket} {} beside {version}: {} requests, agreement {}, mean |diff| {}, class flips {}, p95 {latency}, errors {}, dropped {}\n",
+        s.version,
+        s.rows,
+        s.agreement().map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
+        s.mean_abs_diff().map_or("-".into(), |d| format!("{d:.4}")),
+        if flips.is_empty() { "none".to_string() } else { flips.join(", ") },
+        s.errors,
+        s.dropped
+    )
+}
+
+/// The candidate's latency p95 from its log-bucket histogram (each bucket's lower bound).
+fn shadow_latency_p95(s: &proto::shadow::ShadowSummary) -> Option<f64> {
+    let total: u64 = s.latency.iter().sum();
+    let wanted = (total as f64 * 0.95).ceil() as u64;
+    let mut seen = 0;
+    for (bucket, count) in s.latency.iter().enumerate() {
+        seen += count;
+        if total > 0 && seen >= wanted {
+            return Some(proto::drift::latency_bucket_floor_us(bucket));
+        }
+    }
+    None
+}
+
 fn render_report(report: &DriftReport) -> String {
     let cohort = if report.cohort.is_empty() {
         "the whole fleet".to_string()
@@ -117,8 +152,8 @@ fn render_report(report: &DriftReport) -> String {
     };
     let mut out = format!("drift of {} for {cohort}, {} s buckets (UTC)\n", report.model, report.bucket_secs);
     out.push_str(&format!(
-        "{:<17} {:<10} {:>7} {:>7} {:<8} {:<14} drifted features (test score)\n",
-        "bucket", "version", "devices", "rows", "dataset", "est. accuracy"
+        "{:<17} {:<10} {:>7} {:>7} {:<8} {:<14} {:<18} drifted features (test score)\n",
+        "bucket", "version", "devices", "rows", "dataset", "est. accuracy", "predictions"
     ));
     for b in &report.buckets {
         let v = &b.verdict;
@@ -142,16 +177,26 @@ fn render_report(report: &DriftReport) -> String {
             (Some(now), None) => format!("{now:.3}"),
             _ => "-".into(),
         };
+        let predictions = match &v.prediction {
+            Some(p) => format!("{} {} {:.3}", if p.drifted { "SHIFT" } else { "same" }, p.test.as_str(), p.score),
+            None => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<17} {:<10} {:>7} {:>7} {:<8} {:<14} {}\n",
+            "{:<17} {:<10} {:>7} {:>7} {:<8} {:<14} {:<18} {}\n",
             utc(b.start_ms),
             b.version,
             b.devices,
             v.rows,
             if v.dataset_drift { "YES" } else { "no" },
             accuracy,
+            predictions,
             if drifted.is_empty() { "-".to_string() } else { drifted.join(", ") }
         ));
+    }
+    for b in report.buckets.iter().filter(|b| b.shadow.is_some()) {
+        if let Some(s) = &b.shadow {
+            out.push_str(&shadow_line(utc(b.start_ms), &b.version, s));
+        }
     }
     if report.buckets.is_empty() {
         out.push_str("no drift windows in that time for that cohort\n");
@@ -168,6 +213,17 @@ fn render_report(report: &DriftReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shadow_line_shows_agreement_difference_flips_latency_and_drops() {
+        let mut s = proto::shadow::ShadowSummary::empty("2.0.0", 2);
+        s.observe(&[0.9, 0.1], &[0.8, 0.2], 40);
+        s.observe(&[0.9, 0.1], &[0.3, 0.7], 40);
+        s.dropped = 3;
+        let line = shadow_line("2026-12-02 05:00".into(), "1.0.0", &s);
+        assert!(line.starts_with("shadow 2026-12-02 05:00 2.0.0 beside 1.0.0: 2 requests, agreement 50.0%, mean |diff| 0.3500, class flips 0->1: 1, p95 "), "{line}");
+        assert!(line.ends_with("errors 0, dropped 3\n"), "{line}");
+    }
 
     #[test]
     fn since_takes_durations_and_unix_seconds_and_says_what_it_wants_otherwise() {

@@ -112,3 +112,35 @@ fn run(mut session: model_runtime::Session, rx: Receiver<ShadowRow>, summary: Ar
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tap(queue: usize, rate: f32) -> (ShadowTap, Receiver<ShadowRow>) {
+        let (tx, rx) = sync_channel(queue);
+        (ShadowTap { tx, version: "2.0.0".into(), rate, dropped: Arc::default() }, rx)
+    }
+
+    #[test]
+    fn a_full_shadow_queue_drops_and_counts_instead_of_waiting() {
+        let (tap, rx) = tap(2, 1.0);
+        for _ in 0..5 {
+            tap.offer(vec![0.0], vec![1.0]);
+        }
+        assert_eq!(tap.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(rx.try_iter().count(), 2, "the queue kept what fit");
+        drop(rx);
+        tap.offer(vec![0.0], vec![1.0]);
+        assert_eq!(tap.dropped.load(Ordering::Relaxed), 4, "a stopped shadow thread counts a drop too");
+    }
+
+    #[test]
+    fn sampling_copies_the_rates_share_of_requests_evenly() {
+        let (tap, _rx) = tap(1, 0.1);
+        let mut credit = 0.0;
+        let picked: Vec<usize> = (0..1000).filter(|_| tap.sampled(&mut credit)).collect();
+        assert!((99..=101).contains(&picked.len()), "{}", picked.len());
+        assert!(picked.windows(2).all(|w| (9..=11).contains(&(w[1] - w[0]))), "evenly spread: {picked:?}");
+    }
+}

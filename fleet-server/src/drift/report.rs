@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use proto::drift::WindowSketch;
+use proto::shadow::ShadowSummary;
 use serde::{Deserialize, Serialize};
 
 use super::{DriftVerdict, ModelDrift};
@@ -24,6 +25,10 @@ pub struct BucketVerdict {
     pub devices: usize,
     pub windows: usize,
     pub verdict: DriftVerdict,
+    /// A candidate the devices ran in shadow beside this version over the bucket, compared
+    /// request by request (agreement, mean absolute difference, class flips, latency, drops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSummary>,
 }
 
 /// What `GET /api/v1/drift` answers.
@@ -63,6 +68,7 @@ pub fn report(
         sketch: WindowSketch,
         devices: std::collections::BTreeSet<&'a str>,
         windows: usize,
+        shadow: Option<ShadowSummary>,
     }
     let mut merged: BTreeMap<(u64, &str), Merge> = BTreeMap::new();
     let mut skipped = 0;
@@ -83,9 +89,19 @@ pub fn report(
             sketch: WindowSketch::default(),
             devices: Default::default(),
             windows: 0,
+            shadow: None,
         });
         // Both fit the version's layout, checked above.
         let _ = entry.sketch.merge(&sketch);
+        let shadow = window.shadow.as_deref().and_then(|b| proto::wire::decode::<ShadowSummary>("shadow", b).ok());
+        match (&mut entry.shadow, shadow) {
+            (None, Some(s)) => entry.shadow = Some(s),
+            // A candidate of another shape (or version) in the same bucket is left out.
+            (Some(merged), Some(s)) => {
+                let _ = merged.merge(&s);
+            }
+            (_, None) => {}
+        }
         entry.devices.insert(window.device.as_str());
         entry.windows += 1;
     }
@@ -100,6 +116,7 @@ pub fn report(
                 devices: m.devices.len(),
                 windows: m.windows,
                 verdict,
+                shadow: m.shadow,
             })
         })
         .collect();
@@ -146,7 +163,7 @@ mod tests {
     }
 
     fn device(id: &str, site: &str) -> DeviceInfo {
-        DeviceInfo { id: id.into(), labels: [("site".to_string(), site.to_string())].into(), active_version: None }
+        DeviceInfo { id: id.into(), labels: [("site".to_string(), site.to_string())].into(), ..Default::default() }
     }
 
     #[test]
@@ -171,6 +188,25 @@ mod tests {
         assert_eq!((fleet.buckets.len(), fleet.buckets[0].windows), (1, 4));
         let later = report("m", &windows, &devices, &BTreeMap::new(), 3600, 7_000_000, &references);
         assert_eq!(later.buckets.len(), 1);
+    }
+
+    #[test]
+    fn a_shadow_candidates_windows_merge_into_the_bucket_of_the_version_beside_it() {
+        let devices = [device("a1", "plant-a"), device("a2", "plant-a")];
+        let shadowed = |device: &str, agree: bool| {
+            let mut s = ShadowSummary::empty("2.0.0", 2);
+            s.observe(&[0.9, 0.1], if agree { &[0.8, 0.2] } else { &[0.2, 0.8] }, 40);
+            s.dropped = 1;
+            let mut w = window(device, 0, 0.0);
+            w.shadow = Some(proto::wire::encode(&s));
+            w
+        };
+        let references = [("1.0.0".to_string(), reference())].into();
+        let windows = [shadowed("a1", true), shadowed("a2", false), window("a2", 10, 0.0)];
+        let r = report("m", &windows, &devices, &BTreeMap::new(), 3600, 0, &references);
+        let shadow = r.buckets[0].shadow.as_ref().expect("the bucket carries the shadow comparison");
+        assert_eq!((shadow.version.as_str(), shadow.rows, shadow.agree, shadow.dropped), ("2.0.0", 2, 1, 2));
+        assert_eq!(shadow.flips, vec![1, 1, 0, 0]);
     }
 
     #[test]

@@ -144,6 +144,7 @@ mod tests {
                 estimated_accuracy: None,
                 reference_accuracy: None,
             },
+            shadow: None,
         }
     }
 
