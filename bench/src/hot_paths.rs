@@ -138,6 +138,7 @@ pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
             id: format!("dev-{i:06}"),
             labels: [("site".to_string(), format!("s{}", i % 7))].into(),
             active_version: Some("1.0.0".into()),
+            ..Default::default()
         })
         .collect();
     let plan: proto::rollout::RolloutPlan = toml::from_str(

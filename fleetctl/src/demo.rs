@@ -342,7 +342,12 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
         info.name, info.version, info.size, info.signed_by
     ));
     let deployed = client
-        .deploy(&DeployRequest { model: info.name.clone(), version: info.version.clone(), devices: None })
+        .deploy(&DeployRequest {
+            model: info.name.clone(),
+            version: info.version.clone(),
+            devices: None,
+            selector: None,
+        })
         .await?;
     progress(&format!(
         "deployed to {} devices; waiting for download, verification, self-test and activation",

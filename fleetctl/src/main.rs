@@ -119,9 +119,13 @@ enum Command {
         model: String,
         #[arg(long)]
         version: String,
-        /// Comma-separated device ids; all devices when omitted.
-        #[arg(long, value_delimiter = ',')]
+        /// Comma-separated device ids: exactly these, now. Without it the deployment targets a
+        /// selector: every matching device now, and devices that match later (newly enrolled).
+        #[arg(long, value_delimiter = ',', conflicts_with = "selector")]
         devices: Option<Vec<String>>,
+        /// key=value labels a device must have (repeatable); every device when omitted.
+        #[arg(long = "selector", value_name = "KEY=VALUE")]
+        selector: Vec<String>,
         /// Follow the deployment until every targeted device is active, failed or timed out;
         /// exits non-zero unless all are active.
         #[arg(long)]
@@ -441,9 +445,10 @@ async fn main() -> Result<()> {
             println!("{}", fleetctl::broker_setup::write(&out, &bind, port, tls)?);
             Ok(())
         }
-        Command::Deploy { model, version, devices, wait, timeout_secs, server } => {
+        Command::Deploy { model, version, devices, selector, wait, timeout_secs, server } => {
             let client = server.client()?;
-            let request = DeployRequest { model: model.clone(), version: version.clone(), devices };
+            let selector = if devices.is_some() { None } else { Some(label_pairs(&selector)?) };
+            let request = DeployRequest { model: model.clone(), version: version.clone(), devices, selector };
             let response = client.deploy(&request).await?;
             println!("desired on {} device(s): {}", response.devices.len(), response.devices.join(", "));
             if wait {
@@ -497,11 +502,7 @@ async fn main() -> Result<()> {
         }
         Command::Rollout(command) => rollout(command).await,
         Command::Label { device, labels, server } => {
-            let mut map = std::collections::BTreeMap::new();
-            for pair in &labels {
-                let Some((key, value)) = pair.split_once('=') else { bail!("label {pair:?} must look like key=value") };
-                map.insert(key.to_string(), value.to_string());
-            }
+            let map = label_pairs(&labels)?;
             server.client()?.set_labels(&device, &map).await?;
             println!("{device}: {} label(s) set", map.len());
             Ok(())
@@ -825,4 +826,14 @@ async fn rollout(command: RolloutCommand) -> Result<()> {
     };
     let client = FleetClient::new(&args.server.server, &args.server.token);
     show_rollout(&client.rollout_action(&args.id, action).await?, args.json)
+}
+
+/// `key=value` arguments as labels.
+fn label_pairs(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut map = std::collections::BTreeMap::new();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else { bail!("label {pair:?} must look like key=value") };
+        map.insert(key.to_string(), value.to_string());
+    }
+    Ok(map)
 }

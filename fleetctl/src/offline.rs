@@ -145,7 +145,9 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<Offlin
         agents.len()
     ));
     client.publish(fixture_bundle(&secret, "1.0.0", MODEL)?).await?;
-    client.deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None }).await?;
+    client
+        .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None, selector: None })
+        .await?;
     wait_for("every agent to activate tabular 1.0.0", options.timeout, || async {
         for agent in &agents {
             if !agent.engine.active().await.contains_key("tabular") {

@@ -72,6 +72,7 @@ pub fn plan(scenario: Scenario, version: &str) -> RolloutPlan {
             ..HealthGates::default()
         },
         shadow_sample_rate: 0.25,
+        max_concurrent_per: None,
     };
     if scenario == Scenario::Shadow {
         plan.waves[0].shadow = true;

@@ -117,6 +117,19 @@ pub struct RolloutPlan {
     /// Share of live requests a shadow wave's devices copy to the candidate.
     #[serde(default = "defaults::shadow_sample_rate")]
     pub shadow_sample_rate: f64,
+    /// A second disruption budget per value of a label: devices that share one site's uplink
+    /// download a few at a time (`{ label = "site", count = 2 }`). Devices without the label
+    /// are bound by `max_concurrent` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per: Option<GroupBudget>,
+}
+
+/// At most `count` devices with the same value of `label` install at once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupBudget {
+    pub label: String,
+    pub count: usize,
 }
 
 mod defaults {
@@ -207,6 +220,14 @@ impl RolloutPlan {
         if self.min_executed == 0 {
             return Err(invalid("min_executed", "must be at least 1"));
         }
+        if let Some(budget) = &self.max_concurrent_per {
+            if budget.label.is_empty() || budget.label.len() > 64 {
+                return Err(invalid("max_concurrent_per.label", "must be a label key of 1-64 characters"));
+            }
+            if budget.count == 0 {
+                return Err(invalid("max_concurrent_per.count", "must be at least 1"));
+            }
+        }
         let g = &self.gates;
         for (field, value) in [
             ("gates.max_error_rate_increase", g.max_error_rate_increase),
@@ -258,6 +279,23 @@ waves = [{ percent = 1.0 }, { percent = 10.0 }, { percent = 50.0 }, { percent = 
     }
 
     #[test]
+    fn a_per_site_download_budget_reads_from_toml() {
+        let p: RolloutPlan = toml::from_str(
+            "model = \"m\"\nversion = \"1.0.0\"\nwaves = [{percent = 100.0}]\nmax_concurrent_per = { label = \"site\", count = 2 }",
+        )
+        .unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.max_concurrent_per, Some(GroupBudget { label: "site".into(), count: 2 }));
+    }
+
+    #[test]
+    fn the_example_plan_the_readme_shows_validates() {
+        let p: RolloutPlan = toml::from_str(include_str!("../../tests/fixtures/rollouts/tabular-2.0.0.toml")).unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.max_concurrent_per.map(|b| (b.label, b.count)), Some(("site".to_string(), 2)));
+    }
+
+    #[test]
     fn wave_targets_round_up_and_never_exceed_the_cohort() {
         let p = plan();
         assert_eq!((0..4).map(|w| p.wave_target(w, 250)).collect::<Vec<_>>(), vec![3, 25, 125, 250]);
@@ -283,6 +321,9 @@ waves = [{ percent = 1.0 }, { percent = 10.0 }, { percent = 50.0 }, { percent = 
         let mut p = plan();
         p.version = "two".into();
         assert_eq!(p.validate().unwrap_err().field, "version");
+        let mut p = plan();
+        p.max_concurrent_per = Some(GroupBudget { label: "site".into(), count: 0 });
+        assert_eq!(p.validate().unwrap_err().field, "max_concurrent_per.count");
         let err = toml::from_str::<RolloutPlan>("model = \"m\"\nversion = \"1.0.0\"\nwaves = []\nholdouts = 0.1")
             .unwrap_err();
         assert!(err.message().contains("holdouts"), "{}", err.message());

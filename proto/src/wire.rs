@@ -325,9 +325,14 @@ pub struct BundleInfo {
 pub struct DeployRequest {
     pub model: String,
     pub version: String,
-    /// Device ids; all devices when absent.
+    /// Device ids, a list fixed now. Absent: every device matching `selector`, now and later.
     #[serde(default)]
     pub devices: Option<Vec<String>>,
+    /// Labels a device must have (all devices when absent or empty). The version becomes the
+    /// default of the devices it selects: one enrolled or relabelled later gets it too, unless
+    /// it was already told to run a version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -491,10 +496,15 @@ pub enum AuditAction {
     RetrainRequested,
     /// A shadow wave's candidate agreed enough with the active version: it is being activated.
     ShadowPassed,
+    /// A device came to match an active rollout's selector and joined it.
+    Joined,
+    /// A version became the default for devices that match a selector and have none yet
+    /// (a completed rollout, or a deployment to a selector).
+    CohortDefault,
 }
 
 impl AuditAction {
-    const ALL: [AuditAction; 22] = [
+    const ALL: [AuditAction; 24] = [
         AuditAction::Created,
         AuditAction::Pause,
         AuditAction::Resume,
@@ -517,6 +527,8 @@ impl AuditAction {
         AuditAction::RootPublished,
         AuditAction::RetrainRequested,
         AuditAction::ShadowPassed,
+        AuditAction::Joined,
+        AuditAction::CohortDefault,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -543,6 +555,8 @@ impl AuditAction {
             AuditAction::RootPublished => "root_published",
             AuditAction::RetrainRequested => "retrain_requested",
             AuditAction::ShadowPassed => "shadow_passed",
+            AuditAction::Joined => "joined",
+            AuditAction::CohortDefault => "cohort_default",
         }
     }
 

@@ -211,7 +211,7 @@ impl Fleet {
 
     pub async fn deploy_all(&self, model: &str, version: &str) {
         self.client
-            .deploy(&DeployRequest { model: model.into(), version: version.into(), devices: None })
+            .deploy(&DeployRequest { model: model.into(), version: version.into(), devices: None, selector: None })
             .await
             .unwrap();
     }

@@ -110,7 +110,12 @@ async fn reports_and_telemetry_sent_through_outages_are_stored_exactly_once() {
     }
     client.publish(fixture_bundle(&secret, "1.0.0", MLP).unwrap()).await.unwrap();
     client
-        .deploy(&proto::wire::DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None })
+        .deploy(&proto::wire::DeployRequest {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            devices: None,
+            selector: None,
+        })
         .await
         .unwrap();
     wait_for("tabular 1.0.0 active on every agent", TIMEOUT, || async {

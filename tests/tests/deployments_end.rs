@@ -30,7 +30,8 @@ async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_complete
     let deploy = |version: &'static str| {
         let client = client.clone();
         async move {
-            let request = DeployRequest { model: "tabular".into(), version: version.into(), devices: None };
+            let request =
+                DeployRequest { model: "tabular".into(), version: version.into(), devices: None, selector: None };
             client.deploy(&request).await.unwrap();
         }
     };
@@ -99,7 +100,10 @@ async fn a_download_over_a_16_kbit_link_that_drops_completes_by_resuming() {
         .unwrap();
     proxy.set(Mode::Drop, size as usize / 4);
     let started = std::time::Instant::now();
-    client.deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None }).await.unwrap();
+    client
+        .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None, selector: None })
+        .await
+        .unwrap();
     wait_for("1.0.0 to arrive over the slow, dropping link", Duration::from_secs(600), || async {
         let devices = client.devices().await.ok()?;
         let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();

@@ -134,7 +134,8 @@ async fn an_agent_killed_at_random_moments_always_restarts_serving_a_verified_mo
         // Flip the desired version now and then, so kills land inside updates.
         if cycle % 3 == 0 {
             let version = if (cycle / 3) % 2 == 0 { "2.0.0" } else { "1.0.0" };
-            let request = DeployRequest { model: "tabular".into(), version: version.into(), devices: None };
+            let request =
+                DeployRequest { model: "tabular".into(), version: version.into(), devices: None, selector: None };
             if client.devices().await.map(|d| !d.is_empty()).unwrap_or(false) {
                 client.deploy(&request).await.unwrap();
             }
@@ -144,7 +145,12 @@ async fn an_agent_killed_at_random_moments_always_restarts_serving_a_verified_mo
                 .await
                 .unwrap();
             client
-                .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None })
+                .deploy(&DeployRequest {
+                    model: "tabular".into(),
+                    version: "1.0.0".into(),
+                    devices: None,
+                    selector: None,
+                })
                 .await
                 .unwrap();
         }

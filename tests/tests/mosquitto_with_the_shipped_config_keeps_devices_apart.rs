@@ -117,7 +117,10 @@ async fn the_shipped_mosquitto_config_authenticates_devices_and_keeps_them_apart
     wait_for("enrollment", TIMEOUT, || async { (client.devices().await.ok()?.len() == 2).then_some(()) })
         .await
         .unwrap();
-    client.deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None }).await.unwrap();
+    client
+        .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None, selector: None })
+        .await
+        .unwrap();
     wait_for("1.0.0 active everywhere, reported over Mosquitto", TIMEOUT, || async {
         let devices = client.devices().await.ok()?;
         let active = devices.iter().all(|d| d.models.iter().any(|m| m.active_version.as_deref() == Some("1.0.0")));
@@ -149,7 +152,12 @@ async fn the_shipped_mosquitto_config_authenticates_devices_and_keeps_them_apart
     a_client.publish(b_desired.clone(), QoS::AtLeastOnce, false, b"from a".to_vec()).await.unwrap();
     // The server's own notification to b, which a must not see.
     client
-        .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: Some(vec![b.clone()]) })
+        .deploy(&DeployRequest {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            devices: Some(vec![b.clone()]),
+            selector: None,
+        })
         .await
         .unwrap();
     let got = tokio::time::timeout(TIMEOUT, b_seen.recv()).await.unwrap().unwrap();

@@ -23,7 +23,7 @@ async fn a_viewer_reads_an_operator_deploys_and_only_an_admin_manages_identities
     let url = fleet.server.url();
     let (viewer, operator) = (FleetClient::new(&url, &vera.token), FleetClient::new(&url, &otto.token));
     let bundle = fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap();
-    let deploy = DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None };
+    let deploy = DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None, selector: None };
 
     // The viewer reads everything and changes nothing.
     assert_eq!(viewer.devices().await.unwrap().len(), 1);

@@ -45,7 +45,12 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
         .await
         .unwrap();
     client
-        .deploy(&proto::wire::DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None })
+        .deploy(&proto::wire::DeployRequest {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            devices: None,
+            selector: None,
+        })
         .await
         .unwrap();
     wait_for("1.0.0 everywhere", TIMEOUT, || async {
@@ -73,6 +78,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
         on_breach: OnBreach::Rollback,
         gates: Default::default(),
         shadow_sample_rate: 0.1,
+        max_concurrent_per: None,
     };
     let id = client.start_rollout(&plan).await.unwrap().rollout.id;
     let before = wait_for("wave 1 to pass and soak", TIMEOUT, || async {

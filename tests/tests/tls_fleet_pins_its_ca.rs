@@ -56,7 +56,10 @@ async fn an_agent_pinning_the_fleet_ca_works_end_to_end_over_tls() {
     })
     .await
     .unwrap();
-    client.deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None }).await.unwrap();
+    client
+        .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None, selector: None })
+        .await
+        .unwrap();
     let device = agent.device_id().unwrap();
     wait_for("1.0.0 active, reported over MQTT with TLS", TIMEOUT, || async {
         let devices = client.devices().await.ok()?;

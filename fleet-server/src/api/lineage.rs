@@ -173,8 +173,8 @@ mod tests {
                 .unwrap();
         let devices = [crate::rollout::DeviceInfo {
             id: "dev-1".into(),
-            labels: Default::default(),
             active_version: Some("1.0.0".into()),
+            ..Default::default()
         }];
         let mut rollout = crate::rollout::create::create("ro-1", plan, &devices, &Default::default(), 0).unwrap();
         rollout.members.get_mut("dev-1").unwrap().status = MemberStatus::Active;

@@ -96,7 +96,7 @@ pub async fn deploy(
     let who = state.require(&headers, Role::Operator).await?;
     let Json(request) = body.map_err(|e| {
         ApiError::BadRequest(format!(
-            "deployment body must be {{\"model\", \"version\", \"devices\"?}}: {}",
+            "deployment body must be {{\"model\", \"version\", \"devices\"? or \"selector\"?}}: {}",
             e.body_text()
         ))
     })?;
@@ -107,16 +107,17 @@ pub async fn deploy(
             request.model, request.version
         )));
     }
-    let known = blocking(&state.store, |s| s.device_ids()).await?;
-    let devices = match request.devices {
-        None => known,
-        Some(wanted) => {
-            if let Some(unknown) = wanted.iter().find(|d| !known.contains(d)) {
-                return Err(ApiError::NotFound(format!("device {unknown:?} is not enrolled")));
-            }
-            wanted
-        }
+    if request.devices.is_some() && request.selector.is_some() {
+        return Err(ApiError::BadRequest("give either \"devices\" or \"selector\", not both".into()));
+    }
+    let Some(wanted) = request.devices.clone() else {
+        return deploy_to_selector(&state, who.name, request).await;
     };
+    let known = blocking(&state.store, |s| s.device_ids()).await?;
+    if let Some(unknown) = wanted.iter().find(|d| !known.contains(d)) {
+        return Err(ApiError::NotFound(format!("device {unknown:?} is not enrolled")));
+    }
+    let devices = wanted;
     let (targets, model, version) = (devices.clone(), request.model.clone(), request.version.clone());
     let revisions = blocking(&state.store, move |s| s.set_desired(&targets, &model, &version)).await?;
     for (device, revision) in revisions {
@@ -130,6 +131,53 @@ pub async fn deploy(
         format!("{} {} on {} devices", request.model, request.version, devices.len()),
     )
     .await?;
+    Ok(Json(DeployResponse { devices }))
+}
+
+/// A deployment to a selector: the devices matching it now, and (as the selector's cohort
+/// default) the ones that match later with no version of the model yet.
+async fn deploy_to_selector(
+    state: &AppState,
+    actor: String,
+    request: DeployRequest,
+) -> Result<Json<DeployResponse>, ApiError> {
+    let selector = request.selector.unwrap_or_default();
+    super::validate_labels(&selector)?;
+    let model = request.model.clone();
+    let infos = blocking(&state.store, move |s| s.device_infos(&model)).await?;
+    let devices: Vec<String> = infos
+        .into_iter()
+        .filter(|d| !d.revoked && proto::cohort::matches(&selector, &d.labels))
+        .map(|d| d.id)
+        .collect();
+    let now = crate::unix_ms();
+    let default = crate::rollout::CohortDefault {
+        source: format!("deploy-{}", hex::encode(rand::random::<[u8; 4]>())),
+        model: request.model.clone(),
+        selector: selector.clone(),
+        version: request.version.clone(),
+        at_ms: now,
+    };
+    let audit = proto::wire::AuditEntry {
+        at_ms: now,
+        actor,
+        rollout: None,
+        action: AuditAction::Deploy,
+        detail: format!(
+            "{} {} on {} devices matching {} and on devices that match later ({})",
+            request.model,
+            request.version,
+            devices.len(),
+            serde_json::to_string(&selector).unwrap_or_default(),
+            default.source
+        ),
+    };
+    let targets = devices.clone();
+    let revisions = blocking(&state.store, move |s| s.deploy_to_selector(&default, &targets, &audit)).await?;
+    for (device, revision) in revisions {
+        state.notifier.desired_changed(&device, revision);
+    }
+    tracing::info!(model = %request.model, version = %request.version, devices = devices.len(), "deployment to a selector set");
     Ok(Json(DeployResponse { devices }))
 }
 

@@ -42,29 +42,16 @@ pub fn create(
 ) -> Result<Rollout, RolloutError> {
     plan.validate()?;
     let salt = id.to_string();
-    let cohort: Vec<&DeviceInfo> = devices.iter().filter(|d| matches(&plan.selector, &d.labels)).collect();
+    let cohort: Vec<&DeviceInfo> =
+        devices.iter().filter(|d| !d.revoked && matches(&plan.selector, &d.labels)).collect();
     if cohort.is_empty() {
         return Err(RolloutError::EmptyCohort(format!("{:?}", plan.selector)));
     }
     if let Some((device, rollout)) = cohort.iter().find_map(|d| busy.get(&d.id).map(|r| (d.id.clone(), r.clone()))) {
         return Err(RolloutError::Overlap { device, rollout, model: plan.model.clone() });
     }
-    let mut members = BTreeMap::new();
-    for device in &cohort {
-        let b = bucket(&device.id, &salt);
-        members.insert(
-            device.id.clone(),
-            Member {
-                holdout: b < plan.holdout,
-                bucket: b,
-                previous_version: device.active_version.clone(),
-                wave: None,
-                assigned_ms: None,
-                status: MemberStatus::Waiting,
-                attempt: 0,
-            },
-        );
-    }
+    let members: BTreeMap<String, Member> =
+        cohort.iter().map(|device| (device.id.clone(), new_member(device, &plan, &salt, false))).collect();
     let mut order: Vec<(&String, f64)> =
         members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
     order.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)));
@@ -88,6 +75,59 @@ pub fn create(
         members,
         order,
     })
+}
+
+/// A device entering a rollout: its stable bucket puts it in the holdout or in the eligible order.
+/// The rollback target is what it runs, or else what it was last told to run.
+fn new_member(device: &DeviceInfo, plan: &RolloutPlan, salt: &str, late: bool) -> Member {
+    let b = bucket(&device.id, salt);
+    Member {
+        holdout: b < plan.holdout,
+        bucket: b,
+        previous_version: device.active_version.clone().or_else(|| device.desired_version.clone()),
+        wave: None,
+        assigned_ms: None,
+        status: MemberStatus::Waiting,
+        attempt: 0,
+        budget_group: plan.max_concurrent_per.as_ref().and_then(|budget| device.labels.get(&budget.label).cloned()),
+        late,
+    }
+}
+
+/// Devices that came to match a running or paused rollout's selector after it started (newly
+/// enrolled, or relabelled) and are held by no other active rollout of the model join it by
+/// their stable bucket: the holdout, or the eligible order at their bucket's place, so the
+/// current wave takes them when their bucket falls inside its share and a later wave otherwise.
+/// A member whose labels stop matching stays a member. `None` when nobody joins.
+pub fn admit_late_joiners(current: &Rollout, devices: &[DeviceInfo], busy: &Busy) -> Option<Decision> {
+    if !current.phase.is_active() {
+        return None;
+    }
+    let joiners: Vec<&DeviceInfo> = devices
+        .iter()
+        .filter(|d| !d.revoked && matches(&current.plan.selector, &d.labels))
+        .filter(|d| !current.members.contains_key(&d.id))
+        .filter(|d| busy.get(&d.id).is_none_or(|holder| *holder == current.id))
+        .collect();
+    if joiners.is_empty() {
+        return None;
+    }
+    let mut r = current.clone();
+    let mut effects = Vec::new();
+    for device in joiners {
+        let member = new_member(device, &r.plan, &r.salt, true);
+        let place = if member.holdout {
+            "the holdout".to_string()
+        } else {
+            let key = (member.bucket, device.id.as_str());
+            let at = r.order.partition_point(|id| (r.members[id].bucket, id.as_str()) < key);
+            r.order.insert(at, device.id.clone());
+            format!("position {} of {} in wave order", at + 1, r.order.len())
+        };
+        effects.push(Effect::Audit { action: AuditAction::Joined, detail: format!("{} joined {place}", device.id) });
+        r.members.insert(device.id.clone(), member);
+    }
+    Some(Decision { rollout: r, effects })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -168,19 +168,30 @@ pub fn revert_touched(r: &mut Rollout, effects: &mut Vec<Effect>) {
     }
 }
 
-/// Assigns waiting members of the current wave, within the disruption budget. In a shadow
+/// Assigns waiting members of the current wave, within the disruption budget and, when the plan
+/// has one, the budget per label value (devices sharing a site's uplink). In a shadow
 /// wave's shadow phase they run the candidate in shadow beside what they run (a device that runs
 /// no version of the model has nothing to compare with and waits for the activation); after it,
 /// shadowing members are activated like waiting ones.
 fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, shadow_phase: bool, effects: &mut Vec<Effect>) {
     let in_flight = r.members.values().filter(|m| m.status.in_flight()).count();
     let mut budget = r.plan.max_concurrent.saturating_sub(in_flight);
+    let group_cap = r.plan.max_concurrent_per.as_ref().map_or(usize::MAX, |b| b.count);
+    let mut group_in_flight: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for group in r.members.values().filter(|m| m.status.in_flight()).filter_map(|m| m.budget_group.clone()) {
+        *group_in_flight.entry(group).or_default() += 1;
+    }
     let wave = r.wave;
     for id in &r.order[..target] {
         if budget == 0 {
             break;
         }
         let Some(member) = r.members.get_mut(id) else { continue };
+        let group_full =
+            member.budget_group.as_ref().is_some_and(|g| group_in_flight.get(g).copied().unwrap_or(0) >= group_cap);
+        if group_full {
+            continue;
+        }
         let effect = match (&member.status, shadow_phase, &member.previous_version) {
             (MemberStatus::Waiting, true, Some(previous)) => {
                 member.status = MemberStatus::ShadowAssigned;
@@ -204,6 +215,9 @@ fn assign(r: &mut Rollout, target: usize, now_ms: u64, version: &str, shadow_pha
         };
         member.assigned_ms = Some(now_ms);
         member.wave = Some(wave);
+        if let Some(group) = &member.budget_group {
+            *group_in_flight.entry(group.clone()).or_default() += 1;
+        }
         effects.push(effect);
         budget -= 1;
     }

@@ -38,6 +38,7 @@ fn plan_judging(waves: &[f64], holdout: f64) -> RolloutPlan {
         on_breach: OnBreach::Rollback,
         gates: Default::default(),
         shadow_sample_rate: 0.1,
+        max_concurrent_per: None,
     }
 }
 
@@ -47,6 +48,7 @@ fn devices(n: usize) -> Vec<DeviceInfo> {
             id: format!("dev-{i:03}"),
             labels: [("site".to_string(), if i % 2 == 0 { "a" } else { "b" }.to_string())].into(),
             active_version: Some("1.0.0".into()),
+            ..Default::default()
         })
         .collect()
 }
@@ -545,4 +547,58 @@ fn a_shadow_wave_whose_devices_cannot_install_the_candidate_fails_on_its_success
     let d = decide(&p, &obs, T0 + 1);
     assert_eq!(d.rollout.phase, Phase::RolledBack);
     assert_eq!(breaches(&d), vec![GateBreach::WaveSuccess { wave: 0, active: 8, target: 10, threshold: 0.9 }]);
+}
+
+/// One gate at a time: the wave reports metrics equal to the holdout's except `spoil` changes
+/// one of them; the rollout must stop on exactly that gate.
+fn breached_alone(spoil: impl Fn(&mut VersionMetrics)) -> Vec<GateBreach> {
+    let r = rollout(plan_judging(&[30.0, 100.0], 0.3), 40);
+    let r = decide(&r, &BTreeMap::new(), T0).rollout;
+    let mut candidate = metrics(300, vec![100, 100, 100], 0.75);
+    spoil(&mut candidate);
+    let obs = observe_groups(
+        &r,
+        with_metrics("2.0.0", candidate),
+        with_metrics("1.0.0", metrics(300, vec![100, 100, 100], 0.75)),
+    );
+    breaches(&decide(&r, &obs, T0 + 1))
+}
+
+#[test]
+fn healthy_metrics_equal_to_the_holdouts_breach_no_gate() {
+    assert_eq!(breached_alone(|_| {}), vec![]);
+}
+
+#[test]
+fn a_shifted_prediction_distribution_breaches_the_prediction_gate_alone() {
+    let b = breached_alone(|m| m.sketch.outputs.classes = vec![280, 10, 10]);
+    assert!(matches!(b[..], [GateBreach::PredictionPsi { psi, max }] if psi > 0.25 && max == 0.25), "{b:?}");
+}
+
+#[test]
+fn a_higher_error_rate_breaches_the_error_gate_alone() {
+    let b = breached_alone(|m| m.errors = 30);
+    assert!(
+        matches!(b[..], [GateBreach::ErrorRate { candidate, control, .. }] if candidate == 0.1 && control == 0.0),
+        "{b:?}"
+    );
+}
+
+#[test]
+fn a_slower_model_breaches_the_latency_gate_alone() {
+    let b = breached_alone(|m| m.latency_p95_us = Some(500.0));
+    assert!(
+        matches!(b[..], [GateBreach::LatencyP95 { candidate_us, control_us, max_ratio }]
+        if candidate_us == 500.0 && control_us == 50.0 && max_ratio == 3.0),
+        "{b:?}"
+    );
+}
+
+#[test]
+fn inputs_that_drift_more_than_the_holdouts_breach_the_input_drift_gate_alone() {
+    let b = breached_alone(|m| m.input_drift = Some(0.9));
+    assert!(
+        matches!(b[..], [GateBreach::InputDrift { candidate, control, .. }] if (candidate - 0.9).abs() < 1e-9 && (control - 0.02).abs() < 1e-9),
+        "{b:?}"
+    );
 }

@@ -13,13 +13,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::create::{busy_devices, create, operate, OperatorAction, RolloutError};
+use super::cohort_default::{newcomer_versions, CohortDefault};
+use super::create::{admit_late_joiners, busy_devices, create, operate, OperatorAction, RolloutError};
 use super::decide::{decide, Decision};
-use super::state::{Effect, MemberStatus, Rollout};
+use super::state::{DeviceInfo, Effect, MemberStatus, Rollout};
 use crate::drift::ModelDrift;
 use crate::ingest::Notifier;
 use crate::store::{DesiredChange, ObservationRows, Store, StoreError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -135,14 +136,85 @@ impl Driver {
         self.commit(decision, &actor).await
     }
 
+    /// Per model with an active rollout or a cohort default: newcomers get their default, devices
+    /// that came to match an active rollout join it, then each running rollout decides.
     async fn tick(&self) -> Result<(), DriverError> {
-        let rollouts = self.blocking(|s| s.rollouts()).await?;
-        for rollout in rollouts.into_iter().filter(|r| r.phase == super::Phase::Running) {
+        let (rollouts, defaults) = self.blocking(|s| Ok((s.rollouts()?, s.cohort_defaults()?))).await?;
+        let mut models: BTreeSet<String> = defaults.iter().map(|d| d.model.clone()).collect();
+        models.extend(rollouts.iter().filter(|r| r.phase.is_active()).map(|r| r.plan.model.clone()));
+        for model in models {
+            self.tick_model(&model, &rollouts, &defaults).await?;
+        }
+        Ok(())
+    }
+
+    async fn tick_model(
+        &self,
+        model: &str,
+        rollouts: &[Rollout],
+        defaults: &[CohortDefault],
+    ) -> Result<(), DriverError> {
+        let lookup = model.to_string();
+        let mut devices = self.blocking(move |s| s.device_infos(&lookup)).await?;
+        self.give_newcomers_their_default(model, &mut devices, defaults).await?;
+        let mut busy = busy_devices(rollouts.iter(), model);
+        for rollout in rollouts.iter().filter(|r| r.phase.is_active() && r.plan.model == model) {
+            let mut rollout = rollout.clone();
+            if let Some(joined) = admit_late_joiners(&rollout, &devices, &busy) {
+                rollout = self.commit(joined, "engine").await?;
+                busy.extend(rollout.members.keys().map(|id| (id.clone(), rollout.id.clone())));
+            }
+            if rollout.phase != super::Phase::Running {
+                continue;
+            }
             let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
             let (rows, references) = self.blocking(move |s| observation_inputs(s, &model, since)).await?;
             let decision = decide(&rollout, &super::observe(&rows, &references), crate::unix_ms());
             if decision.rollout != rollout || !decision.effects.is_empty() {
                 self.commit(decision, "engine").await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Devices never told to run a version of `model` that match one of its cohort defaults are
+    /// told to run the newest such default's version (one audit line per default).
+    async fn give_newcomers_their_default(
+        &self,
+        model: &str,
+        devices: &mut [DeviceInfo],
+        defaults: &[CohortDefault],
+    ) -> Result<(), DriverError> {
+        let newcomers = newcomer_versions(model, devices, defaults);
+        if newcomers.is_empty() {
+            return Ok(());
+        }
+        let now = crate::unix_ms();
+        let mut by_source: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        for (device, version, source) in &newcomers {
+            by_source.entry((source.clone(), version.clone())).or_default().push(device.clone());
+        }
+        let audit: Vec<AuditEntry> = by_source
+            .into_iter()
+            .map(|((source, version), ids)| AuditEntry {
+                at_ms: now,
+                actor: "engine".into(),
+                rollout: source.starts_with("ro-").then(|| source.clone()),
+                action: AuditAction::CohortDefault,
+                detail: format!(
+                    "{} newcomer(s) run {model} {version}, the default of {source}: {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+            })
+            .collect();
+        let pairs: Vec<(String, String)> = newcomers.iter().map(|(d, v, _)| (d.clone(), v.clone())).collect();
+        let model_name = model.to_string();
+        let revisions = self.blocking(move |s| s.apply_cohort_defaults(&model_name, &pairs, &audit)).await?;
+        self.notify(revisions);
+        for device in devices.iter_mut() {
+            if let Some((_, version, _)) = newcomers.iter().find(|(id, _, _)| *id == device.id) {
+                device.desired_version = Some(version.clone());
             }
         }
         Ok(())
@@ -251,7 +323,7 @@ mod tests {
             broker_hash: String::new(),
         };
         store.insert_device(&new).unwrap();
-        DeviceInfo { id: "d1".into(), labels: Default::default(), active_version: Some("1.0.0".into()) }
+        DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() }
     }
 
     /// Waits until the driver has handled a command, so its start-up work is done.

@@ -5,6 +5,7 @@
 //! re-asserts every member's desired version on each tick, so a server killed mid-rollout resumes
 //! exactly where it was.
 
+pub mod cohort_default;
 pub mod create;
 pub mod decide;
 pub mod driver;
@@ -12,6 +13,10 @@ pub mod gates;
 pub mod observe;
 pub mod state;
 
+pub use cohort_default::CohortDefault;
 pub use decide::{decide, Decision};
 pub use observe::observe;
 pub use state::{DeviceInfo, Effect, Member, MemberStatus, Observations, Phase, Rollout};
+
+#[cfg(test)]
+mod membership_tests;

@@ -89,6 +89,12 @@ pub struct Member {
     pub status: MemberStatus,
     /// Incremented by "retry failed" so the device tries the same version again.
     pub attempt: u32,
+    /// The device's value of the plan's `max_concurrent_per` label, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_group: Option<String>,
+    /// Joined after the rollout started (enrolled or relabelled into its selector).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 /// How a group of devices behaved over the judged window.
@@ -149,11 +155,15 @@ pub struct Rollout {
 }
 
 /// An enrolled device as a rollout's cohort selection sees it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct DeviceInfo {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub active_version: Option<String>,
+    /// The version the server last asked it to run, if it asked.
+    pub desired_version: Option<String>,
+    /// Revoked devices join no rollout and get no cohort default.
+    pub revoked: bool,
 }
 
 /// Every device's observation of the rollout's model, by device id (built by `observe`).

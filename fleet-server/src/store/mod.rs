@@ -8,7 +8,7 @@ use proto::delivery::{DeliveryEvent, DeliveryView, TelemetryAck, TelemetryRow};
 use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep};
 
 use crate::drift::retrain::Watch;
-use crate::rollout::{DeviceInfo, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
 use proto::events::RetrainEvent;
 pub use sqlite::SqliteStore;
 use thiserror::Error;
@@ -253,12 +253,30 @@ pub trait Store: Send + Sync + 'static {
     /// Every device's delivery counters.
     fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError>;
 
-    /// Devices with labels and the version of `model` they run.
+    /// Every cohort default (`rollout::cohort_default`), of every model.
+    fn cohort_defaults(&self) -> Result<Vec<CohortDefault>, StoreError>;
+    /// A deployment to a selector, in one transaction: the cohort default it leaves for
+    /// newcomers, `default.version` desired on `devices` (those matching now) and its audit line.
+    fn deploy_to_selector(
+        &self,
+        default: &CohortDefault,
+        devices: &[String],
+        audit: &AuditEntry,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Gives newcomers their cohort default: (device, version) of `model`, each written only if
+    /// the device still has no desired version of it, with the audit lines, in one transaction.
+    fn apply_cohort_defaults(
+        &self,
+        model: &str,
+        newcomers: &[(String, String)],
+        audit: &[AuditEntry],
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Unrevoked devices with labels, the version of `model` they run and the one they were told.
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError>;
     /// Every device's status row for `model` and its drift windows since `since_ms`, raw.
     fn observation_rows(&self, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError>;
     /// Writes the rollout state, its audit lines and the desired versions it sets in one
-    /// transaction; returns the devices whose revision changed (unchanged assertions are quiet).
+    /// transaction (and, once it has completed, its version as the cohort default); returns the devices whose revision changed (unchanged assertions are quiet).
     fn save_rollout(
         &self,
         rollout: &Rollout,

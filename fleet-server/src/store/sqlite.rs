@@ -17,7 +17,7 @@ use super::{
     SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
-use crate::rollout::{DeviceInfo, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::AuditEntry;
@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS telemetry (
     at_ms INTEGER NOT NULL, latency_us INTEGER NOT NULL, features BLOB NOT NULL, outputs BLOB NOT NULL,
     PRIMARY KEY (device, seq));
 CREATE INDEX IF NOT EXISTS telemetry_by_model ON telemetry (model, version, at_ms);
+CREATE TABLE IF NOT EXISTS cohort_defaults (
+    source TEXT PRIMARY KEY, model TEXT NOT NULL, selector TEXT NOT NULL, version TEXT NOT NULL,
+    at_ms INTEGER NOT NULL);
 ";
 
 /// One connection behind a mutex; every method is short and synchronous.
@@ -560,6 +563,28 @@ impl Store for SqliteStore {
 
     fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError> {
         delivery::views(&self.conn())
+    }
+
+    fn cohort_defaults(&self) -> Result<Vec<CohortDefault>, StoreError> {
+        rollouts::cohort_defaults(&self.conn())
+    }
+
+    fn deploy_to_selector(
+        &self,
+        default: &CohortDefault,
+        devices: &[String],
+        audit: &AuditEntry,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        rollouts::deploy_to_selector(&mut self.conn(), default, devices, audit)
+    }
+
+    fn apply_cohort_defaults(
+        &self,
+        model: &str,
+        newcomers: &[(String, String)],
+        audit: &[AuditEntry],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        rollouts::apply_cohort_defaults(&mut self.conn(), model, newcomers, audit)
     }
 
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {

@@ -4,8 +4,7 @@
 use proto::wire::{AuditEntry, UpdateStep};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::rollout::DeviceInfo;
-use crate::rollout::Rollout;
+use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
 /// The one desired-version upsert, inside the caller's transaction. `attempt` None keeps the
@@ -53,8 +52,9 @@ pub fn upsert_desired(
 
 pub fn device_infos(conn: &Connection, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT d.id, d.labels, s.active_version FROM devices d
-         LEFT JOIN model_status s ON s.device = d.id AND s.model = ?1 ORDER BY d.id",
+        "SELECT d.id, d.labels, s.active_version, w.version, d.revoked_ms IS NOT NULL FROM devices d
+         LEFT JOIN model_status s ON s.device = d.id AND s.model = ?1
+         LEFT JOIN desired w ON w.device = d.id AND w.model = ?1 ORDER BY d.id",
     )?;
     let rows = stmt.query_map(params![model], |r| {
         let labels: String = r.get(1)?;
@@ -62,9 +62,87 @@ pub fn device_infos(conn: &Connection, model: &str) -> Result<Vec<DeviceInfo>, S
             id: r.get(0)?,
             labels: serde_json::from_str(&labels).unwrap_or_default(),
             active_version: r.get(2)?,
+            desired_version: r.get(3)?,
+            revoked: r.get(4)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn cohort_defaults(conn: &Connection) -> Result<Vec<CohortDefault>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT source, model, selector, version, at_ms FROM cohort_defaults ORDER BY at_ms DESC")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get::<_, i64>(4)?))
+    })?;
+    rows.map(|row| {
+        let (source, model, selector, version, at_ms) = row?;
+        let selector = serde_json::from_str(&selector)
+            .map_err(|e| StoreError::Corrupt(format!("cohort default {source}'s selector: {e}")))?;
+        Ok(CohortDefault { source, model, selector, version, at_ms: at_ms as u64 })
+    })
+    .collect()
+}
+
+fn insert_cohort_default(tx: &Connection, d: &CohortDefault) -> Result<(), StoreError> {
+    let selector = serde_json::to_string(&d.selector).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    // A rollout saved again after it completed keeps the time it first became the default.
+    tx.execute(
+        "INSERT OR IGNORE INTO cohort_defaults (source, model, selector, version, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![d.source, d.model, selector, d.version, d.at_ms as i64],
+    )?;
+    Ok(())
+}
+
+pub fn deploy_to_selector(
+    conn: &mut Connection,
+    default: &CohortDefault,
+    devices: &[String],
+    audit: &AuditEntry,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let tx = conn.transaction()?;
+    insert_cohort_default(&tx, default)?;
+    let mut revisions = Vec::with_capacity(devices.len());
+    for device in devices {
+        if let Some(revision) = upsert_desired(&tx, device, &default.model, &default.version, None, None)? {
+            revisions.push((device.clone(), revision));
+        }
+    }
+    insert_audit(&tx, audit)?;
+    tx.commit()?;
+    Ok(revisions)
+}
+
+pub fn apply_cohort_defaults(
+    conn: &mut Connection,
+    model: &str,
+    newcomers: &[(String, String)],
+    audit: &[AuditEntry],
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let tx = conn.transaction()?;
+    let mut revisions = Vec::with_capacity(newcomers.len());
+    for (device, version) in newcomers {
+        // Only a device still without a desired version: a deployment since the caller read
+        // the devices wins.
+        let inserted = tx.execute(
+            "INSERT INTO desired (device, model, version, attempt) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT (device, model) DO NOTHING",
+            params![device, model, version],
+        )?;
+        if inserted == 1 {
+            let revision: i64 = tx.query_row(
+                "UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
+                params![device],
+                |r| r.get(0),
+            )?;
+            revisions.push((device.clone(), revision as u64));
+        }
+    }
+    for entry in audit {
+        insert_audit(&tx, entry)?;
+    }
+    tx.commit()?;
+    Ok(revisions)
 }
 
 /// The raw rows the rollout engine observes: every device's status of `model`, and its drift
@@ -137,6 +215,17 @@ pub fn save(
     )?;
     for entry in audit {
         insert_audit(&tx, entry)?;
+    }
+    if rollout.phase == Phase::Completed {
+        let at_ms = audit.iter().map(|e| e.at_ms).max().unwrap_or(rollout.created_ms);
+        let default = CohortDefault {
+            source: rollout.id.clone(),
+            model: rollout.plan.model.clone(),
+            selector: rollout.plan.selector.clone(),
+            version: rollout.plan.version.clone(),
+            at_ms,
+        };
+        insert_cohort_default(&tx, &default)?;
     }
     let mut revisions = Vec::new();
     for d in desired {
