@@ -15,13 +15,15 @@ async fn a_revoked_device_is_disconnected_refused_and_ignored_but_keeps_serving(
     let url = fleet.server.url();
     let (revoked, kept) = (fleet.agents[0].device_id().unwrap(), fleet.agents[1].device_id().unwrap());
     let (by_hand, credential) = enroll_by_hand(&url, &fleet.client).await;
+    // Published, and desired by nobody (the fleet's default for newcomers is 1.0.0).
+    fleet.publish(fixture_bundle(&fleet.secret, "2.0.0", MLP_V2).unwrap()).await;
     let http = edge_agent::http::client();
     let download = |credential: String| {
         let http = http.clone();
-        let url = format!("{url}/api/v1/bundles/tabular/1.0.0");
+        let url = format!("{url}/api/v1/bundles/tabular/2.0.0");
         async move { http.get(url).bearer_auth(credential).send().await.unwrap().status().as_u16() }
     };
-    assert_eq!(download(credential.clone()).await, 403, "1.0.0 is not in the hand-made device's desired state");
+    assert_eq!(download(credential.clone()).await, 403, "2.0.0 is not in the hand-made device's desired state");
 
     fleet.client.revoke_device(&revoked).await.unwrap();
     // Revoked while its MQTT session is open: the broker closes it.
