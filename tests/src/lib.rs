@@ -3,6 +3,7 @@
 
 pub mod proxy;
 pub mod stub;
+pub mod webdriver;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! enrollment; operators with a named token whose role (viewer, operator, admin) decides what
 //! they may do, and whose name is the actor in the audit log. Every error body is `{"error": "<sentence>"}`.
 
+pub mod dashboard;
 mod delivery;
 mod devices;
 pub mod drift;
@@ -79,7 +80,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/drift", get(drift::show))
         .route("/api/v1/roots", post(roots::publish))
         .route("/api/v1/roots/{version}", get(roots::get))
+        .route("/api/v1/whoami", get(dashboard::whoami))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(dashboard::routes())
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }

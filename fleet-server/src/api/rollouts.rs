@@ -20,6 +20,9 @@ pub struct RolloutView {
     #[serde(flatten)]
     pub rollout: Rollout,
     pub summary: Summary,
+    /// For a running or paused rollout fetched alone: what its model gates read now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<crate::rollout::decide::LiveGates>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -58,7 +61,7 @@ impl From<Rollout> for RolloutView {
                 MemberStatus::Reverted => s.reverted += 1,
             }
         }
-        RolloutView { rollout, summary: s }
+        RolloutView { rollout, summary: s, live: None }
     }
 }
 
@@ -109,7 +112,16 @@ pub async fn show(
     let rollout = blocking(&state.store, move |s| s.rollout(&lookup))
         .await?
         .ok_or(ApiError::NotFound(format!("no rollout {id}")))?;
-    Ok(Json(rollout.into()))
+    let live = if rollout.phase.is_active() {
+        let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
+        let (rows, references) =
+            blocking(&state.store, move |s| crate::rollout::driver::observation_inputs(s, &model, since)).await?;
+        let observations = crate::rollout::observe(&rows, &references);
+        Some(crate::rollout::decide::live_gates(&rollout, &observations, crate::unix_ms()))
+    } else {
+        None
+    };
+    Ok(Json(RolloutView { live, ..rollout.into() }))
 }
 
 pub async fn act(

@@ -1,8 +1,8 @@
 //! The rollout decision: `decide(rollout, observations, now) -> Decision`. Pure; every transition
 //! is covered by the fixture tests in `decide_tests.rs`.
 
-use super::gates::{control_group, group, judge, GateBreach};
-use super::state::{DeviceObservation, Effect, Evidence, MemberStatus, Observations, Phase, Rollout};
+use super::gates::{control_group, group, judge, readings, GateBreach, GateReading};
+use super::state::{DeviceObservation, Effect, Evidence, GroupMetrics, MemberStatus, Observations, Phase, Rollout};
 use proto::rollout::OnBreach;
 use proto::wire::{AuditAction, UpdateStep};
 
@@ -90,6 +90,28 @@ fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, ef
                 format!("{id}: no result within {} s", r.plan.device_timeout_secs),
             );
         }
+    }
+}
+
+/// What a rollout's model gates read now: the candidate and control groups and each gate's
+/// value against its limit (what the dashboard and the API show beside the decision).
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+pub struct LiveGates {
+    pub candidate: GroupMetrics,
+    pub control: GroupMetrics,
+    /// Both groups have `gates.min_samples`: the readings can stop the rollout.
+    pub judged: bool,
+    pub readings: Vec<GateReading>,
+}
+
+pub fn live_gates(r: &Rollout, observations: &Observations, now_ms: u64) -> LiveGates {
+    let e = evidence(r, observations, 0, 0, now_ms);
+    let min = r.plan.gates.min_samples;
+    LiveGates {
+        judged: e.candidate.samples >= min && e.control.samples >= min,
+        readings: readings(&r.plan.gates, &e.candidate, &e.control),
+        candidate: e.candidate,
+        control: e.control,
     }
 }
 

@@ -290,7 +290,7 @@ impl Driver {
 
 /// The store's rows for a model and the drift reference of every version they mention, read
 /// from the published bundles' manifests.
-fn observation_inputs(
+pub(crate) fn observation_inputs(
     store: &dyn Store,
     model: &str,
     since_ms: u64,

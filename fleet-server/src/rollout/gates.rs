@@ -159,52 +159,83 @@ impl std::fmt::Display for GateBreach {
     }
 }
 
+/// One model gate's reading: both groups' values, what is compared with the limit (a ratio, a
+/// difference or a PSI) and the breach it makes, if any. What the dashboard and `rollout status`
+/// show, and what [`judge`] decides on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GateReading {
+    /// confidence, prediction_psi, error_rate, latency_p95 or input_drift.
+    pub gate: String,
+    pub candidate: Option<f64>,
+    pub control: Option<f64>,
+    /// None until both groups have a value.
+    pub value: Option<f64>,
+    pub limit: f64,
+    /// True when `value` must stay at or above `limit` (a minimum), false for a maximum.
+    pub at_least: bool,
+    pub breach: Option<GateBreach>,
+}
+
+fn reading(gate: &str, candidate: Option<f64>, control: Option<f64>, value: Option<f64>, limit: f64) -> GateReading {
+    GateReading { gate: gate.into(), candidate, control, value, limit, at_least: false, breach: None }
+}
+
+/// Every model gate's reading, breached or not, whatever the sample counts.
+pub fn readings(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetrics) -> Vec<GateReading> {
+    let (c, k) = (candidate.mean_confidence, control.mean_confidence);
+    let ratio = c.zip(k).filter(|(_, k)| *k > 0.0).map(|(c, k)| c / k);
+    let mut confidence = reading("confidence", c, k, ratio, gates.min_confidence_ratio);
+    confidence.at_least = true;
+    if let (Some(c), Some(k), Some(r)) = (c, k, ratio) {
+        if r < gates.min_confidence_ratio {
+            confidence.breach =
+                Some(GateBreach::Confidence { candidate: c, control: k, min_ratio: gates.min_confidence_ratio });
+        }
+    }
+
+    let comparable = candidate.classes.len() == control.classes.len() && !candidate.classes.is_empty();
+    let shift = comparable.then(|| psi(&control.classes, &candidate.classes));
+    let mut prediction = reading("prediction_psi", None, None, shift, gates.max_prediction_psi);
+    if let Some(shift) = shift.filter(|s| *s > gates.max_prediction_psi) {
+        prediction.breach = Some(GateBreach::PredictionPsi { psi: shift, max: gates.max_prediction_psi });
+    }
+
+    let (c, k) = (rate(candidate.errors, candidate.inferences), rate(control.errors, control.inferences));
+    let mut errors = reading("error_rate", c, k, c.zip(k).map(|(c, k)| c - k), gates.max_error_rate_increase);
+    if let (Some(c), Some(k)) = (c, k) {
+        if c - k > gates.max_error_rate_increase {
+            errors.breach =
+                Some(GateBreach::ErrorRate { candidate: c, control: k, max_increase: gates.max_error_rate_increase });
+        }
+    }
+
+    let (c, k) = (candidate.latency_p95_us, control.latency_p95_us);
+    let ratio = c.zip(k).filter(|(_, k)| *k > 0.0).map(|(c, k)| c / k);
+    let mut latency = reading("latency_p95", c, k, ratio, gates.max_latency_p95_ratio);
+    if let (Some(c), Some(k), Some(r)) = (c, k, ratio) {
+        if r > gates.max_latency_p95_ratio {
+            latency.breach =
+                Some(GateBreach::LatencyP95 { candidate_us: c, control_us: k, max_ratio: gates.max_latency_p95_ratio });
+        }
+    }
+
+    let (c, k) = (candidate.input_drift, control.input_drift);
+    let mut drift = reading("input_drift", c, k, c.zip(k).map(|(c, k)| c - k), gates.max_input_drift_increase);
+    if let (Some(c), Some(k)) = (c, k) {
+        if c - k > gates.max_input_drift_increase {
+            drift.breach =
+                Some(GateBreach::InputDrift { candidate: c, control: k, max_increase: gates.max_input_drift_increase });
+        }
+    }
+    vec![confidence, prediction, errors, latency, drift]
+}
+
 /// Breached model gates, with the numbers. Empty when fine or not enough data yet.
 pub fn judge(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetrics) -> Vec<GateBreach> {
-    let mut breaches = Vec::new();
     if candidate.samples < gates.min_samples || control.samples < gates.min_samples {
-        return breaches;
+        return Vec::new();
     }
-    if let (Some(c), Some(k)) = (candidate.mean_confidence, control.mean_confidence) {
-        if k > 0.0 && c / k < gates.min_confidence_ratio {
-            breaches.push(GateBreach::Confidence { candidate: c, control: k, min_ratio: gates.min_confidence_ratio });
-        }
-    }
-    if candidate.classes.len() == control.classes.len() && !candidate.classes.is_empty() {
-        let shift = psi(&control.classes, &candidate.classes);
-        if shift > gates.max_prediction_psi {
-            breaches.push(GateBreach::PredictionPsi { psi: shift, max: gates.max_prediction_psi });
-        }
-    }
-    if let (Some(c), Some(k)) = (rate(candidate.errors, candidate.inferences), rate(control.errors, control.inferences))
-    {
-        if c - k > gates.max_error_rate_increase {
-            breaches.push(GateBreach::ErrorRate {
-                candidate: c,
-                control: k,
-                max_increase: gates.max_error_rate_increase,
-            });
-        }
-    }
-    if let (Some(c), Some(k)) = (candidate.latency_p95_us, control.latency_p95_us) {
-        if k > 0.0 && c / k > gates.max_latency_p95_ratio {
-            breaches.push(GateBreach::LatencyP95 {
-                candidate_us: c,
-                control_us: k,
-                max_ratio: gates.max_latency_p95_ratio,
-            });
-        }
-    }
-    if let (Some(c), Some(k)) = (candidate.input_drift, control.input_drift) {
-        if c - k > gates.max_input_drift_increase {
-            breaches.push(GateBreach::InputDrift {
-                candidate: c,
-                control: k,
-                max_increase: gates.max_input_drift_increase,
-            });
-        }
-    }
-    breaches
+    readings(gates, candidate, control).into_iter().filter_map(|r| r.breach).collect()
 }
 
 /// Control group: holdout devices on what they run; without holdout, the candidate devices'
@@ -232,6 +263,38 @@ mod tests {
     fn latency(p95s: &[f64]) -> Option<f64> {
         let devices: Vec<DeviceObservation> = p95s.iter().map(|p| device(*p)).collect();
         group(devices.iter().map(|d| (d, "2.0.0"))).latency_p95_us
+    }
+
+    #[test]
+    fn readings_show_every_gate_against_its_limit_and_judge_takes_their_breaches() {
+        let gates = HealthGates::default();
+        let control = GroupMetrics {
+            samples: 500,
+            inferences: 1000,
+            errors: 5,
+            mean_confidence: Some(0.8),
+            latency_p95_us: Some(100.0),
+            input_drift: Some(0.05),
+            classes: vec![50, 50],
+            ..Default::default()
+        };
+        let mut candidate = control.clone();
+        candidate.latency_p95_us = Some(400.0);
+        let r = readings(&gates, &candidate, &control);
+        let names: Vec<&str> = r.iter().map(|g| g.gate.as_str()).collect();
+        assert_eq!(names, ["confidence", "prediction_psi", "error_rate", "latency_p95", "input_drift"]);
+        let latency = &r[3];
+        assert_eq!(
+            (latency.candidate, latency.control, latency.value, latency.limit),
+            (Some(400.0), Some(100.0), Some(4.0), 3.0)
+        );
+        assert!(matches!(latency.breach, Some(GateBreach::LatencyP95 { .. })));
+        assert!(r.iter().filter(|g| g.gate != "latency_p95").all(|g| g.breach.is_none()));
+        assert_eq!((r[0].value, r[0].at_least), (Some(1.0), true));
+        assert_eq!(judge(&gates, &candidate, &control).len(), 1);
+        candidate.samples = 10;
+        assert!(judge(&gates, &candidate, &control).is_empty(), "below min_samples nothing is judged");
+        assert_eq!(readings(&gates, &candidate, &control)[3].value, Some(4.0), "but every gate is still read");
     }
 
     #[test]
