@@ -27,6 +27,15 @@ struct Args {
     /// /etc/edge-agent/agent.toml).
     #[arg(long, short, env = "EDGE_AGENT_CONFIG", default_value = "/etc/edge-agent/agent.toml")]
     config: PathBuf,
+    /// Log lines as text (the journal's format under systemd) or one JSON object per line.
+    #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Exit status for a config that does not load (sysexits' EX_CONFIG): the systemd unit does not
@@ -34,8 +43,8 @@ struct Args {
 const EX_CONFIG: i32 = 78;
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
     let args = Args::parse();
+    init_logging(args.log_format);
     // Read before the runtime exists: no file I/O on its threads.
     let config = match AgentConfig::load(&args.config) {
         Ok(config) => config,
@@ -86,7 +95,7 @@ fn stdout_id() -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let style = log_style(
         std::io::stdout().is_terminal(),
         std::env::var("NO_COLOR").ok().as_deref(),
@@ -95,7 +104,9 @@ fn init_logging() {
     );
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(style.ansi);
-    if style.journal {
+    if format == LogFormat::Json {
+        builder.json().with_ansi(false).init();
+    } else if style.journal {
         builder.without_time().event_format(journal::Prefixed(tracing_subscriber::fmt::format().without_time())).init();
     } else {
         builder.init();

@@ -4,11 +4,16 @@
 use std::process::Command;
 
 fn status_of(config_text: &str) -> (Option<i32>, String) {
+    status_with(config_text, &[])
+}
+
+fn status_with(config_text: &str, extra_args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, config_text.replace("DATA", &dir.path().join("data").display().to_string())).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
         .args(["--config", path.to_str().unwrap()])
+        .args(extra_args)
         .output()
         .expect("edge-agent runs");
     (
@@ -41,4 +46,18 @@ fn a_missing_config_file_exits_with_status_78() {
     let output =
         Command::new(env!("CARGO_BIN_EXE_edge-agent")).args(["--config", "/nonexistent/agent.toml"]).output().unwrap();
     assert_eq!(output.status.code(), Some(78));
+}
+
+#[test]
+fn with_json_logs_the_refusal_is_one_json_object_per_line_without_colour_codes() {
+    let (code, text) = status_with(
+        "server_url = \"http://127.0.0.1:9\"\nenrollment_token = \"t\"\ndata_dir = \"DATA\"\nmqtt_url = \"mqtt://127.0.0.1:9\"\n",
+        &["--log-format", "json"],
+    );
+    assert_eq!(code, Some(78), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in {text}");
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))).collect();
+    let refusal = lines.iter().find(|l| l["level"] == "ERROR").expect("an error line");
+    assert!(refusal["fields"]["message"].as_str().unwrap().contains("neither root_file nor trusted_keys"), "{refusal}");
 }

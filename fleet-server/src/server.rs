@@ -296,6 +296,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         sessions,
         broker_passwords,
         timestamp,
+        metrics: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -8,6 +8,7 @@ mod devices;
 pub mod drift;
 pub mod identity;
 pub mod lineage;
+pub mod metrics;
 mod operator;
 pub mod rollouts;
 pub mod roots;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub broker_passwords: Option<crate::broker::mosquitto::PasswordSync>,
     /// Signs check-in replies with the root's timestamp key (ADR 0010); None leaves them unsigned.
     pub timestamp: Option<Arc<TimestampSigner>>,
+    /// API latencies per route, kept between scrapes of /metrics.
+    pub metrics: metrics::SharedApiMetrics,
 }
 
 /// The server's online timestamp key and how long what it signs stays fresh.
@@ -81,8 +84,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/roots", post(roots::publish))
         .route("/api/v1/roots/{version}", get(roots::get))
         .route("/api/v1/whoami", get(dashboard::whoami))
+        .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(|| async { "ok" }))
         .merge(dashboard::routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }

@@ -77,6 +77,7 @@ fn api() -> Api {
         sessions: None,
         broker_passwords: None,
         timestamp: None,
+        metrics: Default::default(),
     };
     Api { _dir: dir, app: router(state), secret }
 }
@@ -339,4 +340,26 @@ async fn an_operator_relabels_a_device_and_the_change_is_audited() {
     assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("device \"dev-nope\" is not enrolled")));
     let (status, _) = api.json("PUT", &uri, Some(OPERATOR), serde_json::json!({"": "x"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn metrics_need_a_token_and_count_requests_by_route_pattern_and_devices_by_state() {
+    let api = api();
+    let (device, _) = api.enroll().await;
+    let (status, _) = api.call("GET", "/metrics", None, Body::empty(), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = api.call("GET", &format!("/api/v1/devices/{device}"), Some(OPERATOR), Body::empty(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = api.call("GET", "/metrics", Some(OPERATOR), Body::empty(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "fleet_api_request_duration_seconds_count{method=\"GET\",route=\"/api/v1/devices/{id}\",status=\"200\"} 1",
+        "fleet_api_request_duration_seconds_count{method=\"GET\",route=\"/metrics\",status=\"401\"} 1",
+        "fleet_devices{state=\"offline\"} 1",
+        "fleet_reports_stored_total 0",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(!text.contains(&device), "a device id became a label");
 }

@@ -12,6 +12,9 @@ use fleet_server::server::{start, MosquittoFiles, Mqtt, ServerConfig, TlsFiles};
 #[derive(Parser)]
 #[command(version, about = "Fleet server: device registry, signed bundle store, desired state, MQTT ingest.")]
 struct Args {
+    /// Log lines as text or one JSON object per line (for a log shipper).
+    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
     /// POST a JSON retraining event here when a model's drift persists in a cohort for the
     /// model's `persist_windows` windows (the event also goes to MQTT fleet/v1/events/retrain).
     #[arg(long, env = "FLEET_RETRAIN_WEBHOOK")]
@@ -79,6 +82,12 @@ struct Args {
     allow_insecure: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Plain text only on loopback, unless the operator says otherwise.
 fn check_plain(what: &str, addr: SocketAddr, tls: bool, allow_insecure: bool) -> Result<()> {
     if !tls && !allow_insecure && !addr.ip().is_loopback() {
@@ -91,10 +100,15 @@ fn check_plain(what: &str, addr: SocketAddr, tls: bool, allow_insecure: bool) ->
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
     let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Colour codes only for a person at a terminal, never in files or the journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
+    match args.log_format {
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+        LogFormat::Text => logs.init(),
+    }
     let trusted_keys = args
         .trusted_keys
         .iter()
