@@ -5,6 +5,7 @@
 //! cargo build --release --locked --bins && target/release/fleet-bench --write docs/BENCHMARKS.md
 //! target/release/fleet-bench delivery --write docs/BENCHMARKS.md
 //! target/release/fleet-bench drift --write docs/BENCHMARKS.md
+//! target/release/fleet-bench dashboard --write docs/BENCHMARKS.md
 //! ```
 //!
 //! Each writes its own part of the file and keeps the other's.
@@ -12,6 +13,7 @@
 //! It lives in its own package and uses only the public APIs of the agent, the server and the
 //! model runtime: what it measures is what a caller of those crates gets.
 
+mod dashboard;
 mod delivery;
 mod drift;
 mod hot_paths;
@@ -73,6 +75,18 @@ enum Mode {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Dashboard: the fleet page's load time in headless Chromium at 1,000 devices against 10.
+    Dashboard {
+        /// chromedriver to drive Chromium with (tests/browser/setup.sh installs it).
+        #[arg(long, env = "FLEET_TEST_CHROMEDRIVER", default_value = "/usr/bin/chromedriver")]
+        chromedriver: String,
+        /// Page loads per fleet size.
+        #[arg(long, default_value_t = 9)]
+        repeats: usize,
+        /// Replace the dashboard section of this Markdown file (docs/BENCHMARKS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// The baseline server of the local-API comparison: axum + tract, nothing else.
     #[command(hide = true)]
     BareServer {
@@ -87,6 +101,8 @@ enum Mode {
 const DELIVERY_MARKER: &str = "## Delivery";
 /// Where the drift section starts.
 const DRIFT_MARKER: &str = "## Drift";
+/// Where the dashboard section starts.
+const DASHBOARD_MARKER: &str = "## Dashboard";
 
 /// `existing` with the section starting at `marker` (up to the next `## ` heading) replaced by
 /// `section`, or `section` appended when there is none: each mode writes its own part and keeps
@@ -214,6 +230,15 @@ async fn main() -> Result<()> {
         print!("{section}");
         if let Some(path) = write {
             write_section(path, DELIVERY_MARKER, &section)?;
+        }
+        return Ok(());
+    }
+    if let Some(Mode::Dashboard { chromedriver, repeats, write }) = &args.command {
+        eprintln!("dashboard: the fleet page at 10 and 1,000 devices in headless Chromium...");
+        let section = dashboard::section(&dashboard::run(dir.path(), chromedriver, (*repeats).max(1)).await?);
+        print!("{section}");
+        if let Some(path) = write {
+            write_section(path, DASHBOARD_MARKER, &section)?;
         }
         return Ok(());
     }

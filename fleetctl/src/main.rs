@@ -781,7 +781,12 @@ fn show_rollout(view: &fleet_server::api::rollouts::RolloutView, json: bool) -> 
     Ok(())
 }
 
+/// Follows a rollout to its end: progress bars at a terminal, a line per change otherwise (and
+/// with --json, the final state as JSON).
 async fn watch(client: &FleetClient, id: &str, json: bool) -> Result<()> {
+    if !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return watch_bars(client, id).await;
+    }
     let mut shown = Ok(());
     let view = fleetctl::scenario::follow(client, id, None, |view| {
         if shown.is_ok() {
@@ -794,6 +799,28 @@ async fn watch(client: &FleetClient, id: &str, json: bool) -> Result<()> {
         show_rollout(&view, true)?;
     }
     Ok(())
+}
+
+async fn watch_bars(client: &FleetClient, id: &str) -> Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let style = ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg}")?.progress_chars("=> ");
+    let bars = MultiProgress::new();
+    let overall = bars.add(ProgressBar::new(0).with_style(style.clone()).with_prefix("active"));
+    let wave = bars.add(ProgressBar::new(0).with_style(style));
+    let view = fleetctl::scenario::follow(client, id, None, |view| {
+        let p = fleetctl::scenario::progress(view);
+        overall.set_length(p.eligible);
+        overall.set_position(p.active);
+        overall.set_message(p.overall);
+        wave.set_prefix(p.wave_label);
+        wave.set_length(p.wave_target);
+        wave.set_position(p.wave_done);
+        wave.set_message(p.wave_state);
+    })
+    .await?;
+    overall.finish();
+    wave.finish();
+    show_rollout(&view, false)
 }
 
 async fn rollout(command: RolloutCommand) -> Result<()> {

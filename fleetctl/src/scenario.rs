@@ -135,6 +135,50 @@ pub fn line(view: &RolloutView) -> String {
     )
 }
 
+/// What `fleetctl rollout status --watch` draws in a terminal: the rollout's devices active of
+/// those eligible, and the current wave's devices finished of its target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutProgress {
+    pub active: u64,
+    pub eligible: u64,
+    pub overall: String,
+    pub wave_label: String,
+    pub wave_done: u64,
+    pub wave_target: u64,
+    pub wave_state: String,
+}
+
+pub fn progress(view: &RolloutView) -> RolloutProgress {
+    let (r, s) = (&view.rollout, &view.summary);
+    let wave_done = r.members.values().filter(|m| !m.holdout && m.status.executed()).count().min(s.wave_target);
+    let wave_state = if let Some(waiting) = &r.waiting_for {
+        format!("waiting for {waiting}")
+    } else if r.soak_until_ms.is_some() {
+        "soaking".to_string()
+    } else if !r.phase.is_active() {
+        r.reason.clone().unwrap_or_else(|| r.phase.as_str().to_string())
+    } else {
+        format!("{} installing", s.assigned)
+    };
+    RolloutProgress {
+        active: s.active as u64,
+        eligible: s.eligible as u64,
+        overall: format!(
+            "{} {} {}: {} failed, {} reverted, {} holdout",
+            r.phase.as_str(),
+            r.plan.model,
+            r.plan.version,
+            s.failed,
+            s.reverted,
+            s.holdout
+        ),
+        wave_label: format!("wave {}/{}", r.wave + 1, r.plan.waves.len()),
+        wave_done: wave_done as u64,
+        wave_target: s.wave_target as u64,
+        wave_state,
+    }
+}
+
 /// Runs the rollout to a terminal state, printing a line whenever progress changes.
 pub async fn drive(
     client: &FleetClient,
@@ -254,5 +298,35 @@ pub fn verdict(scenario: Scenario, view: &RolloutView, devices: &[DeviceView]) -
         }
         // Not rollouts: judged by `offline::verdict` and `retrain_demo::run`.
         Scenario::Offline | Scenario::Retrain => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_server::rollout::create::create;
+    use fleet_server::rollout::{DeviceInfo, MemberStatus};
+
+    #[test]
+    fn progress_counts_the_waves_finished_devices_and_says_what_it_waits_for() {
+        let plan = toml::from_str(
+            "model = \"tabular\"\nversion = \"2.0.0\"\nholdout = 0.0\nwaves = [{percent = 50.0}, {percent = 100.0}]",
+        )
+        .unwrap();
+        let devices: Vec<DeviceInfo> = (0..4)
+            .map(|i| DeviceInfo { id: format!("d{i}"), active_version: Some("1.0.0".into()), ..Default::default() })
+            .collect();
+        let mut r = create("ro-1", plan, &devices, &Default::default(), 0).unwrap();
+        let (first, second) = (r.order[0].clone(), r.order[1].clone());
+        r.members.get_mut(&first).unwrap().status = MemberStatus::Active;
+        r.members.get_mut(&second).unwrap().status = MemberStatus::Assigned;
+        r.waiting_for = Some("200 samples on candidate and control".into());
+        let p = progress(&RolloutView::from(r.clone()));
+        assert_eq!((p.active, p.eligible, p.wave_done, p.wave_target), (1, 4, 1, 2));
+        assert_eq!(p.wave_label, "wave 1/2");
+        assert_eq!(p.wave_state, "waiting for 200 samples on candidate and control");
+        assert!(p.overall.starts_with("running tabular 2.0.0: 0 failed"), "{}", p.overall);
+        r.waiting_for = None;
+        assert_eq!(progress(&RolloutView::from(r)).wave_state, "1 installing");
     }
 }

@@ -16,7 +16,7 @@ async fn a_revoked_device_is_disconnected_refused_and_ignored_but_keeps_serving(
     let (revoked, kept) = (fleet.agents[0].device_id().unwrap(), fleet.agents[1].device_id().unwrap());
     let (by_hand, credential) = enroll_by_hand(&url, &fleet.client).await;
     // Published, and desired by nobody (the fleet's default for newcomers is 1.0.0).
-    fleet.publish(fixture_bundle(&fleet.secret, "2.0.0", MLP_V2).unwrap()).await;
+    fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     let http = edge_agent::http::client();
     let download = |credential: String| {
         let http = http.clone();
