@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub allow_insecure: bool,
     #[serde(default = "default_api_listen")]
     pub api_listen: SocketAddr,
+    /// Prometheus metrics (`GET /metrics`) on this loopback address; off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub intervals: Intervals,
     #[serde(default)]
@@ -199,6 +202,11 @@ impl AgentConfig {
         }
         proto::TrustedKeys::from_hex(self.trusted_keys.iter().map(String::as_str))
             .map_err(|e| ConfigError::Invalid(format!("trusted_keys: {e}")))?;
+        if let Some(addr) = self.metrics_listen.filter(|a| !a.ip().is_loopback()) {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_listen {addr} is not a loopback address; the metrics endpoint has no authentication, so it listens on 127.0.0.1 or ::1 only"
+            )));
+        }
         let broker =
             proto::endpoint::parse_broker_url(&self.mqtt_url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let insecure = |e: proto::endpoint::InsecureUrl| ConfigError::Invalid(e.to_string());
@@ -270,6 +278,16 @@ mqtt_url = "mqtt://127.0.0.1:1884"
     fn unknown_keys_are_rejected_by_name() {
         let err = toml::from_str::<AgentConfig>(&format!("{MINIMAL}\nserver_ulr = \"x\"")).unwrap_err();
         assert!(err.message().contains("server_ulr"), "{}", err.message());
+    }
+
+    #[test]
+    fn a_metrics_endpoint_beyond_loopback_is_refused() {
+        let mut config: AgentConfig = toml::from_str(MINIMAL).unwrap();
+        config.metrics_listen = Some("0.0.0.0:9186".parse().unwrap());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics_listen 0.0.0.0:9186 is not a loopback address"), "{err}");
+        config.metrics_listen = Some("127.0.0.1:9186".parse().unwrap());
+        config.validate().unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod device_key;
 pub mod health;
 pub mod http;
 pub mod inference;
+pub mod metrics;
 pub mod runtime;
 pub mod state;
 pub mod telemetry;

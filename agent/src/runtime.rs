@@ -63,6 +63,8 @@ pub enum StartError {
 #[derive(Clone)]
 pub struct AgentHandle {
     pub api_addr: SocketAddr,
+    /// Where `GET /metrics` answers, when the config asked for it.
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub engine: EngineHandle,
     pub telemetry: TelemetrySink,
@@ -209,6 +211,21 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         }
     });
 
+    let last_checkin_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut metrics_addr = None;
+    if let Some(addr) = config.metrics_listen {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+        metrics_addr = Some(listener.local_addr().map_err(|source| StartError::Listen { addr, source })?);
+        let sources = crate::metrics::Sources {
+            engine: engine.clone(),
+            telemetry: telemetry.clone(),
+            outbox: outbox.clone(),
+            state: state.clone(),
+            last_checkin_ms: last_checkin_ms.clone(),
+        };
+        tasks.spawn(crate::metrics::serve(listener, sources, cancel.clone()));
+    }
     let (device_tx, device) = watch::channel(identity.as_ref().map(|i| i.device_id.clone()));
     let (drift_now, drift_requests) = mpsc::channel(4);
     let connected = Connected {
@@ -223,9 +240,10 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         telemetry: telemetry.clone(),
         tasks: tasks.clone(),
         ca_pem,
+        last_checkin_ms,
     };
     tasks.spawn(connected.run(device_tx, drift_requests, cancel.clone()));
-    Ok(AgentHandle { api_addr, data_dir, engine, telemetry, outbox, device, drift_now, cancel, tasks })
+    Ok(AgentHandle { api_addr, metrics_addr, data_dir, engine, telemetry, outbox, device, drift_now, cancel, tasks })
 }
 
 /// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
@@ -244,6 +262,8 @@ struct Connected {
     tasks: TaskTracker,
     /// The pinned CA for HTTPS and MQTT over TLS, as read at start.
     ca_pem: Option<Vec<u8>>,
+    /// Set by the updater at each accepted check-in; read by the metrics endpoint.
+    last_checkin_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Connected {
@@ -328,6 +348,7 @@ impl Connected {
                 retry_cap: Duration::from_secs(600),
             },
             retry_after: Default::default(),
+            last_checkin_ms: self.last_checkin_ms,
         };
         updater.run(updater_rx, cancel).await;
     }

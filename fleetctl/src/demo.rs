@@ -173,6 +173,7 @@ pub fn agent_config(
         trusted_keys: vec![public_key.to_string()],
         mqtt_url: mqtt_url.to_string(),
         api_listen: "127.0.0.1:0".parse().expect("literal socket address"),
+        metrics_listen: None,
         intervals: Intervals { checkin_secs: 2.0, heartbeat_secs: 0.5, drift_secs: 1.0 },
         // Quick resends and retries: demo and test outages last seconds, not hours.
         limits: AgentLimits { ack_timeout_secs: 3.0, request_timeout_secs: 10.0, ..AgentLimits::default() },

@@ -110,11 +110,13 @@ struct Serving {
 #[derive(Clone)]
 pub(crate) struct LatencyHistogram {
     buckets: [u64; LatencyHistogram::BUCKETS],
+    /// Every recorded latency added up, for a mean (Prometheus' `_sum`).
+    sum_us: u64,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram { buckets: [0; LatencyHistogram::BUCKETS] }
+        LatencyHistogram { buckets: [0; LatencyHistogram::BUCKETS], sum_us: 0 }
     }
 }
 
@@ -144,10 +146,26 @@ impl LatencyHistogram {
         for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
             *mine += theirs;
         }
+        self.sum_us += other.sum_us;
     }
 
     fn record(&mut self, micros: u32) {
         self.buckets[Self::bucket(micros)] += 1;
+        self.sum_us += u64::from(micros);
+    }
+
+    /// The counts regrouped under fixed upper bounds (µs, rising; a bucket goes under the first
+    /// bound at or above its largest value), with what lies above the last bound at the end:
+    /// (upper bound in seconds or infinity, requests in that bucket alone).
+    fn regrouped(&self, bounds_us: &[u64]) -> Vec<(f64, u64)> {
+        let mut out: Vec<(f64, u64)> = bounds_us.iter().map(|b| (*b as f64 / 1e6, 0)).collect();
+        out.push((f64::INFINITY, 0));
+        for (bucket, count) in self.buckets.iter().enumerate().filter(|(_, c)| **c > 0) {
+            let largest = Self::upper_edge(bucket) - 1;
+            let slot = bounds_us.iter().position(|b| *b >= largest).unwrap_or(bounds_us.len());
+            out[slot].1 += count;
+        }
+        out
     }
 
     /// Upper edge of the bucket holding the 95th percentile.
@@ -478,9 +496,66 @@ pub(crate) fn merge_stats(parts: Vec<Vec<ModelStats>>, telemetry_dropped: u64) -
         .collect()
 }
 
+/// One model's serving since it was loaded, for the device's metrics endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServingMetrics {
+    pub model: String,
+    pub version: String,
+    pub inferences: u64,
+    pub errors: u64,
+    pub latency_sum_secs: f64,
+    /// (upper bound in seconds, requests in that bucket alone), the last unbounded.
+    pub latency_buckets: Vec<(f64, u64)>,
+}
+
+/// Latency bounds of the exported histogram: 50 µs doubling to 3.3 s.
+pub const LATENCY_BOUNDS_US: [u64; 17] = [
+    50, 100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 51_200, 102_400, 204_800, 409_600, 819_200, 1_638_400,
+    3_276_800,
+];
+
+pub(crate) fn serving_metrics(parts: Vec<Vec<ModelStats>>) -> Vec<ServingMetrics> {
+    let mut merged: BTreeMap<String, ModelStats> = BTreeMap::new();
+    for stats in parts.into_iter().flatten() {
+        match merged.get_mut(&stats.model) {
+            Some(total) => {
+                total.inferences += stats.inferences;
+                total.errors += stats.errors;
+                total.latency.merge(&stats.latency);
+            }
+            None => {
+                merged.insert(stats.model.clone(), stats);
+            }
+        }
+    }
+    merged
+        .into_values()
+        .map(|s| ServingMetrics {
+            latency_sum_secs: s.latency.sum_us as f64 / 1e6,
+            latency_buckets: s.latency.regrouped(&LATENCY_BOUNDS_US),
+            model: s.model,
+            version: s.version,
+            inferences: s.inferences,
+            errors: s.errors,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod latency_tests {
     use super::LatencyHistogram;
+
+    #[test]
+    fn regrouped_counts_land_under_the_first_bound_that_holds_them_and_the_sum_adds_up() {
+        let mut h = LatencyHistogram::default();
+        for micros in [40, 45, 90, 150, 5_000_000] {
+            h.record(micros);
+        }
+        let out = h.regrouped(&[50, 100, 200]);
+        assert_eq!(out.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![2, 1, 1, 1]);
+        assert_eq!((out[0].0, out[3].0), (0.00005, f64::INFINITY));
+        assert_eq!(h.sum_us, 5_000_325);
+    }
 
     #[test]
     fn the_p95_estimate_is_the_upper_edge_of_its_quarter_octave_bucket() {

@@ -180,6 +180,12 @@ impl EngineHandle {
         Some(summary)
     }
 
+    /// Each model's inferences, errors and latency histogram since it was loaded.
+    pub async fn serving_metrics(&self) -> Vec<super::engine::ServingMetrics> {
+        let answers = self.ask_all(|reply| EngineMsg::Stats { reply }).await;
+        super::engine::serving_metrics(answers.into_iter().map(|(stats, _)| stats).collect())
+    }
+
     pub async fn counters(&self) -> Vec<ModelCounters> {
         let answers = self.ask_all(|reply| EngineMsg::Stats { reply }).await;
         let dropped = answers.first().map_or(0, |(_, dropped)| *dropped);

@@ -82,6 +82,8 @@ pub struct Updater {
     pub policy: UpdatePolicy,
     /// Versions whose last download failed, and when the next try may start.
     pub retry_after: HashMap<(String, String), tokio::time::Instant>,
+    /// When a check-in reply was last accepted (unix ms; 0 before the first), for the metrics.
+    pub last_checkin_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What every bundle is checked against before it is installed or loaded: the keys that may sign
@@ -159,6 +161,7 @@ impl Updater {
         // A rotated root can change which keys sign bundles and replies: follow it first.
         self.follow_root(desired.root_version).await;
         self.check_fresh(&desired).await?;
+        self.last_checkin_ms.store(crate::unix_ms(), std::sync::atomic::Ordering::Relaxed);
         // Nothing the server names reaches a path, a URL or a topic before it is checked.
         desired.models.retain(|model| match proto::desired::validate(model) {
             Ok(()) => true,
