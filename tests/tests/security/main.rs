@@ -5,6 +5,7 @@
 mod archive_entries_that_escape_or_repeat_are_refused;
 mod bundle_for_another_device_class_is_refused;
 mod downgrade_below_the_floor_is_refused;
+mod mix_and_match_of_two_releases_is_refused;
 mod offline_past_grace_follows_the_model_policy;
 mod replayed_or_expired_checkin_reply_is_refused;
 mod root_rotation_accepted_forged_rotation_refused;
