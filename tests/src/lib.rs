@@ -116,15 +116,30 @@ impl Fleet {
         root_key: &proto::keys::SigningKey,
         freshness: Duration,
     ) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
         let (secret, public) = new_key();
         let targets = proto::keys::parse_public_key(&public).unwrap();
         let timestamp = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
         let expires = fleet_server::unix_ms() / 1000 + 365 * 86_400;
-        let root_file = dir.path().join("root.1.json");
         let root = proto::root::single_key_root(root_key, &targets, &timestamp.verifying_key(), expires);
+        Fleet::start_with_root(agents, mqtt, &root, &timestamp, (secret, public), freshness).await
+    }
+
+    /// A fleet whose server and agents trust `root` (version 1, built and signed as the caller
+    /// likes), with `timestamp` signing check-in replies; `fleet_key` (secret, public hex) is the
+    /// fleet's `secret`/`public`, one of the root's targets keys.
+    pub async fn start_with_root(
+        agents: usize,
+        mqtt: Mqtt,
+        root: &proto::root::SignedRoot,
+        timestamp: &proto::keys::SigningKey,
+        fleet_key: (String, String),
+        freshness: Duration,
+    ) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = fleet_key;
+        let root_file = dir.path().join("root.1.json");
         std::fs::write(&root_file, root.to_json_bytes()).unwrap();
-        let timestamp_secret = proto::keys::secret_key_hex(&timestamp);
+        let timestamp_secret = proto::keys::secret_key_hex(timestamp);
         let config = ServerConfig {
             root_file: Some(root_file.clone()),
             timestamp_key: Some(timestamp_secret.clone()),

@@ -3,6 +3,7 @@
 //! in one sentence.
 
 mod archive_entries_that_escape_or_repeat_are_refused;
+mod below_threshold_signatures_are_refused;
 mod bundle_for_another_device_class_is_refused;
 mod downgrade_below_the_floor_is_refused;
 mod mix_and_match_of_two_releases_is_refused;
