@@ -74,11 +74,18 @@ fn setup<E: std::fmt::Display>(e: E) -> DemoError {
     DemoError::Setup(e.to_string())
 }
 
+/// The fleet's root of trust (ADR 0010): its file, and the timestamp key's secret (hex) the
+/// server signs check-in replies with.
+struct Trust<'a> {
+    root_file: &'a std::path::Path,
+    timestamp_key: &'a str,
+}
+
 async fn start_server(
     data_dir: &std::path::Path,
     http_port: u16,
     mqtt_port: u16,
-    public: &str,
+    trust: &Trust<'_>,
     token: &str,
 ) -> Result<ServerHandle, DemoError> {
     let config = ServerConfig {
@@ -86,7 +93,8 @@ async fn start_server(
         data_dir: data_dir.to_path_buf(),
         mqtt: Mqtt::External { url: format!("mqtt://127.0.0.1:{mqtt_port}") },
         operator_token: Some(token.to_string()),
-        trusted_keys: vec![public.to_string()],
+        root_file: Some(trust.root_file.to_path_buf()),
+        timestamp_key: Some(trust.timestamp_key.to_string()),
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(250),
         ..ServerConfig::default()
@@ -111,6 +119,9 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<Offlin
     let dir = tempfile::tempdir().map_err(setup)?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let public = public_key_hex(&parse_secret_key(&secret).map_err(setup)?.verifying_key());
+    let root_file = dir.path().join("root.json");
+    let timestamp_key = crate::demo::write_demo_root(&root_file, &public)?;
+    let trust = Trust { root_file: &root_file, timestamp_key: &timestamp_key };
     // The broker outlives the server here, as a site's broker would: the embedded one on its port.
     let mqtt_port = server::free_loopback_port().map_err(setup)?;
     fleet_server::broker::start_open(([127, 0, 0, 1], mqtt_port).into(), proto::wire::MAX_MQTT_PAYLOAD + 1024)
@@ -118,7 +129,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<Offlin
     let http_port = server::free_loopback_port().map_err(setup)?;
     let server_dir = dir.path().join("server");
     let token = hex::encode(rand::random::<[u8; 16]>());
-    let first = start_server(&server_dir, http_port, mqtt_port, &public, &token).await?;
+    let first = start_server(&server_dir, http_port, mqtt_port, &trust, &token).await?;
     let client = FleetClient::new(&first.url(), &token);
     progress(&format!("fleet server on {} with MQTT at {}", first.url(), first.mqtt_url));
 
@@ -133,8 +144,10 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<Offlin
         } else {
             (first.url(), first.mqtt_url.clone())
         };
-        let config =
+        let mut config =
             agent_config(&server_url, &mqtt_url, token, &public, dir.path().join(format!("agent-{index:03}")), index);
+        config.trusted_keys.clear();
+        config.root_file = Some(root_file.clone());
         agents.push(
             edge_agent::start(config).await.map_err(|source| DemoError::Agent { index, source: Box::new(source) })?,
         );
@@ -175,7 +188,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<Offlin
     first.shutdown().await;
     traffic(&http, &agents, rounds, rows).await?;
     rounds += 1;
-    let second = start_server(&server_dir, http_port, mqtt_port, &public, &token).await?;
+    let second = start_server(&server_dir, http_port, mqtt_port, &trust, &token).await?;
     let client = FleetClient::new(&second.url(), &token);
     traffic(&http, &agents, rounds, rows).await?;
     rounds += 1;
