@@ -77,6 +77,8 @@ pub async fn run(dir: &Path, chromedriver: &str, repeats: usize) -> Result<Figur
         data_dir: dir.join("server"),
         mqtt: Mqtt::Embedded { listen: ([127, 0, 0, 1], fleet_server::server::free_loopback_port()?).into() },
         operator_token: Some("op".into()),
+        // The server needs a key to check published bundles by; nothing is published here.
+        trusted_keys: vec![proto::keys::public_key_hex(&proto::keys::SigningKey::from_bytes(&[7; 32]).verifying_key())],
         ..ServerConfig::default()
     };
     let server = fleet_server::server::start(config).await.context("fleet-server did not start")?;
