@@ -17,8 +17,18 @@ fuzz_target!(|data: &[u8]| {
         1 => drop(decode::<Heartbeat>("heartbeat", body)),
         2 => drop(decode::<UpdateStatus>("status", body)),
         3 => {
+            // What the server does with a window before it trusts its layout: read its
+            // confidence and latency, merge it (with itself: same layout), and its shadow.
             if let Ok(summary) = decode::<DriftSummary>("drift", body) {
-                let _ = summary.counts.mean_confidence();
+                let _ = summary.sketch.mean_confidence();
+                let _ = summary.sketch.latency_quantile_us(0.95);
+                let mut merged = summary.sketch.clone();
+                let _ = merged.merge(&summary.sketch);
+                if let Some(shadow) = &summary.shadow {
+                    let _ = (shadow.agreement(), shadow.mean_abs_diff());
+                    let mut twice = shadow.clone();
+                    let _ = twice.merge(shadow);
+                }
             }
         }
         4 => drop(decode::<DeliveryEvent>("event", body)),

@@ -70,16 +70,17 @@ impl ShadowSummary {
         {
             return false;
         }
-        self.rows += other.rows;
-        self.dropped += other.dropped;
-        self.errors += other.errors;
-        self.agree += other.agree;
-        self.abs_diff_micros += other.abs_diff_micros;
+        // Saturating: summaries come from devices, and a hostile one must not wrap or panic.
+        self.rows = self.rows.saturating_add(other.rows);
+        self.dropped = self.dropped.saturating_add(other.dropped);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.agree = self.agree.saturating_add(other.agree);
+        self.abs_diff_micros = self.abs_diff_micros.saturating_add(other.abs_diff_micros);
         for (a, b) in self.flips.iter_mut().zip(&other.flips) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
         for (a, b) in self.latency.iter_mut().zip(&other.latency) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
         true
     }

@@ -9,8 +9,8 @@ mod sketch;
 
 pub use layout::{category_code, DriftPolicy, FeatureDecl, FeatureKind, FeatureLayout, ReferenceProfile, SketchLayout};
 pub use sketch::{
-    from_fixed, latency_bucket, latency_bucket_floor_us, missing, present, CategoricalSketch, FeatureSketch,
-    NumericSketch, OutputSketch, WindowSketch,
+    from_fixed, latency_bucket, latency_bucket_floor_us, missing, present, total, CategoricalSketch, FeatureSketch,
+    NumericSketch, OutputSketch, WindowSketch, MAX_WINDOW_ROWS,
 };
 
 use thiserror::Error;
@@ -35,6 +35,8 @@ pub enum SketchError {
     Declaration { index: usize, name: String, why: String },
     #[error("drift thresholds must be within their ranges (p_value, shares and distances in 0..1, persist_windows at least 1)")]
     Policy,
+    #[error("sketch counts are impossible ({0}); the window is not from an honest device")]
+    Implausible(&'static str),
 }
 
 #[cfg(test)]

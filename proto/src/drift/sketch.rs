@@ -118,18 +118,19 @@ impl NumericSketch {
 
     fn merge(&mut self, other: &NumericSketch) {
         add_counts(&mut self.bins, &other.bins);
-        self.missing += other.missing;
-        self.sum += other.sum;
-        self.sum_sq += other.sum_sq;
-        self.under_sum += other.under_sum;
-        self.over_sum += other.over_sum;
+        // Saturating: windows come from devices, and a hostile one must not wrap or panic.
+        self.missing = self.missing.saturating_add(other.missing);
+        self.sum = self.sum.saturating_add(other.sum);
+        self.sum_sq = self.sum_sq.saturating_add(other.sum_sq);
+        self.under_sum = self.under_sum.saturating_add(other.under_sum);
+        self.over_sum = self.over_sum.saturating_add(other.over_sum);
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
     }
 
     /// Present values.
     pub fn count(&self) -> u64 {
-        self.bins.iter().sum()
+        total(&self.bins)
     }
 
     pub fn mean(&self) -> Option<f64> {
@@ -169,15 +170,25 @@ pub fn missing(sketch: &FeatureSketch) -> u64 {
 pub fn present(sketch: &FeatureSketch) -> u64 {
     match sketch {
         FeatureSketch::Numeric(s) => s.count(),
-        FeatureSketch::Categorical(s) => s.counts.iter().sum(),
+        FeatureSketch::Categorical(s) => total(&s.counts),
     }
 }
 
 fn add_counts(mine: &mut [u64], theirs: &[u64]) {
     for (a, b) in mine.iter_mut().zip(theirs) {
-        *a += b;
+        *a = a.saturating_add(*b);
     }
 }
+
+/// The counts added up, saturating (a hostile window's counts must not overflow).
+pub fn total(counts: &[u64]) -> u64 {
+    counts.iter().fold(0u64, |sum, c| sum.saturating_add(*c))
+}
+
+/// Rows a window (one device's, or a fleet's merged over a bucket) may hold at most: far above
+/// any real one (a 10,000-device fleet at 1,000 requests/s fills it in 14 years), far below
+/// where sums of its counts could overflow.
+pub const MAX_WINDOW_ROWS: u64 = 1 << 52;
 
 fn score_bin(score: f32) -> usize {
     ((score.clamp(0.0, 1.0) * SCORE_BINS as f32) as usize).min(SCORE_BINS - 1)
@@ -295,13 +306,13 @@ impl WindowSketch {
             return Ok(());
         }
         self.same_shape(other)?;
-        self.rows += other.rows;
+        self.rows = self.rows.saturating_add(other.rows);
         for (mine, theirs) in self.features.iter_mut().zip(&other.features) {
             match (mine, theirs) {
                 (FeatureSketch::Numeric(a), FeatureSketch::Numeric(b)) => a.merge(b),
                 (FeatureSketch::Categorical(a), FeatureSketch::Categorical(b)) => {
                     add_counts(&mut a.counts, &b.counts);
-                    a.missing += b.missing;
+                    a.missing = a.missing.saturating_add(b.missing);
                 }
                 _ => return Err(SketchError::LayoutMismatch("feature kinds")),
             }
@@ -309,7 +320,7 @@ impl WindowSketch {
         add_counts(&mut self.outputs.classes, &other.outputs.classes);
         add_counts(&mut self.outputs.top_score, &other.outputs.top_score);
         add_counts(&mut self.outputs.margin, &other.outputs.margin);
-        self.outputs.top_score_micros += other.outputs.top_score_micros;
+        self.outputs.top_score_micros = self.outputs.top_score_micros.saturating_add(other.outputs.top_score_micros);
         add_counts(&mut self.latency, &other.latency);
         Ok(())
     }
@@ -339,29 +350,49 @@ impl WindowSketch {
         Ok(())
     }
 
-    /// Whether this sketch (from a device: untrusted) has the shape `layout` gives.
+    /// Whether this sketch (from a device: untrusted) has the shape `layout` gives and counts an
+    /// honest device could have sent: no count above the window's rows, and rows within
+    /// [`MAX_WINDOW_ROWS`].
     pub fn fits(&self, layout: &SketchLayout) -> Result<(), SketchError> {
-        self.same_shape(&WindowSketch::empty(layout))
+        self.same_shape(&WindowSketch::empty(layout))?;
+        if self.rows > MAX_WINDOW_ROWS {
+            return Err(SketchError::Implausible("more rows than one window can hold"));
+        }
+        let within = |n: u64| n <= self.rows;
+        for feature in &self.features {
+            let (present, missing) = match feature {
+                FeatureSketch::Numeric(s) => (total(&s.bins), s.missing),
+                FeatureSketch::Categorical(s) => (total(&s.counts), s.missing),
+            };
+            if !within(present) || !within(missing) {
+                return Err(SketchError::Implausible("a feature counts more values than the window has rows"));
+            }
+        }
+        let o = &self.outputs;
+        if ![total(&o.classes), total(&o.top_score), total(&o.margin), total(&self.latency)].into_iter().all(within) {
+            return Err(SketchError::Implausible("outputs or latencies count more than the window has rows"));
+        }
+        Ok(())
     }
 
     /// Mean of the top output over the window.
     pub fn mean_confidence(&self) -> Option<f64> {
-        let n: u64 = self.outputs.classes.iter().sum();
+        let n = total(&self.outputs.classes);
         (n > 0).then(|| self.outputs.top_score_micros as f64 / 1e6 / n as f64)
     }
 
     /// The latency at quantile `q` (0..1), as the lower bound of its bucket.
     pub fn latency_quantile_us(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.latency.iter().sum();
-        if total == 0 {
+        let all = total(&self.latency);
+        if all == 0 {
             return None;
         }
-        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
+        let rank = (q.clamp(0.0, 1.0) * all as f64).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
         self.latency
             .iter()
             .position(|&c| {
-                seen += c;
+                seen = seen.saturating_add(c);
                 seen >= rank
             })
             .map(latency_bucket_floor_us)

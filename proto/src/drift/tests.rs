@@ -240,3 +240,30 @@ fn declarations_that_contradict_themselves_are_refused_by_name() {
     assert!(DriftPolicy { p_value: 2.0, ..DriftPolicy::default() }.check().is_err());
     assert!(DriftPolicy::default().check().is_ok());
 }
+
+#[test]
+fn a_hostile_window_with_huge_counts_merges_without_overflow_and_does_not_fit() {
+    let mut rng = Rng(11);
+    let p = profile(&mut rng);
+    let honest = sketch_of(&p.layout, &rows(&mut rng, 300, 0.0, 0.1));
+    honest.fits(&p.layout).unwrap();
+    let mut hostile = honest.clone();
+    if let FeatureSketch::Numeric(s) = &mut hostile.features[0] {
+        s.bins[3] = u64::MAX;
+        s.sum = i128::MAX;
+        s.under_sum = i128::MAX;
+    }
+    hostile.latency[0] = u64::MAX;
+    let mut merged = hostile.clone();
+    merged.merge(&hostile).unwrap();
+    let _ = (merged.mean_confidence(), merged.latency_quantile_us(0.95));
+    assert!(matches!(hostile.fits(&p.layout), Err(SketchError::Implausible(_))));
+    let mut too_many = honest.clone();
+    too_many.rows = MAX_WINDOW_ROWS + 1;
+    assert!(matches!(too_many.fits(&p.layout), Err(SketchError::Implausible(_))));
+    let mut shadow = crate::shadow::ShadowSummary::empty("2.0.0", 2);
+    shadow.rows = u64::MAX;
+    let twice = shadow.clone();
+    assert!(shadow.merge(&twice));
+    assert_eq!(shadow.rows, u64::MAX);
+}
