@@ -117,7 +117,7 @@ fn shadow_line(bucket: String, version: &str, s: &proto::shadow::ShadowSummary) 
         .filter(|(a, b)| a != b && s.flips[a * classes + b] > 0)
         .map(|(a, b)| format!("{a}->{b}: {}", s.flips[a * classes + b]))
         .collect();
-    let latency = shadow_latency_p95(s).map_or("-".into(), |us| format!("{us:.0} us"));
+    let latency = s.latency_quantile_us(0.95).map_or("-".into(), |us| format!("{us:.0} us"));
     format!(
         "shadow {bucket} {} beside {version}: {} requests, agreement {}, mean |diff| {}, class flips {}, p95 {latency}, errors {}, dropped {}\n",
         s.version,
@@ -128,20 +128,6 @@ fn shadow_line(bucket: String, version: &str, s: &proto::shadow::ShadowSummary) 
         s.errors,
         s.dropped
     )
-}
-
-/// The candidate's latency p95 from its log-bucket histogram (each bucket's lower bound).
-fn shadow_latency_p95(s: &proto::shadow::ShadowSummary) -> Option<f64> {
-    let total: u64 = s.latency.iter().sum();
-    let wanted = (total as f64 * 0.95).ceil() as u64;
-    let mut seen = 0;
-    for (bucket, count) in s.latency.iter().enumerate() {
-        seen += count;
-        if total > 0 && seen >= wanted {
-            return Some(proto::drift::latency_bucket_floor_us(bucket));
-        }
-    }
-    None
 }
 
 fn render_report(report: &DriftReport) -> String {

@@ -447,7 +447,7 @@ async fn main() -> Result<()> {
         }
         Command::Deploy { model, version, devices, selector, wait, timeout_secs, server } => {
             let client = server.client()?;
-            let selector = if devices.is_some() { None } else { Some(label_pairs(&selector)?) };
+            let selector = if devices.is_some() { None } else { Some(image::parse_labels(&selector)?) };
             let request = DeployRequest { model: model.clone(), version: version.clone(), devices, selector };
             let response = client.deploy(&request).await?;
             println!("desired on {} device(s): {}", response.devices.len(), response.devices.join(", "));
@@ -502,7 +502,7 @@ async fn main() -> Result<()> {
         }
         Command::Rollout(command) => rollout(command).await,
         Command::Label { device, labels, server } => {
-            let map = label_pairs(&labels)?;
+            let map = image::parse_labels(&labels)?;
             server.client()?.set_labels(&device, &map).await?;
             println!("{device}: {} label(s) set", map.len());
             Ok(())
@@ -853,14 +853,4 @@ async fn rollout(command: RolloutCommand) -> Result<()> {
     };
     let client = FleetClient::new(&args.server.server, &args.server.token);
     show_rollout(&client.rollout_action(&args.id, action).await?, args.json)
-}
-
-/// `key=value` arguments as labels.
-fn label_pairs(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
-    let mut map = std::collections::BTreeMap::new();
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else { bail!("label {pair:?} must look like key=value") };
-        map.insert(key.to_string(), value.to_string());
-    }
-    Ok(map)
 }

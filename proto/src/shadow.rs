@@ -90,6 +90,11 @@ impl ShadowSummary {
         (self.rows > 0).then(|| self.agree as f64 / self.rows as f64)
     }
 
+    /// The candidate's latency at quantile `q` (0..1), as the lower bound of its bucket.
+    pub fn latency_quantile_us(&self, q: f64) -> Option<f64> {
+        crate::drift::latency_quantile_us(&self.latency, q)
+    }
+
     pub fn mean_abs_diff(&self) -> Option<f64> {
         (self.rows > 0).then(|| self.abs_diff_micros as f64 / 1e6 / self.rows as f64)
     }

@@ -466,9 +466,8 @@ pub(crate) fn merge_windows(parts: Vec<WindowPart>) -> Option<DriftSummary> {
     Some(summary)
 }
 
-/// Every engine thread's counters as one line per model: counts added, latency histograms merged
-/// before the p95 is read.
-pub(crate) fn merge_stats(parts: Vec<Vec<ModelStats>>, telemetry_dropped: u64) -> Vec<ModelCounters> {
+/// Every engine thread's stats as one per model: counts added, latency histograms merged.
+fn per_model(parts: Vec<Vec<ModelStats>>) -> impl Iterator<Item = ModelStats> {
     let mut merged: BTreeMap<String, ModelStats> = BTreeMap::new();
     for stats in parts.into_iter().flatten() {
         match merged.get_mut(&stats.model) {
@@ -482,8 +481,12 @@ pub(crate) fn merge_stats(parts: Vec<Vec<ModelStats>>, telemetry_dropped: u64) -
             }
         }
     }
-    merged
-        .into_values()
+    merged.into_values()
+}
+
+/// Every engine thread's counters as one line per model, the p95 read from the merged histogram.
+pub(crate) fn merge_stats(parts: Vec<Vec<ModelStats>>, telemetry_dropped: u64) -> Vec<ModelCounters> {
+    per_model(parts)
         .map(|s| ModelCounters {
             model: s.model,
             version: s.version,
@@ -515,21 +518,7 @@ pub const LATENCY_BOUNDS_US: [u64; 17] = [
 ];
 
 pub(crate) fn serving_metrics(parts: Vec<Vec<ModelStats>>) -> Vec<ServingMetrics> {
-    let mut merged: BTreeMap<String, ModelStats> = BTreeMap::new();
-    for stats in parts.into_iter().flatten() {
-        match merged.get_mut(&stats.model) {
-            Some(total) => {
-                total.inferences += stats.inferences;
-                total.errors += stats.errors;
-                total.latency.merge(&stats.latency);
-            }
-            None => {
-                merged.insert(stats.model.clone(), stats);
-            }
-        }
-    }
-    merged
-        .into_values()
+    per_model(parts)
         .map(|s| ServingMetrics {
             latency_sum_secs: s.latency.sum_us as f64 / 1e6,
             latency_buckets: s.latency.regrouped(&LATENCY_BOUNDS_US),

@@ -4,7 +4,6 @@
 //! devices reported). Totals from the store are monotonic counters: `rate()` of
 //! `fleet_reports_stored_total` is the ingest rate.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -33,7 +32,8 @@ pub struct RouteLabels {
     status: u16,
 }
 
-/// The metrics the server keeps between scrapes: cheap to clone, shared by every request.
+/// The metrics the server keeps between scrapes: a clone shares them (the family is reference
+/// counted), so every request and the scrape see the same histograms.
 #[derive(Clone)]
 pub struct ApiMetrics {
     latency: Family<RouteLabels, Histogram>,
@@ -174,9 +174,6 @@ pub async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Result
     );
     Ok(response)
 }
-
-/// Shared between the router's middleware and the scrape handler.
-pub type SharedApiMetrics = Arc<ApiMetrics>;
 
 #[cfg(test)]
 mod tests {

@@ -44,7 +44,7 @@ pub struct AppState {
     /// Signs check-in replies with the root's timestamp key (ADR 0010); None leaves them unsigned.
     pub timestamp: Option<Arc<TimestampSigner>>,
     /// API latencies per route, kept between scrapes of /metrics.
-    pub metrics: metrics::SharedApiMetrics,
+    pub metrics: metrics::ApiMetrics,
 }
 
 /// The server's online timestamp key and how long what it signs stays fresh.

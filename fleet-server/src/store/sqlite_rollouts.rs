@@ -42,12 +42,17 @@ pub fn upsert_desired(
            attempt = COALESCE(?4, desired.attempt), shadow_version = ?5, shadow_rate = ?6",
         params![device, model, version, attempt, shadow_version, shadow_rate],
     )?;
+    bump_revision(tx, device).map(Some)
+}
+
+/// Raises the device's desired-state revision (it checks in again when told it changed).
+fn bump_revision(tx: &Connection, device: &str) -> Result<u64, StoreError> {
     let revision: i64 = tx.query_row(
         "UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
         params![device],
         |r| r.get(0),
     )?;
-    Ok(Some(revision as u64))
+    Ok(revision as u64)
 }
 
 pub fn device_infos(conn: &Connection, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
@@ -130,12 +135,7 @@ pub fn apply_cohort_defaults(
             params![device, model, version],
         )?;
         if inserted == 1 {
-            let revision: i64 = tx.query_row(
-                "UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision",
-                params![device],
-                |r| r.get(0),
-            )?;
-            revisions.push((device.clone(), revision as u64));
+            revisions.push((device.clone(), bump_revision(&tx, device)?));
         }
     }
     for entry in audit {

@@ -9,8 +9,8 @@ mod sketch;
 
 pub use layout::{category_code, DriftPolicy, FeatureDecl, FeatureKind, FeatureLayout, ReferenceProfile, SketchLayout};
 pub use sketch::{
-    from_fixed, latency_bucket, latency_bucket_floor_us, missing, present, total, CategoricalSketch, FeatureSketch,
-    NumericSketch, OutputSketch, WindowSketch, MAX_WINDOW_ROWS,
+    from_fixed, latency_bucket, latency_bucket_floor_us, latency_quantile_us, missing, present, total,
+    CategoricalSketch, FeatureSketch, NumericSketch, OutputSketch, WindowSketch, MAX_WINDOW_ROWS,
 };
 
 use thiserror::Error;

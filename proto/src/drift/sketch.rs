@@ -180,6 +180,24 @@ fn add_counts(mine: &mut [u64], theirs: &[u64]) {
     }
 }
 
+/// The latency at quantile `q` (0..1) of counts in [`latency_bucket`]'s buckets, as the lower
+/// bound of its bucket; None when there are none.
+pub fn latency_quantile_us(buckets: &[u64], q: f64) -> Option<f64> {
+    let all = total(buckets);
+    if all == 0 {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * all as f64).ceil().max(1.0) as u64;
+    let mut seen = 0u64;
+    buckets
+        .iter()
+        .position(|&c| {
+            seen = seen.saturating_add(c);
+            seen >= rank
+        })
+        .map(latency_bucket_floor_us)
+}
+
 /// The counts added up, saturating (a hostile window's counts must not overflow).
 pub fn total(counts: &[u64]) -> u64 {
     counts.iter().fold(0u64, |sum, c| sum.saturating_add(*c))
@@ -383,18 +401,6 @@ impl WindowSketch {
 
     /// The latency at quantile `q` (0..1), as the lower bound of its bucket.
     pub fn latency_quantile_us(&self, q: f64) -> Option<f64> {
-        let all = total(&self.latency);
-        if all == 0 {
-            return None;
-        }
-        let rank = (q.clamp(0.0, 1.0) * all as f64).ceil().max(1.0) as u64;
-        let mut seen = 0u64;
-        self.latency
-            .iter()
-            .position(|&c| {
-                seen = seen.saturating_add(c);
-                seen >= rank
-            })
-            .map(latency_bucket_floor_us)
+        latency_quantile_us(&self.latency, q)
     }
 }
