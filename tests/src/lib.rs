@@ -173,6 +173,10 @@ impl Fleet {
         })
         .await
         .unwrap();
+        // The server registers a device before the agent has stored the reply that names it.
+        for agent in &fleet.agents {
+            tokio::time::timeout(TIMEOUT, agent.enrolled()).await.unwrap().expect("the agent enrolled");
+        }
         fleet
     }
 
