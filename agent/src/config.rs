@@ -59,6 +59,10 @@ pub struct AgentConfig {
     /// Prometheus metrics (`GET /metrics`) on this loopback address; off when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// IANA time zone (e.g. "Europe/Berlin") in which rollouts' activation windows are read;
+    /// the system's zone when absent. Checked at start against the system's tz database.
+    #[serde(default)]
+    pub time_zone: Option<String>,
     #[serde(default)]
     pub intervals: Intervals,
     #[serde(default)]

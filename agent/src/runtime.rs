@@ -29,6 +29,7 @@ use crate::state::{Identity, StateDb, StateError};
 use crate::telemetry::upload::Uploader;
 use crate::telemetry::{spawn_writer, TelemetrySink, WriterConfig, WriterError};
 use crate::updater::disk::Layout;
+use crate::updater::window::LocalClock;
 use crate::updater::{restore_installed, UpdatePolicy, Updater, Verifier};
 use crate::uplink::outbox::{Outbox, OutboxError, OutboxStats};
 use crate::uplink::{spawn_uplink, UplinkConfig, UplinkHandle};
@@ -138,6 +139,8 @@ struct Opened {
     /// The root of trust to start from, when the config names one, and the freshness accepted
     /// under it so far.
     root: Option<(proto::root::Root, proto::freshness::Seen)>,
+    /// The local clock activation windows are read in (`time_zone`).
+    clock: LocalClock,
 }
 
 fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
@@ -162,7 +165,8 @@ fn open_data_dir(config: &AgentConfig) -> Result<Opened, StartError> {
         usage: usage.clone(),
         sample_rate: config.limits.telemetry_sample_rate,
     })?;
-    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage, ca_pem, root })
+    let clock = LocalClock::new(config.time_zone.as_deref())?;
+    Ok(Opened { state: Arc::new(state), device_key, identity, telemetry, usage, ca_pem, root, clock })
 }
 
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
@@ -175,7 +179,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     })
     .await
     .map_err(|e| StartError::Join(e.to_string()))?;
-    let Opened { state, device_key, identity, telemetry, usage, ca_pem, root } = opened?;
+    let Opened { state, device_key, identity, telemetry, usage, ca_pem, root, clock } = opened?;
     let outbox = Outbox::open(state_path, usage).await?;
     // One engine thread per core: each serves local API connections and runs the model inline.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_ENGINE_THREADS);
@@ -241,6 +245,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         tasks: tasks.clone(),
         ca_pem,
         last_checkin_ms,
+        clock,
     };
     tasks.spawn(connected.run(device_tx, drift_requests, cancel.clone()));
     Ok(AgentHandle { api_addr, metrics_addr, data_dir, engine, telemetry, outbox, device, drift_now, cancel, tasks })
@@ -264,6 +269,8 @@ struct Connected {
     ca_pem: Option<Vec<u8>>,
     /// Set by the updater at each accepted check-in; read by the metrics endpoint.
     last_checkin_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The local clock activation windows are read in.
+    clock: LocalClock,
 }
 
 impl Connected {
@@ -349,6 +356,7 @@ impl Connected {
             },
             retry_after: Default::default(),
             last_checkin_ms: self.last_checkin_ms,
+            clock: self.clock,
         };
         updater.run(updater_rx, cancel).await;
     }

@@ -358,7 +358,8 @@ async function rolloutView(id) {
     el("h1", {}, "Rollout " + r.id + ": " + r.plan.model + " " + r.plan.version),
     el("p", {},
       el("span", { id: "phase", class: phaseClass(r.phase) }, r.phase), " · wave " + (r.wave + 1) + " of " + r.plan.waves.length +
-      " · " + s.active + " active, " + s.assigned + " installing, " + s.failed + " failed, " + s.reverted + " reverted of " +
+      " · " + s.active + " active, " + s.assigned + " installing, " +
+      (s.staged ? s.staged + " staged for the " + r.plan.activation_window.start + "-" + r.plan.activation_window.end + " window, " : "") + s.failed + " failed, " + s.reverted + " reverted of " +
       s.eligible + " eligible; " + s.holdout + " in the holdout"),
     r.waiting_for ? el("p", { class: "warn", id: "waiting" }, "Waiting for " + r.waiting_for) : null,
     r.reason ? el("p", { class: "bad" }, r.reason) : null,

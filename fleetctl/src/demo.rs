@@ -180,6 +180,7 @@ pub fn agent_config(
         ca_file: None,
         allow_insecure: false,
         root_file: None,
+        time_zone: None,
     }
 }
 

@@ -73,6 +73,7 @@ pub fn plan(scenario: Scenario, version: &str) -> RolloutPlan {
         },
         shadow_sample_rate: 0.25,
         max_concurrent_per: None,
+        activation_window: None,
     };
     if scenario == Scenario::Shadow {
         plan.waves[0].shadow = true;
@@ -117,8 +118,12 @@ pub fn line(view: &RolloutView) -> String {
     let s = &view.summary;
     let r = &view.rollout;
     let waiting = r.waiting_for.as_ref().map(|w| format!("; waiting for {w}")).unwrap_or_default();
+    let staged = match &r.plan.activation_window {
+        Some(window) if s.staged > 0 => format!(" staged {} (window {window})", s.staged),
+        _ => String::new(),
+    };
     format!(
-        "rollout {} {} ({} {}): wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {} failed {} reverted {}{waiting}",
+        "rollout {} {} ({} {}): wave {}/{} (target {} of {} eligible, {} holdout): active {} installing {}{staged} failed {} reverted {}{waiting}",
         r.id,
         r.phase.as_str(),
         r.plan.model,
@@ -157,6 +162,8 @@ pub fn progress(view: &RolloutView) -> RolloutProgress {
         "soaking".to_string()
     } else if !r.phase.is_active() {
         r.reason.clone().unwrap_or_else(|| r.phase.as_str().to_string())
+    } else if s.staged > 0 {
+        format!("{} installing, {} staged for their activation window", s.assigned, s.staged)
     } else {
         format!("{} installing", s.assigned)
     };

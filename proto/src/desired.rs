@@ -22,6 +22,8 @@ pub enum InvalidDesired {
     Digest(String),
     #[error("shadow sample rate {0} is not in (0, 1]")]
     SampleRate(f32),
+    #[error(transparent)]
+    Window(#[from] crate::window::WindowError),
 }
 
 /// Accepts a desired model only if its name follows the name rules, its version is canonical
@@ -42,6 +44,9 @@ pub fn validate(model: &DesiredModel) -> Result<(), InvalidDesired> {
         && model.bundle_sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !hex_digest {
         return Err(InvalidDesired::Digest(model.bundle_sha256.clone()));
+    }
+    if let Some(window) = &model.activation_window {
+        window.validate()?;
     }
     if let Some(shadow) = &model.shadow {
         if !(shadow.sample_rate > 0.0 && shadow.sample_rate <= 1.0) {
@@ -65,6 +70,7 @@ mod tests {
             bundle_size: 10,
             attempt: 0,
             shadow: None,
+            activation_window: None,
         }
     }
 

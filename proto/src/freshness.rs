@@ -196,6 +196,7 @@ mod tests {
                 bundle_size: 10,
                 attempt: 0,
                 shadow: None,
+                activation_window: None,
             }],
             root_version: Some(1),
             freshness: None,

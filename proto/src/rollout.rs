@@ -53,6 +53,10 @@ pub struct HealthGates {
     pub max_error_rate_increase: f64,
     /// Largest accepted candidate/control ratio of latency p95.
     pub max_latency_p95_ratio: f64,
+    /// A candidate p95 at or below this many microseconds passes the latency gate whatever its
+    /// ratio: at tens of microseconds, scheduling noise on a shared core moves a p95 several
+    /// times over (one log bucket is a 4x step at ~50 µs), and no user notices.
+    pub latency_p95_floor_us: f64,
     /// Smallest accepted candidate/control ratio of mean top-class probability.
     pub min_confidence_ratio: f64,
     /// Largest accepted PSI between candidate and control predicted-class distributions.
@@ -72,6 +76,7 @@ impl Default for HealthGates {
             min_samples: 200,
             max_error_rate_increase: 0.02,
             max_latency_p95_ratio: 3.0,
+            latency_p95_floor_us: 1000.0,
             min_confidence_ratio: 0.8,
             max_prediction_psi: 0.25,
             max_input_drift_increase: 0.25,
@@ -122,6 +127,11 @@ pub struct RolloutPlan {
     /// are bound by `max_concurrent` alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_per: Option<GroupBudget>,
+    /// Devices download and verify the candidate at once but activate it only inside this daily
+    /// window of their local time (`{ start = "02:00", end = "04:00" }`); waiting there, they
+    /// are `staged`, neither failed nor timed out (ADR 0012).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_window: Option<crate::window::ActivationWindow>,
 }
 
 /// At most `count` devices with the same value of `label` install at once.
@@ -220,6 +230,9 @@ impl RolloutPlan {
         if self.min_executed == 0 {
             return Err(invalid("min_executed", "must be at least 1"));
         }
+        if let Some(window) = &self.activation_window {
+            window.validate().map_err(|e| invalid("activation_window", e.to_string()))?;
+        }
         if let Some(budget) = &self.max_concurrent_per {
             if budget.label.is_empty() || budget.label.len() > 64 {
                 return Err(invalid("max_concurrent_per.label", "must be a label key of 1-64 characters"));
@@ -232,6 +245,7 @@ impl RolloutPlan {
         for (field, value) in [
             ("gates.max_error_rate_increase", g.max_error_rate_increase),
             ("gates.max_latency_p95_ratio", g.max_latency_p95_ratio),
+            ("gates.latency_p95_floor_us", g.latency_p95_floor_us),
             ("gates.min_confidence_ratio", g.min_confidence_ratio),
             ("gates.max_prediction_psi", g.max_prediction_psi),
             ("gates.max_input_drift_increase", g.max_input_drift_increase),

@@ -120,6 +120,9 @@ pub enum UpdateStep {
     Active,
     Failed,
     RolledBack,
+    /// Downloaded and verified, waiting for the plan's activation window (ADR 0012). Appended
+    /// last: postcard encodes variants by index.
+    Staged,
 }
 
 impl UpdateStep {
@@ -132,6 +135,7 @@ impl UpdateStep {
             UpdateStep::Active => "active",
             UpdateStep::Failed => "failed",
             UpdateStep::RolledBack => "rolled_back",
+            UpdateStep::Staged => "staged",
         }
     }
 
@@ -144,6 +148,7 @@ impl UpdateStep {
             UpdateStep::Active,
             UpdateStep::Failed,
             UpdateStep::RolledBack,
+            UpdateStep::Staged,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)
@@ -276,6 +281,10 @@ pub struct DesiredModel {
     /// A candidate to run in shadow beside this version (a rollout's shadow wave).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<DesiredShadow>,
+    /// Activate only inside this daily window of the device's local time (ADR 0012); download
+    /// and verify at once. Absent: activate at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_window: Option<crate::window::ActivationWindow>,
 }
 
 /// A candidate the device installs and verifies like any version, but runs only on a sample
@@ -301,6 +310,7 @@ impl DesiredShadow {
             bundle_size: self.bundle_size,
             attempt,
             shadow: None,
+            activation_window: None,
         }
     }
 }

@@ -210,10 +210,22 @@ impl Fleet {
 
     /// Starts agent `index` (enrolling with a fresh token, or reusing its saved identity).
     pub async fn start_agent(&self, index: usize) -> AgentHandle {
+        self.start_agent_with(index, |_| {}).await
+    }
+
+    /// [`Fleet::start_agent`] with its configuration changed by `change` first. Test agents read
+    /// activation windows in UTC unless `change` says otherwise.
+    pub async fn start_agent_with(
+        &self,
+        index: usize,
+        change: impl FnOnce(&mut edge_agent::AgentConfig),
+    ) -> AgentHandle {
         let token = self.client.tokens(1).await.unwrap().remove(0);
         let mut config =
             agent_config(&self.server.url(), &self.server.mqtt_url, &token, &self.public, self.agent_dir(index), index);
+        config.time_zone = Some("UTC".into());
         self.trust(&mut config);
+        change(&mut config);
         edge_agent::start(config).await.unwrap()
     }
 

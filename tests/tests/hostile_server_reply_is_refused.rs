@@ -26,6 +26,7 @@ async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_whi
         bundle_size: 1000,
         attempt: 0,
         shadow: None,
+        activation_window: None,
     };
     let traversal = "x/../../../../escaped";
     let desired = DesiredState {

@@ -79,6 +79,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
         gates: Default::default(),
         shadow_sample_rate: 0.1,
         max_concurrent_per: None,
+        activation_window: None,
     };
     let id = client.start_rollout(&plan).await.unwrap().rollout.id;
     let before = wait_for("wave 1 to pass and soak", TIMEOUT, || async {

@@ -59,13 +59,23 @@ impl Download<'_> {
         if self.size > self.limit {
             return Err(DownloadError::TooLarge { url, size: self.size, limit: self.limit });
         }
+        let part = self.dest.with_extension("bundle.part");
+        // A finished download kept for later (a version staged for its activation window) is
+        // used again when its size and digest still match; anything else there is replaced.
+        if let Ok(kept) = tokio::fs::metadata(&self.dest).await {
+            if kept.len() == self.size
+                && hex::encode(hash_prefix(&self.dest, self.size).await?.finalize()) == self.sha256
+            {
+                return Ok(self.dest.clone());
+            }
+            let _ = tokio::fs::remove_file(&self.dest).await;
+        }
         if let Some(free) = self.free_bytes {
             let need = self.size.saturating_mul(2);
             if need > free {
                 return Err(DownloadError::NoSpace { url, need, free });
             }
         }
-        let part = self.dest.with_extension("bundle.part");
         if let Some(parent) = self.dest.parent() {
             tokio::fs::create_dir_all(parent).await.map_err(io("create", parent))?;
         }

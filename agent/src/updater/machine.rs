@@ -45,7 +45,8 @@ pub enum Recovery {
 /// stops during one version's self-test.
 pub fn recover(record: &UpdateRecord, current: Option<&str>, restarts_allowed: u32) -> Recovery {
     match record.step {
-        UpdateStep::Active | UpdateStep::Failed | UpdateStep::RolledBack => Recovery::Nothing,
+        // A staged version was verified and waits for its window; the old version serves.
+        UpdateStep::Active | UpdateStep::Failed | UpdateStep::RolledBack | UpdateStep::Staged => Recovery::Nothing,
         UpdateStep::Activating if current == Some(record.version.as_str()) => Recovery::CommitActive,
         UpdateStep::SelfTest | UpdateStep::Activating if record.failures + 1 >= restarts_allowed => Recovery::GiveUp,
         UpdateStep::SelfTest | UpdateStep::Activating => Recovery::Restart { failed: true },
@@ -97,6 +98,7 @@ mod tests {
             bundle_size: 0,
             attempt: 0,
             shadow: None,
+            activation_window: None,
         }
     }
 

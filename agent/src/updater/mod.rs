@@ -14,6 +14,8 @@ pub mod disk;
 pub mod download;
 pub mod machine;
 mod shadow;
+mod staging;
+pub mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub enum UpdateError {
     Refused(#[from] Refusal),
     #[error("check-in reply refused: {0}")]
     Stale(#[from] proto::freshness::FreshnessError),
+    #[error(transparent)]
+    Window(#[from] proto::window::WindowError),
     #[error(transparent)]
     Disk(#[from] disk::DiskError),
     #[error(transparent)]
@@ -84,6 +88,8 @@ pub struct Updater {
     pub retry_after: HashMap<(String, String), tokio::time::Instant>,
     /// When a check-in reply was last accepted (unix ms; 0 before the first), for the metrics.
     pub last_checkin_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The local clock activation windows are read in.
+    pub clock: window::LocalClock,
 }
 
 /// What every bundle is checked against before it is installed or loaded: the keys that may sign
@@ -185,7 +191,7 @@ impl Updater {
                 .find(|r| r.model == model.name && r.version == model.version && r.attempt == model.attempt)
                 .map_or(0, |r| r.failures);
             let before = self.partial_bytes(&model).await;
-            match self.install(&model, failures).await {
+            match self.install_or_stage(&model, failures, &records).await {
                 Ok(()) => {
                     self.retry_after.remove(&key);
                 }
@@ -203,6 +209,7 @@ impl Updater {
         // Shadows last: a candidate runs beside a version only once that version is active.
         let active = self.engine.active().await;
         let records = self.records().await?;
+        self.drop_stale_staged(&desired.models, &active, &records).await?;
         for model in &desired.models {
             self.reconcile_shadow(model, &active, &records).await?;
         }
@@ -408,7 +415,10 @@ impl InstallJob {
         detail: String,
         failures: u32,
     ) -> Result<(), UpdateError> {
-        let record = record_of(desired, step, detail, failures);
+        self.report_record(record_of(desired, step, detail, failures)).await
+    }
+
+    async fn report_record(&self, record: UpdateRecord) -> Result<(), UpdateError> {
         let (state, saved) = (self.state.clone(), record.clone());
         blocking(move || state.record(&saved)).await??;
         let active = self.engine.active().await;
@@ -439,6 +449,34 @@ impl InstallJob {
         Ok(())
     }
 
+    /// A downloaded bundle's signatures and digests, that it is the desired name and version,
+    /// and that this device may run it (floor, device class); returns it with the stored floor.
+    fn verify_download(
+        &self,
+        desired: &DesiredModel,
+        path: &Path,
+        failures: u32,
+    ) -> Result<(proto::VerifiedBundle, Option<semver::Version>), UpdateError> {
+        let (name, version) = (desired.name.as_str(), desired.version.as_str());
+        self.report_blocking(desired, UpdateStep::Verifying, failures)?;
+        let verify_err = |source| UpdateError::Verify { model: name.into(), version: version.into(), source };
+        let file = std::fs::File::open(path).map_err(|source| disk::DiskError::Io {
+            action: "open",
+            path: path.into(),
+            source,
+        })?;
+        let verified = read_archive_from(std::io::BufReader::new(file), &self.verifier.limits)
+            .map_err(|e| verify_err(e.into()))?
+            .verify(&self.verifier.trusted)
+            .map_err(verify_err)?;
+        if verified.manifest.name != name || verified.manifest.version.to_string() != version {
+            let got = format!("{} {}", verified.manifest.name, verified.manifest.version);
+            return Err(UpdateError::WrongBundle { want: format!("{name} {version}"), got });
+        }
+        let seen = self.verifier.admit(&self.state, &verified.manifest)?;
+        Ok((verified, seen))
+    }
+
     /// Verify (a download) and stage it, then load the staged or kept version and self-test it:
     /// what a version goes through before it may serve, or run in shadow.
     fn verify_and_load(
@@ -449,22 +487,7 @@ impl InstallJob {
     ) -> Result<crate::inference::LoadedModel, UpdateError> {
         let (name, version) = (desired.name.as_str(), desired.version.as_str());
         if let Some(path) = bundle {
-            self.report_blocking(desired, UpdateStep::Verifying, failures)?;
-            let verify_err = |source| UpdateError::Verify { model: name.into(), version: version.into(), source };
-            let file = std::fs::File::open(path).map_err(|source| disk::DiskError::Io {
-                action: "open",
-                path: path.into(),
-                source,
-            })?;
-            let verified = read_archive_from(std::io::BufReader::new(file), &self.verifier.limits)
-                .map_err(|e| verify_err(e.into()))?
-                .verify(&self.verifier.trusted)
-                .map_err(verify_err)?;
-            if verified.manifest.name != name || verified.manifest.version.to_string() != version {
-                let got = format!("{} {}", verified.manifest.name, verified.manifest.version);
-                return Err(UpdateError::WrongBundle { want: format!("{name} {version}"), got });
-            }
-            let seen = self.verifier.admit(&self.state, &verified.manifest)?;
+            let (verified, seen) = self.verify_download(desired, path, failures)?;
             Verifier::remember_floor(&self.state, &verified.manifest, seen)?;
             self.layout.stage(&verified)?;
         }
@@ -553,6 +576,10 @@ fn recover_in_flight(
     });
     let mut downloading = Vec::new();
     for record in &records {
+        // A staged version waits for its window with its verified download kept.
+        if record.step == UpdateStep::Staged {
+            downloading.push((record.model.clone(), record.version.clone()));
+        }
         let current = layout.current(&record.model);
         let done = match machine::recover(record, current.as_deref(), self_test_restarts) {
             machine::Recovery::Nothing => Ok(()),

@@ -35,6 +35,9 @@ pub struct Summary {
     /// Running the candidate in shadow (shadow waves).
     #[serde(default)]
     pub shadowing: usize,
+    /// Downloaded and verified, waiting for the plan's activation window.
+    #[serde(default)]
+    pub staged: usize,
     pub active: usize,
     pub failed: usize,
     pub reverted: usize,
@@ -56,6 +59,7 @@ impl From<Rollout> for RolloutView {
                 MemberStatus::Waiting => s.waiting += 1,
                 MemberStatus::Assigned | MemberStatus::ShadowAssigned => s.assigned += 1,
                 MemberStatus::Shadowing => s.shadowing += 1,
+                MemberStatus::Staged => s.staged += 1,
                 MemberStatus::Active => s.active += 1,
                 MemberStatus::Failed(_) | MemberStatus::TimedOut => s.failed += 1,
                 MemberStatus::Reverted => s.reverted += 1,

@@ -66,13 +66,17 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
     Decision { rollout: r, effects }
 }
 
-/// Moves assigned members to active (or, told to shadow, to shadowing), failed or timed out
-/// from what their devices report.
+/// How long a device may wait staged for its activation window before it counts as timed out,
+/// on top of the device timeout: a day, in which a daily window opens once.
+pub const STAGED_GRACE_MS: u64 = 24 * 3600 * 1000;
+
+/// Moves assigned members to active (or, told to shadow, to shadowing), staged, failed or timed
+/// out from what their devices report.
 fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, effects: &mut Vec<Effect>) {
     let version = r.plan.version.clone();
     let timeout_ms = (r.plan.device_timeout_secs * 1000.0) as u64;
     let empty = DeviceObservation::default();
-    for (id, member) in r.members.iter_mut().filter(|(_, m)| m.status.in_flight()) {
+    for (id, member) in r.members.iter_mut().filter(|(_, m)| m.status.awaiting_device()) {
         let o = observations.get(id).unwrap_or(&empty);
         let shadow = member.status == MemberStatus::ShadowAssigned;
         if !shadow && o.active_version.as_deref() == Some(version.as_str()) {
@@ -82,6 +86,23 @@ fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, ef
         } else if o.step == Some(UpdateStep::Failed) && o.step_version.as_deref() == Some(version.as_str()) {
             member.status = MemberStatus::Failed(o.detail.clone());
             audit(effects, AuditAction::DeviceFailed, format!("{id}: {}", o.detail));
+        } else if member.status == MemberStatus::Assigned
+            && o.step == Some(UpdateStep::Staged)
+            && o.step_version.as_deref() == Some(version.as_str())
+        {
+            // Its download is done: it waits for its window, off the disruption budget, and
+            // its timeout starts again, a day longer.
+            member.status = MemberStatus::Staged;
+            member.assigned_ms = Some(now_ms);
+        } else if member.status == MemberStatus::Staged {
+            if member.assigned_ms.is_some_and(|at| now_ms.saturating_sub(at) > timeout_ms + STAGED_GRACE_MS) {
+                member.status = MemberStatus::TimedOut;
+                audit(
+                    effects,
+                    AuditAction::DeviceTimedOut,
+                    format!("{id}: staged but not activated within a day and {} s", r.plan.device_timeout_secs),
+                );
+            }
         } else if member.assigned_ms.is_some_and(|at| now_ms.saturating_sub(at) > timeout_ms) {
             member.status = MemberStatus::TimedOut;
             audit(

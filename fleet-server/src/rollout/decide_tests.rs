@@ -39,6 +39,7 @@ fn plan_judging(waves: &[f64], holdout: f64) -> RolloutPlan {
         gates: Default::default(),
         shadow_sample_rate: 0.1,
         max_concurrent_per: None,
+        activation_window: None,
     }
 }
 
@@ -586,10 +587,11 @@ fn a_higher_error_rate_breaches_the_error_gate_alone() {
 
 #[test]
 fn a_slower_model_breaches_the_latency_gate_alone() {
-    let b = breached_alone(|m| m.latency_p95_us = Some(500.0));
+    // Above the gate's 1 ms floor: below it a p95 ratio is scheduling noise (gates.rs).
+    let b = breached_alone(|m| m.latency_p95_us = Some(5_000.0));
     assert!(
         matches!(b[..], [GateBreach::LatencyP95 { candidate_us, control_us, max_ratio }]
-        if candidate_us == 500.0 && control_us == 50.0 && max_ratio == 3.0),
+        if candidate_us == 5_000.0 && control_us == 50.0 && max_ratio == 3.0),
         "{b:?}"
     );
 }

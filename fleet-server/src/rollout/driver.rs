@@ -236,8 +236,12 @@ impl Driver {
                     detail,
                 }),
                 Effect::SetDesired { device, version, attempt, shadow } => {
+                    // Only the candidate's activation waits for the window; a revert acts at once.
+                    let window = (version == rollout.plan.version && shadow.is_none())
+                        .then(|| rollout.plan.activation_window.clone())
+                        .flatten();
                     let shadow = shadow.map(|v| (v, rollout.plan.shadow_sample_rate as f32));
-                    desired.push(DesiredChange { device, version, attempt, shadow })
+                    desired.push(DesiredChange { device, version, attempt, shadow, window })
                 }
             }
         }
@@ -266,17 +270,19 @@ impl Driver {
                 .members
                 .iter()
                 .filter_map(|(id, m)| match m.status {
-                    MemberStatus::Assigned | MemberStatus::Active => Some(DesiredChange {
+                    MemberStatus::Assigned | MemberStatus::Staged | MemberStatus::Active => Some(DesiredChange {
                         device: id.clone(),
                         version: candidate.clone(),
                         attempt: m.attempt,
                         shadow: None,
+                        window: rollout.plan.activation_window.clone(),
                     }),
                     MemberStatus::ShadowAssigned | MemberStatus::Shadowing => Some(DesiredChange {
                         device: id.clone(),
                         version: m.previous_version.clone()?,
                         attempt: m.attempt,
                         shadow: Some((candidate.clone(), rate)),
+                        window: None,
                     }),
                     _ => None,
                 })
@@ -347,7 +353,13 @@ mod tests {
             .save_rollout(
                 &rollout,
                 &[],
-                &[DesiredChange { device: "d1".into(), version: "1.0.0".into(), attempt: 0, shadow: None }],
+                &[DesiredChange {
+                    device: "d1".into(),
+                    version: "1.0.0".into(),
+                    attempt: 0,
+                    shadow: None,
+                    window: None,
+                }],
             )
             .unwrap();
         // Later an operator deploys 3.0.0 to d1; then the server restarts.
@@ -372,7 +384,13 @@ mod tests {
             .save_rollout(
                 &rollout,
                 &[],
-                &[DesiredChange { device: "d1".into(), version: "2.0.0".into(), attempt: 0, shadow: None }],
+                &[DesiredChange {
+                    device: "d1".into(),
+                    version: "2.0.0".into(),
+                    attempt: 0,
+                    shadow: None,
+                    window: None,
+                }],
             )
             .unwrap();
         assert_eq!(revisions, vec![("d1".to_string(), 1)]);
@@ -382,7 +400,13 @@ mod tests {
             .save_rollout(
                 &rollout,
                 &[],
-                &[DesiredChange { device: "d1".into(), version: "2.0.0".into(), attempt: 0, shadow: None }],
+                &[DesiredChange {
+                    device: "d1".into(),
+                    version: "2.0.0".into(),
+                    attempt: 0,
+                    shadow: None,
+                    window: None,
+                }],
             )
             .unwrap();
         assert!(again.is_empty(), "re-saving the same desired version changes no revision");

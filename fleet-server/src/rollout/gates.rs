@@ -213,7 +213,7 @@ pub fn readings(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMe
     let ratio = c.zip(k).filter(|(_, k)| *k > 0.0).map(|(c, k)| c / k);
     let mut latency = reading("latency_p95", c, k, ratio, gates.max_latency_p95_ratio);
     if let (Some(c), Some(k), Some(r)) = (c, k, ratio) {
-        if r > gates.max_latency_p95_ratio {
+        if r > gates.max_latency_p95_ratio && c > gates.latency_p95_floor_us {
             latency.breach =
                 Some(GateBreach::LatencyP95 { candidate_us: c, control_us: k, max_ratio: gates.max_latency_p95_ratio });
         }
@@ -273,20 +273,20 @@ mod tests {
             inferences: 1000,
             errors: 5,
             mean_confidence: Some(0.8),
-            latency_p95_us: Some(100.0),
+            latency_p95_us: Some(1_000.0),
             input_drift: Some(0.05),
             classes: vec![50, 50],
             ..Default::default()
         };
         let mut candidate = control.clone();
-        candidate.latency_p95_us = Some(400.0);
+        candidate.latency_p95_us = Some(4_000.0);
         let r = readings(&gates, &candidate, &control);
         let names: Vec<&str> = r.iter().map(|g| g.gate.as_str()).collect();
         assert_eq!(names, ["confidence", "prediction_psi", "error_rate", "latency_p95", "input_drift"]);
         let latency = &r[3];
         assert_eq!(
             (latency.candidate, latency.control, latency.value, latency.limit),
-            (Some(400.0), Some(100.0), Some(4.0), 3.0)
+            (Some(4_000.0), Some(1_000.0), Some(4.0), 3.0)
         );
         assert!(matches!(latency.breach, Some(GateBreach::LatencyP95 { .. })));
         assert!(r.iter().filter(|g| g.gate != "latency_p95").all(|g| g.breach.is_none()));
@@ -329,7 +329,12 @@ mod tests {
 
     #[test]
     fn the_latency_gate_breaches_only_above_its_ratio() {
-        let gates = HealthGates { min_samples: 0, max_latency_p95_ratio: 1.5, ..HealthGates::default() };
+        let gates = HealthGates {
+            min_samples: 0,
+            max_latency_p95_ratio: 1.5,
+            latency_p95_floor_us: 0.0,
+            ..HealthGates::default()
+        };
         let control = GroupMetrics { latency_p95_us: Some(100.0), ..Default::default() };
         let fine = GroupMetrics { latency_p95_us: Some(150.0), ..Default::default() };
         let slow = GroupMetrics { latency_p95_us: Some(151.0), ..Default::default() };
@@ -337,6 +342,23 @@ mod tests {
         assert_eq!(
             judge(&gates, &slow, &control),
             vec![GateBreach::LatencyP95 { candidate_us: 151.0, control_us: 100.0, max_ratio: 1.5 }]
+        );
+    }
+
+    #[test]
+    fn a_candidate_p95_under_the_floor_passes_the_latency_gate_whatever_its_ratio() {
+        let gates = HealthGates { min_samples: 0, max_latency_p95_ratio: 2.0, ..HealthGates::default() };
+        assert_eq!(gates.latency_p95_floor_us, 1000.0);
+        let control = GroupMetrics { latency_p95_us: Some(48.0), ..Default::default() };
+        // The CI flake: a 4x step of one log bucket at ~50 µs.
+        let noisy = GroupMetrics { latency_p95_us: Some(192.0), ..Default::default() };
+        assert!(judge(&gates, &noisy, &control).is_empty());
+        let at_floor = GroupMetrics { latency_p95_us: Some(1000.0), ..Default::default() };
+        assert!(judge(&gates, &at_floor, &control).is_empty());
+        let above = GroupMetrics { latency_p95_us: Some(1001.0), ..Default::default() };
+        assert_eq!(
+            judge(&gates, &above, &control),
+            vec![GateBreach::LatencyP95 { candidate_us: 1001.0, control_us: 48.0, max_ratio: 2.0 }]
         );
     }
 

@@ -182,3 +182,101 @@ fn a_paused_rollout_takes_joiners_and_a_finished_one_does_not() {
     let aborted = operate(&r, OperatorAction::Abort, T0).unwrap().rollout;
     assert!(admit_late_joiners(&aborted, &fleet, &Default::default()).is_none());
 }
+
+fn staged(version: &str) -> DeviceObservation {
+    DeviceObservation {
+        active_version: Some("1.0.0".into()),
+        step: Some(UpdateStep::Staged),
+        step_version: Some(version.into()),
+        detail: "verified; activates in the 02:00-04:00 window".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_staged_device_outlives_the_device_timeout_frees_the_budget_and_the_wave_ends_when_it_activates() {
+    let p = plan(
+        "holdout = 0.0\nwaves = [{percent = 100.0}]\nmax_concurrent = 2\ndevice_timeout_secs = 60.0\n\
+         activation_window = { start = \"02:00\", end = \"04:00\" }",
+    );
+    let r = create("r1", p, &site_devices("a", "plant-a", 4), &Default::default(), T0).unwrap();
+    let first = decide(&r, &Observations::new(), T0).rollout;
+    let waiting_for_window: Vec<String> = assigned(&first);
+    assert_eq!(waiting_for_window.len(), 2);
+    let mut observations: Observations = waiting_for_window.iter().map(|id| (id.clone(), staged("2.0.0"))).collect();
+
+    // Staged: off the disruption budget, so the other two are told to download too.
+    let second = decide(&first, &observations, T0 + 1_000).rollout;
+    assert!(waiting_for_window.iter().all(|id| second.members[id].status == MemberStatus::Staged));
+    assert_eq!(assigned(&second).len(), 2, "staged downloads are done: the budget goes to the next devices");
+    for id in assigned(&second) {
+        observations.insert(id, staged("2.0.0"));
+    }
+    // Hours pass, far beyond the device timeout: nobody fails, the wave waits.
+    let hours_later = T0 + 5 * 3600 * 1000;
+    let waiting = decide(&second, &observations, hours_later);
+    assert_eq!(waiting.rollout.phase, Phase::Running);
+    assert!(
+        waiting.rollout.members.values().all(|m| m.status == MemberStatus::Staged),
+        "{:?}",
+        waiting.rollout.members
+    );
+    assert!(!waiting.effects.iter().any(|e| matches!(e, Effect::Audit { action: AuditAction::DeviceTimedOut, .. })));
+
+    // The window opens: they activate and the rollout completes.
+    let all: Observations = waiting.rollout.members.keys().map(|id| (id.clone(), active("2.0.0"))).collect();
+    let mut r = waiting.rollout;
+    for tick in 0..3 {
+        r = decide(&r, &all, hours_later + tick).rollout;
+    }
+    assert_eq!(r.phase, Phase::Completed);
+    assert!(r.members.values().all(|m| m.status == MemberStatus::Active));
+}
+
+#[test]
+fn a_device_staged_for_more_than_a_day_and_the_device_timeout_times_out() {
+    let p = plan(
+        "holdout = 0.0\nwaves = [{percent = 100.0}]\ndevice_timeout_secs = 60.0\n\
+         activation_window = { start = \"02:00\", end = \"04:00\" }",
+    );
+    let r = create("r1", p, &site_devices("a", "plant-a", 1), &Default::default(), T0).unwrap();
+    let first = decide(&r, &Observations::new(), T0).rollout;
+    let observations: Observations = assigned(&first).into_iter().map(|id| (id, staged("2.0.0"))).collect();
+    let staged_at = T0 + 1_000;
+    let r = decide(&first, &observations, staged_at).rollout;
+    let within = decide(&r, &observations, staged_at + super::decide::STAGED_GRACE_MS + 60_000);
+    assert!(within.rollout.members.values().all(|m| m.status == MemberStatus::Staged));
+    let beyond = decide(&r, &observations, staged_at + super::decide::STAGED_GRACE_MS + 61_000);
+    assert!(beyond.effects.iter().any(|e| matches!(e, Effect::Audit { action: AuditAction::DeviceTimedOut, .. })));
+    // Its wave cannot succeed without it: the rollout ends, stating why.
+    assert_eq!(beyond.rollout.phase, Phase::RolledBack);
+    assert!(
+        beyond.rollout.reason.as_deref().is_some_and(|r| r.contains("1 of 1 executed")),
+        "{:?}",
+        beyond.rollout.reason
+    );
+}
+
+#[test]
+fn a_staged_report_for_another_version_does_not_stage_the_member() {
+    let p =
+        plan("holdout = 0.0\nwaves = [{percent = 100.0}]\nactivation_window = { start = \"02:00\", end = \"04:00\" }");
+    let r = create("r1", p, &site_devices("a", "plant-a", 1), &Default::default(), T0).unwrap();
+    let first = decide(&r, &Observations::new(), T0).rollout;
+    let observations: Observations = assigned(&first).into_iter().map(|id| (id, staged("3.0.0"))).collect();
+    let r = decide(&first, &observations, T0 + 1_000).rollout;
+    assert!(r.members.values().all(|m| m.status == MemberStatus::Assigned));
+}
+
+#[test]
+fn a_rollback_puts_staged_devices_back_at_once() {
+    let p =
+        plan("holdout = 0.0\nwaves = [{percent = 100.0}]\nactivation_window = { start = \"02:00\", end = \"04:00\" }");
+    let r = create("r1", p, &site_devices("a", "plant-a", 2), &Default::default(), T0).unwrap();
+    let first = decide(&r, &Observations::new(), T0).rollout;
+    let observations: Observations = assigned(&first).into_iter().map(|id| (id, staged("2.0.0"))).collect();
+    let r = decide(&first, &observations, T0 + 1_000).rollout;
+    let aborted = operate(&r, OperatorAction::Abort, T0 + 2_000).unwrap();
+    assert_eq!(told_to_run(&aborted, "1.0.0").len(), 2, "{:?}", aborted.effects);
+    assert!(aborted.rollout.members.values().all(|m| m.status == MemberStatus::Reverted));
+}

@@ -47,6 +47,9 @@ pub enum MemberStatus {
     Waiting,
     /// Told to install the candidate.
     Assigned,
+    /// Downloaded and verified the candidate, waiting for the plan's activation window (ADR
+    /// 0012): not in flight (its download is done), and timed out only after a whole day.
+    Staged,
     /// Told to run the candidate in shadow (a shadow wave), beside its current version.
     ShadowAssigned,
     /// Runs the candidate in shadow; activated once the wave's shadow gate passes.
@@ -75,6 +78,11 @@ impl MemberStatus {
     /// Told something and not yet done with it: counts against the disruption budget.
     pub fn in_flight(&self) -> bool {
         matches!(self, MemberStatus::Assigned | MemberStatus::ShadowAssigned)
+    }
+
+    /// Told to install or shadow the candidate and not done yet: its device's reports move it on.
+    pub fn awaiting_device(&self) -> bool {
+        self.in_flight() || *self == MemberStatus::Staged
     }
 }
 

@@ -79,6 +79,8 @@ pub struct DesiredChange {
     pub version: String,
     pub attempt: u32,
     pub shadow: Option<(String, f32)>,
+    /// The activation window the device waits for (ADR 0012); None activates at once.
+    pub window: Option<proto::window::ActivationWindow>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -100,6 +100,7 @@ impl SqliteStore {
         add_column(&conn, "devices", "freshness_counter", "INTEGER NOT NULL DEFAULT 0")?;
         add_column(&conn, "desired", "shadow_version", "TEXT")?;
         add_column(&conn, "desired", "shadow_rate", "REAL")?;
+        add_column(&conn, "desired", "activation_window", "TEXT")?;
         add_column(&conn, "model_status", "shadow_version", "TEXT")?;
         add_column(&conn, "drift", "shadow", "BLOB")?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
@@ -482,7 +483,7 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let mut revisions = Vec::with_capacity(devices.len());
         for device in devices {
-            if let Some(revision) = rollouts::upsert_desired(&tx, device, model, version, None, None)? {
+            if let Some(revision) = rollouts::upsert_desired(&tx, device, model, version, None, None, None)? {
                 revisions.push((device.clone(), revision));
             }
         }
@@ -495,7 +496,8 @@ impl Store for SqliteStore {
         let revision: i64 =
             conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
         let mut stmt = conn.prepare(
-            "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size
+            "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
+               d.activation_window
              FROM desired d
              JOIN bundles b ON b.name = d.model AND b.version = d.version
              LEFT JOIN bundles s ON s.name = d.model AND s.version = d.shadow_version
@@ -521,6 +523,7 @@ impl Store for SqliteStore {
                     bundle_size: r.get::<_, i64>(3)? as u64,
                     attempt: r.get(4)?,
                     shadow,
+                    activation_window: rollouts::window_of(r.get(9)?)?,
                 })
             })?
             .collect::<Result<_, _>>()?;

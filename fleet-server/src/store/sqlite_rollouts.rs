@@ -1,6 +1,7 @@
 //! The rollout half of the SQLite store: rollout state as JSON, the audit log, per-device
 //! desired attempts and the raw rows the rollout engine observes.
 
+use proto::window::ActivationWindow;
 use proto::wire::{AuditEntry, UpdateStep};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -11,6 +12,9 @@ use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, Window
 /// stored attempt (a plain deployment) and always raises the revision, so a device told again
 /// checks in again; `Some` is a rollout's assertion and changes nothing (returns None) when the
 /// version and attempt are already what it wants.
+/// A `desired` row's version, attempt, shadow version and rate, and activation window (JSON).
+type DesiredColumns = (String, u32, Option<String>, Option<f64>, Option<String>);
+
 pub fn upsert_desired(
     tx: &Connection,
     device: &str,
@@ -18,31 +22,41 @@ pub fn upsert_desired(
     version: &str,
     attempt: Option<u32>,
     shadow: Option<(&str, f32)>,
+    window: Option<&ActivationWindow>,
 ) -> Result<Option<u64>, StoreError> {
     let (shadow_version, shadow_rate) = (shadow.map(|(v, _)| v), shadow.map(|(_, r)| r as f64));
+    let window = window.map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
     if let Some(attempt) = attempt {
-        let current: Option<(String, u32, Option<String>, Option<f64>)> = tx
+        let current: Option<DesiredColumns> = tx
             .query_row(
-                "SELECT version, attempt, shadow_version, shadow_rate FROM desired WHERE device = ?1 AND model = ?2",
+                "SELECT version, attempt, shadow_version, shadow_rate, activation_window FROM desired
+                 WHERE device = ?1 AND model = ?2",
                 params![device, model],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
-        let unchanged = current.as_ref().is_some_and(|(v, a, sv, sr)| {
-            v == version && *a == attempt && sv.as_deref() == shadow_version && *sr == shadow_rate
+        let unchanged = current.as_ref().is_some_and(|(v, a, sv, sr, w)| {
+            v == version && *a == attempt && sv.as_deref() == shadow_version && *sr == shadow_rate && *w == window
         });
         if unchanged {
             return Ok(None);
         }
     }
     tx.execute(
-        "INSERT INTO desired (device, model, version, attempt, shadow_version, shadow_rate)
-         VALUES (?1, ?2, ?3, COALESCE(?4, 0), ?5, ?6)
+        "INSERT INTO desired (device, model, version, attempt, shadow_version, shadow_rate, activation_window)
+         VALUES (?1, ?2, ?3, COALESCE(?4, 0), ?5, ?6, ?7)
          ON CONFLICT (device, model) DO UPDATE SET version = excluded.version,
-           attempt = COALESCE(?4, desired.attempt), shadow_version = ?5, shadow_rate = ?6",
-        params![device, model, version, attempt, shadow_version, shadow_rate],
+           attempt = COALESCE(?4, desired.attempt), shadow_version = ?5, shadow_rate = ?6, activation_window = ?7",
+        params![device, model, version, attempt, shadow_version, shadow_rate, window],
     )?;
     bump_revision(tx, device).map(Some)
+}
+
+/// The `desired.activation_window` column (JSON) read back.
+pub fn window_of(text: Option<String>) -> rusqlite::Result<Option<ActivationWindow>> {
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 /// Raises the device's desired-state revision (it checks in again when told it changed).
@@ -109,7 +123,7 @@ pub fn deploy_to_selector(
     insert_cohort_default(&tx, default)?;
     let mut revisions = Vec::with_capacity(devices.len());
     for device in devices {
-        if let Some(revision) = upsert_desired(&tx, device, &default.model, &default.version, None, None)? {
+        if let Some(revision) = upsert_desired(&tx, device, &default.model, &default.version, None, None, None)? {
             revisions.push((device.clone(), revision));
         }
     }
@@ -231,7 +245,7 @@ pub fn save(
     for d in desired {
         let shadow = d.shadow.as_ref().map(|(v, r)| (v.as_str(), *r));
         if let Some(revision) =
-            upsert_desired(&tx, &d.device, &rollout.plan.model, &d.version, Some(d.attempt), shadow)?
+            upsert_desired(&tx, &d.device, &rollout.plan.model, &d.version, Some(d.attempt), shadow, d.window.as_ref())?
         {
             revisions.push((d.device.clone(), revision));
         }

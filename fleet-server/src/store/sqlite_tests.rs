@@ -305,3 +305,33 @@ fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_versio
     let page = TelemetryQuery { after: Some(("d1".into(), 1)), version: None, ..q };
     assert_eq!(store.telemetry(&page).unwrap().len(), 2);
 }
+
+#[test]
+fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it() {
+    let (_dir, store) = store();
+    device(&store, "d1");
+    store.put_bundle(&bundle("2.0.0", "bb")).unwrap();
+    let plan: proto::rollout::RolloutPlan =
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+    let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
+    let rollout = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), 1).unwrap();
+    let window = proto::window::ActivationWindow::new("02:00", "04:00");
+    let change = |window: Option<&proto::window::ActivationWindow>| DesiredChange {
+        device: "d1".into(),
+        version: "2.0.0".into(),
+        attempt: 0,
+        shadow: None,
+        window: window.cloned(),
+    };
+    assert_eq!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().len(), 1);
+    assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, Some(window.clone()));
+    assert!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().is_empty(), "unchanged");
+    let wider = proto::window::ActivationWindow::new("01:00", "05:00");
+    assert_eq!(
+        store.save_rollout(&rollout, &[], &[change(Some(&wider))]).unwrap().len(),
+        1,
+        "a new window is a change"
+    );
+    store.set_desired(&["d1".into()], "tabular", "2.0.0").unwrap();
+    assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, None, "a deploy activates at once");
+}
