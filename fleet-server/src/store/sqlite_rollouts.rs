@@ -8,13 +8,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
+/// A `desired` row's version, attempt, shadow version and rate, and activation window (JSON).
+type DesiredColumns = (String, u32, Option<String>, Option<f64>, Option<String>);
+
 /// The one desired-version upsert, inside the caller's transaction. `attempt` None keeps the
 /// stored attempt (a plain deployment) and always raises the revision, so a device told again
 /// checks in again; `Some` is a rollout's assertion and changes nothing (returns None) when the
 /// version and attempt are already what it wants.
-/// A `desired` row's version, attempt, shadow version and rate, and activation window (JSON).
-type DesiredColumns = (String, u32, Option<String>, Option<f64>, Option<String>);
-
 pub fn upsert_desired(
     tx: &Connection,
     device: &str,
