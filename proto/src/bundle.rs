@@ -190,6 +190,7 @@ pub struct GoldenCase {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Lineage {
     /// sha256 of the training data snapshot.

@@ -145,6 +145,7 @@ impl Priority {
 
 /// Records a device evicted under its disk budget, by priority.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Evicted {
     pub telemetry: u64,
     pub heartbeats: u64,
@@ -186,6 +187,7 @@ pub enum DeliveryEvent {
 
 /// One buffered inference, as uploaded.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TelemetryRow {
     /// The device's `telemetry` stream sequence.
     pub seq: u64,
@@ -210,6 +212,7 @@ pub const MAX_TELEMETRY_BATCH_BYTES: usize = 1 << 20;
 /// The reply to a telemetry upload, sent after the rows are committed: the device may delete
 /// every row up to `through`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TelemetryAck {
     pub through: u64,
     /// Rows new to the server.
@@ -220,6 +223,7 @@ pub struct TelemetryAck {
 
 /// One stored inference record as operators export it (`GET /api/v1/telemetry`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExportedTelemetry {
     pub device: String,
     #[serde(flatten)]
@@ -228,6 +232,7 @@ pub struct ExportedTelemetry {
 
 /// A device's delivery as the server counts it (operator API, demo report).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeliveryView {
     pub device: String,
     /// `reports` records stored (each sequence once).

@@ -17,6 +17,7 @@ use crate::keys::{verify_threshold, DetachedSignature, SigningKey, ThresholdErro
 use crate::wire::DesiredState;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Freshness {
     pub device: String,
@@ -31,6 +32,7 @@ pub struct Freshness {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignedFreshness {
     pub signed: Freshness,

@@ -100,6 +100,7 @@ impl TrustedKeys {
 
 /// A signature carried beside a JSON document (roots, freshness): key id and signature in hex.
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DetachedSignature {
     pub keyid: String,

@@ -12,6 +12,7 @@ pub const MAX_HISTORY: usize = 50;
 
 /// One published version of a model (`GET /api/v1/models`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelVersionView {
     pub name: String,
     pub version: String,
@@ -29,6 +30,7 @@ pub struct ModelVersionView {
 
 /// One update step a device reported.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusEntry {
     pub version: String,
     pub step: UpdateStep,
@@ -37,6 +39,7 @@ pub struct StatusEntry {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceModelDetail {
     pub name: String,
     pub active_version: Option<String>,
@@ -54,6 +57,7 @@ pub struct DeviceModelDetail {
 
 /// `GET /api/v1/devices/{id}`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceDetail {
     pub device: DeviceView,
     pub models: Vec<DeviceModelDetail>,

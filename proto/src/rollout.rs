@@ -20,6 +20,7 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PlanError {
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnBreach {
     /// Stop assigning devices; devices keep what they run.
@@ -31,6 +32,7 @@ pub enum OnBreach {
 
 /// One wave: a cumulative share of the eligible (non-holdout) devices, by percent or count.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WaveSpec {
     #[serde(default)]
@@ -45,6 +47,7 @@ pub struct WaveSpec {
 
 /// Thresholds on how the candidate model behaves, compared with the control group.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthGates {
     /// Samples needed on both candidate and control before model gates are judged.
@@ -87,6 +90,7 @@ impl Default for HealthGates {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RolloutPlan {
     pub model: String,
@@ -136,6 +140,7 @@ pub struct RolloutPlan {
 
 /// At most `count` devices with the same value of `label` install at once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GroupBudget {
     pub label: String,

@@ -26,6 +26,7 @@ pub const MAX_ROOT_BYTES: usize = 64 * 1024;
 pub const MAX_ROOT_KEYS: usize = 64;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Root {
     /// Starts at 1 and rises by exactly one with each rotation.
@@ -38,6 +39,7 @@ pub struct Root {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Roles {
     pub root: Role,
@@ -46,6 +48,8 @@ pub struct Roles {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = RootRole))]
 #[serde(deny_unknown_fields)]
 pub struct Role {
     /// Key ids, each listed in the root's `keys`.
@@ -55,6 +59,7 @@ pub struct Role {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignedRoot {
     pub signed: Root,

@@ -8,6 +8,7 @@ use crate::drift::{latency_bucket, LATENCY_BUCKETS};
 
 /// One window of a candidate running in shadow beside the active version.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ShadowSummary {
     /// The candidate's version.
     pub version: String,

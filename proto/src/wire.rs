@@ -111,6 +111,7 @@ pub fn decode_within<T: DeserializeOwned>(kind: &'static str, bytes: &[u8], limi
 
 /// The steps a model update goes through on a device.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateStep {
     Downloading,
@@ -156,6 +157,7 @@ impl UpdateStep {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateStatus {
     pub model: String,
     /// The version this step is about.
@@ -169,6 +171,7 @@ pub struct UpdateStatus {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub cpu_percent: f32,
     pub memory_used_bytes: u64,
@@ -222,6 +225,7 @@ pub struct DesiredChanged {
 // ---- HTTP JSON bodies ----
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     pub token: String,
@@ -235,6 +239,7 @@ pub struct EnrollRequest {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollResponse {
     pub device_id: String,
     /// Bearer credential for the device API; shown once, stored hashed on the server.
@@ -242,12 +247,14 @@ pub struct EnrollResponse {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CheckinRequest {
     pub models: Vec<UpdateStatus>,
 }
 
 /// The reply to publishing a root of trust.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RootInfo {
     pub version: u64,
     pub expires: u64,
@@ -255,6 +262,7 @@ pub struct RootInfo {
 
 /// What the server wants on a device: one entry per model name.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredState {
     pub revision: u64,
     pub models: Vec<DesiredModel>,
@@ -268,6 +276,7 @@ pub struct DesiredState {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredModel {
     pub name: String,
     pub version: String,
@@ -290,6 +299,7 @@ pub struct DesiredModel {
 /// A candidate the device installs and verifies like any version, but runs only on a sample
 /// of live requests, off the hot path, comparing its outputs with the active version's.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredShadow {
     pub version: String,
     pub bundle_path: String,
@@ -320,6 +330,7 @@ pub fn bundle_path(model: &str, version: &str) -> String {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BundleInfo {
     pub name: String,
     pub version: String,
@@ -331,6 +342,7 @@ pub struct BundleInfo {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
     pub model: String,
@@ -346,11 +358,13 @@ pub struct DeployRequest {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeployResponse {
     pub devices: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceModelView {
     pub name: String,
     pub desired_version: Option<String>,
@@ -367,6 +381,7 @@ pub struct DeviceModelView {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceView {
     pub id: String,
     pub name: String,
@@ -381,6 +396,7 @@ pub struct DeviceView {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     #[serde(default = "one")]
@@ -392,12 +408,14 @@ pub struct TokenRequest {
 
 /// Revokes enrollment tokens not yet used: the token itself (the operator holds it).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenRevokeRequest {
     pub token: String,
 }
 
 /// What an operator may do. Each role includes the ones below it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Reads fleet state: devices, rollouts, audit, delivery, telemetry.
@@ -431,6 +449,7 @@ impl std::str::FromStr for Role {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperatorRequest {
     pub name: String,
     pub role: Role,
@@ -438,6 +457,7 @@ pub struct OperatorRequest {
 
 /// A new operator and its token, shown once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperatorCreated {
     pub name: String,
     pub role: Role,
@@ -445,6 +465,7 @@ pub struct OperatorCreated {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperatorView {
     pub name: String,
     pub role: Role,
@@ -457,12 +478,14 @@ fn one() -> u32 {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenResponse {
     pub tokens: Vec<String>,
 }
 
 /// One line of the audit log: who did what, when, and why.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEntry {
     pub at_ms: u64,
     pub actor: String,
@@ -473,6 +496,7 @@ pub struct AuditEntry {
 
 /// What an audit line records; stored and sent as its snake_case name.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AuditAction {
     /// A rollout was created from a plan.
@@ -582,6 +606,7 @@ impl std::fmt::Display for AuditAction {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
 }

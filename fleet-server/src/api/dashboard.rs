@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use proto::wire::Role;
+use proto::wire::{ErrorBody, Role};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
@@ -53,12 +53,22 @@ fn asset(path: &str) -> Response {
 }
 
 /// Who the request's operator token belongs to: what the dashboard shows and which buttons work.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct WhoAmI {
     pub name: String,
     pub role: Role,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/whoami",
+    tag = "dashboard",
+    responses(
+        (status = 200, description = "The token's operator and role", body = WhoAmI),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn whoami(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<WhoAmI>, ApiError> {
     let who = state.require(&headers, Role::Viewer).await?;
     Ok(Json(WhoAmI { name: who.name, role: who.role }))

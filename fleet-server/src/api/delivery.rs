@@ -6,11 +6,11 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use proto::delivery::{DeliveryView, TelemetryAck, TelemetryBatch, MAX_TELEMETRY_BATCH_BYTES};
+use proto::delivery::{DeliveryView, ExportedTelemetry, TelemetryAck, TelemetryBatch, MAX_TELEMETRY_BATCH_BYTES};
 use proto::names;
 use serde::Deserialize;
 
-use proto::wire::Role;
+use proto::wire::{ErrorBody, Role};
 
 use super::{blocking, ApiError, AppState};
 use crate::store::{StoredTelemetry, TelemetryQuery};
@@ -20,6 +20,25 @@ const MAX_ROW_VALUES: usize = 4096;
 /// Most rows in one export page.
 const MAX_EXPORT_PAGE: usize = 10_000;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{id}/telemetry",
+    tag = "delivery",
+    params(("id" = String, Path, description = "Device id")),
+    request_body(
+        content = [u8],
+        content_type = "application/octet-stream",
+        description = "A postcard-encoded `TelemetryBatch` (proto::delivery), at most 1 MiB; not JSON"
+    ),
+    responses(
+        (status = 200, description = "Rows committed: the device may delete every row up to `through`", body = TelemetryAck),
+        (status = 400, description = "Body does not decode as a telemetry batch, or a row is invalid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown device credential", body = ErrorBody),
+        (status = 403, description = "The credential belongs to another device", body = ErrorBody),
+        (status = 413, description = "Body larger than 1 MiB (plain text, from the body limit)", body = String, content_type = "text/plain"),
+    ),
+    security(("device_credential" = []))
+)]
 pub async fn upload(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -51,7 +70,8 @@ pub async fn upload(
     Ok(Json(ack))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     pub model: String,
@@ -64,6 +84,21 @@ pub struct ExportQuery {
     pub limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/telemetry",
+    tag = "delivery",
+    params(ExportQuery),
+    responses(
+        (status = 200, description = "Stored inference records, by device then sequence", body = Vec<ExportedTelemetry>),
+        (status = 400, description = "Query is invalid: JSON from the handler, or plain text when the query string does not parse", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn export(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -81,6 +116,16 @@ pub async fn export(
     Ok(Json(blocking(&state.store, move |s| s.telemetry(&q)).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/delivery",
+    tag = "delivery",
+    responses(
+        (status = 200, description = "Every device's delivery counters", body = Vec<DeliveryView>),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn delivery(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeliveryView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     Ok(Json(blocking(&state.store, |s| s.delivery()).await?))

@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use proto::names;
-use proto::wire::{CheckinRequest, DesiredState, EnrollRequest, EnrollResponse, Role};
+use proto::wire::{CheckinRequest, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, Role};
 use tower::ServiceExt;
 
 use super::{blocking, sha256_hex, ApiError, AppState};
@@ -14,6 +14,17 @@ use crate::store::{EnrollRefusal, NewDevice};
 /// How long after a token's use a retry with it still succeeds (the first reply was lost).
 const ENROLL_RETRY_GRACE_MS: u64 = 10 * 60 * 1000;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/enroll",
+    tag = "devices",
+    request_body = EnrollRequest,
+    responses(
+        (status = 200, description = "Enrolled: the device id and its bearer credential (shown once)", body = EnrollResponse),
+        (status = 400, description = "Body is not an enrollment request, a label is out of bounds, or the public key is not 64 hex characters", body = ErrorBody),
+        (status = 403, description = "Enrollment token unknown, used, expired or revoked", body = ErrorBody),
+    )
+)]
 pub async fn enroll(
     State(state): State<AppState>,
     body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
@@ -64,6 +75,20 @@ pub async fn enroll(
     Ok(Json(EnrollResponse { device_id, credential }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{id}/checkin",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    request_body = CheckinRequest,
+    responses(
+        (status = 200, description = "The device's desired state, signed for freshness when the server has a timestamp key", body = DesiredState),
+        (status = 400, description = "Body is not a check-in", body = ErrorBody),
+        (status = 401, description = "Missing or unknown device credential", body = ErrorBody),
+        (status = 403, description = "The credential belongs to another device", body = ErrorBody),
+    ),
+    security(("device_credential" = []))
+)]
 pub async fn checkin(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -97,6 +122,26 @@ pub async fn checkin(
     Ok(Json(desired))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/bundles/{name}/{version}",
+    tag = "devices",
+    params(
+        ("name" = String, Path, description = "Model name"),
+        ("version" = String, Path, description = "Semantic version"),
+        ("Range" = Option<String>, Header, description = "A byte range, to resume a download"),
+    ),
+    responses(
+        (status = 200, description = "The bundle: a tar archive of the signed manifest, its signatures and the model files", body = [u8], content_type = "application/octet-stream"),
+        (status = 206, description = "The requested byte range of the bundle", body = [u8], content_type = "application/octet-stream"),
+        (status = 400, description = "Model name or version is malformed", body = ErrorBody),
+        (status = 401, description = "Neither a device credential nor an operator token", body = ErrorBody),
+        (status = 403, description = "The bundle is not in this device's desired state", body = ErrorBody),
+        (status = 404, description = "No such bundle is published", body = ErrorBody),
+        (status = 416, description = "The range lies outside the bundle"),
+    ),
+    security(("device_credential" = []), ("operator_token" = []))
+)]
 pub async fn download(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,

@@ -6,7 +6,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use proto::names;
-use proto::wire::Role;
+use proto::wire::{ErrorBody, Role};
 use serde::Deserialize;
 
 use super::{blocking, ApiError, AppState};
@@ -16,7 +16,8 @@ use crate::drift::report::{report, DriftReport};
 pub const MAX_LOOKBACK_MS: u64 = 31 * 86_400_000;
 const DEFAULT_LOOKBACK_MS: u64 = 86_400_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DriftQuery {
     pub model: String,
@@ -44,6 +45,21 @@ pub fn parse_cohort(text: &str) -> Result<BTreeMap<String, String>, ApiError> {
         .collect()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/drift",
+    tag = "drift",
+    params(DriftQuery),
+    responses(
+        (status = 200, description = "The model's drift per version, cohort and time bucket", body = DriftReport),
+        (status = 400, description = "Query is invalid: JSON from the handler, or plain text when the query string does not parse", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -3,14 +3,29 @@
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use proto::wire::{AuditAction, OperatorCreated, OperatorRequest, OperatorView, Role};
+use proto::wire::{AuditAction, ErrorBody, OperatorCreated, OperatorRequest, OperatorView, Role};
 
+use super::openapi::Null;
 use super::{audit, blocking, sha256_hex, ApiError, AppState};
 use crate::store::OperatorRecord;
 
 /// Name of the operator whose token is made at first start (or given with `--operator-token`).
 pub const BOOTSTRAP_ADMIN: &str = "admin";
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/operators",
+    tag = "identity",
+    request_body = OperatorRequest,
+    responses(
+        (status = 200, description = "The new operator and its token, shown once", body = OperatorCreated),
+        (status = 400, description = "Body is not an operator request, or the name is invalid", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below admin", body = ErrorBody),
+        (status = 409, description = "An operator with this name exists", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn add_operator(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -38,6 +53,17 @@ pub async fn add_operator(
     Ok(Json(OperatorCreated { name: request.name, role: request.role, token }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/operators",
+    tag = "identity",
+    responses(
+        (status = 200, description = "Every operator, revoked ones included", body = Vec<OperatorView>),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below admin", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn list_operators(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -52,6 +78,20 @@ pub async fn list_operators(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/operators/{name}/revoke",
+    tag = "identity",
+    params(("name" = String, Path, description = "Operator name")),
+    responses(
+        (status = 200, description = "Revoked", body = Null),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below admin", body = ErrorBody),
+        (status = 404, description = "No active operator has this name", body = ErrorBody),
+        (status = 409, description = "An admin cannot revoke its own token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn revoke_operator(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -71,6 +111,19 @@ pub async fn revoke_operator(
 
 /// Revokes a device: its credential stops working on the API and the embedded broker, its open
 /// MQTT sessions are closed, and its reports are no longer accepted.
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{id}/revoke",
+    tag = "identity",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "Revoked: its credential no longer works and its broker sessions are closed", body = Null),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below admin", body = ErrorBody),
+        (status = 404, description = "The device is not enrolled", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn revoke_device(
     State(state): State<AppState>,
     headers: HeaderMap,

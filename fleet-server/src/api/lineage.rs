@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use proto::lineage::{activated_ms, previous_version, DeviceDetail, DeviceModelDetail, ModelVersionView, StatusEntry};
-use proto::wire::{AuditEntry, DeviceView, Role};
+use proto::wire::{AuditEntry, DeviceView, ErrorBody, Role};
 
 use super::{blocking, ApiError, AppState};
 use crate::rollout::{MemberStatus, Rollout};
@@ -18,6 +18,16 @@ use crate::store::BundleRecord;
 /// Audit lines shown on a device's page.
 const DEVICE_AUDIT_LINES: usize = 100;
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/models",
+    tag = "lineage",
+    responses(
+        (status = 200, description = "Every published version with its signed lineage", body = Vec<ModelVersionView>),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn models(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -42,6 +52,18 @@ pub fn model_version(record: &BundleRecord) -> Option<ModelVersionView> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}",
+    tag = "lineage",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "The device, per model its versions, lineage and steps, and its audit lines", body = DeviceDetail),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn device(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -9,6 +9,7 @@ pub mod drift;
 pub mod identity;
 pub mod lineage;
 pub mod metrics;
+pub mod openapi;
 mod operator;
 pub mod rollouts;
 pub mod roots;
@@ -84,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/roots", post(roots::publish))
         .route("/api/v1/roots/{version}", get(roots::get))
         .route("/api/v1/whoami", get(dashboard::whoami))
+        .route("/api/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(|| async { "ok" }))
         .merge(dashboard::routes())

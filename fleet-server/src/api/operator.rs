@@ -6,10 +6,11 @@ use axum::http::HeaderMap;
 use axum::Json;
 use proto::bundle::{read_archive, sha256_hex as bytes_sha256, Limits};
 use proto::wire::{
-    AuditAction, BundleInfo, DeployRequest, DeployResponse, DeviceView, Role, TokenRequest, TokenResponse,
+    AuditAction, BundleInfo, DeployRequest, DeployResponse, DeviceView, ErrorBody, Role, TokenRequest, TokenResponse,
     TokenRevokeRequest,
 };
 
+use super::openapi::Null;
 use super::{blocking, sha256_hex, ApiError, AppState};
 use crate::store::BundleRecord;
 
@@ -19,6 +20,25 @@ const MAX_TOKENS_PER_REQUEST: u32 = 10_000;
 const DEFAULT_TOKEN_HOURS: u32 = 7 * 24;
 const MAX_TOKEN_HOURS: u32 = 365 * 24;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/bundles",
+    tag = "operator",
+    request_body(
+        content = [u8],
+        content_type = "application/octet-stream",
+        description = "The bundle file as `fleetctl bundle build` writes it: a tar archive, at most the server's --max-bundle-bytes"
+    ),
+    responses(
+        (status = 200, description = "Verified and published", body = BundleInfo),
+        (status = 400, description = "The bundle is refused: archive, manifest, digest or signature check failed", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+        (status = 409, description = "This version is already published with different contents", body = ErrorBody),
+        (status = 413, description = "Body larger than the server's bundle limit (plain text, from the body limit)", body = String, content_type = "text/plain"),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn publish(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -83,11 +103,35 @@ async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), A
     tokio::fs::rename(&tmp, path).await.map_err(io)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    tag = "operator",
+    responses(
+        (status = 200, description = "Every enrolled device with its models and health", body = Vec<DeviceView>),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn devices(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeviceView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     Ok(Json(blocking(&state.store, |s| s.list_devices()).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments",
+    tag = "operator",
+    request_body = DeployRequest,
+    responses(
+        (status = 200, description = "The devices told to run the version", body = DeployResponse),
+        (status = 400, description = "Body is not a deployment, gives both devices and selector, or a selector label is out of bounds", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+        (status = 404, description = "The bundle is not published, or a listed device is not enrolled", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn deploy(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -181,6 +225,19 @@ async fn deploy_to_selector(
     Ok(Json(DeployResponse { devices }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/enrollment-tokens",
+    tag = "operator",
+    request_body = TokenRequest,
+    responses(
+        (status = 200, description = "New single-use enrollment tokens, shown once", body = TokenResponse),
+        (status = 400, description = "Body is not a token request, or count or valid_hours is out of range", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn tokens(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -205,6 +262,20 @@ pub async fn tokens(
 }
 
 /// Revokes an enrollment token that has not enrolled a device yet.
+#[utoipa::path(
+    post,
+    path = "/api/v1/enrollment-tokens/revoke",
+    tag = "operator",
+    request_body = TokenRevokeRequest,
+    responses(
+        (status = 200, description = "Revoked", body = Null),
+        (status = 400, description = "Body is not {\"token\": ...}", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+        (status = 404, description = "No unused, unrevoked enrollment token matches", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn revoke_token(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -229,6 +300,21 @@ pub async fn revoke_token(
 }
 
 /// Replaces a device's labels (cohort membership for future rollouts) and audits the change.
+#[utoipa::path(
+    put,
+    path = "/api/v1/devices/{id}/labels",
+    tag = "operator",
+    params(("id" = String, Path, description = "Device id")),
+    request_body(content = std::collections::BTreeMap<String, String>, description = "The device's new labels, replacing the old ones: at most 32, keys of 1-64 and values of at most 256 characters"),
+    responses(
+        (status = 200, description = "The labels now stored", body = std::collections::BTreeMap<String, String>),
+        (status = 400, description = "Body is not an object of strings, or a label is out of bounds", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+        (status = 404, description = "The device is not enrolled", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn set_labels(
     State(state): State<AppState>,
     headers: HeaderMap,

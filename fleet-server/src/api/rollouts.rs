@@ -4,7 +4,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use proto::rollout::RolloutPlan;
-use proto::wire::AuditEntry;
+use proto::wire::{AuditEntry, ErrorBody};
 use serde::{Deserialize, Serialize};
 
 use proto::wire::Role;
@@ -15,7 +15,7 @@ use crate::rollout::driver::DriverError;
 use crate::rollout::{MemberStatus, Rollout};
 
 /// A rollout with counts per member status, as the API and fleetctl show it.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, utoipa::ToSchema)]
 pub struct RolloutView {
     #[serde(flatten)]
     pub rollout: Rollout,
@@ -25,7 +25,7 @@ pub struct RolloutView {
     pub live: Option<crate::rollout::decide::LiveGates>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, utoipa::ToSchema)]
 pub struct Summary {
     pub eligible: usize,
     pub holdout: usize,
@@ -83,6 +83,21 @@ impl From<DriverError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts",
+    tag = "rollouts",
+    request_body = RolloutPlan,
+    responses(
+        (status = 200, description = "The rollout, started", body = RolloutView),
+        (status = 400, description = "The plan is invalid (the field to fix is named)", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+        (status = 404, description = "The plan's bundle is not published", body = ErrorBody),
+        (status = 409, description = "Another active rollout holds some of the cohort's devices", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -100,12 +115,34 @@ pub async fn create(
     Ok(Json(state.rollouts.create(plan, who.name).await?.into()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts",
+    tag = "rollouts",
+    responses(
+        (status = 200, description = "Every rollout with its counts", body = Vec<RolloutView>),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<RolloutView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     let rollouts = blocking(&state.store, |s| s.rollouts()).await?;
     Ok(Json(rollouts.into_iter().map(RolloutView::from).collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/rollouts/{id}",
+    tag = "rollouts",
+    params(("id" = String, Path, description = "Rollout id")),
+    responses(
+        (status = 200, description = "The rollout, with its live gate readings while running or paused", body = RolloutView),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -128,6 +165,24 @@ pub async fn show(
     Ok(Json(RolloutView { live, ..rollout.into() }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/rollouts/{id}/{action}",
+    tag = "rollouts",
+    params(
+        ("id" = String, Path, description = "Rollout id"),
+        ("action" = String, Path, description = "pause, resume, abort, promote or retry"),
+    ),
+    responses(
+        (status = 200, description = "The rollout after the action", body = RolloutView),
+        (status = 400, description = "Unknown action", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below operator", body = ErrorBody),
+        (status = 404, description = "No such rollout", body = ErrorBody),
+        (status = 409, description = "The action does not apply in the rollout's phase", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn act(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -140,7 +195,8 @@ pub async fn act(
     Ok(Json(state.rollouts.operate(id, action, who.name).await?.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     rollout: Option<String>,
     #[serde(default = "default_limit")]
@@ -151,6 +207,18 @@ fn default_limit() -> usize {
     500
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "rollouts",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Audit lines, newest first", body = Vec<AuditEntry>),
+        (status = 400, description = "The query string does not parse (plain text)", body = String, content_type = "text/plain"),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn audit(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -8,11 +8,26 @@ use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use axum::Json;
 use proto::root::{rotate, Root, SignedRoot};
-use proto::wire::{AuditAction, Role, RootInfo};
+use proto::wire::{AuditAction, ErrorBody, Role, RootInfo};
 use proto::TrustedKeys;
 
 use super::{audit, blocking, ApiError, AppState};
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/roots",
+    tag = "roots",
+    request_body(content = SignedRoot, description = "The signed root document (read as JSON whatever the content type)"),
+    responses(
+        (status = 200, description = "Verified and stored", body = RootInfo),
+        (status = 400, description = "The root is refused: it does not parse, or its signatures or version do not follow the current root", body = ErrorBody),
+        (status = 401, description = "Missing or unknown operator token", body = ErrorBody),
+        (status = 403, description = "The operator's role is below admin", body = ErrorBody),
+        (status = 409, description = "Another root with this version was stored meanwhile", body = ErrorBody),
+        (status = 413, description = "Body larger than 1 MiB (plain text, from the body limit)", body = String, content_type = "text/plain"),
+    ),
+    security(("operator_token" = []))
+)]
 pub async fn publish(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -38,6 +53,18 @@ pub async fn publish(
     Ok(Json(RootInfo { version, expires: accepted.expires }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/roots/{version}",
+    tag = "roots",
+    params(("version" = u64, Path, description = "Root version, from 1")),
+    responses(
+        (status = 200, description = "The signed root document, as published (public data: no token needed)", body = SignedRoot),
+        (status = 400, description = "The version is not a number (plain text)", body = String, content_type = "text/plain"),
+        (status = 404, description = "No root with this version is published", body = ErrorBody),
+    ),
+    security(())
+)]
 pub async fn get(State(state): State<AppState>, Path(version): Path<u64>) -> Result<impl IntoResponse, ApiError> {
     let document = blocking(&state.store, move |s| s.root(version)).await?;
     let document = document.ok_or_else(|| ApiError::NotFound(format!("no root {version} is published")))?;

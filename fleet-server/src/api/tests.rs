@@ -363,3 +363,5 @@ async fn metrics_need_a_token_and_count_requests_by_route_pattern_and_devices_by
     }
     assert!(!text.contains(&device), "a device id became a label");
 }
+
+mod openapi;

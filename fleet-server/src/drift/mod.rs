@@ -16,7 +16,7 @@ use proto::drift::{
 use serde::{Deserialize, Serialize};
 
 /// Which test decided a feature.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TestKind {
     /// Two-sample Kolmogorov-Smirnov; the score is the p-value (drift below the threshold).
@@ -52,7 +52,7 @@ impl TestKind {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct FeatureVerdict {
     pub name: String,
     /// The value test drifted, or the missing rate rose.
@@ -68,7 +68,7 @@ pub struct FeatureVerdict {
     pub missing_drifted: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct DriftVerdict {
     pub rows: u64,
     pub reference_rows: u64,

@@ -17,7 +17,7 @@ use crate::store::WindowRow;
 pub const MAX_BUCKETS: usize = 1000;
 
 /// One cohort's drift for one version over one bucket of time.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct BucketVerdict {
     pub version: String,
     pub start_ms: u64,
@@ -32,7 +32,7 @@ pub struct BucketVerdict {
 }
 
 /// What `GET /api/v1/drift` answers.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct DriftReport {
     pub model: String,
     /// The label selector the devices matched; empty for the whole fleet.

@@ -116,7 +116,7 @@ fn observe_members(r: &mut Rollout, observations: &Observations, now_ms: u64, ef
 
 /// What a rollout's model gates read now: the candidate and control groups and each gate's
 /// value against its limit (what the dashboard and the API show beside the decision).
-#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct LiveGates {
     pub candidate: GroupMetrics,
     pub control: GroupMetrics,

@@ -56,7 +56,7 @@ fn rate(errors: u64, inferences: u64) -> Option<f64> {
 }
 
 /// Why a wave failed a gate, with the numbers.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GateBreach {
     /// Mean top-class confidence of the candidate over the control's, below the gate's ratio.
@@ -100,6 +100,7 @@ pub enum GateBreach {
     },
     /// A model gate breached against the candidate devices' own previous version (same devices,
     /// earlier) rather than against the holdout.
+    #[schema(no_recursion)]
     AgainstPreviousVersion(Box<GateBreach>),
     /// In a shadow wave, the candidate chose the active version's top output too rarely.
     ShadowAgreement {
@@ -162,7 +163,7 @@ impl std::fmt::Display for GateBreach {
 /// One model gate's reading: both groups' values, what is compared with the limit (a ratio, a
 /// difference or a PSI) and the breach it makes, if any. What the dashboard and `rollout status`
 /// show, and what [`judge`] decides on.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct GateReading {
     /// confidence, prediction_psi, error_rate, latency_p95 or input_drift.
     pub gate: String,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::gates::GateBreach;
 use proto::wire::AuditAction;
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Running,
@@ -40,7 +40,7 @@ impl Phase {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "state", content = "reason")]
 pub enum MemberStatus {
     /// In the cohort, not assigned yet (or a holdout device).
@@ -86,7 +86,7 @@ impl MemberStatus {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct Member {
     pub holdout: bool,
     pub bucket: f64,
@@ -106,7 +106,7 @@ pub struct Member {
 }
 
 /// How a group of devices behaved over the judged window.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, utoipa::ToSchema)]
 pub struct GroupMetrics {
     pub devices: usize,
     pub samples: u64,
@@ -122,7 +122,7 @@ pub struct GroupMetrics {
 }
 
 /// Why a rollout stopped, with the numbers.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct Evidence {
     pub wave: usize,
     pub window_start_ms: u64,
@@ -137,7 +137,7 @@ pub struct Evidence {
     pub breaches: Vec<GateBreach>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct Rollout {
     pub id: String,
     pub plan: RolloutPlan,
