@@ -12,6 +12,7 @@ pub const MINUTES_PER_DAY: u16 = 24 * 60;
 /// A daily window `[start, end)` in the device's local time, as "HH:MM". An end before the start
 /// spans midnight ("22:00" to "02:00"); an equal start and end is the whole day.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ActivationWindow {
     pub start: String,
