@@ -18,6 +18,7 @@ mod delivery;
 mod drift;
 mod hot_paths;
 mod local_api;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use fleetctl::demo::{fixture_bundle, synthetic_rows};
 use proto::bundle::{DType, ModelContract, TensorSpec};
 use proto::keys::{parse_secret_key, public_key_hex};
 use proto::Manifest;
+use report::write_section;
 
 use local_api::ServerProcess;
 
@@ -103,28 +105,6 @@ const DELIVERY_MARKER: &str = "## Delivery";
 const DRIFT_MARKER: &str = "## Drift";
 /// Where the dashboard section starts.
 const DASHBOARD_MARKER: &str = "## Dashboard";
-
-/// `existing` with the section starting at `marker` (up to the next `## ` heading) replaced by
-/// `section`, or `section` appended when there is none: each mode writes its own part and keeps
-/// every other.
-fn replace_section(existing: &str, marker: &str, section: &str) -> String {
-    match existing.find(marker) {
-        Some(start) => {
-            let rest = &existing[start + marker.len()..];
-            let end = rest.find("\n## ").map_or(existing.len(), |i| start + marker.len() + i + 1);
-            format!("{}{}\n{}", &existing[..start], section.trim_end(), &existing[end..]).trim_end().to_string() + "\n"
-        }
-        None => format!("{}\n\n{}", existing.trim_end(), section.trim_end()) + "\n",
-    }
-}
-
-fn write_section(path: &Path, marker: &str, section: &str) -> Result<()> {
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
-    std::fs::write(path, replace_section(&existing, marker, section))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
-}
 
 const CNN: &[u8] = include_bytes!("../../tests/fixtures/models/cnn.onnx");
 const MLP: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -395,7 +375,7 @@ the channel hop to the writer thread and the batched transaction. RSS is read fr
 
 #[cfg(test)]
 mod tests {
-    use super::replace_section;
+    use crate::report::replace_section;
 
     #[test]
     fn a_section_is_replaced_in_place_and_the_others_are_kept() {

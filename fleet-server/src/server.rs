@@ -282,8 +282,15 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let (host, port) = session_addr;
     let target = SessionTarget { host, port, client_id, login };
     let notifier = crate::ingest::connect(&target, store.clone(), revocations.clone(), cancel.clone(), &tasks);
-    let rollouts =
-        crate::rollout::driver::spawn(store.clone(), notifier.clone(), config.rollout_tick, cancel.clone(), &tasks);
+    let metrics = crate::api::metrics::ApiMetrics::default();
+    let rollouts = crate::rollout::driver::spawn(
+        store.clone(),
+        notifier.clone(),
+        config.rollout_tick,
+        metrics.rollout_tick.clone(),
+        cancel.clone(),
+        &tasks,
+    );
     crate::retrain::spawn(store.clone(), notifier.clone(), config.retrain.clone(), cancel.clone(), &tasks);
     let state = AppState {
         rollouts,
@@ -296,7 +303,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         sessions,
         broker_passwords,
         timestamp,
-        metrics: Default::default(),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -37,12 +37,18 @@ pub struct RouteLabels {
 #[derive(Clone)]
 pub struct ApiMetrics {
     latency: Family<RouteLabels, Histogram>,
+    /// The rollout driver's ticks over every running rollout (the driver observes into a clone).
+    pub rollout_tick: Histogram,
 }
 
 impl Default for ApiMetrics {
     fn default() -> Self {
-        // 0.5 ms to ~8 s.
-        ApiMetrics { latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 15))) }
+        ApiMetrics {
+            // 0.5 ms to ~8 s.
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 15))),
+            // 1 ms to ~16 s.
+            rollout_tick: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
     }
 }
 
@@ -155,6 +161,11 @@ pub fn render(metrics: &ApiMetrics, snapshot: StoreSnapshot) -> Result<String, s
         "fleet_api_request_duration_seconds",
         "API request latency by method, route pattern and status",
         metrics.latency.clone(),
+    );
+    registry.register(
+        "fleet_rollout_tick_duration_seconds",
+        "How long one rollout driver tick over every running rollout takes",
+        metrics.rollout_tick.clone(),
     );
     registry.register_collector(Box::new(snapshot));
     let mut text = String::new();

@@ -69,6 +69,7 @@ fn api() -> Api {
             store.clone(),
             Notifier::detached(),
             std::time::Duration::from_millis(50),
+            crate::api::metrics::ApiMetrics::default().rollout_tick,
             Default::default(),
             &tokio_util::task::TaskTracker::new(),
         ),

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use proto::rollout::RolloutPlan;
 use proto::wire::{AuditAction, AuditEntry};
 use thiserror::Error;
@@ -64,11 +65,12 @@ pub fn spawn(
     store: Arc<dyn Store>,
     notifier: Notifier,
     tick: Duration,
+    tick_seconds: Histogram,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> RolloutHandle {
     let (tx, rx) = mpsc::channel(64);
-    let driver = Driver { store, notifier };
+    let driver = Driver { store, notifier, tick_seconds };
     tasks.spawn(driver.run(rx, tick, cancel));
     RolloutHandle { tx }
 }
@@ -76,6 +78,8 @@ pub fn spawn(
 struct Driver {
     store: Arc<dyn Store>,
     notifier: Notifier,
+    /// How long each tick over every running rollout takes (`/metrics`).
+    tick_seconds: Histogram,
 }
 
 impl Driver {
@@ -94,9 +98,11 @@ impl Driver {
                     None => return,
                 },
                 _ = interval.tick() => {
+                    let started = std::time::Instant::now();
                     if let Err(e) = self.tick().await {
                         tracing::error!(error = %e, "rollout tick failed");
                     }
+                    self.tick_seconds.observe(started.elapsed().as_secs_f64());
                 }
             }
         }
@@ -366,8 +372,14 @@ mod tests {
         store.set_desired(&["d1".into()], "tabular", "3.0.0").unwrap();
 
         let cancel = CancellationToken::new();
-        let handle =
-            spawn(store.clone(), Notifier::detached(), Duration::from_secs(3600), cancel.clone(), &TaskTracker::new());
+        let handle = spawn(
+            store.clone(),
+            Notifier::detached(),
+            Duration::from_secs(3600),
+            crate::api::metrics::ApiMetrics::default().rollout_tick,
+            cancel.clone(),
+            &TaskTracker::new(),
+        );
         settled(&handle).await;
         let desired = store.list_devices().unwrap()[0].models[0].desired_version.clone();
         assert_eq!(desired.as_deref(), Some("3.0.0"), "the finished rollout overrode a later deployment");
