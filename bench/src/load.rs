@@ -118,6 +118,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The server's warnings and errors say why a run did not keep up.
+        let log = std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default();
+        let worrying: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        eprintln!("server log: {} warnings and errors; the last ones:", worrying.len());
+        for line in worrying.iter().rev().take(15).rev() {
+            eprintln!("  {line}");
+        }
     }
 }
 
@@ -470,6 +477,7 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let public = public_key_hex(&proto::keys::parse_secret_key(&secret)?.verifying_key());
     let server = start_server(&options, &public).await?;
+    eprintln!("fleet-server at {} (operator token {}), broker {}:{}", server.url, server.token, server.mqtt.0, server.mqtt.1);
     let operator = FleetClient::new(&server.url, &server.token);
     let trusted = proto::TrustedKeys::from_hex([public.as_str()])?;
     let mut layouts = Vec::new();

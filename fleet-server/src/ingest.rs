@@ -66,10 +66,13 @@ impl Notifier {
         }
     }
 
-    /// Best effort: a device that misses it still checks in on its own interval.
+    /// Best effort: a device that misses it still checks in on its own interval. At most once:
+    /// a rollout wave notifies hundreds of devices at once, and at least once would hold that
+    /// many packet ids of the session that also acknowledges every stored report (fleet-load
+    /// found a wave of 500 notifications stopping all ingest at 1,000 agents).
     pub fn desired_changed(&self, device: &str, revision: u64) {
         let topic = Topic::Desired { device: device.to_string() }.render();
-        if let Err(e) = self.client.try_publish(topic, QoS::AtLeastOnce, false, encode(&DesiredChanged { revision })) {
+        if let Err(e) = self.client.try_publish(topic, QoS::AtMostOnce, false, encode(&DesiredChanged { revision })) {
             tracing::warn!(%device, error = %e, "desired-state notification not sent");
         }
     }
@@ -127,7 +130,18 @@ pub fn connect(
     Notifier { client }
 }
 
+/// Publishes received but not yet handed to a full ingest queue. The broker sends at most its
+/// inflight window of unacknowledged QoS 1 publishes (acknowledged only once stored), so this
+/// stays small; past it the session stops reading, as a last resort.
+const MAX_WAITING: usize = 4 * ARRIVED_QUEUE;
+
 /// Keeps the connection: subscribes on every connection and hands each publish to the ingest.
+///
+/// The event loop is polled all the time, also while the ingest's queue is full: polling is
+/// what writes the session's outgoing packets (the ingest's broker acknowledgements and
+/// device acks, desired-state notifications), so a session that stopped polling while the
+/// ingest waited for room in that outgoing queue would wait forever on each other. Found by
+/// fleet-load: a rollout's burst of notifications to 1,000 devices stopped all ingest.
 async fn run_session(
     mut eventloop: EventLoop,
     client: AsyncClient,
@@ -135,10 +149,20 @@ async fn run_session(
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut waiting: std::collections::VecDeque<Publish> = std::collections::VecDeque::new();
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
-            event = eventloop.poll() => event,
+            permit = arrived.reserve(), if !waiting.is_empty() => match permit {
+                Ok(permit) => {
+                    if let Some(publish) = waiting.pop_front() {
+                        permit.send(publish);
+                    }
+                    continue;
+                }
+                Err(_) => break,
+            },
+            event = eventloop.poll(), if waiting.len() < MAX_WAITING => event,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -149,12 +173,13 @@ async fn run_session(
                     let _ = client.try_subscribe(filter, QoS::AtLeastOnce);
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    sent = arrived.send(publish) => if sent.is_err() { break },
-                }
-            }
+            // In arrival order: behind any that wait already.
+            Ok(Event::Incoming(Packet::Publish(publish))) if !waiting.is_empty() => waiting.push_back(publish),
+            Ok(Event::Incoming(Packet::Publish(publish))) => match arrived.try_send(publish) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(publish)) => waiting.push_back(publish),
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            },
             Ok(_) => {}
             Err(ConnectionError::MqttState(StateError::Deserialization(MqttBytesError::PayloadSizeLimitExceeded(
                 bytes,
