@@ -109,6 +109,12 @@ impl SqliteStore {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Runs SQL as it is (tests write rows the trait cannot, e.g. corrupt ones).
+    #[cfg(test)]
+    pub(crate) fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch(sql)?)
+    }
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -773,7 +779,3 @@ mod lineage;
 
 #[path = "sqlite_events.rs"]
 mod events;
-
-#[cfg(test)]
-#[path = "sqlite_tests.rs"]
-mod tests;

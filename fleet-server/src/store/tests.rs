@@ -1,15 +1,115 @@
+//! The store's behaviour, written once over `&dyn Store` and run against SQLite and, when
+//! `FLEET_TEST_DATABASE_URL` names a PostgreSQL database, against PostgreSQL in a fresh schema of
+//! each test's own (dropped at the end, so the tests run in parallel). Without the variable the
+//! PostgreSQL instances pass and say they were skipped.
+
 use super::*;
 use crate::store::Report;
 use proto::drift::WindowSketch;
 use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStep};
 
-fn store() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
-    (dir, store)
+/// The environment variable naming the PostgreSQL database the tests may use.
+pub(crate) const DATABASE_URL_VAR: &str = "FLEET_TEST_DATABASE_URL";
+
+/// A schema of its own in the test database, dropped when the test ends.
+pub(crate) struct TestSchema {
+    pub url: String,
+    pub name: String,
 }
 
-fn device(store: &SqliteStore, id: &str) {
+impl TestSchema {
+    /// A fresh schema name (created by the store that opens it), or None without the variable.
+    pub(crate) fn new() -> Option<TestSchema> {
+        let url = std::env::var(DATABASE_URL_VAR).ok().filter(|u| !u.is_empty())?;
+        Some(TestSchema { url, name: format!("fleet_test_{:016x}", rand::random::<u64>()) })
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = ::postgres::Client::connect(&self.url, ::postgres::NoTls) {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+    }
+}
+
+/// A store under test: the trait, plus raw SQL for rows the trait cannot write.
+pub(crate) enum TestStore {
+    Sqlite { store: SqliteStore, _dir: tempfile::TempDir },
+    // Fields drop in order: the store before its schema.
+    Postgres { store: Box<PostgresStore>, _schema: TestSchema },
+}
+
+impl TestStore {
+    fn sqlite() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        TestStore::Sqlite { store: SqliteStore::open(&dir.path().join("fleet.db")).unwrap(), _dir: dir }
+    }
+
+    fn postgres() -> Option<TestStore> {
+        let schema = TestSchema::new()?;
+        let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+        Some(TestStore::Postgres { store: Box::new(store), _schema: schema })
+    }
+
+    fn execute_sql(&self, sql: &str) {
+        match self {
+            TestStore::Sqlite { store, .. } => store.execute_batch(sql).unwrap(),
+            TestStore::Postgres { store, .. } => store.execute_batch(sql).unwrap(),
+        }
+    }
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store;
+    fn deref(&self) -> &(dyn Store + 'static) {
+        match self {
+            TestStore::Sqlite { store, .. } => store,
+            TestStore::Postgres { store, .. } => store.as_ref(),
+        }
+    }
+}
+
+/// Instantiates each test over `&TestStore` once per store: `sqlite::name` and `postgres::name`.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::TestStore::sqlite());
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                match super::TestStore::postgres() {
+                    Some(store) => super::$name(&store),
+                    None => eprintln!("skipped: {} is not set", super::DATABASE_URL_VAR),
+                }
+            })*
+        }
+    };
+}
+
+on_every_store!(
+    an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back,
+    expired_and_revoked_tokens_enroll_nothing,
+    a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace,
+    operators_are_found_by_token_digest_until_revoked,
+    desired_state_names_the_published_bundle_and_bumps_the_revision,
+    republishing_a_version_with_other_bytes_is_a_conflict,
+    a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device,
+    an_older_status_does_not_overwrite_a_newer_one,
+    a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step,
+    a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved,
+    a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it,
+    an_older_heartbeat_delivered_late_does_not_turn_counters_back,
+    eviction_events_add_up_per_device,
+    telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version,
+    a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it,
+);
+
+fn device(store: &TestStore, id: &str) {
     store
         .insert_device(&NewDevice {
             id: id.into(),
@@ -47,9 +147,7 @@ fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
     }
 }
 
-#[test]
-fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back() {
-    let (_dir, store) = store();
+fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back(store: &TestStore) {
     store.create_tokens(&["t1".into()], 1, 1_000).unwrap();
     assert_eq!(store.enroll("t1", &new_device("a", "ca", 2), 100).unwrap(), Ok("a".into()));
     // The reply was lost: the agent retries with the same token and gets a new credential.
@@ -63,9 +161,7 @@ fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_ge
     assert_eq!(store.enroll("unknown", &new_device("d", "cd", 3), 100).unwrap(), Err(EnrollRefusal::UnknownOrUsed));
 }
 
-#[test]
-fn expired_and_revoked_tokens_enroll_nothing() {
-    let (_dir, store) = store();
+fn expired_and_revoked_tokens_enroll_nothing(store: &TestStore) {
     store.create_tokens(&["old".into(), "gone".into()], 1, 1_000).unwrap();
     assert_eq!(store.enroll("old", &new_device("a", "ca", 1_000), 100).unwrap(), Err(EnrollRefusal::Expired));
     assert!(store.revoke_token("gone", 5).unwrap());
@@ -74,9 +170,7 @@ fn expired_and_revoked_tokens_enroll_nothing() {
     assert!(store.device_ids().unwrap().is_empty());
 }
 
-#[test]
-fn a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace() {
-    let (_dir, store) = store();
+fn a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace(store: &TestStore) {
     store.create_tokens(&["t1".into()], 1, 10_000).unwrap();
     let mut device = new_device("a", "ca", 2);
     device.public_key = "ab".repeat(32);
@@ -90,9 +184,7 @@ fn a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace()
     assert!(store.broker_passwords().unwrap().is_empty(), "a revoked device leaves the broker's password file");
 }
 
-#[test]
-fn operators_are_found_by_token_digest_until_revoked() {
-    let (_dir, store) = store();
+fn operators_are_found_by_token_digest_until_revoked(store: &TestStore) {
     let alice = OperatorRecord {
         name: "alice".into(),
         role: proto::wire::Role::Viewer,
@@ -111,10 +203,8 @@ fn operators_are_found_by_token_digest_until_revoked() {
     assert_eq!(store.operator_for_token("h2").unwrap(), Some(replaced));
 }
 
-#[test]
-fn desired_state_names_the_published_bundle_and_bumps_the_revision() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn desired_state_names_the_published_bundle_and_bumps_the_revision(store: &TestStore) {
+    device(store, "d1");
     store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
     assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap(), vec![("d1".to_string(), 1)]);
     let desired = store.desired_state("d1").unwrap();
@@ -124,19 +214,15 @@ fn desired_state_names_the_published_bundle_and_bumps_the_revision() {
     assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap()[0].1, 2);
 }
 
-#[test]
-fn republishing_a_version_with_other_bytes_is_a_conflict() {
-    let (_dir, store) = store();
+fn republishing_a_version_with_other_bytes_is_a_conflict(store: &TestStore) {
     store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
     store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
     let err = store.put_bundle(&bundle("1.0.0", "bb")).unwrap_err();
     assert!(err.to_string().contains("already published with different contents"), "{err}");
 }
 
-#[test]
-fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device(store: &TestStore) {
+    device(store, "d1");
     let summary = DriftSummary {
         model: "tabular".into(),
         version: "1.0.0".into(),
@@ -175,10 +261,8 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device() {
     assert_eq!(model.active_version.as_deref(), Some("1.0.0"));
 }
 
-#[test]
-fn an_older_status_does_not_overwrite_a_newer_one() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn an_older_status_does_not_overwrite_a_newer_one(store: &TestStore) {
+    device(store, "d1");
     let status = |step, at_ms| UpdateStatus {
         model: "tabular".into(),
         version: "1.0.0".into(),
@@ -192,14 +276,10 @@ fn an_older_status_does_not_overwrite_a_newer_one() {
     assert_eq!(store.list_devices().unwrap()[0].models[0].step, Some(UpdateStep::Active));
 }
 
-#[test]
-fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step(store: &TestStore) {
+    device(store, "d1");
     store
-        .conn()
-        .execute("INSERT INTO model_status (device, model, step, detail) VALUES ('d1', 'tabular', 'exploded', '')", [])
-        .unwrap();
+        .execute_sql("INSERT INTO model_status (device, model, step, detail) VALUES ('d1', 'tabular', 'exploded', '')");
     let err = store.observation_rows("tabular", 0).unwrap_err();
     assert!(matches!(&err, StoreError::Corrupt(why) if why.contains("d1") && why.contains("\"exploded\"")), "{err}");
     assert!(matches!(store.list_devices(), Err(StoreError::Corrupt(_))));
@@ -222,10 +302,8 @@ fn heartbeat(at_ms: u64, inferences: u64) -> Heartbeat {
     }
 }
 
-#[test]
-fn a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved(store: &TestStore) {
+    device(store, "d1");
     let hb = heartbeat(10, 5);
     assert_eq!(store.record_report("d1", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Stored);
     assert_eq!(store.record_report("d1", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Duplicate);
@@ -237,11 +315,9 @@ fn a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_
     assert_eq!((view.reports_stored, view.reports_duplicates), (2, 2));
 }
 
-#[test]
-fn a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it() {
-    let (_dir, store) = store();
-    device(&store, "d1");
-    device(&store, "d2");
+fn a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it(store: &TestStore) {
+    device(store, "d1");
+    device(store, "d2");
     let hb = heartbeat(10, 5);
     let report = |device, seq, floor| SequencedReport { device, seq, floor, report: Report::Heartbeat(&hb) };
     let batch =
@@ -257,20 +333,16 @@ fn a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_rep
     assert_eq!((d1.reports_stored, d1.reports_duplicates), (2, 2));
 }
 
-#[test]
-fn an_older_heartbeat_delivered_late_does_not_turn_counters_back() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn an_older_heartbeat_delivered_late_does_not_turn_counters_back(store: &TestStore) {
+    device(store, "d1");
     store.record_report("d1", 2, 1, &Report::Heartbeat(&heartbeat(20, 900))).unwrap();
     store.record_report("d1", 1, 1, &Report::Heartbeat(&heartbeat(10, 100))).unwrap();
     let devices = store.list_devices().unwrap();
     assert_eq!(devices[0].models[0].inferences, 900);
 }
 
-#[test]
-fn eviction_events_add_up_per_device() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn eviction_events_add_up_per_device(store: &TestStore) {
+    device(store, "d1");
     let evicted = proto::delivery::Evicted { telemetry: 10, heartbeats: 2, reports: 0 };
     let event = proto::delivery::DeliveryEvent::Evicted { at_ms: 1, evicted };
     store.record_report("d1", 1, 1, &Report::Event(&event)).unwrap();
@@ -281,10 +353,8 @@ fn eviction_events_add_up_per_device() {
     );
 }
 
-#[test]
-fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version(store: &TestStore) {
+    device(store, "d1");
     let row = |seq: u64, version: &str| proto::delivery::TelemetryRow {
         seq,
         at_ms: seq * 10,
@@ -306,10 +376,8 @@ fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_versio
     assert_eq!(store.telemetry(&page).unwrap().len(), 2);
 }
 
-#[test]
-fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it() {
-    let (_dir, store) = store();
-    device(&store, "d1");
+fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it(store: &TestStore) {
+    device(store, "d1");
     store.put_bundle(&bundle("2.0.0", "bb")).unwrap();
     let plan: proto::rollout::RolloutPlan =
         toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
