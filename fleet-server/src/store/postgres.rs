@@ -27,8 +27,35 @@ use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
 
 /// A PostgreSQL database holding one fleet's tables, in one schema.
 pub struct PostgresStore {
-    client: Mutex<Client>,
+    client: Mutex<Held>,
     config: Config,
+}
+
+/// The store's client; `None` only once `Drop` took it, when no method can run any more.
+struct Held(Option<Client>);
+
+impl std::ops::Deref for Held {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.0.as_ref().expect("the client is taken only by Drop")
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0.as_mut().expect("the client is taken only by Drop")
+    }
+}
+
+impl Drop for PostgresStore {
+    /// Closing the client blocks on its own runtime, which panics on a tokio worker, where the
+    /// last handle to the store is often dropped: a thread of its own closes it there.
+    fn drop(&mut self) {
+        let client = self.client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).0.take();
+        if let (Some(client), Ok(_)) = (client, tokio::runtime::Handle::try_current()) {
+            std::thread::spawn(move || drop(client));
+        }
+    }
 }
 
 impl PostgresStore {
@@ -57,14 +84,14 @@ impl PostgresStore {
         }
         let mut client = config.connect(NoTls).map_err(unreachable)?;
         schema::migrate(&mut client).map_err(unreachable)?;
-        Ok(PostgresStore { client: Mutex::new(client), config })
+        Ok(PostgresStore { client: Mutex::new(Held(Some(client))), config })
     }
 
     /// The connection, opened again if the database closed it.
-    fn conn(&self) -> Result<MutexGuard<'_, Client>, StoreError> {
+    fn conn(&self) -> Result<MutexGuard<'_, Held>, StoreError> {
         let mut client = self.client.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if client.is_closed() {
-            *client = self.config.connect(NoTls)?;
+            client.0 = Some(self.config.connect(NoTls)?);
         }
         Ok(client)
     }
@@ -251,7 +278,7 @@ impl Store for PostgresStore {
     }
 
     fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
-        devices::insert_device(&mut *self.conn()?, d)
+        devices::insert_device(&mut **self.conn()?, d)
     }
 
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
@@ -374,7 +401,7 @@ impl Store for PostgresStore {
     }
 
     fn record_drift(&self, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
-        devices::drift_into(&mut *self.conn()?, device, d)
+        devices::drift_into(&mut **self.conn()?, device, d)
     }
 
     fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
@@ -445,7 +472,7 @@ impl Store for PostgresStore {
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        rollouts::append_audit(&mut *self.conn()?, entry)
+        rollouts::append_audit(&mut **self.conn()?, entry)
     }
 
     fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {
