@@ -21,7 +21,8 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("database: {0}")]
+    /// The PostgreSQL error with its causes (its own text is only the kind, e.g. "db error").
+    #[error("database: {}", self::postgres::with_causes(.0))]
     Postgres(#[from] ::postgres::Error),
     /// The database named by the server's configuration cannot be used (one sentence, no password).
     #[error("{0}")]

@@ -73,8 +73,9 @@ impl PostgresStore {
         }
         let mut config: Config =
             url.parse().map_err(|e| StoreError::Database(format!("database URL {shown} cannot be read: {e}")))?;
-        let unreachable =
-            |e: postgres::Error| StoreError::Database(format!("cannot use the PostgreSQL database at {shown}: {e}"));
+        let unreachable = |e: postgres::Error| {
+            StoreError::Database(format!("cannot use the PostgreSQL database at {shown}: {}", with_causes(&e)))
+        };
         if let Some(schema) = schema {
             check_schema_name(schema)?;
             let mut client = config.connect(NoTls).map_err(unreachable)?;
@@ -101,6 +102,17 @@ impl PostgresStore {
     pub(crate) fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
         Ok(self.conn()?.batch_execute(sql)?)
     }
+}
+
+/// The error and what caused it ("error connecting to server: Connection refused").
+pub(super) fn with_causes(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 /// A schema name goes into the connection's options unquoted: only plain identifiers.

@@ -78,3 +78,13 @@ fn a_password_is_left_out_of_the_user_part_and_the_parameters() {
     assert_eq!(without_password("postgres://h/db"), "postgres://h/db");
     assert_eq!(without_password("postgresql://u@h"), "postgresql://u@h");
 }
+
+#[test]
+fn a_database_error_says_what_the_database_said() {
+    let Some(schema) = TestSchema::new() else {
+        return eprintln!("skipped: {DATABASE_URL_VAR} is not set");
+    };
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    let err = store.execute_batch("SELECT * FROM no_such_table").unwrap_err().to_string();
+    assert!(err.contains("no_such_table"), "{err}");
+}
