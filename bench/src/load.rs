@@ -46,6 +46,9 @@ pub struct LoadOptions {
     pub server_args: Vec<String>,
     /// Start a rollout of 2.0.0 over every agent this long into the steady phase.
     pub rollout_after: Option<Duration>,
+    /// An external broker (`host:port`, e.g. the machine's Mosquitto) instead of the server's
+    /// embedded one: server and agents connect to it.
+    pub broker: Option<String>,
 }
 
 /// Shared counters; latencies as (seconds since the steady phase began, microseconds).
@@ -55,6 +58,8 @@ struct Stats {
     connected: AtomicU64,
     published: AtomicU64,
     acked: AtomicU64,
+    /// Records sent again after waiting 30 s for their acknowledgement.
+    resent: AtomicU64,
     installs: AtomicU64,
     errors: AtomicU64,
     last_error: Mutex<String>,
@@ -90,6 +95,7 @@ pub struct LoadReport {
     pub ack_p99_ms: f64,
     pub reports_acked: u64,
     pub reports_published: u64,
+    pub reports_resent: u64,
     pub samples: Vec<Sample>,
     pub tick: Option<TickStats>,
     pub installs: u64,
@@ -134,26 +140,30 @@ fn free_port() -> Result<u16> {
 
 async fn start_server(options: &LoadOptions, public_key: &str) -> Result<Server> {
     let dir = tempfile::tempdir()?;
-    let (port, mqtt_port) = (free_port()?, free_port()?);
+    let port = free_port()?;
+    let (mqtt, broker_args) = match &options.broker {
+        Some(broker) => {
+            let (host, port) = broker.rsplit_once(':').context("--broker is host:port")?;
+            ((host.to_string(), port.parse()?), vec!["--mqtt-url".to_string(), format!("mqtt://{broker}")])
+        }
+        None => {
+            let mqtt_port = free_port()?;
+            (("127.0.0.1".to_string(), mqtt_port), vec!["--mqtt-listen".to_string(), format!("127.0.0.1:{mqtt_port}")])
+        }
+    };
     let token = hex::encode(rand::random::<[u8; 16]>());
     let log = std::fs::File::create(dir.path().join("server.log"))?;
     let child = Command::new(&options.server_bin)
         .args(["--data-dir", &dir.path().join("data").display().to_string()])
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
+        .args(&broker_args)
         .args(["--operator-token", &token, "--trusted-key", public_key])
         .args(&options.server_args)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start {}", options.server_bin.display()))?;
-    let server = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        mqtt: ("127.0.0.1".into(), mqtt_port),
-        token,
-        _dir: dir,
-    };
+    let server = Server { child, url: format!("http://127.0.0.1:{port}"), mqtt, token, _dir: dir };
     let health = format!("{}/healthz", server.url);
     wait_for("the server to answer", Duration::from_secs(60), || async {
         reqwest::get(&health).await.ok()?.status().is_success().then_some(())
@@ -201,7 +211,9 @@ struct SimAgent {
     credential: String,
     key: SigningKey,
     seq: u64,
-    unacked: HashMap<u64, Instant>,
+    /// Published and not acknowledged yet: when first sent, and the topic and payload to send
+    /// again, as an agent does after its acknowledgement timeout.
+    unacked: HashMap<u64, (Instant, String, Vec<u8>)>,
     active: String,
     stats: Arc<Stats>,
     started: Instant,
@@ -214,12 +226,23 @@ impl SimAgent {
         self.unacked.keys().min().copied().unwrap_or(self.seq + 1)
     }
 
+    /// Sends again what waited longer than `timeout` for its acknowledgement (the same sequence:
+    /// the server stores it once and acknowledges it again).
+    fn resend_overdue(&mut self, client: &AsyncClient, timeout: Duration) {
+        for (sent, topic, payload) in self.unacked.values() {
+            if sent.elapsed() > timeout {
+                let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone());
+                self.stats.resent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn publish(&mut self, client: &AsyncClient, topic: Topic, body: Vec<u8>) {
         self.seq += 1;
         let topic = topic.render();
         let payload = sealed_payload(&self.key, &topic, self.seq, self.floor(), &body);
-        if client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_ok() {
-            self.unacked.insert(self.seq, Instant::now());
+        if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_ok() {
+            self.unacked.insert(self.seq, (Instant::now(), topic, payload));
             self.stats.published.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -279,7 +302,7 @@ impl SimAgent {
             .seqs
             .iter()
             .filter_map(|seq| self.unacked.remove(seq))
-            .map(|sent| sent.elapsed().as_micros().min(u32::MAX as u128) as u32)
+            .map(|(sent, _, _)| sent.elapsed().as_micros().min(u32::MAX as u128) as u32)
             .collect();
         self.stats.acked.fetch_add(latencies.len() as u64, Ordering::Relaxed);
         self.stats.acks.lock().unwrap_or_else(|p| p.into_inner()).extend(latencies);
@@ -336,6 +359,9 @@ impl SimAgent {
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+/// How long a simulated agent waits for an acknowledgement before it sends the record again.
+const RESEND_AFTER: Duration = Duration::from_secs(30);
 
 struct Shared {
     options: LoadOptions,
@@ -394,6 +420,7 @@ async fn run_agent(shared: Arc<Shared>, index: usize, token: String) {
         |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64(offset), period);
     let (mut checkins, mut heartbeats, mut drifts) =
         (every(shared.options.checkin), every(shared.options.heartbeat), every(shared.options.drift));
+    let mut resends = every(RESEND_AFTER);
     let stop = tokio::time::sleep_until(shared.stop_at.into());
     tokio::pin!(stop);
     let mut connected = false;
@@ -432,6 +459,7 @@ async fn run_agent(shared: Arc<Shared>, index: usize, token: String) {
             _ = checkins.tick(), if connected => agent.check_in(&client, shared.steady_since).await,
             _ = heartbeats.tick(), if connected => agent.heartbeat(&client),
             _ = drifts.tick(), if connected => agent.drift(&client, shared.options.drift),
+            _ = resends.tick(), if connected => agent.resend_overdue(&client, RESEND_AFTER),
         }
     }
     let _ = client.try_disconnect();
@@ -477,7 +505,10 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let public = public_key_hex(&proto::keys::parse_secret_key(&secret)?.verifying_key());
     let server = start_server(&options, &public).await?;
-    eprintln!("fleet-server at {} (operator token {}), broker {}:{}", server.url, server.token, server.mqtt.0, server.mqtt.1);
+    eprintln!(
+        "fleet-server at {} (operator token {}), broker {}:{}",
+        server.url, server.token, server.mqtt.0, server.mqtt.1
+    );
     let operator = FleetClient::new(&server.url, &server.token);
     let trusted = proto::TrustedKeys::from_hex([public.as_str()])?;
     let mut layouts = Vec::new();
@@ -586,6 +617,7 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         ack_p99_ms: quantile_ms(&mut acks, 0.99),
         reports_acked: stats.acked.load(Ordering::Relaxed),
         reports_published: stats.published.load(Ordering::Relaxed),
+        reports_resent: stats.resent.load(Ordering::Relaxed),
         samples,
         tick: tick_stats(&metrics),
         installs: stats.installs.load(Ordering::Relaxed),

@@ -13,7 +13,7 @@ use crate::api::identity::BOOTSTRAP_ADMIN;
 use crate::api::{router, AppState};
 pub use crate::broker::mosquitto::MosquittoFiles;
 use crate::ingest::{MqttLogin, Revocations, SessionTarget};
-use crate::store::{OperatorRecord, SqliteStore, Store, StoreError};
+use crate::store::{OperatorRecord, Store, StoreError};
 pub use crate::tls::TlsFiles;
 use proto::wire::Role;
 
@@ -29,6 +29,12 @@ pub enum Mqtt {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// The PostgreSQL database to store in (`postgres://user[:password]@host[:port]/database`);
+    /// `None` keeps the SQLite store `<data_dir>/fleet.db`. Bundles stay files in `data_dir`.
+    pub database_url: Option<String>,
+    /// With `database_url`: the schema that holds the tables (created if missing), so that several
+    /// fleets or test servers share one database; `None` uses the connection's search_path.
+    pub database_schema: Option<String>,
     pub mqtt: Mqtt,
     /// Secret for operator endpoints; `None` generates one and writes it to `<data>/operator.token`.
     pub operator_token: Option<String>,
@@ -61,6 +67,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             data_dir: PathBuf::from("fleet-data"),
+            database_url: None,
+            database_schema: None,
             mqtt: Mqtt::Embedded { listen: ([127, 0, 0, 1], 0).into() },
             operator_token: None,
             trusted_keys: Vec::new(),
@@ -99,6 +107,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("a start-up task did not complete: {0}")]
+    Interrupted(String),
 }
 
 pub struct ServerHandle {
@@ -230,18 +240,38 @@ fn timestamp_signer(
     Ok(Arc::new(crate::api::TimestampSigner { key, lifetime }))
 }
 
-pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
-    let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir.join("bundles"))
-        .map_err(|source| ServerError::DataDir { path: data_dir.clone(), source })?;
-    let trusted = Arc::new(TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))?);
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir.join("fleet.db"))?);
+/// Runs a blocking start-up step (store calls) on tokio's blocking pool.
+async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServerError> + Send + 'static,
+) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ServerError::Interrupted(e.to_string()))?
+}
+
+/// Opens the configured store, publishes the initial root and checks that something is trusted.
+/// Blocking.
+fn prepare_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    let store = crate::store::open(
+        config.database_url.as_deref(),
+        config.database_schema.as_deref(),
+        &config.data_dir.join("fleet.db"),
+    )?;
     if let Some(path) = &config.root_file {
         publish_initial_root(store.as_ref(), path)?;
     }
     if config.trusted_keys.is_empty() && store.latest_root()?.is_none() {
         return Err(ServerError::NoKeys);
     }
+    Ok(store)
+}
+
+pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir.join("bundles"))
+        .map_err(|source| ServerError::DataDir { path: data_dir.clone(), source })?;
+    let trusted = Arc::new(TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))?);
+    // Opening the store and the first reads and writes are database calls: off the async workers.
+    let prepare = config.clone();
+    let store = off_workers(move || prepare_store(&prepare)).await?;
     let operator_token = operator_token(&config)?;
     let admin = OperatorRecord {
         name: BOOTSTRAP_ADMIN.into(),
@@ -250,7 +280,8 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         created_ms: crate::unix_ms(),
         revoked_ms: None,
     };
-    store.put_operator(&admin, true)?;
+    let writer = store.clone();
+    off_workers(move || Ok(writer.put_operator(&admin, true)?)).await?;
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -273,11 +304,13 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         .clone()
         .map(|files| crate::broker::mosquitto::spawn_sync(store.clone(), files, cancel.clone(), &tasks));
     let client_id = mqtt_client_id(data_dir)?;
-    let timestamp = config
-        .timestamp_key
-        .as_deref()
-        .map(|hex| timestamp_signer(store.as_ref(), hex, config.freshness_lifetime))
-        .transpose()?;
+    let timestamp = match config.timestamp_key.clone() {
+        Some(hex) => {
+            let (store, lifetime) = (store.clone(), config.freshness_lifetime);
+            Some(off_workers(move || timestamp_signer(store.as_ref(), &hex, lifetime)).await?)
+        }
+        None => None,
+    };
     let revocations = Revocations::default();
     let (host, port) = session_addr;
     let target = SessionTarget { host, port, client_id, login };

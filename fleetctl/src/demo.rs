@@ -50,6 +50,8 @@ pub struct DemoOptions {
     pub rows_per_agent: usize,
     /// Use this broker instead of the embedded one.
     pub mqtt_url: Option<String>,
+    /// Store in this PostgreSQL database, in a fresh schema, instead of SQLite.
+    pub database_url: Option<String>,
     pub timeout: Duration,
     /// Scenario traffic: rows per agent per tick, and the tick.
     pub traffic_rows: usize,
@@ -64,6 +66,7 @@ impl Default for DemoOptions {
             agents: 5,
             rows_per_agent: 400,
             mqtt_url: None,
+            database_url: None,
             timeout: Duration::from_secs(60),
             traffic_rows: 10,
             traffic_every: Duration::from_millis(100),
@@ -298,9 +301,17 @@ pub async fn start_fleet(options: &DemoOptions, progress: &impl Fn(&str)) -> Res
             Mqtt::Embedded { listen: ([127, 0, 0, 1], port).into() }
         }
     };
+    // Every demo gets a schema of its own: a second run must not meet the first one's devices.
+    let database_schema = options.database_url.as_ref().map(|url| {
+        let schema = format!("fleet_demo_{}", hex::encode(rand::random::<[u8; 4]>()));
+        progress(&format!("storing in PostgreSQL {} (schema {schema})", fleet_server::store::without_password(url)));
+        schema
+    });
     let server = server::start(ServerConfig {
         listen: "127.0.0.1:0".parse().expect("literal socket address"),
         data_dir: dir.path().join("server"),
+        database_url: options.database_url.clone(),
+        database_schema,
         mqtt,
         operator_token: None,
         root_file: Some(root_file.clone()),

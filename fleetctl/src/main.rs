@@ -159,6 +159,10 @@ enum Command {
         /// Use this MQTT broker (mqtt://host:port) instead of the embedded one.
         #[arg(long)]
         mqtt_url: Option<String>,
+        /// Store in this PostgreSQL database (postgres://user@host:port/database), in a fresh
+        /// schema fleet_demo_<random> that is left for inspection, instead of SQLite.
+        #[arg(long)]
+        database_url: Option<String>,
         /// Print the final result as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -497,8 +501,8 @@ async fn main() -> Result<()> {
             println!("token revoked");
             Ok(())
         }
-        Command::Demo { agents, rows, mqtt_url, json, scenario } => {
-            run_demo(agents, rows, mqtt_url, json, scenario).await
+        Command::Demo { agents, rows, mqtt_url, database_url, json, scenario } => {
+            run_demo(agents, rows, Backends { mqtt_url, database_url }, json, scenario).await
         }
         Command::Rollout(command) => rollout(command).await,
         Command::Label { device, labels, server } => {
@@ -702,13 +706,20 @@ async fn devices(json: bool, server: &ServerArgs) -> Result<()> {
     Ok(())
 }
 
+/// The services the demo uses instead of its in-process defaults.
+struct Backends {
+    mqtt_url: Option<String>,
+    database_url: Option<String>,
+}
+
 async fn run_demo(
     agents: usize,
     rows: usize,
-    mqtt_url: Option<String>,
+    backends: Backends,
     json: bool,
     scenario: Option<Scenario>,
 ) -> Result<()> {
+    let Backends { mqtt_url, database_url } = backends;
     if agents == 0 {
         bail!("--agents must be at least 1");
     }
@@ -717,23 +728,24 @@ async fn run_demo(
     let sized = |default: usize| if agents == 5 { default } else { agents };
     match scenario {
         Some(Scenario::Offline) => {
-            let options = DemoOptions { agents: sized(6), mqtt_url, ..DemoOptions::default() };
+            let options = DemoOptions { agents: sized(6), mqtt_url, database_url, ..DemoOptions::default() };
             let result = fleetctl::offline::run(options, progress).await?;
             finish(&result, result.ok, json, fleetctl::offline::render_table)
         }
         Some(Scenario::Retrain) => {
-            let options = DemoOptions { agents: sized(6), mqtt_url, ..DemoOptions::default() };
+            let options = DemoOptions { agents: sized(6), mqtt_url, database_url, ..DemoOptions::default() };
             let result = fleetctl::retrain_demo::run(options, progress).await?;
             finish(&result, result.ok, json, fleetctl::retrain_demo::render_table)
         }
         None => {
-            let options = DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, ..DemoOptions::default() };
+            let options =
+                DemoOptions { agents, rows_per_agent: rows.max(2), mqtt_url, database_url, ..DemoOptions::default() };
             let result = demo::run(options, progress).await?;
             finish(&result, result.ok, json, demo::render_table)
         }
         Some(scenario) => {
             // A rollout needs cohorts and a holdout: 30 agents unless told otherwise.
-            let options = DemoOptions { agents: sized(30), mqtt_url, ..DemoOptions::default() };
+            let options = DemoOptions { agents: sized(30), mqtt_url, database_url, ..DemoOptions::default() };
             let result = demo::run_scenario(options, scenario, progress).await?;
             finish(&result, result.ok, json, demo::render_table)
         }

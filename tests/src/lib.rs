@@ -1,5 +1,6 @@
 //! A real fleet for integration tests: a fleet server (embedded broker, or the broker named by
-//! `FLEET_TEST_MQTT_URL`), a signing key, and in-process agents with their own data directories.
+//! `FLEET_TEST_MQTT_URL`; SQLite, or the PostgreSQL database named by `FLEET_TEST_DATABASE_URL`),
+//! a signing key, and in-process agents with their own data directories.
 
 pub mod proxy;
 pub mod stub;
@@ -49,14 +50,105 @@ pub async fn start_server(dir: &std::path::Path, mqtt: Mqtt, trusted_keys: Vec<S
 
 /// The configuration [`start_server`] uses, to change before [`start_server_with`].
 pub fn test_server_config(dir: &std::path::Path, mqtt: Mqtt) -> ServerConfig {
+    let (database_url, database_schema) = test_database(dir);
     ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
+        database_url,
+        database_schema,
         mqtt,
         operator_token: Some("op".into()),
         max_bundle_bytes: 64 << 20,
         rollout_tick: Duration::from_millis(200),
         ..ServerConfig::default()
+    }
+}
+
+/// The database a test server whose files are under `dir` stores in: (None, None) for SQLite, or
+/// `FLEET_TEST_DATABASE_URL` and a schema of that directory's own (the same for every call, so a
+/// restarted server finds its tables again).
+pub fn test_database(dir: &std::path::Path) -> (Option<String>, Option<String>) {
+    let Some(url) = std::env::var("FLEET_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
+        return (None, None);
+    };
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: the same directory gives the same schema.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    static CLEANUP: std::sync::Once = std::sync::Once::new();
+    CLEANUP.call_once(|| {
+        let url = url.clone();
+        // The sync client must not run on a tokio worker: a thread of its own.
+        let _ = std::thread::spawn(move || drop_stale_test_schemas(&url)).join();
+    });
+    (Some(url), Some(format!("fleet_it_{:016x}", hasher.finish())))
+}
+
+/// Integration tests leave their schemas behind (a test may end anywhere); drops those that
+/// were migrated more than an hour ago, so the test database does not grow run after run.
+fn drop_stale_test_schemas(url: &str) {
+    let Ok(mut client) = postgres::Client::connect(url, postgres::NoTls) else { return };
+    let Ok(rows) = client.query(r"SELECT nspname FROM pg_namespace WHERE nspname LIKE 'fleet\_it\_%'", &[]) else {
+        return;
+    };
+    let hour_ago = fleet_server::unix_ms() as i64 - 3_600_000;
+    for row in rows {
+        let schema: String = row.get(0);
+        let sql = format!("SELECT COALESCE(MIN(applied_ms), 0) FROM {schema}.schema_migrations");
+        let stale = client.query_one(&sql, &[]).map(|r| r.get::<_, i64>(0) < hour_ago).unwrap_or(false);
+        if stale {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+    }
+}
+
+/// A value bound to [`store_sql`].
+pub enum SqlValue<'a> {
+    Int(i64),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
+/// Runs one statement on the store of the test server whose files are under `dir`, as someone
+/// who controls the server's storage would (SQLite file or PostgreSQL schema). Parameters are
+/// `$1`, `$2`, … in order of first use (both SQLite and PostgreSQL read that).
+pub fn store_sql(dir: &std::path::Path, sql: &str, params: &[SqlValue<'_>]) {
+    match test_database(dir) {
+        (Some(url), Some(schema)) => {
+            let values: Vec<Box<dyn postgres::types::ToSql + Sync + Send>> = params
+                .iter()
+                .map(|p| -> Box<dyn postgres::types::ToSql + Sync + Send> {
+                    match p {
+                        SqlValue::Int(v) => Box::new(*v),
+                        SqlValue::Text(v) => Box::new(v.to_string()),
+                        SqlValue::Bytes(v) => Box::new(v.to_vec()),
+                    }
+                })
+                .collect();
+            let sql = sql.to_string();
+            // The sync client must not run on a tokio worker: a thread of its own.
+            std::thread::spawn(move || {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                client.batch_execute(&format!("SET search_path TO {schema}")).unwrap();
+                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                    values.iter().map(|v| v.as_ref() as &(dyn postgres::types::ToSql + Sync)).collect();
+                client.execute(&sql, &refs).unwrap();
+            })
+            .join()
+            .unwrap();
+        }
+        _ => {
+            let values: Vec<rusqlite::types::Value> = params
+                .iter()
+                .map(|p| match p {
+                    SqlValue::Int(v) => rusqlite::types::Value::Integer(*v),
+                    SqlValue::Text(v) => rusqlite::types::Value::Text(v.to_string()),
+                    SqlValue::Bytes(v) => rusqlite::types::Value::Blob(v.to_vec()),
+                })
+                .collect();
+            let db = rusqlite::Connection::open(dir.join("server/fleet.db")).unwrap();
+            db.execute(sql, rusqlite::params_from_iter(values)).unwrap();
+        }
     }
 }
 

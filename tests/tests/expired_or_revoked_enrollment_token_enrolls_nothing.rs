@@ -29,7 +29,12 @@ async fn expired_and_revoked_tokens_are_refused_and_a_fresh_one_enrolls() {
     let expired = hex::encode(rand::random::<[u8; 16]>());
     let now = fleet_server::unix_ms();
     let hash = fleet_server::api::sha256_hex(&expired);
-    fleet.server.store.create_tokens(&[hash], now - 2 * 3_600_000, now - 3_600_000).unwrap();
+    // A store call blocks (PostgreSQL's client would panic on a tokio worker): the blocking pool.
+    let store = fleet.server.store.clone();
+    tokio::task::spawn_blocking(move || store.create_tokens(&[hash], now - 2 * 3_600_000, now - 3_600_000))
+        .await
+        .unwrap()
+        .unwrap();
     let (status, message) = enroll(&url, &expired).await;
     assert_eq!(
         (status, message.as_str()),

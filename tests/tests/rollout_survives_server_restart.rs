@@ -13,9 +13,13 @@ use fleetctl::demo::{agent_config, wait_for};
 use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
 
 fn config(dir: &std::path::Path, http_port: u16, mqtt_port: u16, public: &str) -> ServerConfig {
+    // The restarted server finds the same store: the same SQLite file or PostgreSQL schema.
+    let (database_url, database_schema) = test_database(dir);
     ServerConfig {
         listen: ([127, 0, 0, 1], http_port).into(),
         data_dir: dir.join("server"),
+        database_url,
+        database_schema,
         mqtt: Mqtt::External { url: format!("mqtt://127.0.0.1:{mqtt_port}") },
         operator_token: Some("op".into()),
         trusted_keys: vec![public.to_string()],

@@ -33,12 +33,15 @@ async fn a_bundle_signed_by_a_key_the_device_does_not_trust_is_refused_and_v1_ke
 fn replace_stored_bundle(fleet: &Fleet, version: &str, bytes: &[u8]) {
     let server_dir = fleet.dir.path().join("server");
     std::fs::write(server_dir.join(format!("bundles/tabular/{version}.bundle")), bytes).unwrap();
-    let db = rusqlite::Connection::open(server_dir.join("fleet.db")).unwrap();
-    db.execute(
-        "UPDATE bundles SET sha256 = ?1, size = ?2 WHERE name = 'tabular' AND version = ?3",
-        rusqlite::params![proto::bundle::sha256_hex(bytes), bytes.len() as i64, version],
-    )
-    .unwrap();
+    store_sql(
+        fleet.dir.path(),
+        "UPDATE bundles SET sha256 = $1, size = $2 WHERE name = 'tabular' AND version = $3",
+        &[
+            SqlValue::Text(&proto::bundle::sha256_hex(bytes)),
+            SqlValue::Int(bytes.len() as i64),
+            SqlValue::Text(version),
+        ],
+    );
 }
 
 /// Publishes a genuine 1.1.0, swaps the stored copy for one `tamper` changed, deploys it and

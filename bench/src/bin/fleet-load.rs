@@ -48,6 +48,10 @@ struct Args {
     /// The fleet-server binary.
     #[arg(long, default_value = "target/release/fleet-server")]
     server_bin: PathBuf,
+    /// Use this broker (`host:port`, e.g. 127.0.0.1:1883 for the machine's Mosquitto) instead of
+    /// the server's embedded one.
+    #[arg(long)]
+    broker: Option<String>,
     /// Extra arguments for fleet-server, e.g. `--server-arg=--database-url=postgres://…`.
     #[arg(long = "server-arg")]
     server_args: Vec<String>,
@@ -73,6 +77,7 @@ async fn main() -> Result<()> {
         server_bin: args.server_bin,
         server_args: args.server_args,
         rollout_after: args.rollout_after_secs.map(Duration::from_secs),
+        broker: args.broker,
     })
     .await?;
     let section = markdown(&report, &command);
@@ -94,13 +99,13 @@ fn markdown(r: &load::LoadReport, command: &str) -> String {
     });
     format!(
         "{LOAD_MARKER}\n\n\
-         `fleet-load {command}` (one fleet-server process, embedded broker, on this 2-core machine; the \
+         `fleet-load {command}` (one fleet-server process and {broker}, on this 2-core machine; the \
          load generator shares the cores). {agents} agents, check-in every {c} s, heartbeat every {h} s, \
          drift window every {d} s; ramp {ramp:.0} s, then {steady} s steady.\n\n\
          | measure | value |\n| --- | --- |\n\
          | check-in latency p50 / p99 / max (steady, client side) | {p50:.1} / {p99:.1} / {max:.1} ms over {n} check-ins |\n\
          | report stored-and-acknowledged p50 / p99 | {a50:.1} / {a99:.1} ms |\n\
-         | reports acknowledged / published | {acked} / {published} |\n\
+         | reports acknowledged / published (sent again after 30 s unacknowledged) | {acked} / {published} ({resent}) |\n\
          | unacknowledged reports, every 5 s in the steady phase | {backlog} |\n\
          | server RSS, peak | {rss:.0} MiB |\n\
          | server CPU, steady mean (200% = both cores) | {cpu:.0}% |\n\
@@ -108,6 +113,7 @@ fn markdown(r: &load::LoadReport, command: &str) -> String {
          | installs done (rollout) | {installs} |\n\
          | errors | {errors}{last} |\n",
         agents = o.agents,
+        broker = o.broker.as_ref().map_or("its embedded broker".to_string(), |b| format!("the broker at {b}")),
         c = o.checkin.as_secs(),
         h = o.heartbeat.as_secs(),
         d = o.drift.as_secs(),
@@ -121,6 +127,7 @@ fn markdown(r: &load::LoadReport, command: &str) -> String {
         a99 = r.ack_p99_ms,
         acked = r.reports_acked,
         published = r.reports_published,
+        resent = r.reports_resent,
         backlog = backlog.join(", "),
         rss = peak_rss,
         cpu = mean_cpu,

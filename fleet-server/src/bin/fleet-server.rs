@@ -31,6 +31,15 @@ struct Args {
     /// Data directory (SQLite store, bundles, operator token).
     #[arg(long, env = "FLEET_DATA_DIR", default_value = "/var/lib/fleet-server")]
     data_dir: PathBuf,
+    /// Store in this PostgreSQL database (postgres://user[:password]@host[:port]/database) instead
+    /// of SQLite in the data directory; migrations are applied at start. Bundles stay in the data
+    /// directory.
+    #[arg(long, env = "FLEET_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The schema of --database-url that holds the tables (created if missing) [default: the
+    /// connection's search_path, normally public].
+    #[arg(long, env = "FLEET_DATABASE_SCHEMA", requires = "database_url")]
+    database_schema: Option<String>,
     /// Address of the embedded MQTT broker (not 1883, so it never clashes with a system broker)
     /// [default: 0.0.0.0:1884 with TLS, 127.0.0.1:1884 without].
     #[arg(long, env = "FLEET_MQTT_LISTEN")]
@@ -145,6 +154,8 @@ async fn main() -> Result<()> {
     let config = ServerConfig {
         listen,
         data_dir: args.data_dir.clone(),
+        database_url: args.database_url,
+        database_schema: args.database_schema,
         mqtt,
         operator_token: args.operator_token,
         trusted_keys,

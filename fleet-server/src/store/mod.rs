@@ -1,12 +1,16 @@
 //! Server storage behind a trait. The SQLite implementation (`sqlite.rs`) is the default, one file
-//! in the data directory. Methods are synchronous and short; callers on async tasks run them on
-//! the blocking pool through [`crate::api::blocking`].
+//! in the data directory; the PostgreSQL implementation (`postgres.rs`) is chosen with
+//! `--database-url postgres://…`. Methods are synchronous and short; callers on async tasks run
+//! them on the blocking pool through [`blocking`] (the PostgreSQL client blocks on a runtime of
+//! its own, which panics on a tokio worker).
 
+mod postgres;
 mod sqlite;
 
 use proto::delivery::{DeliveryEvent, DeliveryView, TelemetryAck, TelemetryRow};
 use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep};
 
+pub use self::postgres::{without_password, PostgresStore};
 use crate::drift::retrain::Watch;
 use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
 use proto::events::RetrainEvent;
@@ -17,6 +21,12 @@ use thiserror::Error;
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The PostgreSQL error with its causes (its own text is only the kind, e.g. "db error").
+    #[error("database: {}", self::postgres::with_causes(.0))]
+    Postgres(#[from] ::postgres::Error),
+    /// The database named by the server's configuration cannot be used (one sentence, no password).
+    #[error("{0}")]
+    Database(String),
     #[error("{0}")]
     Conflict(String),
     #[error("stored data is corrupt: {0}")]
@@ -25,7 +35,7 @@ pub enum StoreError {
     Interrupted(String),
 }
 
-/// Runs a store call on tokio's blocking pool: every `Store` method is a synchronous SQLite call.
+/// Runs a store call on tokio's blocking pool: every `Store` method is a synchronous database call.
 pub async fn blocking<T: Send + 'static>(
     store: &std::sync::Arc<dyn Store>,
     f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
@@ -320,6 +330,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
+/// Opens the store the configuration names: PostgreSQL when `database_url` is given (its tables in
+/// `schema`, created if missing, else the connection's search_path), else SQLite at `sqlite_path`.
+/// Blocking: call it off the async workers.
+pub fn open(
+    database_url: Option<&str>,
+    schema: Option<&str>,
+    sqlite_path: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match database_url {
+        Some(url) => std::sync::Arc::new(PostgresStore::open(url, schema)?),
+        None => std::sync::Arc::new(SqliteStore::open(sqlite_path)?),
+    })
+}
+
 /// An event waiting to be delivered, as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingEvent {
@@ -328,3 +352,6 @@ pub struct PendingEvent {
     pub payload: String,
     pub attempts: u32,
 }
+
+#[cfg(test)]
+mod tests;

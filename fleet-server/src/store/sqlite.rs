@@ -1,6 +1,6 @@
 //! The SQLite store: one file in the data directory, one connection in WAL mode behind a mutex.
-//! This half owns the schema, enrollment, devices, bundles, desired state and what devices report;
-//! the rollout half (`sqlite_rollouts.rs`) owns rollout state, the audit log and the raw rows the
+//! This half owns enrollment, devices, bundles, desired state and what devices report; the
+//! versioned schema is in `sqlite_schema.rs`, the rollout half (`sqlite_rollouts.rs`) owns rollout state, the audit log and the raw rows the
 //! rollout engine observes.
 
 use std::collections::BTreeMap;
@@ -22,58 +22,6 @@ use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::AuditEntry;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, used_ms INTEGER);
-CREATE TABLE IF NOT EXISTS operators (
-    name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL, revoked_ms INTEGER);
-CREATE TABLE IF NOT EXISTS devices (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, labels TEXT NOT NULL,
-    credential_hash TEXT NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER, health TEXT, revision INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS roots (
-    version INTEGER PRIMARY KEY, document BLOB NOT NULL, published_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS bundles (
-    name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, signed_by TEXT NOT NULL, manifest BLOB NOT NULL,
-    PRIMARY KEY (name, version));
-CREATE TABLE IF NOT EXISTS desired (
-    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (device, model));
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY, model TEXT NOT NULL, phase TEXT NOT NULL, created_ms INTEGER NOT NULL, state TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, actor TEXT NOT NULL, rollout TEXT, action TEXT NOT NULL, detail TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS model_status (
-    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT, step TEXT, detail TEXT NOT NULL DEFAULT '',
-    active_version TEXT, at_ms INTEGER, inferences INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0, latency_p95_us INTEGER,
-    PRIMARY KEY (device, model));
-CREATE TABLE IF NOT EXISTS drift (
-    device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
-    window_start_ms INTEGER NOT NULL, window_end_ms INTEGER NOT NULL, samples INTEGER NOT NULL,
-    score REAL NOT NULL, mean_confidence REAL, counts BLOB NOT NULL,
-    PRIMARY KEY (device, model, window_start_ms));
-CREATE INDEX IF NOT EXISTS drift_by_model_time ON drift (model, window_start_ms);
-CREATE TABLE IF NOT EXISTS received (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (device, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS delivery (
-    device TEXT PRIMARY KEY, floor INTEGER NOT NULL DEFAULT 0,
-    reports_stored INTEGER NOT NULL DEFAULT 0, reports_duplicates INTEGER NOT NULL DEFAULT 0,
-    telemetry_stored INTEGER NOT NULL DEFAULT 0, telemetry_duplicates INTEGER NOT NULL DEFAULT 0,
-    evicted_telemetry INTEGER NOT NULL DEFAULT 0, evicted_heartbeats INTEGER NOT NULL DEFAULT 0,
-    evicted_reports INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS telemetry (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
-    at_ms INTEGER NOT NULL, latency_us INTEGER NOT NULL, features BLOB NOT NULL, outputs BLOB NOT NULL,
-    PRIMARY KEY (device, seq));
-CREATE INDEX IF NOT EXISTS telemetry_by_model ON telemetry (model, version, at_ms);
-CREATE TABLE IF NOT EXISTS cohort_defaults (
-    source TEXT PRIMARY KEY, model TEXT NOT NULL, selector TEXT NOT NULL, version TEXT NOT NULL,
-    at_ms INTEGER NOT NULL);
-";
-
 /// One connection behind a mutex; every method is short and synchronous.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -81,33 +29,22 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(lineage::SCHEMA)?;
-        conn.execute_batch(events::SCHEMA)?;
-        add_column(&conn, "devices", "heartbeat_ms", "INTEGER")?;
-        add_column(&conn, "tokens", "device", "TEXT")?;
-        add_column(&conn, "devices", "public_key", "TEXT NOT NULL DEFAULT ''")?;
-        add_column(&conn, "delivery", "rejected", "INTEGER NOT NULL DEFAULT 0")?;
-        add_column(&conn, "devices", "revoked_ms", "INTEGER")?;
-        add_column(&conn, "devices", "broker_hash", "TEXT NOT NULL DEFAULT ''")?;
-        // Tokens made before expiry existed never expire.
-        add_column(&conn, "tokens", "expires_ms", "INTEGER")?;
-        add_column(&conn, "tokens", "revoked_ms", "INTEGER")?;
-        add_column(&conn, "devices", "freshness_counter", "INTEGER NOT NULL DEFAULT 0")?;
-        add_column(&conn, "desired", "shadow_version", "TEXT")?;
-        add_column(&conn, "desired", "shadow_rate", "REAL")?;
-        add_column(&conn, "desired", "activation_window", "TEXT")?;
-        add_column(&conn, "model_status", "shadow_version", "TEXT")?;
-        add_column(&conn, "drift", "shadow", "BLOB")?;
+        schema::migrate(&mut conn)?;
         Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs SQL as it is (tests write rows the trait cannot, e.g. corrupt ones).
+    #[cfg(test)]
+    pub(crate) fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch(sql)?)
     }
 }
 
@@ -751,16 +688,8 @@ pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -
     Ok(inserted == 1)
 }
 
-/// Adds a column to a table created by an earlier version, once.
-fn add_column(conn: &Connection, table: &str, column: &str, declaration: &str) -> rusqlite::Result<()> {
-    let exists = conn
-        .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
-        .exists(params![column])?;
-    if !exists {
-        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
-    }
-    Ok(())
-}
+#[path = "sqlite_schema.rs"]
+mod schema;
 
 #[path = "sqlite_delivery.rs"]
 mod delivery;

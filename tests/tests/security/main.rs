@@ -54,13 +54,18 @@ pub fn smuggle_raw(fleet: &Fleet, name: &str, version: &str, bundle: &[u8], mani
     let path = fleet.dir.path().join(format!("server/bundles/{name}/{version}.bundle"));
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, bundle).unwrap();
-    rusqlite::Connection::open(fleet.dir.path().join("server/fleet.db"))
-        .unwrap()
-        .execute(
-            "INSERT INTO bundles (name, version, sha256, size, created_at, signed_by, manifest) VALUES (?1, ?2, ?3, ?4, 0, 'smuggled', ?5)",
-            rusqlite::params![name, version, proto::bundle::sha256_hex(bundle), bundle.len() as i64, manifest_bytes],
-        )
-        .unwrap();
+    store_sql(
+        fleet.dir.path(),
+        "INSERT INTO bundles (name, version, sha256, size, created_at, signed_by, manifest)
+         VALUES ($1, $2, $3, $4, 0, 'smuggled', $5)",
+        &[
+            SqlValue::Text(name),
+            SqlValue::Text(version),
+            SqlValue::Text(&proto::bundle::sha256_hex(bundle)),
+            SqlValue::Int(bundle.len() as i64),
+            SqlValue::Bytes(manifest_bytes),
+        ],
+    );
 }
 
 /// The version the agent's local API answers with.

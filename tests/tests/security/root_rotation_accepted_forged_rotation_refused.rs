@@ -82,10 +82,12 @@ async fn a_forged_rotation_from_a_compromised_server_is_refused_and_so_is_its_bu
     forged.sign(&forger);
     let refused = fleet.client.publish_root(forged.to_json_bytes()).await.unwrap_err();
     assert!(refused.to_string().contains("signed by 0 of the current root keys"), "{refused}");
-    rusqlite::Connection::open(fleet.dir.path().join("server/fleet.db"))
-        .unwrap()
-        .execute("INSERT INTO roots (version, document, published_ms) VALUES (2, ?1, 0)", [forged.to_json_bytes()])
-        .unwrap();
+    let document = forged.to_json_bytes();
+    store_sql(
+        fleet.dir.path(),
+        "INSERT INTO roots (version, document, published_ms) VALUES (2, $1, 0)",
+        &[SqlValue::Bytes(&document)],
+    );
 
     // The server now takes the forger's bundles and offers root 2 at every check-in.
     fleet.publish(bundle_with_golden(&forger_secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;

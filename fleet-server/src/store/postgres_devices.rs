@@ -1,0 +1,267 @@
+//! Devices, bundles and desired state in the PostgreSQL store, and the writes of what devices
+//! report (status, heartbeat, drift window) that both a single call and a sequenced batch use.
+
+use std::collections::BTreeMap;
+
+use postgres::{Client, GenericClient, Row};
+use proto::wire::{
+    bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
+};
+
+use super::{json, lineage, rollouts};
+use crate::store::{BundleRecord, NewDevice, OperatorRecord, StoreError, StoredDrift};
+
+pub fn operator_row(r: &Row) -> Result<OperatorRecord, postgres::Error> {
+    let role: String = r.try_get(1)?;
+    Ok(OperatorRecord {
+        name: r.try_get(0)?,
+        // Written only from a Role; an unknown value reads as the least privilege.
+        role: role.parse().unwrap_or(proto::wire::Role::Viewer),
+        token_hash: r.try_get(2)?,
+        created_ms: r.try_get::<_, i64>(3)? as u64,
+        revoked_ms: r.try_get::<_, Option<i64>>(4)?.map(|v| v as u64),
+    })
+}
+
+pub fn insert_device(conn: &mut impl GenericClient, d: &NewDevice) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms, public_key, broker_hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&d.id, &d.name, &json(&d.labels), &d.credential_hash, &(d.enrolled_ms as i64), &d.public_key, &d.broker_hash],
+    )?;
+    Ok(())
+}
+
+fn blank(name: &str) -> DeviceModelView {
+    DeviceModelView {
+        name: name.to_string(),
+        desired_version: None,
+        active_version: None,
+        step: None,
+        step_version: None,
+        detail: String::new(),
+        inferences: 0,
+        drift_summaries: 0,
+        drift_score: None,
+        mean_confidence: None,
+    }
+}
+
+pub fn list_devices(conn: &mut Client) -> Result<Vec<DeviceView>, StoreError> {
+    let rows = conn.query(
+        "SELECT id, name, labels, enrolled_ms, last_seen_ms, health, revoked_ms FROM devices ORDER BY name, id",
+        &[],
+    )?;
+    let mut devices = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let labels: String = r.try_get(2)?;
+        let health: Option<String> = r.try_get(5)?;
+        devices.push(DeviceView {
+            id: r.try_get(0)?,
+            name: r.try_get(1)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            enrolled_ms: r.try_get::<_, i64>(3)? as u64,
+            last_seen_ms: r.try_get::<_, Option<i64>>(4)?.map(|v| v as u64),
+            health: health.and_then(|h| serde_json::from_str(&h).ok()),
+            models: Vec::new(),
+            revoked_ms: r.try_get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        });
+    }
+    let mut models: BTreeMap<(String, String), DeviceModelView> = BTreeMap::new();
+    for r in conn.query("SELECT device, model, version FROM desired", &[])? {
+        let (device, model): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        models.entry((device, model.clone())).or_insert_with(|| blank(&model)).desired_version = Some(r.try_get(2)?);
+    }
+    for r in
+        conn.query("SELECT device, model, step, detail, active_version, inferences, version FROM model_status", &[])?
+    {
+        let (device, model): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        let step: Option<String> = r.try_get(2)?;
+        let step = step.as_deref().map(|text| rollouts::parse_step(&device, text)).transpose()?;
+        let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
+        view.step = step;
+        view.step_version = r.try_get(6)?;
+        view.detail = r.try_get(3)?;
+        view.active_version = r.try_get(4)?;
+        view.inferences = r.try_get::<_, i64>(5)? as u64;
+    }
+    let drift = conn.query(
+        "SELECT device, model, COUNT(*),
+                (SELECT score FROM drift d2 WHERE d2.device = d.device AND d2.model = d.model ORDER BY window_start_ms DESC LIMIT 1),
+                (SELECT mean_confidence FROM drift d2 WHERE d2.device = d.device AND d2.model = d.model ORDER BY window_start_ms DESC LIMIT 1)
+         FROM drift d GROUP BY device, model",
+        &[],
+    )?;
+    for r in drift {
+        let (device, model): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
+        view.drift_summaries = r.try_get::<_, i64>(2)? as u64;
+        view.drift_score = r.try_get(3)?;
+        view.mean_confidence = r.try_get(4)?;
+    }
+    for device in &mut devices {
+        device.models = models
+            .range((device.id.clone(), String::new())..)
+            .take_while(|((d, _), _)| d == &device.id)
+            .map(|(_, v)| v.clone())
+            .collect();
+    }
+    Ok(devices)
+}
+
+pub fn put_bundle(conn: &mut Client, b: &BundleRecord) -> Result<(), StoreError> {
+    let existing =
+        conn.query_opt("SELECT sha256 FROM bundles WHERE name = $1 AND version = $2", &[&b.name, &b.version])?;
+    match existing.map(|r| r.try_get::<_, String>(0)).transpose()? {
+        Some(sha) if sha == b.sha256 => Ok(()),
+        Some(_) => Err(StoreError::Conflict(format!(
+            "bundle {} {} is already published with different contents; publish a new version instead",
+            b.name, b.version
+        ))),
+        None => {
+            conn.execute(
+                "INSERT INTO bundles (name, version, sha256, size, created_at, signed_by, manifest)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &b.name,
+                    &b.version,
+                    &b.sha256,
+                    &(b.size as i64),
+                    &(b.created_at as i64),
+                    &b.signed_by,
+                    &b.manifest_json,
+                ],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+pub fn bundle(conn: &mut Client, name: &str, version: &str) -> Result<Option<BundleRecord>, StoreError> {
+    let row = conn.query_opt(
+        "SELECT sha256, size, created_at, signed_by, manifest FROM bundles WHERE name = $1 AND version = $2",
+        &[&name, &version],
+    )?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(BundleRecord {
+        name: name.to_string(),
+        version: version.to_string(),
+        sha256: r.try_get(0)?,
+        size: r.try_get::<_, i64>(1)? as u64,
+        created_at: r.try_get::<_, i64>(2)? as u64,
+        signed_by: r.try_get(3)?,
+        manifest_json: r.try_get(4)?,
+    }))
+}
+
+pub fn desired_state(conn: &mut Client, device: &str) -> Result<DesiredState, StoreError> {
+    let revision: i64 = conn.query_one("SELECT revision FROM devices WHERE id = $1", &[&device])?.try_get(0)?;
+    let rows = conn.query(
+        "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
+           d.activation_window
+         FROM desired d
+         JOIN bundles b ON b.name = d.model AND b.version = d.version
+         LEFT JOIN bundles s ON s.name = d.model AND s.version = d.shadow_version
+         WHERE d.device = $1 ORDER BY d.model",
+        &[&device],
+    )?;
+    let mut models = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let (name, version): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        let shadow_version: Option<String> = r.try_get(5)?;
+        let shadow_bundle: Option<(String, i64)> = r.try_get::<_, Option<String>>(7)?.zip(r.try_get(8)?);
+        let sample_rate = r.try_get::<_, Option<f64>>(6)?.unwrap_or(0.1) as f32;
+        let shadow = shadow_version.zip(shadow_bundle).map(|(v, (sha256, size))| DesiredShadow {
+            bundle_path: bundle_path(&name, &v),
+            version: v,
+            bundle_sha256: sha256,
+            bundle_size: size as u64,
+            sample_rate,
+        });
+        models.push(DesiredModel {
+            bundle_path: bundle_path(&name, &version),
+            name,
+            version,
+            bundle_sha256: r.try_get(2)?,
+            bundle_size: r.try_get::<_, i64>(3)? as u64,
+            attempt: r.try_get::<_, i64>(4)? as u32,
+            shadow,
+            activation_window: rollouts::window_of(r.try_get(9)?)?,
+        });
+    }
+    let root_version: Option<i64> = conn.query_one("SELECT MAX(version) FROM roots", &[])?.try_get(0)?;
+    Ok(DesiredState {
+        revision: revision as u64,
+        models,
+        root_version: root_version.map(|v| v as u64),
+        freshness: None,
+    })
+}
+
+/// Keeps the newest status per (device, model): a late, older report changes nothing.
+pub fn status_into(conn: &mut impl GenericClient, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO model_status (device, model, version, step, detail, active_version, at_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, step = excluded.step,
+           detail = excluded.detail, active_version = excluded.active_version, at_ms = excluded.at_ms
+         WHERE model_status.at_ms IS NULL OR model_status.at_ms <= excluded.at_ms",
+        &[&device, &s.model, &s.version, &s.step.as_str(), &s.detail, &s.active_version, &(s.at_ms as i64)],
+    )?;
+    lineage::record_history(conn, device, s)
+}
+
+/// Applies a heartbeat unless a newer one is already stored (a backlog may deliver old ones
+/// after new ones; counters must not go backwards).
+pub fn heartbeat_into(conn: &mut impl GenericClient, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
+    let at = heartbeat.at_ms as i64;
+    let newer = conn.execute(
+        "UPDATE devices SET health = $2, heartbeat_ms = $3, last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3)
+         WHERE id = $1 AND COALESCE(heartbeat_ms, 0) <= $3",
+        &[&device, &json(&heartbeat.health), &at],
+    )? == 1;
+    if !newer {
+        return Ok(());
+    }
+    for m in &heartbeat.models {
+        conn.execute(
+            "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us, shadow_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
+               active_version = excluded.active_version, errors = excluded.errors,
+               latency_p95_us = excluded.latency_p95_us, shadow_version = excluded.shadow_version",
+            &[
+                &device,
+                &m.model,
+                &m.version,
+                &(m.inferences as i64),
+                &(m.errors as i64),
+                &m.latency_p95_us.map(i64::from),
+                &m.shadow_version,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Stores a window once; a second delivery of the same (device, model, start) returns false.
+pub fn drift_into(conn: &mut impl GenericClient, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
+    let s = d.summary;
+    let inserted = conn.execute(
+        "INSERT INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+        &[
+            &device,
+            &s.model,
+            &s.version,
+            &(s.window_start_ms as i64),
+            &(s.window_end_ms as i64),
+            &(s.sketch.rows as i64),
+            &d.score,
+            &d.mean_confidence,
+            &proto::wire::encode(&s.sketch),
+            &s.shadow.as_ref().map(proto::wire::encode),
+        ],
+    )?;
+    Ok(inserted == 1)
+}

@@ -1,0 +1,405 @@
+//! The store's behaviour, written once over `&dyn Store` and run against SQLite and, when
+//! `FLEET_TEST_DATABASE_URL` names a PostgreSQL database, against PostgreSQL in a fresh schema of
+//! each test's own (dropped at the end, so the tests run in parallel). Without the variable the
+//! PostgreSQL instances pass and say they were skipped.
+
+use super::*;
+use crate::store::Report;
+use proto::drift::WindowSketch;
+use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStep};
+
+/// The environment variable naming the PostgreSQL database the tests may use.
+pub(crate) const DATABASE_URL_VAR: &str = "FLEET_TEST_DATABASE_URL";
+
+/// A schema of its own in the test database, dropped when the test ends.
+pub(crate) struct TestSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestSchema {
+    /// A fresh schema name (created by the store that opens it), or None without the variable.
+    pub(crate) fn new() -> Option<TestSchema> {
+        let url = std::env::var(DATABASE_URL_VAR).ok().filter(|u| !u.is_empty())?;
+        Some(TestSchema { url, name: format!("fleet_test_{:016x}", rand::random::<u64>()) })
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = ::postgres::Client::connect(&self.url, ::postgres::NoTls) {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+    }
+}
+
+/// A store under test: the trait, plus raw SQL for rows the trait cannot write.
+pub(crate) enum TestStore {
+    Sqlite { store: SqliteStore, _dir: tempfile::TempDir },
+    // Fields drop in order: the store before its schema.
+    Postgres { store: Box<PostgresStore>, _schema: TestSchema },
+}
+
+impl TestStore {
+    fn sqlite() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        TestStore::Sqlite { store: SqliteStore::open(&dir.path().join("fleet.db")).unwrap(), _dir: dir }
+    }
+
+    fn postgres() -> Option<TestStore> {
+        let schema = TestSchema::new()?;
+        let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+        Some(TestStore::Postgres { store: Box::new(store), _schema: schema })
+    }
+
+    fn execute_sql(&self, sql: &str) {
+        match self {
+            TestStore::Sqlite { store, .. } => store.execute_batch(sql).unwrap(),
+            TestStore::Postgres { store, .. } => store.execute_batch(sql).unwrap(),
+        }
+    }
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store;
+    fn deref(&self) -> &(dyn Store + 'static) {
+        match self {
+            TestStore::Sqlite { store, .. } => store,
+            TestStore::Postgres { store, .. } => store.as_ref(),
+        }
+    }
+}
+
+/// Instantiates each test over `&TestStore` once per store: `sqlite::name` and `postgres::name`.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::TestStore::sqlite());
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                match super::TestStore::postgres() {
+                    Some(store) => super::$name(&store),
+                    None => eprintln!("skipped: {} is not set", super::DATABASE_URL_VAR),
+                }
+            })*
+        }
+    };
+}
+
+on_every_store!(
+    an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back,
+    expired_and_revoked_tokens_enroll_nothing,
+    a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace,
+    operators_are_found_by_token_digest_until_revoked,
+    desired_state_names_the_published_bundle_and_bumps_the_revision,
+    republishing_a_version_with_other_bytes_is_a_conflict,
+    a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device,
+    an_older_status_does_not_overwrite_a_newer_one,
+    a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step,
+    a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved,
+    a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it,
+    an_older_heartbeat_delivered_late_does_not_turn_counters_back,
+    eviction_events_add_up_per_device,
+    telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version,
+    a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it,
+);
+
+fn device(store: &TestStore, id: &str) {
+    store
+        .insert_device(&NewDevice {
+            id: id.into(),
+            name: id.into(),
+            labels: [("site".to_string(), "a".to_string())].into(),
+            credential_hash: format!("hash-{id}"),
+            enrolled_ms: 1,
+            public_key: String::new(),
+            broker_hash: String::new(),
+        })
+        .unwrap();
+}
+
+fn bundle(version: &str, sha: &str) -> BundleRecord {
+    BundleRecord {
+        name: "tabular".into(),
+        version: version.into(),
+        sha256: sha.into(),
+        size: 10,
+        created_at: 1,
+        signed_by: "k".into(),
+        manifest_json: b"{}".to_vec(),
+    }
+}
+
+fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        name: id.into(),
+        labels: Default::default(),
+        credential_hash: credential_hash.into(),
+        enrolled_ms,
+        public_key: String::new(),
+        broker_hash: format!("$6$salt${credential_hash}"),
+    }
+}
+
+fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back(store: &TestStore) {
+    store.create_tokens(&["t1".into()], 1, 1_000).unwrap();
+    assert_eq!(store.enroll("t1", &new_device("a", "ca", 2), 100).unwrap(), Ok("a".into()));
+    // The reply was lost: the agent retries with the same token and gets a new credential.
+    assert_eq!(store.enroll("t1", &new_device("b", "cb", 50), 100).unwrap(), Ok("a".into()));
+    assert_eq!(store.device_for_credential("cb").unwrap(), Some("a".into()));
+    assert_eq!(store.broker_passwords().unwrap(), vec![("a".to_string(), "$6$salt$cb".to_string())]);
+    assert_eq!(store.device_for_credential("ca").unwrap(), None, "the lost credential no longer works");
+    assert!(!store.device_exists("b").unwrap(), "no second device for one token");
+    let after_grace = store.enroll("t1", &new_device("c", "cc", 500), 100).unwrap();
+    assert_eq!(after_grace, Err(EnrollRefusal::UnknownOrUsed), "after the grace period");
+    assert_eq!(store.enroll("unknown", &new_device("d", "cd", 3), 100).unwrap(), Err(EnrollRefusal::UnknownOrUsed));
+}
+
+fn expired_and_revoked_tokens_enroll_nothing(store: &TestStore) {
+    store.create_tokens(&["old".into(), "gone".into()], 1, 1_000).unwrap();
+    assert_eq!(store.enroll("old", &new_device("a", "ca", 1_000), 100).unwrap(), Err(EnrollRefusal::Expired));
+    assert!(store.revoke_token("gone", 5).unwrap());
+    assert!(!store.revoke_token("gone", 6).unwrap(), "revoked once");
+    assert_eq!(store.enroll("gone", &new_device("b", "cb", 10), 100).unwrap(), Err(EnrollRefusal::Revoked));
+    assert!(store.device_ids().unwrap().is_empty());
+}
+
+fn a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace(store: &TestStore) {
+    store.create_tokens(&["t1".into()], 1, 10_000).unwrap();
+    let mut device = new_device("a", "ca", 2);
+    device.public_key = "ab".repeat(32);
+    store.enroll("t1", &device, 1_000).unwrap().unwrap();
+    assert!(store.revoke_device("a", 3).unwrap());
+    assert!(!store.revoke_device("nobody", 3).unwrap());
+    assert_eq!(store.device_for_credential("ca").unwrap(), None);
+    assert_eq!(store.device_public_key("a").unwrap(), None);
+    assert_eq!(store.enroll("t1", &new_device("a2", "cx", 4), 1_000).unwrap(), Err(EnrollRefusal::Revoked));
+    assert_eq!(store.list_devices().unwrap()[0].revoked_ms, Some(3));
+    assert!(store.broker_passwords().unwrap().is_empty(), "a revoked device leaves the broker's password file");
+}
+
+fn operators_are_found_by_token_digest_until_revoked(store: &TestStore) {
+    let alice = OperatorRecord {
+        name: "alice".into(),
+        role: proto::wire::Role::Viewer,
+        token_hash: "h1".into(),
+        created_ms: 1,
+        revoked_ms: None,
+    };
+    store.put_operator(&alice, false).unwrap();
+    assert!(matches!(store.put_operator(&alice, false), Err(StoreError::Conflict(_))), "names are unique");
+    assert_eq!(store.operator_for_token("h1").unwrap(), Some(alice.clone()));
+    assert!(store.revoke_operator("alice", 9).unwrap());
+    assert_eq!(store.operator_for_token("h1").unwrap(), None);
+    assert_eq!(store.operators().unwrap()[0].revoked_ms, Some(9));
+    let replaced = OperatorRecord { token_hash: "h2".into(), role: proto::wire::Role::Admin, ..alice };
+    store.put_operator(&replaced, true).unwrap();
+    assert_eq!(store.operator_for_token("h2").unwrap(), Some(replaced));
+}
+
+fn desired_state_names_the_published_bundle_and_bumps_the_revision(store: &TestStore) {
+    device(store, "d1");
+    store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
+    assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap(), vec![("d1".to_string(), 1)]);
+    let desired = store.desired_state("d1").unwrap();
+    assert_eq!(desired.revision, 1);
+    assert_eq!(desired.models[0].bundle_path, "/api/v1/bundles/tabular/1.0.0");
+    assert_eq!((desired.models[0].bundle_sha256.as_str(), desired.models[0].bundle_size), ("aa", 10));
+    assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap()[0].1, 2);
+}
+
+fn republishing_a_version_with_other_bytes_is_a_conflict(store: &TestStore) {
+    store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
+    store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
+    let err = store.put_bundle(&bundle("1.0.0", "bb")).unwrap_err();
+    assert!(err.to_string().contains("already published with different contents"), "{err}");
+}
+
+fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device(store: &TestStore) {
+    device(store, "d1");
+    let summary = DriftSummary {
+        model: "tabular".into(),
+        version: "1.0.0".into(),
+        window_start_ms: 10,
+        window_end_ms: 20,
+        sketch: WindowSketch { rows: 5, ..Default::default() },
+        shadow: None,
+    };
+    let stored = StoredDrift { summary: &summary, score: 0.31, mean_confidence: Some(0.8) };
+    assert!(store.record_drift("d1", &stored).unwrap());
+    assert!(!store.record_drift("d1", &stored).unwrap());
+    store
+        .record_heartbeat(
+            "d1",
+            &Heartbeat {
+                at_ms: 30,
+                uptime_secs: 1,
+                health: Health { cpu_percent: 5.0, ..Default::default() },
+                models: vec![ModelCounters {
+                    model: "tabular".into(),
+                    version: "1.0.0".into(),
+                    inferences: 42,
+                    errors: 0,
+                    telemetry_dropped: 0,
+                    latency_p95_us: Some(64),
+                    shadow_version: None,
+                }],
+            },
+        )
+        .unwrap();
+    let view = &store.list_devices().unwrap()[0];
+    assert_eq!(view.last_seen_ms, Some(30));
+    assert_eq!(view.health.as_ref().unwrap().cpu_percent, 5.0);
+    let model = &view.models[0];
+    assert_eq!((model.drift_summaries, model.drift_score, model.inferences), (1, Some(0.31), 42));
+    assert_eq!(model.active_version.as_deref(), Some("1.0.0"));
+}
+
+fn an_older_status_does_not_overwrite_a_newer_one(store: &TestStore) {
+    device(store, "d1");
+    let status = |step, at_ms| UpdateStatus {
+        model: "tabular".into(),
+        version: "1.0.0".into(),
+        step,
+        detail: String::new(),
+        active_version: None,
+        at_ms,
+    };
+    store.record_status("d1", &status(UpdateStep::Active, 20)).unwrap();
+    store.record_status("d1", &status(UpdateStep::Downloading, 10)).unwrap();
+    assert_eq!(store.list_devices().unwrap()[0].models[0].step, Some(UpdateStep::Active));
+}
+
+fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step(store: &TestStore) {
+    device(store, "d1");
+    store
+        .execute_sql("INSERT INTO model_status (device, model, step, detail) VALUES ('d1', 'tabular', 'exploded', '')");
+    let err = store.observation_rows("tabular", 0).unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt(why) if why.contains("d1") && why.contains("\"exploded\"")), "{err}");
+    assert!(matches!(store.list_devices(), Err(StoreError::Corrupt(_))));
+}
+
+fn heartbeat(at_ms: u64, inferences: u64) -> Heartbeat {
+    Heartbeat {
+        at_ms,
+        uptime_secs: 1,
+        health: Health::default(),
+        models: vec![ModelCounters {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            inferences,
+            errors: 0,
+            telemetry_dropped: 0,
+            latency_p95_us: None,
+            shadow_version: None,
+        }],
+    }
+}
+
+fn a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved(store: &TestStore) {
+    device(store, "d1");
+    let hb = heartbeat(10, 5);
+    assert_eq!(store.record_report("d1", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Stored);
+    assert_eq!(store.record_report("d1", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Duplicate);
+    assert_eq!(store.record_report("d1", 3, 3, &Report::Heartbeat(&hb)).unwrap(), Accepted::Stored);
+    // The device said everything below 3 is settled: a late copy of 1 or 2 is not stored.
+    assert_eq!(store.record_report("d1", 2, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::Duplicate);
+    assert_eq!(store.record_report("nobody", 1, 1, &Report::Heartbeat(&hb)).unwrap(), Accepted::UnknownDevice);
+    let view = store.delivery().unwrap().remove(0);
+    assert_eq!((view.reports_stored, view.reports_duplicates), (2, 2));
+}
+
+fn a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it(store: &TestStore) {
+    device(store, "d1");
+    device(store, "d2");
+    let hb = heartbeat(10, 5);
+    let report = |device, seq, floor| SequencedReport { device, seq, floor, report: Report::Heartbeat(&hb) };
+    let batch =
+        [report("d1", 1, 1), report("d2", 1, 1), report("d1", 1, 1), report("nobody", 1, 1), report("d1", 5, 5)];
+    assert_eq!(
+        store.record_reports(&batch).unwrap(),
+        vec![Accepted::Stored, Accepted::Stored, Accepted::Duplicate, Accepted::UnknownDevice, Accepted::Stored]
+    );
+    // The floor moved to 5 within the batch: a late 2 is settled.
+    assert_eq!(store.record_reports(&[report("d1", 2, 1)]).unwrap(), vec![Accepted::Duplicate]);
+    let views = store.delivery().unwrap();
+    let d1 = views.iter().find(|v| v.device == "d1").unwrap();
+    assert_eq!((d1.reports_stored, d1.reports_duplicates), (2, 2));
+}
+
+fn an_older_heartbeat_delivered_late_does_not_turn_counters_back(store: &TestStore) {
+    device(store, "d1");
+    store.record_report("d1", 2, 1, &Report::Heartbeat(&heartbeat(20, 900))).unwrap();
+    store.record_report("d1", 1, 1, &Report::Heartbeat(&heartbeat(10, 100))).unwrap();
+    let devices = store.list_devices().unwrap();
+    assert_eq!(devices[0].models[0].inferences, 900);
+}
+
+fn eviction_events_add_up_per_device(store: &TestStore) {
+    device(store, "d1");
+    let evicted = proto::delivery::Evicted { telemetry: 10, heartbeats: 2, reports: 0 };
+    let event = proto::delivery::DeliveryEvent::Evicted { at_ms: 1, evicted };
+    store.record_report("d1", 1, 1, &Report::Event(&event)).unwrap();
+    store.record_report("d1", 2, 1, &Report::Event(&event)).unwrap();
+    assert_eq!(
+        store.delivery().unwrap()[0].evicted,
+        proto::delivery::Evicted { telemetry: 20, heartbeats: 4, reports: 0 }
+    );
+}
+
+fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version(store: &TestStore) {
+    device(store, "d1");
+    let row = |seq: u64, version: &str| proto::delivery::TelemetryRow {
+        seq,
+        at_ms: seq * 10,
+        model: "tabular".into(),
+        version: version.into(),
+        latency_us: 7,
+        features: vec![seq as f32, 0.5],
+        outputs: vec![0.25],
+    };
+    let rows = vec![row(1, "1.0.0"), row(2, "1.0.0"), row(3, "2.0.0")];
+    let ack = store.record_telemetry("d1", &rows).unwrap();
+    assert_eq!((ack.through, ack.stored, ack.duplicates), (3, 3, 0));
+    let again = store.record_telemetry("d1", &rows[1..]).unwrap();
+    assert_eq!((again.through, again.stored, again.duplicates), (3, 0, 2));
+    let q = TelemetryQuery { model: "tabular".into(), version: Some("1.0.0".into()), limit: 10, ..Default::default() };
+    let got = store.telemetry(&q).unwrap();
+    assert_eq!(got.iter().map(|r| r.row.clone()).collect::<Vec<_>>(), rows[..2].to_vec());
+    let page = TelemetryQuery { after: Some(("d1".into(), 1)), version: None, ..q };
+    assert_eq!(store.telemetry(&page).unwrap().len(), 2);
+}
+
+fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it(store: &TestStore) {
+    device(store, "d1");
+    store.put_bundle(&bundle("2.0.0", "bb")).unwrap();
+    let plan: proto::rollout::RolloutPlan =
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+    let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
+    let rollout = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), 1).unwrap();
+    let window = proto::window::ActivationWindow::new("02:00", "04:00");
+    let change = |window: Option<&proto::window::ActivationWindow>| DesiredChange {
+        device: "d1".into(),
+        version: "2.0.0".into(),
+        attempt: 0,
+        shadow: None,
+        window: window.cloned(),
+    };
+    assert_eq!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().len(), 1);
+    assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, Some(window.clone()));
+    assert!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().is_empty(), "unchanged");
+    let wider = proto::window::ActivationWindow::new("01:00", "05:00");
+    assert_eq!(
+        store.save_rollout(&rollout, &[], &[change(Some(&wider))]).unwrap().len(),
+        1,
+        "a new window is a change"
+    );
+    store.set_desired(&["d1".into()], "tabular", "2.0.0").unwrap();
+    assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, None, "a deploy activates at once");
+}
