@@ -33,6 +33,12 @@ pub struct SessionTarget {
     /// Must stay the same across restarts of this server and differ between servers.
     pub client_id: String,
     pub login: Option<MqttLogin>,
+    /// With several servers on one external broker: the shared-subscription group they form, so
+    /// each report reaches one of them (`$share/<group>/…`). The session is then clean, not
+    /// persistent: a persistent member that stopped would keep receiving its share (Mosquitto
+    /// queues it for the member's return); devices resend whatever a stopped server did not
+    /// acknowledge, and the others receive it.
+    pub share_group: Option<String>,
 }
 
 /// The username and password of the server's own MQTT session.
@@ -115,7 +121,8 @@ pub fn connect(
     }
     options.set_keep_alive(Duration::from_secs(15));
     options.set_max_packet_size(MAX_MQTT_PAYLOAD + 1024, MAX_MQTT_PAYLOAD + 1024);
-    options.set_clean_session(false);
+    let persistent = broker.share_group.is_none();
+    options.set_clean_session(!persistent);
     options.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     // Small packets (records, acknowledgements) go out at once instead of waiting on Nagle's
@@ -124,7 +131,11 @@ pub fn connect(
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let (arrived_tx, arrived_rx) = mpsc::channel(ARRIVED_QUEUE);
-    tasks.spawn(run_session(eventloop, client.clone(), arrived_tx, cancel.clone()));
+    let filters: Vec<String> = match &broker.share_group {
+        Some(group) => Topic::server_filters().iter().map(|f| format!("$share/{group}/{f}")).collect(),
+        None => Topic::server_filters().to_vec(),
+    };
+    tasks.spawn(run_session(eventloop, client.clone(), filters, persistent, arrived_tx, cancel.clone()));
     let ingest = Ingest { store, known: Known::default(), client: client.clone(), revocations, seen_revocations: 0 };
     tasks.spawn(ingest.run(arrived_rx, cancel));
     Notifier { client }
@@ -145,6 +156,8 @@ const MAX_WAITING: usize = 4 * ARRIVED_QUEUE;
 async fn run_session(
     mut eventloop: EventLoop,
     client: AsyncClient,
+    filters: Vec<String>,
+    persistent: bool,
     arrived: mpsc::Sender<Publish>,
     cancel: CancellationToken,
 ) {
@@ -168,9 +181,9 @@ async fn run_session(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
                 // After a clean start that dropped a poisoned session, be persistent again.
-                eventloop.mqtt_options.set_clean_session(false);
-                for filter in Topic::server_filters() {
-                    let _ = client.try_subscribe(filter, QoS::AtLeastOnce);
+                eventloop.mqtt_options.set_clean_session(!persistent);
+                for filter in &filters {
+                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
                 }
             }
             // In arrival order: behind any that wait already.

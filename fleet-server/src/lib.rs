@@ -6,6 +6,7 @@ pub mod api;
 pub mod broker;
 pub mod drift;
 pub mod ingest;
+pub mod lease;
 pub mod retrain;
 pub mod rollout;
 pub mod server;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::drift::report::report;
 use crate::drift::retrain::{cohort_key, event, scan};
 use crate::ingest::Notifier;
+use crate::lease::Lease;
 use crate::store::{PendingEvent, Store, StoreError};
 
 #[derive(Clone, Debug)]
@@ -46,17 +47,27 @@ const DELIVERIES_PER_CHECK: usize = 16;
 /// The longest wait between two tries of one event.
 const MAX_BACKOFF_MS: u64 = 300_000;
 
+/// The lease under which one server of several sharing a store detects and delivers events.
+pub const LEASE: &str = "retrain-events";
+
 pub fn spawn(
     store: Arc<dyn Store>,
     notifier: Notifier,
     config: RetrainConfig,
+    lease: Lease,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) {
-    tasks.spawn(run(store, notifier, config, cancel));
+    tasks.spawn(run(store, notifier, config, lease, cancel));
 }
 
-async fn run(store: Arc<dyn Store>, notifier: Notifier, config: RetrainConfig, cancel: CancellationToken) {
+async fn run(
+    store: Arc<dyn Store>,
+    notifier: Notifier,
+    config: RetrainConfig,
+    mut lease: Lease,
+    cancel: CancellationToken,
+) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .timeout(WEBHOOK_TIMEOUT)
@@ -68,8 +79,11 @@ async fn run(store: Arc<dyn Store>, notifier: Notifier, config: RetrainConfig, c
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => break,
             _ = interval.tick() => {}
+        }
+        if !lease.renew(&store).await {
+            continue;
         }
         let detect_config = config.clone();
         match crate::store::blocking(&store, move |s| detect(s, &detect_config, crate::unix_ms())).await {
@@ -81,6 +95,7 @@ async fn run(store: Arc<dyn Store>, notifier: Notifier, config: RetrainConfig, c
             tracing::error!(error = %e, "retraining event delivery failed");
         }
     }
+    lease.release(&store).await;
 }
 
 /// Feeds new complete buckets to every watch; stores fired events. Returns how many are new.
@@ -98,7 +113,7 @@ pub fn detect(store: &dyn Store, config: &RetrainConfig, now_ms: u64) -> Result<
         let since = now_ms
             .saturating_sub((persist + 2) * bucket_ms)
             .max(now_ms.saturating_sub(crate::api::drift::MAX_LOOKBACK_MS));
-        let rows = store.observation_rows(&model, since)?;
+        let rows = store.observation_rows(&model, since, 0)?;
         let devices = store.device_infos(&model)?;
         let mut cohorts: BTreeSet<BTreeMap<String, String>> = [BTreeMap::new()].into();
         if let Some(label) = &config.cohort_label {

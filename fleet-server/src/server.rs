@@ -13,6 +13,7 @@ use crate::api::identity::BOOTSTRAP_ADMIN;
 use crate::api::{router, AppState};
 pub use crate::broker::mosquitto::MosquittoFiles;
 use crate::ingest::{MqttLogin, Revocations, SessionTarget};
+use crate::lease::Lease;
 use crate::store::{OperatorRecord, Store, StoreError};
 pub use crate::tls::TlsFiles;
 use proto::wire::Role;
@@ -51,6 +52,13 @@ pub struct ServerConfig {
     pub max_bundle_bytes: usize,
     /// How often running rollouts are evaluated.
     pub rollout_tick: std::time::Duration,
+    /// Servers sharing one database drive rollouts (and retraining events) one at a time under a
+    /// lease of this length; a server that stops is replaced within it.
+    pub lease: std::time::Duration,
+    /// Where published bundles are kept; `None` is `<data_dir>/bundles`. Servers sharing one
+    /// database share this directory (NFS or another shared file system) so each can serve
+    /// every bundle.
+    pub bundle_dir: Option<PathBuf>,
     /// Username and password of the server's session on an external broker (Mosquitto with the
     /// config from `fleetctl broker config`); the embedded broker makes its own.
     pub mqtt_login: Option<MqttLogin>,
@@ -58,6 +66,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// With an external Mosquitto: the password file to keep in step with the store.
     pub mosquitto: Option<MosquittoFiles>,
+    /// With an external broker and several servers: their shared-subscription group (each
+    /// report reaches one server). See [`crate::ingest::SessionTarget::share_group`].
+    pub mqtt_share_group: Option<String>,
     /// When persistent drift asks for a retraining, and where the event goes.
     pub retrain: crate::retrain::RetrainConfig,
 }
@@ -77,9 +88,12 @@ impl Default for ServerConfig {
             freshness_lifetime: std::time::Duration::from_secs(24 * 3600),
             max_bundle_bytes: 512 << 20,
             rollout_tick: std::time::Duration::from_secs(1),
+            lease: std::time::Duration::from_secs(10),
+            bundle_dir: None,
             mqtt_login: None,
             tls: None,
             mosquitto: None,
+            mqtt_share_group: None,
             retrain: crate::retrain::RetrainConfig::default(),
         }
     }
@@ -166,7 +180,8 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
 pub fn write_atomically(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    // Its own temporary name: another server may be writing the same shared file.
+    let tmp = path.with_extension(format!("{}.tmp", hex::encode(rand::random::<[u8; 6]>())));
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()?;
@@ -266,8 +281,10 @@ fn prepare_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
 
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     let data_dir = &config.data_dir;
-    std::fs::create_dir_all(data_dir.join("bundles"))
-        .map_err(|source| ServerError::DataDir { path: data_dir.clone(), source })?;
+    let bundle_dir = config.bundle_dir.clone().unwrap_or_else(|| data_dir.join("bundles"));
+    for dir in [data_dir, &bundle_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir { path: dir.clone(), source })?;
+    }
     let trusted = Arc::new(TrustedKeys::from_hex(config.trusted_keys.iter().map(String::as_str))?);
     // Opening the store and the first reads and writes are database calls: off the async workers.
     let prepare = config.clone();
@@ -313,22 +330,39 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     };
     let revocations = Revocations::default();
     let (host, port) = session_addr;
-    let target = SessionTarget { host, port, client_id, login };
+    // The embedded broker belongs to this one server: nothing to share.
+    let share_group = matches!(config.mqtt, Mqtt::External { .. }).then(|| config.mqtt_share_group.clone()).flatten();
+    let target = SessionTarget { host, port, client_id: client_id.clone(), login, share_group };
     let notifier = crate::ingest::connect(&target, store.clone(), revocations.clone(), cancel.clone(), &tasks);
     let metrics = crate::api::metrics::ApiMetrics::default();
     let rollouts = crate::rollout::driver::spawn(
         store.clone(),
         notifier.clone(),
         config.rollout_tick,
+        Lease::new(
+            crate::rollout::driver::LEASE,
+            client_id.clone(),
+            config.lease,
+            metrics.lease_held(crate::rollout::driver::LEASE),
+        ),
         metrics.rollout_tick.clone(),
         cancel.clone(),
         &tasks,
     );
-    crate::retrain::spawn(store.clone(), notifier.clone(), config.retrain.clone(), cancel.clone(), &tasks);
+    let retrain_lease =
+        Lease::new(crate::retrain::LEASE, client_id, config.lease, metrics.lease_held(crate::retrain::LEASE));
+    crate::retrain::spawn(
+        store.clone(),
+        notifier.clone(),
+        config.retrain.clone(),
+        retrain_lease,
+        cancel.clone(),
+        &tasks,
+    );
     let state = AppState {
         rollouts,
         store: store.clone(),
-        bundle_dir: data_dir.join("bundles"),
+        bundle_dir,
         trusted,
         notifier,
         max_bundle_bytes: config.max_bundle_bytes,

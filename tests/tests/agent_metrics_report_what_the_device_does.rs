@@ -8,7 +8,7 @@ use fleetctl::demo::{agent_config, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agents_metrics_count_its_requests_and_show_its_update_step_and_checkin_age() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let token = fleet.client.tokens(1).await.unwrap().remove(0);
     let mut config = agent_config(
         &fleet.server.url(),

@@ -45,7 +45,7 @@ async fn an_operator_runs_a_rollout_from_the_dashboard_in_a_real_browser() {
         );
         return;
     };
-    let fleet = Fleet::serving_v1(4, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(4, mqtt_from_env(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     // Traffic and a closed drift window on every device, so the drift page has something to plot.
     for (i, agent) in fleet.agents.iter().enumerate() {

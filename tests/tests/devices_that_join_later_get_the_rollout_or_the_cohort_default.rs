@@ -11,7 +11,7 @@ use proto::wire::AuditAction;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_device_enrolled_mid_rollout_joins_it_and_one_enrolled_after_it_gets_its_version() {
-    let mut fleet = Fleet::serving_v1(2, embedded_mqtt(), &[]).await;
+    let mut fleet = Fleet::serving_v1(2, mqtt_from_env(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     // One wave over everyone, a soak long enough that the rollout is still running when the
     // newcomer enrolls.

@@ -23,7 +23,7 @@ async fn enroll(url: &str, token: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_and_revoked_tokens_are_refused_and_a_fresh_one_enrolls() {
-    let fleet = Fleet::start(0, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::start(0, mqtt_from_env(), &[]).await;
     let url = fleet.server.url();
     // A token made two hours ago that was valid for one.
     let expired = hex::encode(rand::random::<[u8; 16]>());

@@ -10,7 +10,7 @@ use proto::wire::{bundle_path, DesiredModel, DesiredState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn traversing_versions_foreign_bundle_urls_and_bad_digests_are_refused_while_1_0_0_serves() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let agent = &fleet.agents[0];
     let agent_dir = fleet.agent_dir(0);
     agent.shutdown().await;

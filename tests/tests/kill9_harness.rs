@@ -102,7 +102,7 @@ async fn an_agent_killed_at_random_moments_always_restarts_serving_a_verified_mo
     let binary = agent_binary();
     let dir = tempfile::tempdir().unwrap();
     let (secret, public) = new_key();
-    let (server, client) = start_server(dir.path(), embedded_mqtt(), vec![public.clone()]).await;
+    let (server, client) = start_server(dir.path(), mqtt_from_env(), vec![public.clone()]).await;
     client.publish(fixture_bundle(&secret, "1.0.0", MLP).unwrap()).await.unwrap();
     client.publish(bundle_with_golden(&secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await.unwrap();
     let token = client.tokens(1).await.unwrap().remove(0);

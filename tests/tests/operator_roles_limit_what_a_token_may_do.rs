@@ -16,7 +16,7 @@ fn refused(result: Result<impl std::fmt::Debug, ClientError>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_viewer_reads_an_operator_deploys_and_only_an_admin_manages_identities() {
-    let fleet = Fleet::start(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::start(1, mqtt_from_env(), &[]).await;
     let admin = &fleet.client;
     let vera = admin.add_operator("vera", Role::Viewer).await.unwrap();
     let otto = admin.add_operator("otto", Role::Operator).await.unwrap();

@@ -6,7 +6,7 @@ use proto::wire::UpdateStep;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_agent_serves_its_model_from_disk_before_it_reaches_the_server() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.agents[0].shutdown().await;
     fleet.server.shutdown().await;
 
@@ -18,7 +18,7 @@ async fn a_restarted_agent_serves_its_model_from_disk_before_it_reaches_the_serv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_takes_over() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.deploy_all("tabular", "2.0.0").await;
     fleet.wait_active("tabular", "2.0.0").await;
@@ -45,7 +45,7 @@ async fn a_model_file_altered_on_the_device_never_runs_and_the_previous_version_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_restart() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.agents[0].shutdown().await;
     // Simulate a kill -9 during self-test of 2.0.0: the record says self_test, a half-written
     // staging directory is on disk, and `current` still points at 1.0.0.
@@ -92,7 +92,7 @@ async fn an_update_interrupted_before_the_switch_is_retried_and_completes_after_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_clean_up_error_at_start_is_logged_and_the_installed_model_still_serves() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.agents[0].shutdown().await;
     fleet.server.shutdown().await;
     // An update of 2.0.0 was in flight, and `versions/` holds a stray file that the start-up
@@ -119,7 +119,7 @@ async fn a_clean_up_error_at_start_is_logged_and_the_installed_model_still_serve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_that_stopped_the_agent_in_self_test_too_often_is_failed_at_start_and_not_installed_again() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.agents[0].shutdown().await;
     // Two earlier starts already died during 2.0.0's self-test; this is the third stop.

@@ -5,7 +5,7 @@ use fleet_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn returning_to_the_previous_version_works_without_the_server_having_its_bundle() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.deploy_all("tabular", "2.0.0").await;
     fleet.wait_active("tabular", "2.0.0").await;

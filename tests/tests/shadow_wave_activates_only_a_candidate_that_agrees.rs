@@ -35,7 +35,7 @@ fn shadow_plan() -> RolloutPlan {
 /// Three agents on 1.0.0 under steady traffic; the candidate `make` builds (signed with the
 /// fleet's key) rolls out in one shadow wave, followed to its end.
 async fn run(make: impl FnOnce(&str) -> Vec<u8>) -> (Fleet, RolloutView) {
-    let fleet = Fleet::serving_v1(3, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(3, mqtt_from_env(), &[]).await;
     fleet.publish(make(&fleet.secret)).await;
     let traffic = steady_traffic(Arc::new(fleet.agents.clone()), 10, Duration::from_millis(100));
     let started = fleet.client.start_rollout(&shadow_plan()).await.unwrap();

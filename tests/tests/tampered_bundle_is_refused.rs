@@ -5,7 +5,7 @@ use fleet_tests::*;
 use proto::wire::UpdateStep;
 
 async fn fleet_serving_v1(extra_server_keys: &[String]) -> Fleet {
-    Fleet::serving_v1(1, embedded_mqtt(), extra_server_keys).await
+    Fleet::serving_v1(1, mqtt_from_env(), extra_server_keys).await
 }
 
 async fn assert_still_serving_v1(fleet: &Fleet) {
@@ -90,7 +90,7 @@ async fn a_manifest_changed_on_the_server_fails_the_signature_and_v1_keeps_servi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_server_refuses_to_publish_a_bundle_it_cannot_verify() {
-    let fleet = Fleet::start(0, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::start(0, mqtt_from_env(), &[]).await;
     let (rogue, _) = new_key();
     let err = fleet.client.publish(fixture_bundle(&rogue, "1.0.0", MLP).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("bundle refused: bundle is signed only by untrusted key"), "{err}");

@@ -67,7 +67,7 @@ async fn the_same_path_runs_over_an_external_broker_when_one_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_malformed_inference_request_gets_a_400_that_says_what_is_wrong() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let agent = &fleet.agents[0];
     let (status, body) = infer(agent, serde_json::json!({ "inputs": [[1.0, 2.0]] })).await;
     assert_eq!(status, 400);
@@ -83,7 +83,7 @@ async fn a_malformed_inference_request_gets_a_400_that_says_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_sees_each_versions_lineage_and_how_a_device_got_what_it_runs() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     fleet.publish(bundle_with_golden(&fleet.secret, "2.0.0", MLP_V2, MLP_V2_GOLDEN).unwrap()).await;
     fleet.deploy_all("tabular", "2.0.0").await;
     fleet.wait_active("tabular", "2.0.0").await;

@@ -79,7 +79,7 @@ pub async fn show(
         return Err(ApiError::BadRequest("since_ms reaches back more than 31 days".into()));
     }
     let report = blocking(&state.store, move |s| {
-        let rows = s.observation_rows(&query.model, since_ms)?;
+        let rows = s.observation_rows(&query.model, since_ms, 0)?;
         let devices = s.device_infos(&query.model)?;
         let references = crate::drift::references(s, &query.model, rows.windows.iter().map(|w| &w.version))?;
         Ok(report(&query.model, &rows.windows, &devices, &cohort, bucket_secs, since_ms, &references))

@@ -14,7 +14,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -39,6 +39,20 @@ pub struct ApiMetrics {
     latency: Family<RouteLabels, Histogram>,
     /// The rollout driver's ticks over every running rollout (the driver observes into a clone).
     pub rollout_tick: Histogram,
+    /// 1 while this server holds the named lease (`crate::lease`), else 0.
+    pub leases_held: Family<LeaseLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    pub lease: String,
+}
+
+impl ApiMetrics {
+    /// The gauge a [`crate::lease::Lease`] named `lease` keeps.
+    pub fn lease_held(&self, lease: &str) -> Gauge {
+        self.leases_held.get_or_create(&LeaseLabels { lease: lease.to_string() }).clone()
+    }
 }
 
 impl Default for ApiMetrics {
@@ -48,6 +62,7 @@ impl Default for ApiMetrics {
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 15))),
             // 1 ms to ~16 s.
             rollout_tick: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            leases_held: Family::default(),
         }
     }
 }
@@ -166,6 +181,11 @@ pub fn render(metrics: &ApiMetrics, snapshot: StoreSnapshot) -> Result<String, s
         "fleet_rollout_tick_duration_seconds",
         "How long one rollout driver tick over every running rollout takes",
         metrics.rollout_tick.clone(),
+    );
+    registry.register(
+        "fleet_lease_held",
+        "1 while this server holds the lease (of several servers on one database, the one that does this work)",
+        metrics.leases_held.clone(),
     );
     registry.register_collector(Box::new(snapshot));
     let mut text = String::new();

@@ -98,8 +98,19 @@ async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), A
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await.map_err(io)?;
     }
-    let tmp = path.with_extension("bundle.tmp");
-    tokio::fs::write(&tmp, bytes).await.map_err(io)?;
+    // Its own temporary name: servers sharing the directory may publish the same bundle at once.
+    let tmp = path.with_extension(format!("bundle.{}.tmp", hex::encode(rand::random::<[u8; 6]>())));
+    let file = bytes.to_vec();
+    let synced = tmp.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut out = std::fs::File::create(&synced)?;
+        out.write_all(&file)?;
+        out.sync_all()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(io)?;
     tokio::fs::rename(&tmp, path).await.map_err(io)
 }
 

@@ -69,6 +69,12 @@ fn api() -> Api {
             store.clone(),
             Notifier::detached(),
             std::time::Duration::from_millis(50),
+            crate::lease::Lease::new(
+                crate::rollout::driver::LEASE,
+                "test".into(),
+                std::time::Duration::from_secs(60),
+                Default::default(),
+            ),
             crate::api::metrics::ApiMetrics::default().rollout_tick,
             Default::default(),
             &tokio_util::task::TaskTracker::new(),

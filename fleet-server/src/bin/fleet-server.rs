@@ -89,6 +89,19 @@ struct Args {
     /// Serve plain HTTP / MQTT on addresses that are not loopback (credentials travel in clear).
     #[arg(long, env = "FLEET_ALLOW_INSECURE")]
     allow_insecure: bool,
+    /// Where published bundles are kept [default: <data-dir>/bundles]. Several servers on one
+    /// --database-url share one directory (NFS or another shared file system).
+    #[arg(long, env = "FLEET_BUNDLE_DIR")]
+    bundle_dir: Option<PathBuf>,
+    /// Seconds of the lease under which one of several servers on one database drives the
+    /// rollouts; a stopped server is replaced within it. Servers' clocks must agree to well
+    /// within it.
+    #[arg(long, env = "FLEET_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    lease_secs: u64,
+    /// With --mqtt-url and several servers: the shared-subscription group they form, so that each
+    /// report reaches one of them.
+    #[arg(long, env = "FLEET_MQTT_SHARE_GROUP", requires = "mqtt_url")]
+    mqtt_share_group: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -172,6 +185,9 @@ async fn main() -> Result<()> {
         freshness_lifetime: std::time::Duration::from_secs(args.freshness_hours.max(1) * 3600),
         max_bundle_bytes: args.max_bundle_bytes,
         rollout_tick: std::time::Duration::from_secs(2),
+        lease: std::time::Duration::from_secs(args.lease_secs),
+        bundle_dir: args.bundle_dir,
+        mqtt_share_group: args.mqtt_share_group,
         mqtt_login,
         tls,
         mosquitto: args

@@ -121,6 +121,9 @@ impl PasswordSync {
 }
 
 /// Starts the task that owns the password file; it writes it once at start.
+/// How often the password file is rendered from the store again without being asked.
+const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub fn spawn_sync(
     store: Arc<dyn Store>,
     files: MosquittoFiles,
@@ -129,19 +132,21 @@ pub fn spawn_sync(
 ) -> PasswordSync {
     let (tx, mut rx) = mpsc::channel::<oneshot::Sender<()>>(64);
     tasks.spawn(async move {
-        let mut first = true;
+        // Also now and then: servers sharing one store and one password file each write after
+        // their own enrollments, and a write that read the store just before another server's
+        // enrollment would leave that device out until the next.
+        let mut resync = tokio::time::interval(RESYNC_EVERY);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut waiting = Vec::new();
-            if !first {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    request = rx.recv() => match request {
-                        Some(done) => waiting.push(done),
-                        None => break,
-                    },
-                }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = resync.tick() => {}
+                request = rx.recv() => match request {
+                    Some(done) => waiting.push(done),
+                    None => break,
+                },
             }
-            first = false;
             // Everything asked for meanwhile is served by one write.
             while let Ok(done) = rx.try_recv() {
                 waiting.push(done);

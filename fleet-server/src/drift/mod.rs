@@ -162,6 +162,10 @@ pub fn evaluate(
     })
 }
 
+/// The smallest reference standard deviation Wasserstein distances are divided by (Evidently's
+/// `wasserstein_distance_norm` uses the same floor).
+const MIN_WASSERSTEIN_SPREAD: f64 = 0.001;
+
 fn feature(
     layout: &FeatureLayout,
     reference: &FeatureSketch,
@@ -179,15 +183,10 @@ fn feature(
                 let d = stattest::ks_statistic(&r.bins, &c.bins);
                 (TestKind::Ks, stattest::ks_p_value(d, r.count(), c.count()), policy.p_value)
             } else {
-                let spread = r.std().unwrap_or(0.0);
-                let distance = stattest::wasserstein(edges, r, c);
-                let score = if spread > 0.0 {
-                    distance / spread
-                } else if distance > 0.0 {
-                    f64::INFINITY
-                } else {
-                    0.0
-                };
+                // A constant reference feature has no spread: Evidently's floor keeps the
+                // score finite (an infinite one has no JSON form and broke every reader).
+                let spread = r.std().unwrap_or(0.0).max(MIN_WASSERSTEIN_SPREAD);
+                let score = stattest::wasserstein(edges, r, c) / spread;
                 (TestKind::Wasserstein, score, policy.wasserstein)
             };
             verdict(layout.name(), test, score, threshold, stattest::psi(&r.bins, &c.bins), c.count())

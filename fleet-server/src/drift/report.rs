@@ -159,6 +159,7 @@ mod tests {
             start_ms,
             counts: proto::wire::encode(&sketch),
             shadow: None,
+            received_ms: 0,
         }
     }
 

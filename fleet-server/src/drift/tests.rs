@@ -159,3 +159,25 @@ fn a_window_of_another_layout_is_refused_and_an_empty_one_tests_nothing() {
     let empty = evaluate(&profile, &DriftPolicy::default(), &WindowSketch::empty(&profile.layout)).unwrap();
     assert!(empty.features.iter().all(|f| f.test == TestKind::None && !f.drifted));
 }
+
+#[test]
+fn a_constant_reference_feature_gets_a_finite_score_that_drifts_only_when_the_value_moves() {
+    let n = 5000;
+    let constant = || vec![2.0f32; n];
+    let reference = rows(constant(), normal(n, 10.0, 3.0), colours(n, [4, 3, 2, 1]));
+    let outputs: Vec<Vec<f32>> = reference.iter().map(|r| model(r)).collect();
+    let profile = ReferenceProfile::build(&decls(), &reference, &outputs, 2);
+    let judge = |temperature: Vec<f32>| {
+        let current = rows(temperature, normal(n, 10.0, 3.0), colours(n, [4, 3, 2, 1]));
+        evaluate(&profile, &DriftPolicy::default(), &window(&profile, &current)).unwrap()
+    };
+    let same = judge(constant());
+    let t = by_name(&same, "temperature");
+    assert!(!t.drifted && t.score == 0.0, "{t:?}");
+    let moved = judge(vec![2.5f32; n]);
+    let t = by_name(&moved, "temperature");
+    assert!(t.drifted && t.score.is_finite() && t.test == TestKind::Wasserstein, "{t:?}");
+    // What the API and the retraining webhook send must read back as the same number.
+    let json = serde_json::to_value(t).unwrap();
+    assert_eq!(json["score"].as_f64(), Some(t.score), "{json}");
+}

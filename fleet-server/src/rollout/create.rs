@@ -74,6 +74,7 @@ pub fn create(
         created_ms: now_ms,
         members,
         order,
+        revision: 0,
     })
 }
 

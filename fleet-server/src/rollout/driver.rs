@@ -17,9 +17,11 @@ use tokio_util::task::TaskTracker;
 use super::cohort_default::{newcomer_versions, CohortDefault};
 use super::create::{admit_late_joiners, busy_devices, create, operate, OperatorAction, RolloutError};
 use super::decide::{decide, Decision};
-use super::state::{DeviceInfo, Effect, MemberStatus, Rollout};
+use super::observe::WindowCache;
+use super::state::{DeviceInfo, Effect, MemberStatus, Observations, Rollout};
 use crate::drift::ModelDrift;
 use crate::ingest::Notifier;
+use crate::lease::Lease;
 use crate::store::{DesiredChange, ObservationRows, Store, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,18 +62,27 @@ impl RolloutHandle {
     }
 }
 
-/// Starts the driver as a task of `tasks`; it ends when `cancel` is cancelled.
+/// The lease under which one server of several sharing a store drives every rollout.
+pub const LEASE: &str = "rollout-driver";
+
+/// How many times an operator's action is read, decided and saved again when another server
+/// saved the rollout in between.
+const OPERATOR_ATTEMPTS: usize = 3;
+
+/// Starts the driver as a task of `tasks`; it ends when `cancel` is cancelled. It ticks only
+/// while it holds `lease` ([`LEASE`]); operator commands it carries out whoever holds it.
 pub fn spawn(
     store: Arc<dyn Store>,
     notifier: Notifier,
     tick: Duration,
+    lease: Lease,
     tick_seconds: Histogram,
     cancel: CancellationToken,
     tasks: &TaskTracker,
 ) -> RolloutHandle {
     let (tx, rx) = mpsc::channel(64);
-    let driver = Driver { store, notifier, tick_seconds };
-    tasks.spawn(driver.run(rx, tick, cancel));
+    let driver = Driver { store, notifier, tick_seconds, windows: Default::default() };
+    tasks.spawn(driver.run(rx, tick, lease, cancel));
     RolloutHandle { tx }
 }
 
@@ -80,32 +91,57 @@ struct Driver {
     notifier: Notifier,
     /// How long each tick over every running rollout takes (`/metrics`).
     tick_seconds: Histogram,
+    /// Each running rollout's drift windows merged so far, so a tick reads only what is new.
+    /// Only this task uses it, and never across an await.
+    windows: std::sync::Mutex<BTreeMap<String, WindowCache>>,
 }
 
 impl Driver {
-    async fn run(self, mut rx: mpsc::Receiver<Command>, tick: Duration, cancel: CancellationToken) {
-        if let Err(e) = self.reassert_all().await {
-            tracing::error!(error = %e, "re-asserting rollouts at start failed");
-        }
+    async fn run(self, mut rx: mpsc::Receiver<Command>, tick: Duration, mut lease: Lease, cancel: CancellationToken) {
+        self.lead_if_free(&mut lease).await;
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 command = rx.recv() => match command {
                     Some(Command::Create { plan, actor, reply }) => { let _ = reply.send(self.create(*plan, actor).await); }
                     Some(Command::Operate { id, action, actor, reply }) => { let _ = reply.send(self.operate(id, action, actor).await); }
-                    None => return,
+                    None => break,
                 },
                 _ = interval.tick() => {
+                    if !self.lead_if_free(&mut lease).await {
+                        continue;
+                    }
                     let started = std::time::Instant::now();
-                    if let Err(e) = self.tick().await {
-                        tracing::error!(error = %e, "rollout tick failed");
+                    match self.tick().await {
+                        Ok(()) => {}
+                        // Another server or an operator saved it meanwhile: read again next tick.
+                        Err(DriverError::Store(StoreError::Stale(id))) => {
+                            tracing::info!(rollout = %id, "rollout saved by another writer during this tick; it is read again next tick")
+                        }
+                        Err(e) => tracing::error!(error = %e, "rollout tick failed"),
                     }
                     self.tick_seconds.observe(started.elapsed().as_secs_f64());
                 }
             }
         }
+        lease.release(&self.store).await;
+    }
+
+    /// Renews the driver's lease; on taking it (at start, or from a server that stopped), first
+    /// re-asserts what every rollout wants of its devices. True while this server drives.
+    async fn lead_if_free(&self, lease: &mut Lease) -> bool {
+        let was_held = lease.is_held();
+        if !lease.renew(&self.store).await {
+            return false;
+        }
+        if !was_held {
+            if let Err(e) = self.reassert_all().await {
+                tracing::error!(error = %e, "re-asserting rollouts failed");
+            }
+        }
+        true
     }
 
     async fn blocking<T: Send + 'static>(
@@ -135,11 +171,18 @@ impl Driver {
         self.commit(Decision { rollout, effects }, &actor).await
     }
 
+    /// Reads, decides and saves; read again when another server saved the rollout in between.
     async fn operate(&self, id: String, action: OperatorAction, actor: String) -> Result<Rollout, DriverError> {
-        let lookup = id.clone();
-        let rollout = self.blocking(move |s| s.rollout(&lookup)).await?.ok_or(DriverError::NotFound(id))?;
-        let decision = operate(&rollout, action, crate::unix_ms())?;
-        self.commit(decision, &actor).await
+        let mut attempt = 1;
+        loop {
+            let lookup = id.clone();
+            let rollout = self.blocking(move |s| s.rollout(&lookup)).await?.ok_or(DriverError::NotFound(id.clone()))?;
+            let decision = operate(&rollout, action, crate::unix_ms())?;
+            match self.commit(decision, &actor).await {
+                Err(DriverError::Store(StoreError::Stale(_))) if attempt < OPERATOR_ATTEMPTS => attempt += 1,
+                outcome => return outcome,
+            }
+        }
     }
 
     /// Per model with an active rollout or a cohort default: newcomers get their default, devices
@@ -151,7 +194,19 @@ impl Driver {
         for model in models {
             self.tick_model(&model, &rollouts, &defaults).await?;
         }
+        let running: BTreeSet<&String> =
+            rollouts.iter().filter(|r| r.phase == super::Phase::Running).map(|r| &r.id).collect();
+        self.caches().retain(|id, _| running.contains(id));
         Ok(())
+    }
+
+    fn caches(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, WindowCache>> {
+        // A panic while holding it can only have left a cache half-merged: start afresh.
+        self.windows.lock().unwrap_or_else(|poisoned| {
+            let mut caches = poisoned.into_inner();
+            caches.clear();
+            caches
+        })
     }
 
     async fn tick_model(
@@ -174,8 +229,11 @@ impl Driver {
                 continue;
             }
             let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
-            let (rows, references) = self.blocking(move |s| observation_inputs(s, &model, since)).await?;
-            let decision = decide(&rollout, &super::observe(&rows, &references), crate::unix_ms());
+            let cache = self.caches().remove(&rollout.id).unwrap_or_default();
+            // Reading, decoding and merging are store calls and CPU work: off the async workers.
+            let (observations, cache) = self.blocking(move |s| observe_new(s, &model, since, cache)).await?;
+            self.caches().insert(rollout.id.clone(), cache);
+            let decision = decide(&rollout, &observations, crate::unix_ms());
             if decision.rollout != rollout || !decision.effects.is_empty() {
                 self.commit(decision, "engine").await?;
             }
@@ -254,7 +312,7 @@ impl Driver {
         let saved = rollout.clone();
         let revisions = self.blocking(move |s| s.save_rollout(&saved, &audit, &desired)).await?;
         self.notify(revisions);
-        Ok(rollout)
+        Ok(Rollout { revision: rollout.revision + 1, ..rollout })
     }
 
     fn notify(&self, revisions: Vec<(String, u64)>) {
@@ -307,9 +365,24 @@ pub(crate) fn observation_inputs(
     model: &str,
     since_ms: u64,
 ) -> Result<(ObservationRows, BTreeMap<String, ModelDrift>), StoreError> {
-    let rows = store.observation_rows(model, since_ms)?;
+    let rows = store.observation_rows(model, since_ms, 0)?;
     let references = crate::drift::references(store, model, rows.windows.iter().map(|w| &w.version))?;
     Ok((rows, references))
+}
+
+/// A running rollout's observations: the statuses as they are now, and its windows from `cache`
+/// plus those stored since the cache's last read. Returns the cache with them merged.
+fn observe_new(
+    store: &dyn Store,
+    model: &str,
+    since_ms: u64,
+    mut cache: WindowCache,
+) -> Result<(Observations, WindowCache), StoreError> {
+    let rows = store.observation_rows(model, since_ms, cache.read_from())?;
+    cache.absorb(&rows.windows);
+    let versions = cache.merged().versions();
+    let references = crate::drift::references(store, model, versions.iter())?;
+    Ok((super::observe::observe_merged(&rows.statuses, cache.merged(), &references), cache))
 }
 
 #[cfg(test)]
@@ -376,6 +449,7 @@ mod tests {
             store.clone(),
             Notifier::detached(),
             Duration::from_secs(3600),
+            Lease::new(LEASE, "test".into(), Duration::from_secs(60), Default::default()),
             crate::api::metrics::ApiMetrics::default().rollout_tick,
             cancel.clone(),
             &TaskTracker::new(),
@@ -391,7 +465,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
         let device = enrolled_d1(&store);
-        let rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
+        let mut rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
         let revisions = store
             .save_rollout(
                 &rollout,
@@ -408,6 +482,7 @@ mod tests {
         assert_eq!(revisions, vec![("d1".to_string(), 1)]);
         assert!(store.rollout("ro-1").unwrap().is_some());
         assert_eq!(store.list_devices().unwrap()[0].models[0].desired_version.as_deref(), Some("2.0.0"));
+        rollout.revision += 1;
         let again = store
             .save_rollout(
                 &rollout,

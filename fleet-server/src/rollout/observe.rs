@@ -10,12 +10,60 @@ use proto::shadow::ShadowSummary;
 
 use super::state::{Observations, VersionMetrics};
 use crate::drift::ModelDrift;
-use crate::store::ObservationRows;
+use crate::store::{ObservationRows, StatusRow, WindowRow};
 
 /// Samples a device needs before its input drift is compared. PSI is biased upwards by about
 /// (bins - 1) / samples (34/500 < 0.07 here, the same for candidate and control), so below this
 /// a device that just switched versions would look "drifted" next to one that ran all along.
 pub const MIN_DRIFT_SAMPLES: u64 = 500;
+
+/// Each device's drift windows merged per version, with the shadow comparisons they carried
+/// merged under the candidate's version: what [`observe`] needs of the windows, kept between
+/// ticks by [`WindowCache`] so a tick reads and merges only what arrived since the last.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MergedWindows {
+    /// (device, version) -> merged sketch (None until a window of that version decodes).
+    sketches: BTreeMap<(String, String), WindowSketch>,
+    /// (device, candidate version) -> merged shadow comparison.
+    shadows: BTreeMap<(String, String), ShadowSummary>,
+}
+
+impl MergedWindows {
+    /// Every version a merged window was of.
+    pub fn versions(&self) -> std::collections::BTreeSet<String> {
+        self.sketches.keys().map(|(_, version)| version.clone()).collect()
+    }
+
+    /// Merges `windows` in: a window that does not decode is skipped, one whose layout differs
+    /// from what its (device, version) merged so far is not comparable and skipped too.
+    pub fn merge(&mut self, windows: &[WindowRow]) {
+        for window in windows {
+            let Ok(sketch) = proto::wire::decode::<WindowSketch>("stored drift window", &window.counts) else {
+                continue;
+            };
+            match self.sketches.entry((window.device.clone(), window.version.clone())) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(sketch);
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => {
+                    let _ = e.get_mut().merge(&sketch);
+                }
+            }
+            let shadow =
+                window.shadow.as_deref().and_then(|b| proto::wire::decode::<ShadowSummary>("stored shadow", b).ok());
+            if let Some(shadow) = shadow {
+                match self.shadows.entry((window.device.clone(), shadow.version.clone())) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(shadow);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        e.get_mut().merge(&shadow);
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// Builds each device's observation: its status and counters, its drift windows merged per
 /// version (a window that does not decode or whose layout differs is skipped), its latency p95
@@ -23,8 +71,19 @@ pub const MIN_DRIFT_SAMPLES: u64 = 500;
 /// since the agent started), and its input drift against that version's reference once it has
 /// [`MIN_DRIFT_SAMPLES`].
 pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ModelDrift>) -> Observations {
+    let mut merged = MergedWindows::default();
+    merged.merge(&rows.windows);
+    observe_merged(&rows.statuses, &merged, references)
+}
+
+/// [`observe`] from windows merged already.
+pub fn observe_merged(
+    statuses: &[StatusRow],
+    merged: &MergedWindows,
+    references: &BTreeMap<String, ModelDrift>,
+) -> Observations {
     let mut observations = Observations::new();
-    for row in &rows.statuses {
+    for row in statuses {
         let o = observations.entry(row.device.clone()).or_default();
         o.step = row.step;
         o.step_version = row.step_version.clone();
@@ -38,25 +97,14 @@ pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ModelDrift>
         }
         o.active_version = row.active_version.clone();
     }
-    for window in &rows.windows {
-        let Ok(sketch) = proto::wire::decode::<WindowSketch>("stored drift window", &window.counts) else { continue };
+    for ((device, version), sketch) in &merged.sketches {
         let metrics: &mut VersionMetrics =
-            observations.entry(window.device.clone()).or_default().metrics.entry(window.version.clone()).or_default();
-        // A layout mismatch means another contract: that window is not comparable.
-        let _ = metrics.sketch.merge(&sketch);
-        // The candidate's comparison goes with the candidate's version.
-        let shadow =
-            window.shadow.as_deref().and_then(|b| proto::wire::decode::<ShadowSummary>("stored shadow", b).ok());
-        if let Some(shadow) = shadow {
-            let o = observations.entry(window.device.clone()).or_default();
-            let candidate = o.metrics.entry(shadow.version.clone()).or_default();
-            match candidate.shadow.as_mut() {
-                Some(merged) => {
-                    merged.merge(&shadow);
-                }
-                None => candidate.shadow = Some(shadow),
-            }
-        }
+            observations.entry(device.clone()).or_default().metrics.entry(version.clone()).or_default();
+        metrics.sketch = sketch.clone();
+    }
+    for ((device, candidate), shadow) in &merged.shadows {
+        let metrics = observations.entry(device.clone()).or_default().metrics.entry(candidate.clone()).or_default();
+        metrics.shadow = Some(shadow.clone());
     }
     for observation in observations.values_mut() {
         for (version, metrics) in observation.metrics.iter_mut() {
@@ -74,13 +122,60 @@ pub fn observe(rows: &ObservationRows, references: &BTreeMap<String, ModelDrift>
     observations
 }
 
+/// How far back (in the server's time of storing) each read of new windows reaches behind the
+/// newest window read before: a window stored that long before it committed, or by a server
+/// whose clock is that far behind, would be missed. A store transaction takes milliseconds.
+pub const REREAD_OVERLAP_MS: u64 = 120_000;
+
+/// A rollout's windows merged so far, so that each tick reads only the windows stored since the
+/// last (plus [`REREAD_OVERLAP_MS`]) and its cost does not grow with the rollout's age. Windows
+/// read twice within the overlap are merged once (a window is identified by device, model and
+/// start, as the store keeps it).
+#[derive(Clone, Debug, Default)]
+pub struct WindowCache {
+    merged: MergedWindows,
+    /// The newest `received_ms` read.
+    newest_ms: u64,
+    /// (device, window start) of every window merged that the next read may return again.
+    recent: BTreeMap<(String, u64), u64>,
+}
+
+impl WindowCache {
+    /// The `received_from_ms` of the next read: 0 (everything) the first time.
+    pub fn read_from(&self) -> u64 {
+        if self.newest_ms == 0 {
+            0
+        } else {
+            self.newest_ms.saturating_sub(REREAD_OVERLAP_MS).max(1)
+        }
+    }
+
+    /// Merges the windows of a read from [`WindowCache::read_from`] that it has not merged yet;
+    /// returns how many were new.
+    pub fn absorb(&mut self, windows: &[WindowRow]) -> usize {
+        let new: Vec<WindowRow> =
+            windows.iter().filter(|w| !self.recent.contains_key(&(w.device.clone(), w.start_ms))).cloned().collect();
+        self.merged.merge(&new);
+        for window in &new {
+            self.recent.insert((window.device.clone(), window.start_ms), window.received_ms);
+            self.newest_ms = self.newest_ms.max(window.received_ms);
+        }
+        let horizon = self.read_from();
+        self.recent.retain(|_, received| *received >= horizon);
+        new.len()
+    }
+
+    pub fn merged(&self) -> &MergedWindows {
+        &self.merged
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proto::drift::{FeatureDecl, ReferenceProfile};
     use proto::wire::UpdateStep;
 
     use super::*;
-    use crate::store::{StatusRow, WindowRow};
 
     /// A one-feature reference from values 0..1000 and a one-class model.
     fn reference() -> ReferenceProfile {
@@ -102,6 +197,7 @@ mod tests {
             start_ms: 0,
             counts: proto::wire::encode(&sketch),
             shadow: None,
+            received_ms: 0,
         }
     }
 
@@ -169,5 +265,48 @@ mod tests {
         let rows =
             ObservationRows { statuses: vec![], windows: vec![broken, window("d1", "1.0.0", (0..20).map(|_| 0.5))] };
         assert_eq!(observe(&rows, &references())["d1"].metrics["1.0.0"].sketch.rows, 20);
+    }
+
+    /// `window` stored at `received_ms`, starting at `start_ms`.
+    fn stored(device: &str, start_ms: u64, received_ms: u64, values: std::ops::Range<u32>) -> WindowRow {
+        WindowRow { start_ms, received_ms, ..window(device, "1.0.0", values.map(|i| i as f32 / 1000.0)) }
+    }
+
+    #[test]
+    fn a_cache_fed_read_after_read_merges_what_one_read_of_everything_merges() {
+        let t = 10_000_000;
+        let all = vec![
+            stored("d1", 0, t, 0..300),
+            stored("d2", 0, t + 10, 100..400),
+            stored("d1", 60_000, t + 60_000, 300..700),
+            // Stored late (an offline site syncing): an old window start, a new arrival.
+            stored("d2", 1_000, t + 61_000, 0..50),
+            stored("d1", 120_000, t + 120_000, 0..900),
+        ];
+        let mut cache = WindowCache::default();
+        assert_eq!(cache.read_from(), 0, "the first read reads everything");
+        assert_eq!(cache.absorb(&all[..2]), 2);
+        assert_eq!(cache.read_from(), t + 10 - REREAD_OVERLAP_MS);
+        // The next read returns the overlap again: merged once.
+        assert_eq!(cache.absorb(&all[..4]), 2);
+        assert_eq!(cache.absorb(&all[1..]), 1);
+        let mut everything = MergedWindows::default();
+        everything.merge(&all);
+        assert_eq!(cache.merged(), &everything);
+        let statuses = vec![status("d1", "1.0.0"), status("d2", "1.0.0")];
+        let rows = ObservationRows { statuses: statuses.clone(), windows: all };
+        assert_eq!(observe_merged(&statuses, cache.merged(), &references()), observe(&rows, &references()));
+    }
+
+    #[test]
+    fn a_cache_remembers_only_the_windows_a_read_can_return_again() {
+        let t = 10_000_000;
+        let mut cache = WindowCache::default();
+        cache.absorb(&[stored("d1", 0, t, 0..10), stored("d1", 60_000, t + 60_000, 0..10)]);
+        assert_eq!(cache.recent.len(), 2);
+        // Far later: the reads no longer reach back to the first two.
+        cache.absorb(&[stored("d1", 600_000, t + 10 * REREAD_OVERLAP_MS, 0..10)]);
+        assert_eq!(cache.recent.len(), 1, "{:?}", cache.recent);
+        assert_eq!(cache.merged().sketches[&("d1".to_string(), "1.0.0".to_string())].rows, 30);
     }
 }

@@ -160,6 +160,10 @@ pub struct Rollout {
     pub members: BTreeMap<String, Member>,
     /// Eligible (non-holdout) devices in bucket order: wave k takes a prefix of it.
     pub order: Vec<String>,
+    /// How many times the store has saved this rollout (0: never). A save names the revision it
+    /// read and is refused when another writer (another server) saved the rollout since.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 /// An enrolled device as a rollout's cohort selection sees it.

@@ -29,6 +29,9 @@ pub enum StoreError {
     Database(String),
     #[error("{0}")]
     Conflict(String),
+    /// A rollout was saved by another writer since it was read (optimistic concurrency).
+    #[error("rollout {0} was saved by another server since it was read")]
+    Stale(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store call did not complete: {0}")]
@@ -71,6 +74,8 @@ pub struct WindowRow {
     pub counts: Vec<u8>,
     /// The window's shadow comparison, still encoded, when a candidate ran in shadow.
     pub shadow: Option<Vec<u8>>,
+    /// When the server stored it (its clock; 0 for windows stored before this was recorded).
+    pub received_ms: u64,
 }
 
 /// What the rollout engine observes of one model, as the store holds it.
@@ -285,10 +290,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(String, u64)>, StoreError>;
     /// Unrevoked devices with labels, the version of `model` they run and the one they were told.
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError>;
-    /// Every device's status row for `model` and its drift windows since `since_ms`, raw.
-    fn observation_rows(&self, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError>;
+    /// Every device's status row for `model` and its drift windows since `since_ms`, raw; only
+    /// those the server stored at or after `received_from_ms` (0: all), so that a reader who
+    /// keeps what it read before reads only what is new.
+    fn observation_rows(
+        &self,
+        model: &str,
+        since_ms: u64,
+        received_from_ms: u64,
+    ) -> Result<ObservationRows, StoreError>;
     /// Writes the rollout state, its audit lines and the desired versions it sets in one
-    /// transaction (and, once it has completed, its version as the cohort default); returns the devices whose revision changed (unchanged assertions are quiet).
+    /// transaction (and, once it has completed, its version as the cohort default); returns the
+    /// devices whose revision changed (unchanged assertions are quiet). The save is refused with
+    /// [`StoreError::Stale`] unless the stored rollout is still at `rollout.revision` (0: it must
+    /// not exist yet); the stored revision becomes `rollout.revision + 1`.
     fn save_rollout(
         &self,
         rollout: &Rollout,
@@ -296,6 +311,13 @@ pub trait Store: Send + Sync + 'static {
         desired: &[DesiredChange],
     ) -> Result<Vec<(String, u64)>, StoreError>;
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError>;
+    /// Takes or renews the lease `name` for `holder` until `now_ms + ttl_ms`: true when `holder`
+    /// holds it now (it was free, had expired, or was already its own). Servers sharing a store
+    /// use it so that one at a time drives the rollouts; their clocks must agree to well within
+    /// `ttl_ms`.
+    fn acquire_lease(&self, name: &str, holder: &str, now_ms: u64, ttl_ms: u64) -> Result<bool, StoreError>;
+    /// Gives the lease up if `holder` holds it, so another server may take it at once.
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// Newest first.
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;

@@ -458,8 +458,13 @@ impl Store for PostgresStore {
         rollouts::device_infos(&mut *self.conn()?, model)
     }
 
-    fn observation_rows(&self, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
-        rollouts::observation_rows(&mut *self.conn()?, model, since_ms)
+    fn observation_rows(
+        &self,
+        model: &str,
+        since_ms: u64,
+        received_from_ms: u64,
+    ) -> Result<ObservationRows, StoreError> {
+        rollouts::observation_rows(&mut *self.conn()?, model, since_ms, received_from_ms)
     }
 
     fn save_rollout(
@@ -473,6 +478,14 @@ impl Store for PostgresStore {
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
         rollouts::load(&mut *self.conn()?, Some(id)).map(|mut all| all.pop())
+    }
+
+    fn acquire_lease(&self, name: &str, holder: &str, now_ms: u64, ttl_ms: u64) -> Result<bool, StoreError> {
+        rollouts::acquire_lease(&mut *self.conn()?, name, holder, now_ms, ttl_ms)
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        rollouts::release_lease(&mut *self.conn()?, name, holder)
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {

@@ -248,8 +248,8 @@ pub fn heartbeat_into(conn: &mut impl GenericClient, device: &str, heartbeat: &H
 pub fn drift_into(conn: &mut impl GenericClient, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
     let s = d.summary;
     let inserted = conn.execute(
-        "INSERT INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+        "INSERT INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow, received_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
         &[
             &device,
             &s.model,
@@ -261,6 +261,7 @@ pub fn drift_into(conn: &mut impl GenericClient, device: &str, d: &StoredDrift<'
             &d.mean_confidence,
             &proto::wire::encode(&s.sketch),
             &s.shadow.as_ref().map(proto::wire::encode),
+            &(crate::unix_ms() as i64),
         ],
     )?;
     Ok(inserted == 1)

@@ -165,7 +165,12 @@ pub fn apply_cohort_defaults(
 
 /// The raw rows the rollout engine observes: every device's status of `model`, and its drift
 /// windows since `since_ms` (counts still encoded). No policy here: see `rollout::observe`.
-pub fn observation_rows(conn: &mut Client, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
+pub fn observation_rows(
+    conn: &mut Client,
+    model: &str,
+    since_ms: u64,
+    received_from_ms: u64,
+) -> Result<ObservationRows, StoreError> {
     let rows = conn.query(
         "SELECT device, active_version, step, version, detail, inferences, errors, latency_p95_us, shadow_version
          FROM model_status WHERE model = $1",
@@ -187,11 +192,16 @@ pub fn observation_rows(conn: &mut Client, model: &str, since_ms: u64) -> Result
             shadow_version: r.try_get(8)?,
         });
     }
+    // Two statements, so that a read of what is new uses the (model, received_ms) index.
+    let sql = if received_from_ms == 0 {
+        "SELECT device, version, window_start_ms, counts, shadow, received_ms FROM drift
+         WHERE model = $1 AND window_start_ms >= $2 AND $3::BIGINT = 0"
+    } else {
+        "SELECT device, version, window_start_ms, counts, shadow, received_ms FROM drift
+         WHERE model = $1 AND received_ms >= $3 AND window_start_ms >= $2"
+    };
     let windows = conn
-        .query(
-            "SELECT device, version, window_start_ms, counts, shadow FROM drift WHERE model = $1 AND window_start_ms >= $2",
-            &[&model, &(since_ms as i64)],
-        )?
+        .query(sql, &[&model, &(since_ms as i64), &(received_from_ms as i64)])?
         .iter()
         .map(|r| {
             Ok(WindowRow {
@@ -200,6 +210,7 @@ pub fn observation_rows(conn: &mut Client, model: &str, since_ms: u64) -> Result
                 start_ms: r.try_get::<_, i64>(2)? as u64,
                 counts: r.try_get(3)?,
                 shadow: r.try_get(4)?,
+                received_ms: r.try_get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
             })
         })
         .collect::<Result<_, StoreError>>()?;
@@ -223,11 +234,21 @@ pub fn save(
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let mut tx = conn.transaction()?;
-    tx.execute(
-        "INSERT INTO rollouts (id, model, phase, created_ms, state) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO UPDATE SET phase = excluded.phase, state = excluded.state",
-        &[&rollout.id, &rollout.plan.model, &rollout.phase.as_str(), &(rollout.created_ms as i64), &state],
-    )?;
+    let saved = if rollout.revision == 0 {
+        tx.execute(
+            "INSERT INTO rollouts (id, model, phase, created_ms, state, revision) VALUES ($1, $2, $3, $4, $5, 1)
+             ON CONFLICT (id) DO NOTHING",
+            &[&rollout.id, &rollout.plan.model, &rollout.phase.as_str(), &(rollout.created_ms as i64), &state],
+        )?
+    } else {
+        tx.execute(
+            "UPDATE rollouts SET phase = $2, state = $3, revision = revision + 1 WHERE id = $1 AND revision = $4",
+            &[&rollout.id, &rollout.phase.as_str(), &state, &(rollout.revision as i64)],
+        )?
+    };
+    if saved == 0 {
+        return Err(StoreError::Stale(rollout.id.clone()));
+    }
     for entry in audit {
         append_audit(&mut tx, entry)?;
     }
@@ -265,11 +286,43 @@ pub fn append_audit(conn: &mut impl GenericClient, e: &AuditEntry) -> Result<(),
 }
 
 pub fn load(conn: &mut Client, id: Option<&str>) -> Result<Vec<Rollout>, StoreError> {
-    let rows = conn
-        .query("SELECT state FROM rollouts WHERE $1::TEXT IS NULL OR id = $1 ORDER BY created_ms DESC, id", &[&id])?;
+    let rows = conn.query(
+        "SELECT state, revision FROM rollouts WHERE $1::TEXT IS NULL OR id = $1 ORDER BY created_ms DESC, id",
+        &[&id],
+    )?;
     rows.iter()
-        .map(|r| serde_json::from_str(r.try_get(0)?).map_err(|e| StoreError::Corrupt(format!("rollout state: {e}"))))
+        .map(|r| {
+            let mut rollout: Rollout =
+                serde_json::from_str(r.try_get(0)?).map_err(|e| StoreError::Corrupt(format!("rollout state: {e}")))?;
+            rollout.revision = r.try_get::<_, i64>(1)? as u64;
+            Ok(rollout)
+        })
         .collect()
+}
+
+/// [`crate::store::Store::acquire_lease`]: one upsert that takes a free or expired lease or
+/// renews the holder's own; it returns a row only when it wrote one.
+pub fn acquire_lease(
+    conn: &mut Client,
+    name: &str,
+    holder: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<bool, StoreError> {
+    let expires = now_ms.saturating_add(ttl_ms) as i64;
+    let held = conn.query_opt(
+        "INSERT INTO leases (name, holder, expires_ms) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
+         WHERE leases.holder = excluded.holder OR leases.expires_ms <= $4
+         RETURNING holder",
+        &[&name, &holder, &expires, &(now_ms as i64)],
+    )?;
+    Ok(held.is_some())
+}
+
+pub fn release_lease(conn: &mut Client, name: &str, holder: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM leases WHERE name = $1 AND holder = $2", &[&name, &holder])?;
+    Ok(())
 }
 
 pub fn audit(conn: &mut Client, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {

@@ -12,7 +12,17 @@ const LOCK_NAMESPACE: i32 = 0x466c_7473; // "Flts"
 /// (version, SQL), in order. Version 1 is the schema the SQLite store had when PostgreSQL came:
 /// the same tables and columns, BIGINT for integers, BYTEA for blobs, identity columns where
 /// SQLite has rowids. Keys that are sorted on are `COLLATE "C"`, so they sort bytewise as SQLite's.
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+
+/// Several servers on one database: rollouts saved with a revision (optimistic concurrency) and
+/// leases (one server drives the rollouts at a time); when each drift window was stored, so the
+/// rollout driver reads only what is new each tick.
+const V2: &str = r#"
+ALTER TABLE rollouts ADD COLUMN revision BIGINT NOT NULL DEFAULT 1;
+CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms BIGINT NOT NULL);
+ALTER TABLE drift ADD COLUMN received_ms BIGINT;
+CREATE INDEX drift_by_model_received ON drift (model, received_ms);
+"#;
 
 const V1: &str = r#"
 CREATE TABLE tokens (

@@ -531,8 +531,13 @@ impl Store for SqliteStore {
         rollouts::device_infos(&self.conn(), model)
     }
 
-    fn observation_rows(&self, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
-        rollouts::observation_rows(&self.conn(), model, since_ms)
+    fn observation_rows(
+        &self,
+        model: &str,
+        since_ms: u64,
+        received_from_ms: u64,
+    ) -> Result<ObservationRows, StoreError> {
+        rollouts::observation_rows(&self.conn(), model, since_ms, received_from_ms)
     }
 
     fn save_rollout(
@@ -546,6 +551,14 @@ impl Store for SqliteStore {
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
         rollouts::load(&self.conn(), Some(id)).map(|mut all| all.pop())
+    }
+
+    fn acquire_lease(&self, name: &str, holder: &str, now_ms: u64, ttl_ms: u64) -> Result<bool, StoreError> {
+        rollouts::acquire_lease(&self.conn(), name, holder, now_ms, ttl_ms)
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        rollouts::release_lease(&self.conn(), name, holder)
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
@@ -670,8 +683,8 @@ pub(super) fn heartbeat_into(conn: &Connection, device: &str, heartbeat: &Heartb
 pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
     let s = d.summary;
     let inserted = conn.execute(
-        "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             device,
             s.model,
@@ -682,7 +695,8 @@ pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -
             d.score,
             d.mean_confidence,
             proto::wire::encode(&s.sketch),
-            s.shadow.as_ref().map(proto::wire::encode)
+            s.shadow.as_ref().map(proto::wire::encode),
+            crate::unix_ms() as i64
         ],
     )?;
     Ok(inserted == 1)

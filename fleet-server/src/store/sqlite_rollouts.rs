@@ -161,7 +161,12 @@ pub fn apply_cohort_defaults(
 
 /// The raw rows the rollout engine observes: every device's status of `model`, and its drift
 /// windows since `since_ms` (counts still encoded). No policy here: see `rollout::observe`.
-pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result<ObservationRows, StoreError> {
+pub fn observation_rows(
+    conn: &Connection,
+    model: &str,
+    since_ms: u64,
+    received_from_ms: u64,
+) -> Result<ObservationRows, StoreError> {
     let mut status = conn.prepare(
         "SELECT device, active_version, step, version, detail, inferences, errors, latency_p95_us, shadow_version
          FROM model_status WHERE model = ?1",
@@ -188,17 +193,23 @@ pub fn observation_rows(conn: &Connection, model: &str, since_ms: u64) -> Result
         row.step = step.as_deref().map(|text| parse_step(&row.device, text)).transpose()?;
         statuses.push(row);
     }
-    let mut drift = conn.prepare(
-        "SELECT device, version, window_start_ms, counts, shadow FROM drift WHERE model = ?1 AND window_start_ms >= ?2",
-    )?;
+    // Two statements, so that a read of what is new uses the (model, received_ms) index.
+    let mut drift = conn.prepare(if received_from_ms == 0 {
+        "SELECT device, version, window_start_ms, counts, shadow, received_ms FROM drift
+         WHERE model = ?1 AND window_start_ms >= ?2 AND ?3 = 0"
+    } else {
+        "SELECT device, version, window_start_ms, counts, shadow, received_ms FROM drift
+         WHERE model = ?1 AND received_ms >= ?3 AND window_start_ms >= ?2"
+    })?;
     let windows = drift
-        .query_map(params![model, since_ms as i64], |r| {
+        .query_map(params![model, since_ms as i64, received_from_ms as i64], |r| {
             Ok(WindowRow {
                 device: r.get(0)?,
                 version: r.get(1)?,
                 start_ms: r.get::<_, i64>(2)? as u64,
                 counts: r.get(3)?,
                 shadow: r.get(4)?,
+                received_ms: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -222,11 +233,21 @@ pub fn save(
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let tx = conn.transaction()?;
-    tx.execute(
-        "INSERT INTO rollouts (id, model, phase, created_ms, state) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (id) DO UPDATE SET phase = excluded.phase, state = excluded.state",
-        params![rollout.id, rollout.plan.model, rollout.phase.as_str(), rollout.created_ms as i64, state],
-    )?;
+    let saved = if rollout.revision == 0 {
+        tx.execute(
+            "INSERT INTO rollouts (id, model, phase, created_ms, state, revision) VALUES (?1, ?2, ?3, ?4, ?5, 1)
+             ON CONFLICT (id) DO NOTHING",
+            params![rollout.id, rollout.plan.model, rollout.phase.as_str(), rollout.created_ms as i64, state],
+        )?
+    } else {
+        tx.execute(
+            "UPDATE rollouts SET phase = ?2, state = ?3, revision = revision + 1 WHERE id = ?1 AND revision = ?4",
+            params![rollout.id, rollout.phase.as_str(), state, rollout.revision as i64],
+        )?
+    };
+    if saved == 0 {
+        return Err(StoreError::Stale(rollout.id.clone()));
+    }
     for entry in audit {
         insert_audit(&tx, entry)?;
     }
@@ -268,13 +289,43 @@ pub fn append_audit(conn: &Connection, entry: &AuditEntry) -> Result<(), StoreEr
 
 pub fn load(conn: &Connection, id: Option<&str>) -> Result<Vec<Rollout>, StoreError> {
     let mut stmt =
-        conn.prepare("SELECT state FROM rollouts WHERE ?1 IS NULL OR id = ?1 ORDER BY created_ms DESC, id")?;
-    let rows = stmt.query_map(params![id], |r| r.get::<_, String>(0))?;
+        conn.prepare("SELECT state, revision FROM rollouts WHERE ?1 IS NULL OR id = ?1 ORDER BY created_ms DESC, id")?;
+    let rows = stmt.query_map(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     rows.map(|row| {
-        let text = row?;
-        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("rollout state: {e}")))
+        let (text, revision) = row?;
+        let mut rollout: Rollout =
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("rollout state: {e}")))?;
+        rollout.revision = revision as u64;
+        Ok(rollout)
     })
     .collect()
+}
+
+/// [`crate::store::Store::acquire_lease`]: one upsert that takes a free or expired lease or
+/// renews the holder's own; it returns a row only when it wrote one.
+pub fn acquire_lease(
+    conn: &Connection,
+    name: &str,
+    holder: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<bool, StoreError> {
+    let held = conn
+        .query_row(
+            "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms
+             WHERE leases.holder = excluded.holder OR leases.expires_ms <= ?4
+             RETURNING holder",
+            params![name, holder, now_ms.saturating_add(ttl_ms) as i64, now_ms as i64],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?;
+    Ok(held.is_some())
+}
+
+pub fn release_lease(conn: &Connection, name: &str, holder: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM leases WHERE name = ?1 AND holder = ?2", params![name, holder])?;
+    Ok(())
 }
 
 pub fn audit(conn: &Connection, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {

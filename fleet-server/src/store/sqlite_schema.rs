@@ -14,7 +14,7 @@ use crate::store::StoreError;
 type Migration = fn(&Connection) -> rusqlite::Result<()>;
 
 /// (version, migration), in order.
-pub const MIGRATIONS: &[(i64, Migration)] = &[(1, v1)];
+pub const MIGRATIONS: &[(i64, Migration)] = &[(1, v1), (2, v2)];
 
 const V1_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
@@ -88,6 +88,18 @@ fn v1(tx: &Connection) -> rusqlite::Result<()> {
     add_column(tx, "model_status", "shadow_version", "TEXT")?;
     add_column(tx, "drift", "shadow", "BLOB")?;
     Ok(())
+}
+
+/// Several servers on one database: rollouts saved with a revision (optimistic concurrency) and
+/// leases (one server drives the rollouts at a time); when each drift window was stored, so the
+/// rollout driver reads only what is new each tick.
+fn v2(tx: &Connection) -> rusqlite::Result<()> {
+    add_column(tx, "rollouts", "revision", "INTEGER NOT NULL DEFAULT 1")?;
+    add_column(tx, "drift", "received_ms", "INTEGER")?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL);
+         CREATE INDEX IF NOT EXISTS drift_by_model_received ON drift (model, received_ms);",
+    )
 }
 
 /// Applies every migration the database lacks, each in its own transaction; returns how many ran.

@@ -107,6 +107,8 @@ on_every_store!(
     eviction_events_add_up_per_device,
     telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version,
     a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it,
+    a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale,
+    a_lease_has_one_holder_until_it_expires_or_is_released,
 );
 
 fn device(store: &TestStore, id: &str) {
@@ -259,6 +261,18 @@ fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device(store
     let model = &view.models[0];
     assert_eq!((model.drift_summaries, model.drift_score, model.inferences), (1, Some(0.31), 42));
     assert_eq!(model.active_version.as_deref(), Some("1.0.0"));
+    // The window is read with when the server stored it; a read of what is newer skips it.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let before = crate::unix_ms();
+    let later = DriftSummary { window_start_ms: 70, window_end_ms: 80, ..summary.clone() };
+    assert!(store.record_drift("d1", &StoredDrift { summary: &later, ..stored }).unwrap());
+    let all = store.observation_rows("tabular", 0, 0).unwrap().windows;
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|w| w.received_ms > 0 && w.received_ms <= crate::unix_ms()), "{all:?}");
+    let new = store.observation_rows("tabular", 0, before).unwrap().windows;
+    assert_eq!(new.iter().map(|w| w.start_ms).collect::<Vec<_>>(), [70], "only the window stored since");
+    assert!(store.observation_rows("tabular", 0, crate::unix_ms() + 60_000).unwrap().windows.is_empty());
+    assert_eq!(store.observation_rows("tabular", 50, 0).unwrap().windows.len(), 1, "since a window start");
 }
 
 fn an_older_status_does_not_overwrite_a_newer_one(store: &TestStore) {
@@ -280,7 +294,7 @@ fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step(store:
     device(store, "d1");
     store
         .execute_sql("INSERT INTO model_status (device, model, step, detail) VALUES ('d1', 'tabular', 'exploded', '')");
-    let err = store.observation_rows("tabular", 0).unwrap_err();
+    let err = store.observation_rows("tabular", 0, 0).unwrap_err();
     assert!(matches!(&err, StoreError::Corrupt(why) if why.contains("d1") && why.contains("\"exploded\"")), "{err}");
     assert!(matches!(store.list_devices(), Err(StoreError::Corrupt(_))));
 }
@@ -382,7 +396,7 @@ fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it
     let plan: proto::rollout::RolloutPlan =
         toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
     let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
-    let rollout = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), 1).unwrap();
+    let mut rollout = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), 1).unwrap();
     let window = proto::window::ActivationWindow::new("02:00", "04:00");
     let change = |window: Option<&proto::window::ActivationWindow>| DesiredChange {
         device: "d1".into(),
@@ -393,7 +407,9 @@ fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it
     };
     assert_eq!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().len(), 1);
     assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, Some(window.clone()));
+    rollout.revision += 1;
     assert!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().is_empty(), "unchanged");
+    rollout.revision += 1;
     let wider = proto::window::ActivationWindow::new("01:00", "05:00");
     assert_eq!(
         store.save_rollout(&rollout, &[], &[change(Some(&wider))]).unwrap().len(),
@@ -402,4 +418,51 @@ fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it
     );
     store.set_desired(&["d1".into()], "tabular", "2.0.0").unwrap();
     assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, None, "a deploy activates at once");
+}
+
+fn a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale(store: &TestStore) {
+    device(store, "d1");
+    let plan: proto::rollout::RolloutPlan =
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+    let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
+    let created = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), 1).unwrap();
+    store.save_rollout(&created, &[], &[]).unwrap();
+    assert!(
+        matches!(store.save_rollout(&created, &[], &[]), Err(StoreError::Stale(id)) if id == "r1"),
+        "created twice"
+    );
+    // Two servers read revision 1; the first to save wins, the second is refused and changes nothing.
+    let read = store.rollout("r1").unwrap().unwrap();
+    assert_eq!(read.revision, 1);
+    let mut paused = read.clone();
+    paused.phase = crate::rollout::Phase::Paused;
+    store.save_rollout(&paused, &[], &[]).unwrap();
+    let mut advanced = read.clone();
+    advanced.wave = 1;
+    let change = DesiredChange { device: "d1".into(), version: "2.0.0".into(), attempt: 0, shadow: None, window: None };
+    let refused = store.save_rollout(&advanced, &[], &[change]);
+    assert!(matches!(refused, Err(StoreError::Stale(_))), "{refused:?}");
+    let stored = store.rollout("r1").unwrap().unwrap();
+    assert_eq!((stored.phase, stored.wave, stored.revision), (crate::rollout::Phase::Paused, 0, 2));
+    assert!(store.desired_state("d1").unwrap().models.is_empty(), "a refused save wrote desired versions");
+    // Read again, it saves.
+    let mut again = stored;
+    again.wave = 1;
+    store.save_rollout(&again, &[], &[]).unwrap();
+    assert_eq!(store.rollout("r1").unwrap().unwrap().revision, 3);
+}
+
+fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &TestStore) {
+    let ttl = 1_000;
+    assert!(store.acquire_lease("driver", "a", 10_000, ttl).unwrap(), "a free lease is taken");
+    assert!(!store.acquire_lease("driver", "b", 10_500, ttl).unwrap(), "held by a");
+    assert!(store.acquire_lease("other", "b", 10_500, ttl).unwrap(), "leases are independent by name");
+    assert!(store.acquire_lease("driver", "a", 10_900, ttl).unwrap(), "a renews its own");
+    assert!(!store.acquire_lease("driver", "b", 11_500, ttl).unwrap(), "the renewal moved the expiry to 11,900");
+    assert!(store.acquire_lease("driver", "b", 11_900, ttl).unwrap(), "an expired lease is taken over");
+    assert!(!store.acquire_lease("driver", "a", 12_000, ttl).unwrap(), "a lost it");
+    store.release_lease("driver", "a").unwrap();
+    assert!(!store.acquire_lease("driver", "a", 12_000, ttl).unwrap(), "releasing what it does not hold does nothing");
+    store.release_lease("driver", "b").unwrap();
+    assert!(store.acquire_lease("driver", "a", 12_000, ttl).unwrap(), "a released lease is free at once");
 }

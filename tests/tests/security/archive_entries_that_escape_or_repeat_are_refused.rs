@@ -53,7 +53,7 @@ fn genuine_plus(genuine: &UnverifiedBundle, hostile: impl FnOnce(&mut tar::Build
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn archive_entries_that_climb_out_are_absolute_are_links_or_repeat_are_refused() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let bundle = signed_bundle(&fleet.secret, fixture_metadata("2.0.0").unwrap(), MLP_V2, MLP_V2_GOLDEN).unwrap();
     let genuine = read_archive(&bundle, &Default::default()).unwrap();
     type Hostile = Box<dyn FnOnce(&mut tar::Builder<Vec<u8>>)>;

@@ -41,7 +41,7 @@ async fn one_of_two_required_release_signatures_is_refused_and_both_install() {
     let secret_a = proto::keys::secret_key_hex(&release_a);
     let fleet_key = (secret_a.clone(), public_key_hex(&release_a.verifying_key()));
     let fleet =
-        Fleet::start_with_root(1, embedded_mqtt(), &root, &timestamp, fleet_key, Duration::from_secs(86_400)).await;
+        Fleet::start_with_root(1, mqtt_from_env(), &root, &timestamp, fleet_key, Duration::from_secs(86_400)).await;
 
     // 1.0.0 signed by both keys serves; 2.0.0 carries only release key A's signature.
     let both = |bytes: Vec<u8>| {

@@ -9,7 +9,7 @@ use crate::{serving, wait_step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bundle_for_another_architecture_or_label_is_refused() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let other_arch = if std::env::consts::ARCH == "aarch64" { "x86_64" } else { "aarch64" };
     let mut elsewhere = fixture_metadata("2.0.0").unwrap();
     elsewhere.targets.arch = vec![other_arch.into()];

@@ -10,7 +10,7 @@ use crate::{serving, wait_step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_below_the_floor_is_refused_by_download_and_by_rollback() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let mut raising = fixture_metadata("2.0.0").unwrap();
     raising.floor = Some("1.5.0".into());
     fleet.publish(signed_bundle(&fleet.secret, raising, MLP_V2, MLP_V2_GOLDEN).unwrap()).await;

@@ -11,7 +11,7 @@ use crate::{serving, smuggle_raw, wait_step};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_manifest_of_one_release_with_the_model_of_another_is_refused() {
-    let fleet = Fleet::serving_v1(1, embedded_mqtt(), &[]).await;
+    let fleet = Fleet::serving_v1(1, mqtt_from_env(), &[]).await;
     let release = signed_bundle(&fleet.secret, fixture_metadata("2.0.0").unwrap(), MLP_V2, MLP_V2_GOLDEN).unwrap();
     let older = read_archive(&fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap(), &Default::default()).unwrap();
     let mut mixed = read_archive(&release, &Default::default()).unwrap();

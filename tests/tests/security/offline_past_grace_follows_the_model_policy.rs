@@ -16,7 +16,7 @@ async fn answer(agent: &AgentHandle, model: &str) -> (u16, serde_json::Value) {
 async fn past_the_grace_period_one_model_answers_flagged_stale_and_the_other_stops() {
     let root_key = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
     // Replies stay fresh for 6 s, and both models' grace periods are 0 days.
-    let fleet = Fleet::start_rooted_fresh_for(1, embedded_mqtt(), &root_key, std::time::Duration::from_secs(6)).await;
+    let fleet = Fleet::start_rooted_fresh_for(1, mqtt_from_env(), &root_key, std::time::Duration::from_secs(6)).await;
     for (name, on_stale) in [("tabular", OnStale::KeepServing), ("strict", OnStale::StopServing)] {
         let mut metadata = fixture_metadata("1.0.0").unwrap();
         metadata.name = name.into();

@@ -49,7 +49,7 @@ async fn check_ins(stub: &HttpStub, count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replayed_or_expired_reply_does_not_move_the_device_and_a_fresh_one_does() {
     let root_key = proto::keys::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
-    let fleet = Fleet::start_rooted(1, embedded_mqtt(), &root_key).await;
+    let fleet = Fleet::start_rooted(1, mqtt_from_env(), &root_key).await;
     fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
     fleet.deploy_all("tabular", "1.0.0").await;
     fleet.wait_active("tabular", "1.0.0").await;

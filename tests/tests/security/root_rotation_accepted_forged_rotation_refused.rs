@@ -23,7 +23,7 @@ fn root_1(fleet: &Fleet) -> SignedRoot {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rotation_signed_by_the_root_key_moves_devices_to_the_new_release_key() {
     let root_key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
-    let fleet = Fleet::start_rooted(1, embedded_mqtt(), &root_key).await;
+    let fleet = Fleet::start_rooted(1, mqtt_from_env(), &root_key).await;
     fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
     fleet.deploy_all("tabular", "1.0.0").await;
     fleet.wait_active("tabular", "1.0.0").await;
@@ -63,7 +63,7 @@ async fn a_rotation_signed_by_the_root_key_moves_devices_to_the_new_release_key(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_rotation_from_a_compromised_server_is_refused_and_so_is_its_bundle() {
     let root_key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
-    let fleet = Fleet::start_rooted(1, embedded_mqtt(), &root_key).await;
+    let fleet = Fleet::start_rooted(1, mqtt_from_env(), &root_key).await;
     fleet.publish(fixture_bundle(&fleet.secret, "1.0.0", MLP).unwrap()).await;
     fleet.deploy_all("tabular", "1.0.0").await;
     fleet.wait_active("tabular", "1.0.0").await;
