@@ -19,6 +19,7 @@ mod drift;
 mod hot_paths;
 mod local_api;
 mod report;
+mod tick;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -89,6 +90,13 @@ enum Mode {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Rollout tick: reading a running rollout's drift windows as it ages, every window against
+    /// only those stored since the last read.
+    Tick {
+        /// Replace the rollout tick section of this Markdown file (docs/BENCHMARKS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// The baseline server of the local-API comparison: axum + tract, nothing else.
     #[command(hide = true)]
     BareServer {
@@ -105,6 +113,8 @@ const DELIVERY_MARKER: &str = "## Delivery";
 const DRIFT_MARKER: &str = "## Drift";
 /// Where the dashboard section starts.
 const DASHBOARD_MARKER: &str = "## Dashboard";
+/// Where the rollout tick section starts.
+const TICK_MARKER: &str = "## Rollout tick";
 
 const CNN: &[u8] = include_bytes!("../../tests/fixtures/models/cnn.onnx");
 const MLP: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -219,6 +229,15 @@ async fn main() -> Result<()> {
         print!("{section}");
         if let Some(path) = write {
             write_section(path, DASHBOARD_MARKER, &section)?;
+        }
+        return Ok(());
+    }
+    if let Some(Mode::Tick { write }) = &args.command {
+        eprintln!("tick: a rollout's drift windows read in full and since the last read, at 1, 3 and 9 hours...");
+        let section = tick::section(&tick::run(dir.path())?);
+        print!("{section}");
+        if let Some(path) = write {
+            write_section(path, TICK_MARKER, &section)?;
         }
         return Ok(());
     }

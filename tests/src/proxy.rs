@@ -1,6 +1,7 @@
 //! A TCP proxy in front of the fleet server's HTTP port that misbehaves on bundle downloads only
 //! (check-ins pass): it can stall a download after its first bytes while holding the connection,
-//! cut every download at once, or drop each download after a number of bytes.
+//! cut every download at once, drop each download after a number of bytes, or answer a download
+//! itself with a lying Content-Length.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,9 @@ pub enum Mode {
     Cut = 2,
     /// Relay `limit` bytes of a bundle response, then close the connection.
     Drop = 3,
+    /// Answer a bundle request itself, which the upstream never sees: `Content-Length: limit`,
+    /// then that many zero bytes (or until the client goes away).
+    Lie = 4,
 }
 
 #[derive(Clone)]
@@ -64,6 +68,7 @@ impl Proxy {
             1 => Mode::Stall,
             2 => Mode::Cut,
             3 => Mode::Drop,
+            4 => Mode::Lie,
             _ => Mode::Pass,
         }
     }
@@ -74,6 +79,8 @@ impl Proxy {
         let bundle = Arc::new(AtomicBool::new(false));
         let seen = bundle.clone();
         let this = self.clone();
+        let lie = Arc::new(tokio::sync::Notify::new());
+        let lie_now = lie.clone();
         let upstream = tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 * 1024];
             loop {
@@ -82,8 +89,13 @@ impl Proxy {
                     Ok(n) => n,
                 };
                 if buffer[..n].windows(BUNDLE_REQUEST.len()).any(|w| w == BUNDLE_REQUEST) {
-                    if this.mode() == Mode::Cut {
-                        return;
+                    match this.mode() {
+                        Mode::Cut => return,
+                        Mode::Lie => {
+                            lie_now.notify_one();
+                            return;
+                        }
+                        _ => {}
                     }
                     seen.store(true, Ordering::SeqCst);
                 }
@@ -98,7 +110,15 @@ impl Proxy {
             if upstream.is_finished() && self.mode() == Mode::Cut {
                 return;
             }
-            let n = match server_read.read(&mut buffer).await {
+            let read = tokio::select! {
+                read = server_read.read(&mut buffer) => read,
+                _ = lie.notified() => {
+                    let announced = self.limit.load(Ordering::SeqCst);
+                    let _ = lie_about_length(&mut client_write, announced).await;
+                    break;
+                }
+            };
+            let n = match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
@@ -121,4 +141,19 @@ impl Proxy {
         }
         upstream.abort();
     }
+}
+
+/// A bundle response announcing `announced` bytes, and that many zero bytes.
+async fn lie_about_length(client: &mut tokio::net::tcp::OwnedWriteHalf, announced: usize) -> std::io::Result<()> {
+    let head =
+        format!("HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {announced}\r\n\r\n");
+    client.write_all(head.as_bytes()).await?;
+    let zeros = vec![0u8; 16 * 1024];
+    let mut sent = 0;
+    while sent < announced {
+        let n = zeros.len().min(announced - sent);
+        client.write_all(&zeros[..n]).await?;
+        sent += n;
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! so the suite costs one link. Every refusal must leave the previous model serving and say why
 //! in one sentence.
 
+mod a_server_that_lies_about_the_length_is_cut_off;
 mod archive_entries_that_escape_or_repeat_are_refused;
 mod below_threshold_signatures_are_refused;
 mod bundle_for_another_device_class_is_refused;
