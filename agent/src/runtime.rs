@@ -74,9 +74,16 @@ pub struct AgentHandle {
     drift_now: mpsc::Sender<oneshot::Sender<()>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    checkin_error: watch::Receiver<Option<String>>,
 }
 
 impl AgentHandle {
+    /// Why the last check-in failed or its reply was refused (e.g. a replayed or expired reply),
+    /// in one sentence; None after a check-in that succeeded.
+    pub fn last_checkin_error(&self) -> Option<String> {
+        self.checkin_error.borrow().clone()
+    }
+
     /// Stops the agent and waits until it has: the local API has answered its in-flight requests
     /// and closed its port, the updater, reporters and MQTT session have ended (the outbox keeps
     /// what was not acknowledged), and every telemetry record offered before is on disk.
@@ -216,6 +223,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
     });
 
     let last_checkin_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (checkin_error_tx, checkin_error) = watch::channel(None);
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics_listen {
         let listener =
@@ -245,10 +253,23 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, StartError> {
         tasks: tasks.clone(),
         ca_pem,
         last_checkin_ms,
+        checkin_error: checkin_error_tx,
         clock,
     };
     tasks.spawn(connected.run(device_tx, drift_requests, cancel.clone()));
-    Ok(AgentHandle { api_addr, metrics_addr, data_dir, engine, telemetry, outbox, device, drift_now, cancel, tasks })
+    Ok(AgentHandle {
+        api_addr,
+        metrics_addr,
+        data_dir,
+        engine,
+        telemetry,
+        outbox,
+        device,
+        drift_now,
+        cancel,
+        tasks,
+        checkin_error,
+    })
 }
 
 /// The part of the agent that needs the server: enrollment, MQTT, updater, reporters.
@@ -269,6 +290,8 @@ struct Connected {
     ca_pem: Option<Vec<u8>>,
     /// Set by the updater at each accepted check-in; read by the metrics endpoint.
     last_checkin_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Set by the updater after each check-in; read through the handle.
+    checkin_error: watch::Sender<Option<String>>,
     /// The local clock activation windows are read in.
     clock: LocalClock,
 }
@@ -356,6 +379,7 @@ impl Connected {
             },
             retry_after: Default::default(),
             last_checkin_ms: self.last_checkin_ms,
+            checkin_error: self.checkin_error,
             clock: self.clock,
         };
         updater.run(updater_rx, cancel).await;

@@ -130,7 +130,7 @@ pub fn run(dir: &Path) -> Result<Vec<TickRow>> {
 pub fn section(rows: &[TickRow]) -> String {
     let mut text = String::from(
         "## Rollout tick\n\n\
-         `cargo run --release -p fleet-bench -- tick --write docs/BENCHMARKS.md`: one running rollout's drift\n\
+         `target/release/fleet-bench tick --write docs/BENCHMARKS.md` (release build): one running rollout's drift\n\
          windows as the rollout ages, SQLite, 200 devices sending a window of 60 rows over 8 numeric\n\
          features every minute. \"Every window\" reads, decodes and merges all windows since the rollout\n\
          began, as each tick did before the driver kept running aggregates; \"since the last read\" is the\n\

@@ -88,6 +88,8 @@ pub struct Updater {
     pub retry_after: HashMap<(String, String), tokio::time::Instant>,
     /// When a check-in reply was last accepted (unix ms; 0 before the first), for the metrics.
     pub last_checkin_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Why the last check-in failed or was refused, in one sentence; None once one succeeds.
+    pub checkin_error: tokio::sync::watch::Sender<Option<String>>,
     /// The local clock activation windows are read in.
     pub clock: window::LocalClock,
 }
@@ -156,8 +158,14 @@ impl Updater {
                 _ = cancel.cancelled() => break,
                 applied = self.check_in_and_apply() => applied,
             };
-            if let Err(e) = applied {
-                tracing::warn!(device = %self.device_id, error = %e, "check-in failed; will retry");
+            match applied {
+                Ok(()) => {
+                    self.checkin_error.send_replace(None);
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.device_id, error = %e, "check-in failed; will retry");
+                    self.checkin_error.send_replace(Some(e.to_string()));
+                }
             }
         }
     }

@@ -67,6 +67,8 @@ async fn a_replayed_or_expired_reply_does_not_move_the_device_and_a_fresh_one_do
     let agent = restart_against(&fleet, &fleet.agents[0], &stub).await;
     check_ins(&stub, 5).await;
     assert_eq!(serving(&agent).await, "2.0.0", "a replayed reply moved the device back");
+    let why = agent.last_checkin_error().unwrap_or_default();
+    assert!(why.contains("is not above") && why.ends_with("a replayed reply"), "{why}");
 
     // Freeze: a reply with a new counter, but expired a day ago.
     let timestamp = parse_secret_key(fleet.timestamp_secret.as_ref().unwrap()).unwrap();
@@ -77,6 +79,8 @@ async fn a_replayed_or_expired_reply_does_not_move_the_device_and_a_fresh_one_do
     stub.set_body(serde_json::to_string(&frozen).unwrap());
     check_ins(&stub, 5).await;
     assert_eq!(serving(&agent).await, "2.0.0", "an expired reply moved the device");
+    let why = agent.last_checkin_error().unwrap_or_default();
+    assert!(why.contains("the reply expired at") && why.ends_with("a frozen or delayed reply"), "{why}");
 
     // The device judges time by the newest signed issue time it saw (its time floor) when its
     // clock is behind: the floor is stored (the 1970 case itself is proto::freshness's test).
@@ -95,6 +99,7 @@ async fn a_replayed_or_expired_reply_does_not_move_the_device_and_a_fresh_one_do
     })
     .await
     .unwrap();
+    assert_eq!(agent.last_checkin_error(), None, "an accepted reply clears the refusal");
     agent.shutdown().await;
     fleet.server.shutdown().await;
 }
