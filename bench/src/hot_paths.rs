@@ -173,6 +173,7 @@ pub fn decide_bench(devices: usize, evaluations: usize) -> Result<(f64, f64)> {
             let metrics = VersionMetrics {
                 sketch: counts(0.75),
                 input_drift: Some(0.05),
+                drift_share: Some(0.0),
                 inferences: 1000,
                 errors: 1,
                 latency_p95_us: Some(64.0),

@@ -272,12 +272,14 @@ const GATE_NAMES = {
   error_rate: "error rate (increase over control)",
   latency_p95: "latency p95 (ratio to control)",
   input_drift: "input drift (increase over control)",
+  drift_share: "features drifted by their tests (increase over control)",
 };
 
 function gateValue(gate, value) {
   if (value === null || value === undefined) return "–";
   if (gate === "error_rate") return (100 * value).toFixed(2) + "%";
   if (gate === "latency_p95") return value.toFixed(0) + " µs";
+  if (gate === "drift_share") return (100 * value).toFixed(0) + "%";
   return value.toFixed(3);
 }
 

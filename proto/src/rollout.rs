@@ -66,6 +66,11 @@ pub struct HealthGates {
     pub max_prediction_psi: f64,
     /// Largest accepted increase of input drift (PSI vs reference) over control.
     pub max_input_drift_increase: f64,
+    /// Largest accepted increase over control of the share of input features that drift from
+    /// the reference by the test chosen for each (KS or Wasserstein, chi² or Jensen-Shannon, by
+    /// sample size and type, as `fleetctl drift show` reports them; ADR 0011). 0.5 is Evidently's
+    /// dataset-drift share.
+    pub max_drift_share_increase: f64,
     /// Smallest accepted share of shadowed requests where the candidate picks the active
     /// version's top output (shadow waves).
     pub min_shadow_agreement: f64,
@@ -83,6 +88,7 @@ impl Default for HealthGates {
             min_confidence_ratio: 0.8,
             max_prediction_psi: 0.25,
             max_input_drift_increase: 0.25,
+            max_drift_share_increase: 0.5,
             min_shadow_agreement: 0.8,
             min_shadow_samples: 200,
         }
@@ -254,6 +260,7 @@ impl RolloutPlan {
             ("gates.min_confidence_ratio", g.min_confidence_ratio),
             ("gates.max_prediction_psi", g.max_prediction_psi),
             ("gates.max_input_drift_increase", g.max_input_drift_increase),
+            ("gates.max_drift_share_increase", g.max_drift_share_increase),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 return Err(invalid(field, format!("{value} must be a number of zero or more")));

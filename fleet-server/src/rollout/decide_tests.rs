@@ -276,6 +276,7 @@ fn metrics(samples: u64, classes: Vec<u64>, confidence: f64) -> VersionMetrics {
             latency: vec![0; proto::drift::LATENCY_BUCKETS],
         },
         input_drift: Some(0.02),
+        drift_share: Some(0.0),
         inferences: samples,
         errors: 0,
         latency_p95_us: Some(50.0),
@@ -603,4 +604,16 @@ fn inputs_that_drift_more_than_the_holdouts_breach_the_input_drift_gate_alone() 
         matches!(b[..], [GateBreach::InputDrift { candidate, control, .. }] if (candidate - 0.9).abs() < 1e-9 && (control - 0.02).abs() < 1e-9),
         "{b:?}"
     );
+}
+
+#[test]
+fn half_the_input_features_newly_drifting_by_their_tests_breaches_the_drift_share_gate_alone() {
+    let b = breached_alone(|m| m.drift_share = Some(0.75));
+    assert!(
+        matches!(b[..], [GateBreach::DriftShare { candidate, control, max_increase }]
+        if candidate == 0.75 && control == 0.0 && max_increase == 0.5),
+        "{b:?}"
+    );
+    assert_eq!(b[0].to_string(), "75% of input features drifted vs 0% on control exceeds the +50-point gate");
+    assert_eq!(breached_alone(|m| m.drift_share = Some(0.5)), vec![], "at the limit is within it");
 }

@@ -15,6 +15,7 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
     let mut total = GroupMetrics::default();
     let mut merged = WindowSketch::default();
     let (mut drift_sum, mut drift_n) = (0.0, 0);
+    let (mut share_sum, mut share_n) = (0.0, 0);
     let mut p95s = Vec::new();
     for (observation, version) in members {
         total.devices += 1;
@@ -24,6 +25,10 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
         if let Some(d) = m.input_drift {
             drift_sum += d;
             drift_n += 1;
+        }
+        if let Some(s) = m.drift_share {
+            share_sum += s;
+            share_n += 1;
         }
         if let Some(p) = m.latency_p95_us {
             p95s.push(p);
@@ -37,6 +42,7 @@ pub fn group<'a>(members: impl Iterator<Item = (&'a DeviceObservation, &'a str)>
     total.mean_confidence = merged.mean_confidence();
     total.classes = merged.outputs.classes;
     total.input_drift = (drift_n > 0).then(|| drift_sum / drift_n as f64);
+    total.drift_share = (share_n > 0).then(|| share_sum / share_n as f64);
     total.latency_p95_us = median(&mut p95s);
     total
 }
@@ -81,6 +87,12 @@ pub enum GateBreach {
         max_ratio: f64,
     },
     InputDrift {
+        candidate: f64,
+        control: f64,
+        max_increase: f64,
+    },
+    /// The share of input features drifted by their chosen tests rose over control.
+    DriftShare {
         candidate: f64,
         control: f64,
         max_increase: f64,
@@ -134,6 +146,13 @@ impl std::fmt::Display for GateBreach {
             GateBreach::InputDrift { candidate, control, max_increase } => {
                 write!(f, "input drift {candidate:.3} vs control {control:.3} exceeds the +{max_increase:.3} gate")
             }
+            GateBreach::DriftShare { candidate, control, max_increase } => write!(
+                f,
+                "{:.0}% of input features drifted vs {:.0}% on control exceeds the +{:.0}-point gate",
+                candidate * 100.0,
+                control * 100.0,
+                max_increase * 100.0
+            ),
             GateBreach::InstallFailures { failed, executed, threshold } => write!(
                 f,
                 "install failure rate {:.0}% ({failed} of {executed} executed) exceeds {:.0}%",
@@ -165,7 +184,7 @@ impl std::fmt::Display for GateBreach {
 /// show, and what [`judge`] decides on.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
 pub struct GateReading {
-    /// confidence, prediction_psi, error_rate, latency_p95 or input_drift.
+    /// confidence, prediction_psi, error_rate, latency_p95, input_drift or drift_share.
     pub gate: String,
     pub candidate: Option<f64>,
     pub control: Option<f64>,
@@ -228,7 +247,15 @@ pub fn readings(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMe
                 Some(GateBreach::InputDrift { candidate: c, control: k, max_increase: gates.max_input_drift_increase });
         }
     }
-    vec![confidence, prediction, errors, latency, drift]
+    let (c, k) = (candidate.drift_share, control.drift_share);
+    let mut share = reading("drift_share", c, k, c.zip(k).map(|(c, k)| c - k), gates.max_drift_share_increase);
+    if let (Some(c), Some(k)) = (c, k) {
+        if c - k > gates.max_drift_share_increase {
+            share.breach =
+                Some(GateBreach::DriftShare { candidate: c, control: k, max_increase: gates.max_drift_share_increase });
+        }
+    }
+    vec![confidence, prediction, errors, latency, drift, share]
 }
 
 /// Breached model gates, with the numbers. Empty when fine or not enough data yet.
@@ -283,7 +310,7 @@ mod tests {
         candidate.latency_p95_us = Some(4_000.0);
         let r = readings(&gates, &candidate, &control);
         let names: Vec<&str> = r.iter().map(|g| g.gate.as_str()).collect();
-        assert_eq!(names, ["confidence", "prediction_psi", "error_rate", "latency_p95", "input_drift"]);
+        assert_eq!(names, ["confidence", "prediction_psi", "error_rate", "latency_p95", "input_drift", "drift_share"]);
         let latency = &r[3];
         assert_eq!(
             (latency.candidate, latency.control, latency.value, latency.limit),

@@ -116,6 +116,7 @@ pub fn observe_merged(
             }
             if let Some(verdict) = references.get(version).and_then(|r| r.evaluate(&metrics.sketch).ok()) {
                 metrics.input_drift = verdict.features.iter().map(|f| f.psi).reduce(f64::max);
+                metrics.drift_share = Some(verdict.drift_share);
             }
         }
     }
@@ -240,8 +241,10 @@ mod tests {
         let few = ObservationRows { statuses: vec![], windows: vec![window("d1", "1.0.0", (0..499).map(|_| 0.05))] };
         assert_eq!(observe(&few, &references())["d1"].metrics["1.0.0"].input_drift, None);
         let enough = ObservationRows { statuses: vec![], windows: vec![window("d1", "1.0.0", (0..500).map(|_| 0.05))] };
-        let drift = observe(&enough, &references())["d1"].metrics["1.0.0"].input_drift.unwrap();
+        let enough = &observe(&enough, &references())["d1"].metrics["1.0.0"];
+        let drift = enough.input_drift.unwrap();
         assert!(drift > 1.0, "all 500 samples in one bin of 35: PSI {drift}");
+        assert_eq!(enough.drift_share, Some(1.0), "its one feature drifts by its test too");
     }
 
     #[test]
@@ -255,6 +258,7 @@ mod tests {
         };
         let observed = observe(&rows, &references());
         assert!(observed["d1"].metrics["1.0.0"].input_drift.unwrap() < 0.05);
+        assert_eq!(observed["d1"].metrics["1.0.0"].drift_share, Some(0.0));
         assert_eq!(observed["d2"].metrics["9.9.9"].input_drift, None, "no reference for 9.9.9");
     }
 

@@ -115,6 +115,9 @@ pub struct GroupMetrics {
     pub mean_confidence: Option<f64>,
     pub latency_p95_us: Option<f64>,
     pub input_drift: Option<f64>,
+    /// The group's mean share of drifted input features (devices with enough samples).
+    #[serde(default)]
+    pub drift_share: Option<f64>,
     pub classes: Vec<u64>,
     /// The candidate in shadow on the group's devices, compared with what they run.
     #[serde(default)]
@@ -189,6 +192,10 @@ pub struct VersionMetrics {
     /// Input drift: the largest per-feature PSI of the merged windows against the version's
     /// reference, once the device has enough samples (see `observe`).
     pub input_drift: Option<f64>,
+    /// The share of input features that drift from the version's reference by each feature's
+    /// chosen test, once the device has enough samples (see `observe`).
+    #[serde(default)]
+    pub drift_share: Option<f64>,
     pub inferences: u64,
     pub errors: u64,
     pub latency_p95_us: Option<f64>,
