@@ -173,3 +173,36 @@ fn the_retrain_demo_sends_one_event_for_the_drifting_site_and_one_for_the_fleet(
     cohorts.sort();
     assert_eq!(cohorts, [r#"{"site":"plant-a"}"#, "{}"]);
 }
+
+#[test]
+fn drift_compare_prints_the_documented_json_and_flags_only_the_shifted_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let colours = ["red", "green", "blue"];
+    let csv = |shift: f64| {
+        let mut text = String::from("temperature,colour\n");
+        for i in 0..400 {
+            // Evenly spread over 0..40, plus `shift`; every tenth colour cell empty (missing).
+            let colour = if i % 10 == 9 { "" } else { colours[i % 3] };
+            text.push_str(&format!("{},{colour}\n", (i as f64) / 10.0 + shift));
+        }
+        text
+    };
+    std::fs::write(dir.path().join("ref.csv"), csv(0.0)).unwrap();
+    std::fs::write(dir.path().join("cur.csv"), csv(20.0)).unwrap();
+    let out = fleetctl(
+        &["drift", "compare", "--reference", "ref.csv", "--current", "cur.csv", "--shards", "3", "--json"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["dataset_drift"].is_boolean() && report["summary_bytes"].as_u64().unwrap() > 0, "{report}");
+    let features = report["features"].as_array().unwrap();
+    let by_name = |name: &str| features.iter().find(|f| f["name"] == name).unwrap_or_else(|| panic!("{report}"));
+    for f in features {
+        for key in ["name", "drifted", "test", "score", "threshold"] {
+            assert!(!f[key].is_null(), "{key} missing in {f}");
+        }
+    }
+    assert_eq!(by_name("temperature")["drifted"], true, "{report}");
+    assert_eq!(by_name("colour")["drifted"], false, "{report}");
+}
