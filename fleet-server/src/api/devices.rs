@@ -103,16 +103,11 @@ pub async fn checkin(
         body.map_err(|e| ApiError::BadRequest(format!("check-in body is invalid: {}", e.body_text())))?;
     let now = crate::unix_ms();
     let timestamp = state.timestamp.clone();
+    let statuses: Vec<_> =
+        request.models.into_iter().filter(|status| names::validate("model name", &status.model).is_ok()).collect();
     let desired = blocking(&state.store, move |s| {
-        s.touch(&device, now)?;
-        for status in &request.models {
-            if names::validate("model name", &status.model).is_ok() {
-                s.record_status(&device, status)?;
-            }
-        }
-        let mut desired = s.desired_state(&device)?;
-        if let Some(timestamp) = &timestamp {
-            let counter = s.next_freshness_counter(&device)?;
+        let (mut desired, counter) = s.check_in(&device, now, &statuses, timestamp.is_some())?;
+        if let (Some(timestamp), Some(counter)) = (&timestamp, counter) {
             let lifetime = timestamp.lifetime.as_secs();
             proto::freshness::seal(&mut desired, &timestamp.key, &device, counter, now / 1000, lifetime);
         }

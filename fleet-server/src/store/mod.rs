@@ -247,6 +247,25 @@ pub trait Store: Send + Sync + 'static {
     /// Sets the desired version of a model on devices; returns each device's new revision.
     fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError>;
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError>;
+    /// A device's check-in: marks it seen at `now_ms`, stores the statuses it sent, and reads its
+    /// desired state, with its next freshness counter when `freshness` (ADR 0010). The SQLite
+    /// store does it in one transaction, taking its connection once instead of once per step
+    /// (check-ins wait on ingest batches and rollout saves for that connection).
+    fn check_in(
+        &self,
+        device: &str,
+        now_ms: u64,
+        statuses: &[UpdateStatus],
+        freshness: bool,
+    ) -> Result<(DesiredState, Option<u64>), StoreError> {
+        self.touch(device, now_ms)?;
+        for status in statuses {
+            self.record_status(device, status)?;
+        }
+        let desired = self.desired_state(device)?;
+        let counter = if freshness { Some(self.next_freshness_counter(device)?) } else { None };
+        Ok((desired, counter))
+    }
 
     fn record_status(&self, device: &str, status: &UpdateStatus) -> Result<(), StoreError>;
     fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError>;

@@ -333,13 +333,7 @@ impl Store for SqliteStore {
     }
 
     fn next_freshness_counter(&self, device: &str) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let counter: i64 = conn.query_row(
-            "UPDATE devices SET freshness_counter = freshness_counter + 1 WHERE id = ?1 RETURNING freshness_counter",
-            params![device],
-            |r| r.get(0),
-        )?;
-        Ok(counter as u64)
+        freshness_counter_in(&self.conn(), device)
     }
 
     fn put_root(&self, version: u64, document: &[u8], at_ms: u64) -> Result<(), StoreError> {
@@ -429,48 +423,26 @@ impl Store for SqliteStore {
     }
 
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError> {
-        let conn = self.conn();
-        let revision: i64 =
-            conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
-        let mut stmt = conn.prepare(
-            "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
-               d.activation_window
-             FROM desired d
-             JOIN bundles b ON b.name = d.model AND b.version = d.version
-             LEFT JOIN bundles s ON s.name = d.model AND s.version = d.shadow_version
-             WHERE d.device = ?1 ORDER BY d.model",
-        )?;
-        let models = stmt
-            .query_map(params![device], |r| {
-                let (name, version): (String, String) = (r.get(0)?, r.get(1)?);
-                let shadow_version: Option<String> = r.get(5)?;
-                let shadow_bundle: Option<(String, i64)> = r.get::<_, Option<String>>(7)?.zip(r.get(8)?);
-                let shadow = shadow_version.zip(shadow_bundle).map(|(v, (sha256, size))| DesiredShadow {
-                    bundle_path: bundle_path(&name, &v),
-                    version: v,
-                    bundle_sha256: sha256,
-                    bundle_size: size as u64,
-                    sample_rate: r.get::<_, Option<f64>>(6).ok().flatten().unwrap_or(0.1) as f32,
-                });
-                Ok(DesiredModel {
-                    bundle_path: bundle_path(&name, &version),
-                    name,
-                    version,
-                    bundle_sha256: r.get(2)?,
-                    bundle_size: r.get::<_, i64>(3)? as u64,
-                    attempt: r.get(4)?,
-                    shadow,
-                    activation_window: rollouts::window_of(r.get(9)?)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        let root_version: Option<i64> = conn.query_row("SELECT MAX(version) FROM roots", [], |r| r.get(0))?;
-        Ok(DesiredState {
-            revision: revision as u64,
-            models,
-            root_version: root_version.map(|v| v as u64),
-            freshness: None,
-        })
+        desired_in(&self.conn(), device)
+    }
+
+    fn check_in(
+        &self,
+        device: &str,
+        now_ms: u64,
+        statuses: &[UpdateStatus],
+        freshness: bool,
+    ) -> Result<(DesiredState, Option<u64>), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        touch_in(&tx, device, now_ms)?;
+        for status in statuses {
+            status_into(&tx, device, status)?;
+        }
+        let desired = desired_in(&tx, device)?;
+        let counter = if freshness { Some(freshness_counter_in(&tx, device)?) } else { None };
+        tx.commit()?;
+        Ok((desired, counter))
     }
 
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
@@ -613,12 +585,69 @@ impl Store for SqliteStore {
     }
 
     fn touch(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
-            params![device, at_ms as i64],
-        )?;
-        Ok(())
+        touch_in(&self.conn(), device, at_ms)
     }
+}
+
+fn touch_in(conn: &Connection, device: &str, at_ms: u64) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
+        params![device, at_ms as i64],
+    )?;
+    Ok(())
+}
+
+fn freshness_counter_in(conn: &Connection, device: &str) -> Result<u64, StoreError> {
+    let counter: i64 = conn.query_row(
+        "UPDATE devices SET freshness_counter = freshness_counter + 1 WHERE id = ?1 RETURNING freshness_counter",
+        params![device],
+        |r| r.get(0),
+    )?;
+    Ok(counter as u64)
+}
+
+/// A device's desired state as stored (no freshness), inside the caller's connection or transaction.
+fn desired_in(conn: &Connection, device: &str) -> Result<DesiredState, StoreError> {
+    let revision: i64 = conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
+    let mut stmt = conn.prepare(
+        "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
+           d.activation_window
+         FROM desired d
+         JOIN bundles b ON b.name = d.model AND b.version = d.version
+         LEFT JOIN bundles s ON s.name = d.model AND s.version = d.shadow_version
+         WHERE d.device = ?1 ORDER BY d.model",
+    )?;
+    let models = stmt
+        .query_map(params![device], |r| {
+            let (name, version): (String, String) = (r.get(0)?, r.get(1)?);
+            let shadow_version: Option<String> = r.get(5)?;
+            let shadow_bundle: Option<(String, i64)> = r.get::<_, Option<String>>(7)?.zip(r.get(8)?);
+            let shadow = shadow_version.zip(shadow_bundle).map(|(v, (sha256, size))| DesiredShadow {
+                bundle_path: bundle_path(&name, &v),
+                version: v,
+                bundle_sha256: sha256,
+                bundle_size: size as u64,
+                sample_rate: r.get::<_, Option<f64>>(6).ok().flatten().unwrap_or(0.1) as f32,
+            });
+            Ok(DesiredModel {
+                bundle_path: bundle_path(&name, &version),
+                name,
+                version,
+                bundle_sha256: r.get(2)?,
+                bundle_size: r.get::<_, i64>(3)? as u64,
+                attempt: r.get(4)?,
+                shadow,
+                activation_window: rollouts::window_of(r.get(9)?)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let root_version: Option<i64> = conn.query_row("SELECT MAX(version) FROM roots", [], |r| r.get(0))?;
+    Ok(DesiredState {
+        revision: revision as u64,
+        models,
+        root_version: root_version.map(|v| v as u64),
+        freshness: None,
+    })
 }
 
 fn operator_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OperatorRecord> {

@@ -6,7 +6,7 @@
 use super::*;
 use crate::store::Report;
 use proto::drift::WindowSketch;
-use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStep};
+use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStatus, UpdateStep};
 
 /// The environment variable naming the PostgreSQL database the tests may use.
 pub(crate) const DATABASE_URL_VAR: &str = "FLEET_TEST_DATABASE_URL";
@@ -214,6 +214,22 @@ fn desired_state_names_the_published_bundle_and_bumps_the_revision(store: &TestS
     assert_eq!(desired.models[0].bundle_path, "/api/v1/bundles/tabular/1.0.0");
     assert_eq!((desired.models[0].bundle_sha256.as_str(), desired.models[0].bundle_size), ("aa", 10));
     assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap()[0].1, 2);
+    // A check-in marks the device seen, stores what it reports and reads the same desired state,
+    // with a freshness counter that rises each time when asked for.
+    let status = UpdateStatus {
+        model: "tabular".into(),
+        version: "1.0.0".into(),
+        step: UpdateStep::Active,
+        detail: String::new(),
+        active_version: Some("1.0.0".into()),
+        at_ms: 40,
+    };
+    let (seen, counter) = store.check_in("d1", 50, std::slice::from_ref(&status), true).unwrap();
+    assert_eq!((seen.revision, seen.models.len(), counter), (2, 1, Some(1)));
+    assert_eq!(store.check_in("d1", 60, &[], true).unwrap().1, Some(2));
+    assert_eq!(store.check_in("d1", 70, &[], false).unwrap().1, None);
+    let view = &store.list_devices().unwrap()[0];
+    assert_eq!((view.last_seen_ms, view.models[0].active_version.as_deref()), (Some(70), Some("1.0.0")));
 }
 
 fn republishing_a_version_with_other_bytes_is_a_conflict(store: &TestStore) {
