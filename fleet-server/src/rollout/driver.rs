@@ -231,9 +231,10 @@ impl Driver {
             let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
             let cache = self.caches().remove(&rollout.id).unwrap_or_default();
             // Reading, decoding and merging are store calls and CPU work: off the async workers.
-            let (observations, cache) = self.blocking(move |s| observe_new(s, &model, since, cache)).await?;
-            self.caches().insert(rollout.id.clone(), cache);
+            let (observations, mut cache) = self.blocking(move |s| observe_new(s, &model, since, cache)).await?;
             let decision = decide(&rollout, &observations, crate::unix_ms());
+            cache.restore(observations);
+            self.caches().insert(rollout.id.clone(), cache);
             if decision.rollout != rollout || !decision.effects.is_empty() {
                 self.commit(decision, "engine").await?;
             }
@@ -382,7 +383,8 @@ fn observe_new(
     cache.absorb(&rows.windows);
     let versions = cache.merged().versions();
     let references = crate::drift::references(store, model, versions.iter())?;
-    Ok((super::observe::observe_merged(&rows.statuses, cache.merged(), &references), cache))
+    let observations = cache.lend(&rows.statuses, &references);
+    Ok((observations, cache))
 }
 
 #[cfg(test)]

@@ -82,6 +82,15 @@ pub fn observe_merged(
     merged: &MergedWindows,
     references: &BTreeMap<String, ModelDrift>,
 ) -> Observations {
+    observe_owned(statuses, merged.clone(), references)
+}
+
+/// [`observe_merged`] that moves the merged windows into the observations instead of copying.
+fn observe_owned(
+    statuses: &[StatusRow],
+    merged: MergedWindows,
+    references: &BTreeMap<String, ModelDrift>,
+) -> Observations {
     let mut observations = Observations::new();
     for row in statuses {
         let o = observations.entry(row.device.clone()).or_default();
@@ -97,14 +106,13 @@ pub fn observe_merged(
         }
         o.active_version = row.active_version.clone();
     }
-    for ((device, version), sketch) in &merged.sketches {
-        let metrics: &mut VersionMetrics =
-            observations.entry(device.clone()).or_default().metrics.entry(version.clone()).or_default();
-        metrics.sketch = sketch.clone();
+    for ((device, version), sketch) in merged.sketches {
+        let metrics: &mut VersionMetrics = observations.entry(device).or_default().metrics.entry(version).or_default();
+        metrics.sketch = sketch;
     }
-    for ((device, candidate), shadow) in &merged.shadows {
-        let metrics = observations.entry(device.clone()).or_default().metrics.entry(candidate.clone()).or_default();
-        metrics.shadow = Some(shadow.clone());
+    for ((device, candidate), shadow) in merged.shadows {
+        let metrics = observations.entry(device).or_default().metrics.entry(candidate).or_default();
+        metrics.shadow = Some(shadow);
     }
     for observation in observations.values_mut() {
         for (version, metrics) in observation.metrics.iter_mut() {
@@ -123,6 +131,13 @@ pub fn observe_merged(
     observations
 }
 
+/// The keys of the merged windows a tick's observations hold.
+#[derive(Clone, Debug, Default)]
+struct Lent {
+    sketches: Vec<(String, String)>,
+    shadows: Vec<(String, String)>,
+}
+
 /// How far back (in the server's time of storing) each read of new windows reaches behind the
 /// newest window read before: a window stored that long before it committed, or by a server
 /// whose clock is that far behind, would be missed. A store transaction takes milliseconds.
@@ -135,6 +150,8 @@ pub const REREAD_OVERLAP_MS: u64 = 120_000;
 #[derive(Clone, Debug, Default)]
 pub struct WindowCache {
     merged: MergedWindows,
+    /// What [`WindowCache::lend`] moved into a tick's observations, to take back.
+    lent: Lent,
     /// The newest `received_ms` read.
     newest_ms: u64,
     /// (device, window start) of every window merged that the next read may return again.
@@ -168,6 +185,35 @@ impl WindowCache {
 
     pub fn merged(&self) -> &MergedWindows {
         &self.merged
+    }
+
+    /// A tick's observations from `statuses` and the merged windows, which move into them
+    /// instead of being copied (a rollout over 10,000 devices holds ~20,000 sketches); give them
+    /// back with [`WindowCache::restore`] once the tick has decided.
+    pub fn lend(&mut self, statuses: &[StatusRow], references: &BTreeMap<String, ModelDrift>) -> Observations {
+        let merged = std::mem::take(&mut self.merged);
+        self.lent = Lent {
+            sketches: merged.sketches.keys().cloned().collect(),
+            shadows: merged.shadows.keys().cloned().collect(),
+        };
+        observe_owned(statuses, merged, references)
+    }
+
+    /// Takes back the merged windows lent to `observations`.
+    pub fn restore(&mut self, mut observations: Observations) {
+        let lent = std::mem::take(&mut self.lent);
+        for (device, version) in lent.sketches {
+            let metrics = observations.get_mut(&device).and_then(|o| o.metrics.get_mut(&version));
+            if let Some(metrics) = metrics {
+                self.merged.sketches.insert((device, version), std::mem::take(&mut metrics.sketch));
+            }
+        }
+        for (device, candidate) in lent.shadows {
+            let metrics = observations.get_mut(&device).and_then(|o| o.metrics.get_mut(&candidate));
+            if let Some(shadow) = metrics.and_then(|m| m.shadow.take()) {
+                self.merged.shadows.insert((device, candidate), shadow);
+            }
+        }
     }
 }
 
@@ -300,6 +346,11 @@ mod tests {
         let statuses = vec![status("d1", "1.0.0"), status("d2", "1.0.0")];
         let rows = ObservationRows { statuses: statuses.clone(), windows: all };
         assert_eq!(observe_merged(&statuses, cache.merged(), &references()), observe(&rows, &references()));
+        // Lent to a tick and given back: the same observations, and the cache as it was.
+        let lent = cache.lend(&statuses, &references());
+        assert_eq!(lent, observe(&rows, &references()));
+        cache.restore(lent);
+        assert_eq!(cache.merged(), &everything);
     }
 
     #[test]
