@@ -169,21 +169,22 @@ fn operator_token(config: &ServerConfig) -> Result<String, ServerError> {
         Ok(token) => Ok(token.trim().to_string()),
         Err(_) => {
             let token = hex::encode(rand::random::<[u8; 24]>());
-            write_atomically(&path, &token, 0o600).map_err(io)?;
+            write_atomically(&path, token.as_bytes(), 0o600).map_err(io)?;
             Ok(token)
         }
     }
 }
 
-/// Replaces `path` with `text` so that no reader sees a half-written file: written to a
+/// Replaces `path` with `bytes` so that no reader sees a half-written file: written to a
 /// temporary file made with `mode` (e.g. 0o600 for a secret), synced, then renamed over it.
-pub fn write_atomically(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
+/// Blocking.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     // Its own temporary name: another server may be writing the same shared file.
     let tmp = path.with_extension(format!("{}.tmp", hex::encode(rand::random::<[u8; 6]>())));
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    file.write_all(text.as_bytes())?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
 }

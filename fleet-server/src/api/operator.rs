@@ -65,7 +65,7 @@ pub async fn publish(
         manifest_json: verified.manifest_bytes.clone(),
     };
     let path = crate::server::bundle_file(&state.bundle_dir, &record.name, &record.version);
-    write_bundle_file(&path, &body).await?;
+    write_bundle_file(&path, body.clone()).await?;
     let stored = record.clone();
     blocking(&state.store, move |s| s.put_bundle(&stored)).await?;
     tracing::info!(model = %record.name, version = %record.version, "bundle published");
@@ -82,7 +82,7 @@ pub async fn publish(
 
 /// Writes beside the target and renames, so a download never sees a half-written file. An
 /// existing file with the same version is left alone (the store refuses different contents).
-async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), ApiError> {
+async fn write_bundle_file(path: &std::path::Path, bytes: Bytes) -> Result<(), ApiError> {
     if tokio::fs::metadata(path).await.is_ok() {
         let existing =
             tokio::fs::read(path).await.map_err(|e| ApiError::Internal(format!("read {}: {e}", path.display())))?;
@@ -98,20 +98,12 @@ async fn write_bundle_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), A
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await.map_err(io)?;
     }
-    // Its own temporary name: servers sharing the directory may publish the same bundle at once.
-    let tmp = path.with_extension(format!("bundle.{}.tmp", hex::encode(rand::random::<[u8; 6]>())));
-    let file = bytes.to_vec();
-    let synced = tmp.clone();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut out = std::fs::File::create(&synced)?;
-        out.write_all(&file)?;
-        out.sync_all()
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(io)?;
-    tokio::fs::rename(&tmp, path).await.map_err(io)
+    // Under a temporary name of its own: servers sharing the directory may publish at once.
+    let dest = path.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::server::write_atomically(&dest, &bytes, 0o644))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(io)
 }
 
 #[utoipa::path(

@@ -178,7 +178,7 @@ fn write_and_reload(store: &dyn Store, files: &MosquittoFiles) -> Result<usize, 
     let text = render_passwords(&existing, &devices);
     if text != existing {
         // Mode 0640: Mosquitto's group may read the hashes, nobody else.
-        crate::server::write_atomically(path, &text, 0o640).map_err(io)?;
+        crate::server::write_atomically(path, text.as_bytes(), 0o640).map_err(io)?;
         if let Some(pid_file) = &files.pid_file {
             reload(pid_file)?;
         }
