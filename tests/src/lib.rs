@@ -334,10 +334,7 @@ impl Fleet {
     }
 
     pub async fn deploy_all(&self, model: &str, version: &str) {
-        self.client
-            .deploy(&DeployRequest { model: model.into(), version: version.into(), devices: None, selector: None })
-            .await
-            .unwrap();
+        deploy_everywhere(&self.client, model, version).await;
     }
 
     /// Waits until `check` holds for every device's view of `model`; returns the devices.
@@ -491,4 +488,50 @@ where
     })
     .await;
     survived.unwrap_or(MqttOutcome::Up)
+}
+
+/// Tells every device to run `version` of `model` (a deployment, not a rollout).
+pub async fn deploy_everywhere(client: &FleetClient, model: &str, version: &str) {
+    client
+        .deploy(&DeployRequest { model: model.into(), version: version.into(), devices: None, selector: None })
+        .await
+        .unwrap();
+}
+
+/// The first device's view of tabular, once it was told to run `version` and reports `step`.
+pub async fn first_device_at(
+    client: &FleetClient,
+    version: &str,
+    step: proto::wire::UpdateStep,
+) -> Option<DeviceModelView> {
+    let devices = client.devices().await.ok()?;
+    let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();
+    (model.desired_version.as_deref() == Some(version) && model.step == Some(step)).then_some(model)
+}
+
+/// tabular 2.0.0 to every device in two waves (half, then all), no holdout, where every wave
+/// soaks for an hour: a test moves on with an operator's promote.
+pub fn two_waves_soaking_an_hour() -> proto::rollout::RolloutPlan {
+    use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
+    RolloutPlan {
+        model: "tabular".into(),
+        version: "2.0.0".into(),
+        selector: Default::default(),
+        holdout: 0.0,
+        waves: vec![
+            WaveSpec { percent: Some(50.0), count: None, shadow: false },
+            WaveSpec { percent: Some(100.0), count: None, shadow: false },
+        ],
+        soak_secs: 3600.0,
+        min_executed: 1,
+        success_threshold: 1.0,
+        failure_threshold: 0.0,
+        max_concurrent: 10,
+        device_timeout_secs: 120.0,
+        on_breach: OnBreach::Rollback,
+        gates: Default::default(),
+        shadow_sample_rate: 0.1,
+        max_concurrent_per: None,
+        activation_window: None,
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fleet_tests::proxy::{Mode, Proxy};
 use fleet_tests::*;
 use fleetctl::demo::{agent_config, wait_for};
-use proto::wire::{DeployRequest, UpdateStep};
+use proto::wire::UpdateStep;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_completes_by_resuming() {
@@ -27,28 +27,15 @@ async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_complete
     for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
         size = client.publish(fixture_bundle(&secret, version, MLP).unwrap()).await.unwrap().size;
     }
-    let deploy = |version: &'static str| {
-        let client = client.clone();
-        async move {
-            let request =
-                DeployRequest { model: "tabular".into(), version: version.into(), devices: None, selector: None };
-            client.deploy(&request).await.unwrap();
-        }
-    };
-    let status = |version: &'static str, step: UpdateStep| {
-        let client = client.clone();
-        async move {
-            let devices = client.devices().await.ok()?;
-            let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();
-            (model.desired_version.as_deref() == Some(version) && model.step == Some(step)).then_some(model)
-        }
-    };
-    deploy("1.0.0").await;
-    wait_for("1.0.0 active", TIMEOUT, || status("1.0.0", UpdateStep::Active)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "1.0.0").await;
+    wait_for("1.0.0 active", TIMEOUT, || first_device_at(&client, "1.0.0", UpdateStep::Active)).await.unwrap();
 
     proxy.set(Mode::Stall, 1300);
-    deploy("2.0.0").await;
-    let failed = wait_for("the stalled 2.0.0 to fail", TIMEOUT, || status("2.0.0", UpdateStep::Failed)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "2.0.0").await;
+    let failed =
+        wait_for("the stalled 2.0.0 to fail", TIMEOUT, || first_device_at(&client, "2.0.0", UpdateStep::Failed))
+            .await
+            .unwrap();
     assert!(
         failed.detail.contains("gave up after 3 failed download attempts") && failed.detail.contains("stalled"),
         "{}",
@@ -59,8 +46,10 @@ async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_complete
     assert_eq!((code, body["version"].as_str()), (200, Some("1.0.0")), "the previous model keeps serving");
 
     proxy.set(Mode::Cut, 0);
-    deploy("3.0.0").await;
-    let failed = wait_for("the cut 3.0.0 to fail", TIMEOUT, || status("3.0.0", UpdateStep::Failed)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "3.0.0").await;
+    let failed = wait_for("the cut 3.0.0 to fail", TIMEOUT, || first_device_at(&client, "3.0.0", UpdateStep::Failed))
+        .await
+        .unwrap();
     assert!(failed.detail.contains("gave up after 3 failed download attempts"), "{}", failed.detail);
 
     let downloads = dir.path().join("agent").join("downloads");
@@ -72,8 +61,10 @@ async fn stalled_and_broken_downloads_end_as_failed_and_a_dropping_link_complete
     // the attempts allowed, and resuming still gets it whole.
     assert!(size > 2000, "a bundle of {size} bytes");
     proxy.set(Mode::Drop, size as usize / 5);
-    deploy("4.0.0").await;
-    wait_for("4.0.0 to arrive by resuming", TIMEOUT, || status("4.0.0", UpdateStep::Active)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "4.0.0").await;
+    wait_for("4.0.0 to arrive by resuming", TIMEOUT, || first_device_at(&client, "4.0.0", UpdateStep::Active))
+        .await
+        .unwrap();
     agent.shutdown().await;
     server.shutdown().await;
 }
@@ -100,10 +91,7 @@ async fn a_download_over_a_16_kbit_link_that_drops_completes_by_resuming() {
         .unwrap();
     proxy.set(Mode::Drop, size as usize / 4);
     let started = std::time::Instant::now();
-    client
-        .deploy(&DeployRequest { model: "tabular".into(), version: "1.0.0".into(), devices: None, selector: None })
-        .await
-        .unwrap();
+    deploy_everywhere(&client, "tabular", "1.0.0").await;
     wait_for("1.0.0 to arrive over the slow, dropping link", Duration::from_secs(600), || async {
         let devices = client.devices().await.ok()?;
         let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();

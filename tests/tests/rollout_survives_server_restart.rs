@@ -10,7 +10,6 @@ use fleet_server::server::{self, free_loopback_port, Mqtt, ServerConfig};
 use fleet_tests::*;
 use fleetctl::client::FleetClient;
 use fleetctl::demo::{agent_config, wait_for};
-use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
 
 fn config(dir: &std::path::Path, http_port: u16, mqtt_port: u16, public: &str) -> ServerConfig {
     // The restarted server finds the same store: the same SQLite file or PostgreSQL schema.
@@ -64,27 +63,7 @@ async fn a_server_restarted_mid_rollout_resumes_the_same_wave_and_soak_and_compl
     .await
     .unwrap();
 
-    let plan = RolloutPlan {
-        model: "tabular".into(),
-        version: "2.0.0".into(),
-        selector: Default::default(),
-        holdout: 0.0,
-        waves: vec![
-            WaveSpec { percent: Some(50.0), count: None, shadow: false },
-            WaveSpec { percent: Some(100.0), count: None, shadow: false },
-        ],
-        soak_secs: 3600.0,
-        min_executed: 1,
-        success_threshold: 1.0,
-        failure_threshold: 0.0,
-        max_concurrent: 10,
-        device_timeout_secs: 120.0,
-        on_breach: OnBreach::Rollback,
-        gates: Default::default(),
-        shadow_sample_rate: 0.1,
-        max_concurrent_per: None,
-        activation_window: None,
-    };
+    let plan = two_waves_soaking_an_hour();
     let id = client.start_rollout(&plan).await.unwrap().rollout.id;
     let before = wait_for("wave 1 to pass and soak", TIMEOUT, || async {
         let view = client.rollout(&id).await.ok()?;

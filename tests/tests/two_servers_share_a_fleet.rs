@@ -19,7 +19,6 @@ use fleet_server::server::{free_loopback_port, Mqtt, ServerConfig};
 use fleet_tests::*;
 use fleetctl::client::FleetClient;
 use fleetctl::demo::wait_for;
-use proto::rollout::{OnBreach, RolloutPlan, WaveSpec};
 
 const LEASE: Duration = Duration::from_secs(3);
 const SHARE_GROUP: &str = "fleet-servers";
@@ -113,31 +112,6 @@ async fn drives_rollouts(url: &str) -> Option<bool> {
     Some(line.rsplit(' ').next()? == "1")
 }
 
-fn plan() -> RolloutPlan {
-    RolloutPlan {
-        model: "tabular".into(),
-        version: "2.0.0".into(),
-        selector: Default::default(),
-        holdout: 0.0,
-        waves: vec![
-            WaveSpec { percent: Some(50.0), count: None, shadow: false },
-            WaveSpec { percent: Some(100.0), count: None, shadow: false },
-        ],
-        // Every wave soaks for an hour: the test moves on with an operator's promote.
-        soak_secs: 3600.0,
-        min_executed: 1,
-        success_threshold: 1.0,
-        failure_threshold: 0.0,
-        max_concurrent: 10,
-        device_timeout_secs: 120.0,
-        on_breach: OnBreach::Rollback,
-        gates: Default::default(),
-        shadow_sample_rate: 0.1,
-        max_concurrent_per: None,
-        activation_window: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_serve_one_fleet_and_the_survivor_completes_a_killed_drivers_rollout() {
     let database = std::env::var("FLEET_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty());
@@ -190,7 +164,7 @@ async fn two_servers_serve_one_fleet_and_the_survivor_completes_a_killed_drivers
     }
 
     // An operator starts the rollout on B; A drives it through wave 1 into its soak.
-    let id = b.start_rollout(&plan()).await.unwrap().rollout.id;
+    let id = b.start_rollout(&two_waves_soaking_an_hour()).await.unwrap().rollout.id;
     let soaking = wait_for("wave 1 to pass and soak (driven by A)", TIMEOUT, || async {
         let view = b.rollout(&id).await.ok()?;
         view.rollout.soak_until_ms.is_some().then_some(view)

@@ -7,7 +7,7 @@
 use fleet_tests::proxy::{Mode, Proxy};
 use fleet_tests::*;
 use fleetctl::demo::{agent_config, wait_for};
-use proto::wire::{DeployRequest, UpdateStep};
+use proto::wire::UpdateStep;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_download_longer_than_announced_is_refused_and_the_previous_model_keeps_serving() {
@@ -23,28 +23,15 @@ async fn a_download_longer_than_announced_is_refused_and_the_previous_model_keep
     for version in ["1.0.0", "2.0.0", "3.0.0"] {
         client.publish(fixture_bundle(&secret, version, MLP).unwrap()).await.unwrap();
     }
-    let deploy = |version: &'static str| {
-        let client = client.clone();
-        async move {
-            let request =
-                DeployRequest { model: "tabular".into(), version: version.into(), devices: None, selector: None };
-            client.deploy(&request).await.unwrap();
-        }
-    };
-    let status = |version: &'static str, step: UpdateStep| {
-        let client = client.clone();
-        async move {
-            let devices = client.devices().await.ok()?;
-            let model = devices.first()?.models.iter().find(|m| m.name == "tabular")?.clone();
-            (model.desired_version.as_deref() == Some(version) && model.step == Some(step)).then_some(model)
-        }
-    };
-    deploy("1.0.0").await;
-    wait_for("1.0.0 active", TIMEOUT, || status("1.0.0", UpdateStep::Active)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "1.0.0").await;
+    wait_for("1.0.0 active", TIMEOUT, || first_device_at(&client, "1.0.0", UpdateStep::Active)).await.unwrap();
 
     proxy.set(Mode::Lie, 50 << 20);
-    deploy("2.0.0").await;
-    let failed = wait_for("the overlong 2.0.0 to fail", TIMEOUT, || status("2.0.0", UpdateStep::Failed)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "2.0.0").await;
+    let failed =
+        wait_for("the overlong 2.0.0 to fail", TIMEOUT, || first_device_at(&client, "2.0.0", UpdateStep::Failed))
+            .await
+            .unwrap();
     assert!(failed.detail.contains("sent more than the announced"), "{}", failed.detail);
     assert_eq!(failed.active_version.as_deref(), Some("1.0.0"));
     let (code, body) = infer(&agent, serde_json::json!({ "inputs": synthetic_rows(1, 1, 0.0) })).await;
@@ -56,8 +43,8 @@ async fn a_download_longer_than_announced_is_refused_and_the_previous_model_keep
 
     // An honest path again: the next version installs.
     proxy.set(Mode::Pass, 0);
-    deploy("3.0.0").await;
-    wait_for("3.0.0 to install", TIMEOUT, || status("3.0.0", UpdateStep::Active)).await.unwrap();
+    deploy_everywhere(&client, "tabular", "3.0.0").await;
+    wait_for("3.0.0 to install", TIMEOUT, || first_device_at(&client, "3.0.0", UpdateStep::Active)).await.unwrap();
     agent.shutdown().await;
     server.shutdown().await;
 }
