@@ -4,6 +4,7 @@
 //! them on the blocking pool through [`blocking`] (the PostgreSQL client blocks on a runtime of
 //! its own, which panics on a tokio worker).
 
+mod pool;
 mod postgres;
 mod sqlite;
 

@@ -3,21 +3,22 @@
 //! BYTEA for blobs and identity columns where SQLite uses rowids. Versioned migrations
 //! (`postgres_schema.rs`) run at open.
 //!
-//! One connection behind a mutex, like `SqliteStore`: every call is short, and one server is the
-//! only writer (several servers sharing a database is not built). A connection the server lost
-//! (the database restarted) is opened again on the next call. This half owns opening, enrollment,
+//! A pool of up to `CONNECTIONS` clients: calls run at once, each on its own connection, and
+//! PostgreSQL orders their transactions (rows are locked by the statements that change them;
+//! a rollout is saved with a revision check, and leases are one upsert, because several servers
+//! may share the database). A connection the server lost (the database restarted) is replaced on
+//! the next call. This half owns opening, enrollment,
 //! operators and roots; devices, bundles and desired state are in `postgres_devices.rs`, and the
 //! other halves mirror the SQLite files of the same names.
-
-use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
 
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::{AuditEntry, DesiredState, DeviceView, Heartbeat, UpdateStatus};
+use std::collections::BTreeMap;
 
+use super::pool::{Pool, Pooled};
 use super::{
     Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, PendingEvent,
     SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
@@ -25,35 +26,21 @@ use super::{
 use crate::drift::retrain::Watch;
 use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
 
+/// Connections one server opens at most (PostgreSQL's default limit is 100 for all clients).
+const CONNECTIONS: usize = 8;
+
 /// A PostgreSQL database holding one fleet's tables, in one schema.
 pub struct PostgresStore {
-    client: Mutex<Held>,
-    config: Config,
-}
-
-/// The store's client; `None` only once `Drop` took it, when no method can run any more.
-struct Held(Option<Client>);
-
-impl std::ops::Deref for Held {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        self.0.as_ref().expect("the client is taken only by Drop")
-    }
-}
-
-impl std::ops::DerefMut for Held {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.0.as_mut().expect("the client is taken only by Drop")
-    }
+    clients: Pool<Client>,
 }
 
 impl Drop for PostgresStore {
-    /// Closing the client blocks on its own runtime, which panics on a tokio worker, where the
-    /// last handle to the store is often dropped: a thread of its own closes it there.
+    /// Closing a client blocks on its own runtime, which panics on a tokio worker, where the
+    /// last handle to the store is often dropped: a thread of its own closes them there.
     fn drop(&mut self) {
-        let client = self.client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).0.take();
-        if let (Some(client), Ok(_)) = (client, tokio::runtime::Handle::try_current()) {
-            std::thread::spawn(move || drop(client));
+        let clients = self.clients.take_idle();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::spawn(move || drop(clients));
         }
     }
 }
@@ -85,16 +72,21 @@ impl PostgresStore {
         }
         let mut client = config.connect(NoTls).map_err(unreachable)?;
         schema::migrate(&mut client).map_err(unreachable)?;
-        Ok(PostgresStore { client: Mutex::new(Held(Some(client))), config })
+        let clients = Pool::new(CONNECTIONS, move || Ok(config.connect(NoTls)?));
+        // The first client, already open, is the pool's first idle one.
+        drop(clients.adopt(client));
+        Ok(PostgresStore { clients })
     }
 
-    /// The connection, opened again if the database closed it.
-    fn conn(&self) -> Result<MutexGuard<'_, Held>, StoreError> {
-        let mut client = self.client.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if client.is_closed() {
-            client.0 = Some(self.config.connect(NoTls)?);
+    /// A connection of the pool's, a new one in place of one the database closed.
+    fn conn(&self) -> Result<Pooled<'_, Client>, StoreError> {
+        loop {
+            let client = self.clients.get()?;
+            if !client.is_closed() {
+                return Ok(client);
+            }
+            client.discard();
         }
-        Ok(client)
     }
 
     /// Runs SQL as it is (tests write rows the trait cannot, e.g. corrupt ones).
@@ -185,8 +177,13 @@ impl Store for PostgresStore {
     ) -> Result<Result<String, EnrollRefusal>, StoreError> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
+        // FOR UPDATE: two enrollments with one token (two connections, or two servers) take
+        // turns, so the second sees the token used.
         let token = tx
-            .query_opt("SELECT used_ms, device, expires_ms, revoked_ms FROM tokens WHERE hash = $1", &[&token_hash])?
+            .query_opt(
+                "SELECT used_ms, device, expires_ms, revoked_ms FROM tokens WHERE hash = $1 FOR UPDATE",
+                &[&token_hash],
+            )?
             .map(|r| {
                 Ok::<_, postgres::Error>((
                     r.try_get::<_, Option<i64>>(0)?,
@@ -290,7 +287,7 @@ impl Store for PostgresStore {
     }
 
     fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
-        devices::insert_device(&mut **self.conn()?, d)
+        devices::insert_device(&mut *self.conn()?, d)
     }
 
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
@@ -413,7 +410,7 @@ impl Store for PostgresStore {
     }
 
     fn record_drift(&self, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
-        devices::drift_into(&mut **self.conn()?, device, d)
+        devices::drift_into(&mut *self.conn()?, device, d)
     }
 
     fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
@@ -497,7 +494,7 @@ impl Store for PostgresStore {
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        rollouts::append_audit(&mut **self.conn()?, entry)
+        rollouts::append_audit(&mut *self.conn()?, entry)
     }
 
     fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {

@@ -1,11 +1,15 @@
-//! The SQLite store: one file in the data directory, one connection in WAL mode behind a mutex.
-//! This half owns enrollment, devices, bundles, desired state and what devices report; the
+//! The SQLite store: one file in the data directory in WAL mode, one writing connection behind a
+//! mutex and a small pool of reading connections. WAL lets readers read a committed snapshot while
+//! the writer writes, so a check-in's credential lookup, the rollout tick's reads and the API's
+//! listings never wait behind an ingest batch or a wave's desired-state writes. This half owns enrollment, devices, bundles, desired state and what devices report; the
 //! versioned schema is in `sqlite_schema.rs`, the rollout half (`sqlite_rollouts.rs`) owns rollout state, the audit log and the raw rows the
 //! rollout engine observes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
+
+use super::pool::{Pool, Pooled};
 
 use proto::wire::{
     bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
@@ -22,29 +26,80 @@ use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::AuditEntry;
 
-/// One connection behind a mutex; every method is short and synchronous.
+/// Reading connections the store opens at most: enough for the check-ins, the ingest's key
+/// lookups, the rollout tick and the API to read at once on a small server.
+const READERS: usize = 4;
+
+/// How long a statement waits for a lock before it fails (the writer's checkpoints, other
+/// processes opening the file).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The writer behind a mutex and the readers in a pool; every method is short and synchronous.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    readers: Pool<Connection>,
 }
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let mut conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         schema::migrate(&mut conn)?;
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        let path = path.to_path_buf();
+        let readers = Pool::new(READERS, move || {
+            let reader = Connection::open(&path)?;
+            reader.busy_timeout(BUSY_TIMEOUT)?;
+            reader.pragma_update(None, "query_only", true)?;
+            Ok(reader)
+        });
+        Ok(SqliteStore { conn: Mutex::new(conn), readers })
     }
 
+    /// The writing connection: every write, and reads that must see the same transaction.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A reading connection inside one read transaction: its statements see one committed state
+    /// of the database, whatever the writer does meanwhile.
+    fn snapshot(&self) -> Result<Snapshot<'_>, StoreError> {
+        let reader = self.readers.get()?;
+        match reader.execute_batch("BEGIN") {
+            Ok(()) => Ok(Snapshot(Some(reader))),
+            Err(e) => {
+                reader.discard();
+                Err(e.into())
+            }
+        }
     }
 
     /// Runs SQL as it is (tests write rows the trait cannot, e.g. corrupt ones).
     #[cfg(test)]
     pub(crate) fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
         Ok(self.conn().execute_batch(sql)?)
+    }
+}
+
+/// A reader in a read transaction, ended (and the reader given back) when dropped.
+struct Snapshot<'a>(Option<Pooled<'a, Connection>>);
+
+impl std::ops::Deref for Snapshot<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.0.as_ref().expect("a snapshot's reader is taken only by drop")
+    }
+}
+
+impl Drop for Snapshot<'_> {
+    fn drop(&mut self) {
+        if let Some(reader) = self.0.take() {
+            // A reader whose transaction cannot end is not given back to be reused.
+            if reader.execute_batch("COMMIT").is_err() {
+                reader.discard();
+            }
+        }
     }
 }
 
@@ -122,7 +177,7 @@ impl Store for SqliteStore {
     }
 
     fn broker_passwords(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let conn = self.conn();
+        let conn = self.snapshot()?;
         let mut stmt = conn.prepare(
             "SELECT id, broker_hash FROM devices WHERE revoked_ms IS NULL AND broker_hash != '' ORDER BY id",
         )?;
@@ -160,7 +215,7 @@ impl Store for SqliteStore {
 
     fn operator_for_token(&self, token_hash: &str) -> Result<Option<OperatorRecord>, StoreError> {
         Ok(self
-            .conn()
+            .snapshot()?
             .query_row(
                 "SELECT name, role, token_hash, created_ms, revoked_ms FROM operators
                  WHERE token_hash = ?1 AND revoked_ms IS NULL",
@@ -171,7 +226,7 @@ impl Store for SqliteStore {
     }
 
     fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
-        let conn = self.conn();
+        let conn = self.snapshot()?;
         let mut stmt =
             conn.prepare("SELECT name, role, token_hash, created_ms, revoked_ms FROM operators ORDER BY name")?;
         let rows = stmt.query_map([], operator_row)?.collect::<Result<_, _>>()?;
@@ -192,7 +247,7 @@ impl Store for SqliteStore {
 
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
         let key: Option<String> = self
-            .conn()
+            .snapshot()?
             .query_row("SELECT public_key FROM devices WHERE id = ?1 AND revoked_ms IS NULL", params![device], |r| {
                 r.get(0)
             })
@@ -212,7 +267,7 @@ impl Store for SqliteStore {
 
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .conn()
+            .snapshot()?
             .query_row(
                 "SELECT id FROM devices WHERE credential_hash = ?1 AND revoked_ms IS NULL",
                 params![credential_hash],
@@ -222,7 +277,11 @@ impl Store for SqliteStore {
     }
 
     fn device_exists(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| Ok(())).optional()?.is_some())
+        Ok(self
+            .snapshot()?
+            .query_row("SELECT 1 FROM devices WHERE id = ?1", params![id], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     fn set_labels(&self, id: &str, labels: &BTreeMap<String, String>) -> Result<bool, StoreError> {
@@ -230,14 +289,14 @@ impl Store for SqliteStore {
     }
 
     fn device_ids(&self) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
+        let conn = self.snapshot()?;
         let mut stmt = conn.prepare("SELECT id FROM devices ORDER BY name, id")?;
         let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(ids)
     }
 
     fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        let conn = self.conn();
+        let conn = self.snapshot()?;
         let mut stmt = conn.prepare(
             "SELECT id, name, labels, enrolled_ms, last_seen_ms, health, revoked_ms FROM devices ORDER BY name, id",
         )?;
@@ -354,14 +413,14 @@ impl Store for SqliteStore {
     }
 
     fn root(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let conn = self.conn();
+        let conn = self.snapshot()?;
         Ok(conn
             .query_row("SELECT document FROM roots WHERE version = ?1", params![version as i64], |r| r.get(0))
             .optional()?)
     }
 
     fn latest_root(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let conn = self.conn();
+        let conn = self.snapshot()?;
         Ok(conn.query_row("SELECT document FROM roots ORDER BY version DESC LIMIT 1", [], |r| r.get(0)).optional()?)
     }
 
@@ -390,7 +449,7 @@ impl Store for SqliteStore {
 
     fn bundle(&self, name: &str, version: &str) -> Result<Option<BundleRecord>, StoreError> {
         Ok(self
-            .conn()
+            .snapshot()?
             .query_row(
                 "SELECT sha256, size, created_at, signed_by, manifest FROM bundles WHERE name = ?1 AND version = ?2",
                 params![name, version],
@@ -423,7 +482,7 @@ impl Store for SqliteStore {
     }
 
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError> {
-        desired_in(&self.conn(), device)
+        desired_in(&*self.snapshot()?, device)
     }
 
     fn check_in(
@@ -470,15 +529,15 @@ impl Store for SqliteStore {
     }
 
     fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError> {
-        delivery::telemetry(&self.conn(), query)
+        delivery::telemetry(&*self.snapshot()?, query)
     }
 
     fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError> {
-        delivery::views(&self.conn())
+        delivery::views(&*self.snapshot()?)
     }
 
     fn cohort_defaults(&self) -> Result<Vec<CohortDefault>, StoreError> {
-        rollouts::cohort_defaults(&self.conn())
+        rollouts::cohort_defaults(&*self.snapshot()?)
     }
 
     fn deploy_to_selector(
@@ -500,7 +559,7 @@ impl Store for SqliteStore {
     }
 
     fn device_infos(&self, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
-        rollouts::device_infos(&self.conn(), model)
+        rollouts::device_infos(&*self.snapshot()?, model)
     }
 
     fn observation_rows(
@@ -509,7 +568,7 @@ impl Store for SqliteStore {
         since_ms: u64,
         received_from_ms: u64,
     ) -> Result<ObservationRows, StoreError> {
-        rollouts::observation_rows(&self.conn(), model, since_ms, received_from_ms)
+        rollouts::observation_rows(&*self.snapshot()?, model, since_ms, received_from_ms)
     }
 
     fn save_rollout(
@@ -522,7 +581,7 @@ impl Store for SqliteStore {
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        rollouts::load(&self.conn(), Some(id)).map(|mut all| all.pop())
+        rollouts::load(&*self.snapshot()?, Some(id)).map(|mut all| all.pop())
     }
 
     fn acquire_lease(&self, name: &str, holder: &str, now_ms: u64, ttl_ms: u64) -> Result<bool, StoreError> {
@@ -534,11 +593,11 @@ impl Store for SqliteStore {
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        rollouts::load(&self.conn(), None)
+        rollouts::load(&*self.snapshot()?, None)
     }
 
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        rollouts::audit(&self.conn(), rollout, limit)
+        rollouts::audit(&*self.snapshot()?, rollout, limit)
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
@@ -546,19 +605,19 @@ impl Store for SqliteStore {
     }
 
     fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {
-        lineage::bundles(&self.conn())
+        lineage::bundles(&*self.snapshot()?)
     }
 
     fn status_history(&self, device: &str, model: &str) -> Result<Vec<proto::lineage::StatusEntry>, StoreError> {
-        lineage::status_history(&self.conn(), device, model)
+        lineage::status_history(&*self.snapshot()?, device, model)
     }
 
     fn audit_for_device(&self, device: &str, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        lineage::audit_for_device(&self.conn(), device, limit)
+        lineage::audit_for_device(&*self.snapshot()?, device, limit)
     }
 
     fn drift_watch(&self, model: &str, version: &str, cohort: &str) -> Result<Option<Watch>, StoreError> {
-        events::drift_watch(&self.conn(), model, version, cohort)
+        events::drift_watch(&*self.snapshot()?, model, version, cohort)
     }
 
     fn save_drift_watch(
@@ -571,7 +630,7 @@ impl Store for SqliteStore {
     }
 
     fn due_events(&self, now_ms: u64, limit: usize) -> Result<Vec<PendingEvent>, StoreError> {
-        events::due_events(&self.conn(), now_ms, limit)
+        events::due_events(&*self.snapshot()?, now_ms, limit)
     }
 
     fn event_attempted(

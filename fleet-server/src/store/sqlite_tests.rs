@@ -45,3 +45,28 @@ fn opening_a_migrated_database_again_applies_nothing_and_keeps_the_data() {
     assert_eq!(versions(&path), all_versions(), "each version recorded once");
     assert!(again.revoke_token("t", 2).unwrap(), "the token written before is still there");
 }
+
+#[test]
+fn readers_see_the_last_commit_while_the_writer_is_in_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+    store.insert_device(&super::super::tests::new_device("d1", "c1", 1)).unwrap();
+    // The writer is busy: a transaction that inserted a second device and has not committed.
+    let mut writer = store.conn();
+    let tx = writer.transaction().unwrap();
+    insert_device(&tx, &super::super::tests::new_device("d2", "c2", 2)).unwrap();
+
+    let (sent, read) = std::sync::mpsc::channel();
+    let reading = store.clone();
+    std::thread::spawn(move || {
+        let seen = (reading.device_for_credential("c1").unwrap(), reading.device_ids().unwrap());
+        sent.send(seen).unwrap();
+    });
+    // Bounded only so that a reader waiting for the writer fails the test instead of hanging it.
+    let (found, ids) = read.recv_timeout(std::time::Duration::from_secs(30)).expect("a reader waited for the writer");
+    assert_eq!(found, Some("d1".to_string()));
+    assert_eq!(ids, vec!["d1".to_string()], "the uncommitted device is not seen");
+    tx.commit().unwrap();
+    drop(writer);
+    assert_eq!(store.device_ids().unwrap(), vec!["d1".to_string(), "d2".to_string()], "and is once committed");
+}

@@ -93,6 +93,7 @@ macro_rules! on_every_store {
 
 on_every_store!(
     an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_gets_that_device_back,
+    enrollments_racing_with_one_token_make_one_device,
     expired_and_revoked_tokens_enroll_nothing,
     a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace,
     operators_are_found_by_token_digest_until_revoked,
@@ -137,7 +138,7 @@ fn bundle(version: &str, sha: &str) -> BundleRecord {
     }
 }
 
-fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
+pub(super) fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
     NewDevice {
         id: id.into(),
         name: id.into(),
@@ -161,6 +162,32 @@ fn an_enrollment_token_enrolls_one_device_and_a_retry_within_the_grace_period_ge
     let after_grace = store.enroll("t1", &new_device("c", "cc", 500), 100).unwrap();
     assert_eq!(after_grace, Err(EnrollRefusal::UnknownOrUsed), "after the grace period");
     assert_eq!(store.enroll("unknown", &new_device("d", "cd", 3), 100).unwrap(), Err(EnrollRefusal::UnknownOrUsed));
+}
+
+/// The stores run calls at once (SQLite's readers, PostgreSQL's pool; several servers on one
+/// database): one token used by eight enrollments at the same moment still makes one device.
+fn enrollments_racing_with_one_token_make_one_device(store: &TestStore) {
+    store.create_tokens(&["t1".into()], 1, 1_000).unwrap();
+    const RACERS: usize = 8;
+    let start = std::sync::Barrier::new(RACERS);
+    let enrolled: Vec<_> = std::thread::scope(|threads| {
+        let racing: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let start = &start;
+                threads.spawn(move || {
+                    // Open the store's connections first (a call each, at once), then race.
+                    start.wait();
+                    store.device_ids().unwrap();
+                    start.wait();
+                    store.enroll("t1", &new_device(&format!("d{i}"), &format!("c{i}"), 2), 100)
+                })
+            })
+            .collect();
+        racing.into_iter().map(|t| t.join().unwrap().unwrap()).collect()
+    });
+    let first = enrolled[0].clone().expect("within the grace period every attempt gets the device");
+    assert!(enrolled.iter().all(|e| e.as_ref() == Ok(&first)), "one device for all: {enrolled:?}");
+    assert_eq!(store.device_ids().unwrap(), vec![first]);
 }
 
 fn expired_and_revoked_tokens_enroll_nothing(store: &TestStore) {
