@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -98,10 +98,21 @@ pub struct LoadReport {
     pub reports_resent: u64,
     pub samples: Vec<Sample>,
     pub tick: Option<TickStats>,
+    /// The check-in's p50 and p99 as the server measured them (upper bounds of its histogram
+    /// buckets, which double), in the steady phase before the rollout and from the rollout on,
+    /// to tell the server's time from the load generator's own delays on the shared cores.
+    pub server_checkin_ms: ServerCheckins,
     pub installs: u64,
     pub errors: u64,
     pub last_error: String,
     pub ramp_secs: f64,
+}
+
+/// Server-side check-in quantiles (p50, p99 in ms) per phase; None where nothing was observed.
+#[derive(Debug, Default)]
+pub struct ServerCheckins {
+    pub before_rollout: Option<(f64, f64)>,
+    pub from_rollout_on: Option<(f64, f64)>,
 }
 
 #[derive(Debug)]
@@ -159,7 +170,8 @@ async fn start_server(options: &LoadOptions, public_key: &str) -> Result<Server>
         .args(&broker_args)
         .args(["--operator-token", &token, "--trusted-key", public_key])
         .args(&options.server_args)
-        .stdout(Stdio::null())
+        // The server logs to stdout and prints its start-up lines to stderr: both go to the log.
+        .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start {}", options.server_bin.display()))?;
@@ -474,6 +486,50 @@ fn quantile_ms(values: &mut [u32], q: f64) -> f64 {
     values[index] as f64 / 1000.0
 }
 
+/// The server's /metrics text (Prometheus), read with the operator token.
+async fn scrape_metrics(server: &Server) -> Result<String> {
+    Ok(reqwest::Client::new()
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&server.token)
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
+/// The check-in route's series of the server's API latency histogram.
+const CHECKIN_SERIES: (&str, &str) =
+    ("fleet_api_request_duration_seconds", "route=\"/api/v1/devices/{id}/checkin\",status=\"200\"");
+
+/// One histogram series' cumulative buckets (upper bound in seconds, count) from /metrics text.
+fn buckets(metrics: &str, (name, labels): (&str, &str)) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(labels))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le.parse().unwrap_or(f64::INFINITY), count as u64))
+        })
+        .collect()
+}
+
+/// The upper bound, in ms, of the bucket holding quantile `q` of what a histogram observed
+/// between two scrapes; None when it observed nothing.
+fn bucket_quantile_ms(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let since: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| (le, n.saturating_sub(before.iter().find(|(b, _)| *b == le).map_or(0, |&(_, m)| m))))
+        .collect();
+    let total = since.iter().map(|&(_, n)| n).max()?;
+    if total == 0 {
+        return None;
+    }
+    let rank = (total as f64 * q).ceil() as u64;
+    since.iter().find(|&&(_, n)| n >= rank).map(|&(le, _)| le * 1000.0)
+}
+
 /// The rollout tick histogram from the server's /metrics text.
 fn tick_stats(metrics: &str) -> Option<TickStats> {
     let value =
@@ -556,9 +612,14 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
     let mut samples = Vec::new();
     let mut last = process_usage(pid).map(|(_, cpu)| (Instant::now(), cpu));
     let mut rollout_started = false;
+    let mut checkins_before_steady = None;
+    let mut checkins_at_rollout = None;
     let mut every = tokio::time::interval(Duration::from_secs(5));
     while Instant::now() < shared.stop_at {
         every.tick().await;
+        if checkins_before_steady.is_none() && Instant::now() >= steady_since {
+            checkins_before_steady = Some(buckets(&scrape_metrics(&server).await?, CHECKIN_SERIES));
+        }
         if let (Some((rss, cpu)), Some((at, cpu_before))) = (process_usage(pid), last) {
             let sample = Sample {
                 at_secs: started.elapsed().as_secs_f64(),
@@ -583,18 +644,25 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         let rollout_due = options.rollout_after.is_some_and(|after| Instant::now() >= steady_since + after);
         if rollout_due && !rollout_started {
             rollout_started = true;
+            checkins_at_rollout = Some(buckets(&scrape_metrics(&server).await?, CHECKIN_SERIES));
             let view = operator.start_rollout(&rollout_plan()?).await?;
             eprintln!("rollout {} started over {} eligible devices", view.rollout.id, view.summary.eligible);
         }
     }
     launcher.await?;
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", server.url))
-        .bearer_auth(&server.token)
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = scrape_metrics(&server).await?;
+    let checkins_at_end = buckets(&metrics, CHECKIN_SERIES);
+    let between = |from: &[(f64, u64)], to: &[(f64, u64)]| {
+        bucket_quantile_ms(from, to, 0.5).zip(bucket_quantile_ms(from, to, 0.99))
+    };
+    let steady = checkins_before_steady.unwrap_or_default();
+    let server_checkin_ms = match &checkins_at_rollout {
+        Some(at_rollout) => ServerCheckins {
+            before_rollout: between(&steady, at_rollout),
+            from_rollout_on: between(at_rollout, &checkins_at_end),
+        },
+        None => ServerCheckins { before_rollout: between(&steady, &checkins_at_end), from_rollout_on: None },
+    };
     if stats.enrolled.load(Ordering::Relaxed) == 0 {
         bail!("no agent enrolled: {}", stats.last_error.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -620,6 +688,7 @@ pub async fn run(options: LoadOptions) -> Result<LoadReport> {
         reports_resent: stats.resent.load(Ordering::Relaxed),
         samples,
         tick: tick_stats(&metrics),
+        server_checkin_ms,
         installs: stats.installs.load(Ordering::Relaxed),
         errors: stats.errors.load(Ordering::Relaxed),
         last_error,
@@ -643,6 +712,28 @@ mod tests {
             fleet_rollout_tick_duration_seconds_bucket{le=\"+Inf\"} 10\n";
         let t = tick_stats(text).unwrap();
         assert_eq!((t.count, t.mean_ms, t.max_bucket_ms), (10, 50.0, 128.0));
+    }
+
+    #[test]
+    fn a_quantile_between_two_scrapes_is_the_bound_of_its_bucket() {
+        let scrape = |counts: [u64; 4]| {
+            format!(
+                "fleet_api_request_duration_seconds_bucket{{method=\"POST\",route=\"/api/v1/devices/{{id}}/checkin\",status=\"200\",le=\"0.001\"}} {}\n\
+                 fleet_api_request_duration_seconds_bucket{{method=\"POST\",route=\"/api/v1/devices/{{id}}/checkin\",status=\"200\",le=\"0.002\"}} {}\n\
+                 fleet_api_request_duration_seconds_bucket{{method=\"POST\",route=\"/api/v1/devices/{{id}}/checkin\",status=\"200\",le=\"0.004\"}} {}\n\
+                 fleet_api_request_duration_seconds_bucket{{method=\"POST\",route=\"/api/v1/devices/{{id}}/checkin\",status=\"200\",le=\"+Inf\"}} {}\n\
+                 fleet_api_request_duration_seconds_bucket{{method=\"GET\",route=\"/api/v1/devices\",status=\"200\",le=\"+Inf\"}} 7\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        let before = buckets(&scrape([50, 50, 50, 50]), CHECKIN_SERIES);
+        // Since then: 90 under 1 ms, 9 between 2 and 4 ms, 1 slower than 4 ms.
+        let after = buckets(&scrape([140, 140, 149, 150]), CHECKIN_SERIES);
+        assert_eq!(after.len(), 4, "only the check-in series");
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.5), Some(1.0));
+        assert_eq!(bucket_quantile_ms(&before, &after, 0.99), Some(4.0));
+        assert_eq!(bucket_quantile_ms(&before, &after, 1.0), Some(f64::INFINITY));
+        assert_eq!(bucket_quantile_ms(&after, &after, 0.5), None, "nothing observed between");
     }
 
     #[test]

@@ -97,6 +97,11 @@ fn markdown(r: &load::LoadReport, command: &str) -> String {
     let tick = r.tick.as_ref().map_or("no rollout ticked".to_string(), |t| {
         format!("{} ticks, mean {:.1} ms, slowest in the bucket up to {:.0} ms", t.count, t.mean_ms, t.max_bucket_ms)
     });
+    let bounds = |q: Option<(f64, f64)>| {
+        q.map_or("not measured".to_string(), |(p50, p99)| format!("<= {p50:.1} / <= {p99:.1} ms"))
+    };
+    let server_before = bounds(r.server_checkin_ms.before_rollout);
+    let server_during = bounds(r.server_checkin_ms.from_rollout_on);
     format!(
         "{LOAD_MARKER}\n\n\
          `fleet-load {command}` (one fleet-server process and {broker}, on this 2-core machine; the \
@@ -104,6 +109,7 @@ fn markdown(r: &load::LoadReport, command: &str) -> String {
          drift window every {d} s; ramp {ramp:.0} s, then {steady} s steady.\n\n\
          | measure | value |\n| --- | --- |\n\
          | check-in latency p50 / p99 / max (steady, client side) | {p50:.1} / {p99:.1} / {max:.1} ms over {n} check-ins |\n\
+         | check-in latency p50 / p99 (server side: its histogram's bucket bounds), steady before the rollout; from the rollout on | {server_before}; {server_during} |\n\
          | report stored-and-acknowledged p50 / p99 | {a50:.1} / {a99:.1} ms |\n\
          | reports acknowledged / published (sent again after 30 s unacknowledged) | {acked} / {published} ({resent}) |\n\
          | unacknowledged reports, every 5 s in the steady phase | {backlog} |\n\

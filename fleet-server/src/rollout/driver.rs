@@ -228,14 +228,22 @@ impl Driver {
             if rollout.phase != super::Phase::Running {
                 continue;
             }
-            let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
-            let cache = self.caches().remove(&rollout.id).unwrap_or_default();
-            // Reading, decoding and merging are store calls and CPU work: off the async workers.
-            let (observations, mut cache) = self.blocking(move |s| observe_new(s, &model, since, cache)).await?;
-            let decision = decide(&rollout, &observations, crate::unix_ms());
-            cache.restore(observations);
-            self.caches().insert(rollout.id.clone(), cache);
-            if decision.rollout != rollout || !decision.effects.is_empty() {
+            let (id, model, since) = (rollout.id.clone(), rollout.plan.model.clone(), rollout.created_ms);
+            let cache = self.caches().remove(&id).unwrap_or_default();
+            // Reading, decoding and merging are store calls, and deciding over thousands of
+            // members is CPU work of tens of milliseconds: all of it off the async workers, which
+            // serve check-ins meanwhile (a decision on a worker held them up to the tick's length).
+            let (decision, cache) = self
+                .blocking(move |s| {
+                    let (observations, mut cache) = observe_new(s, &model, since, cache)?;
+                    let decision = decide(&rollout, &observations, crate::unix_ms());
+                    cache.restore(observations);
+                    let changed = decision.rollout != rollout || !decision.effects.is_empty();
+                    Ok((changed.then_some(decision), cache))
+                })
+                .await?;
+            self.caches().insert(id, cache);
+            if let Some(decision) = decision {
                 self.commit(decision, "engine").await?;
             }
         }
