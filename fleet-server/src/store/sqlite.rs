@@ -38,6 +38,7 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     readers: Pool<Connection>,
+    checkins: checkins::WaitingCheckIns,
 }
 
 impl SqliteStore {
@@ -54,7 +55,7 @@ impl SqliteStore {
             reader.pragma_update(None, "query_only", true)?;
             Ok(reader)
         });
-        Ok(SqliteStore { conn: Mutex::new(conn), readers })
+        Ok(SqliteStore { conn: Mutex::new(conn), readers, checkins: Default::default() })
     }
 
     /// The writing connection: every write, and reads that must see the same transaction.
@@ -492,16 +493,7 @@ impl Store for SqliteStore {
         statuses: &[UpdateStatus],
         freshness: bool,
     ) -> Result<(DesiredState, Option<u64>), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        touch_in(&tx, device, now_ms)?;
-        for status in statuses {
-            status_into(&tx, device, status)?;
-        }
-        let desired = desired_in(&tx, device)?;
-        let counter = if freshness { Some(freshness_counter_in(&tx, device)?) } else { None };
-        tx.commit()?;
-        Ok((desired, counter))
+        self.grouped_check_in(device, now_ms, statuses, freshness)
     }
 
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
@@ -804,6 +796,9 @@ mod lineage;
 
 #[path = "sqlite_events.rs"]
 mod events;
+
+#[path = "sqlite_checkins.rs"]
+mod checkins;
 
 #[cfg(test)]
 #[path = "sqlite_tests.rs"]

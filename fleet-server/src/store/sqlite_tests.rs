@@ -70,3 +70,40 @@ fn readers_see_the_last_commit_while_the_writer_is_in_a_transaction() {
     drop(writer);
     assert_eq!(store.device_ids().unwrap(), vec!["d1".to_string(), "d2".to_string()], "and is once committed");
 }
+
+#[test]
+fn check_ins_waiting_for_the_writer_are_written_together_and_one_failing_fails_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+    let devices: Vec<String> = (0..8).map(|i| format!("d{i}")).collect();
+    for (i, id) in devices.iter().enumerate() {
+        store.insert_device(&super::super::tests::new_device(id, &format!("c{i}"), 1)).unwrap();
+    }
+    store.check_in("d3", 5, &[], true).unwrap();
+    // Hold the writer until every check-in (and one from a device that does not exist) waits.
+    let writer = store.conn();
+    let callers: Vec<_> = devices
+        .iter()
+        .cloned()
+        .chain(["nobody".to_string()])
+        .map(|id| {
+            let store = store.clone();
+            std::thread::spawn(move || (id.clone(), store.check_in(&id, 10, &[], true)))
+        })
+        .collect();
+    while store.checkins.list().len() < callers.len() {
+        std::thread::yield_now();
+    }
+    drop(writer);
+    for caller in callers {
+        let (id, outcome) = caller.join().unwrap();
+        match id.as_str() {
+            "nobody" => assert!(outcome.is_err(), "an unknown device's check-in fails"),
+            "d3" => assert_eq!(outcome.unwrap().1, Some(2), "its second counter"),
+            _ => assert_eq!(outcome.unwrap().1, Some(1), "{id}: its first counter, in the same group"),
+        }
+    }
+    assert!(store.checkins.list().is_empty());
+    let seen: Vec<Option<u64>> = store.list_devices().unwrap().iter().map(|d| d.last_seen_ms).collect();
+    assert_eq!(seen, vec![Some(10); 8], "every device's check-in was stored despite the failing one");
+}
