@@ -537,12 +537,8 @@ fn tick_stats(metrics: &str) -> Option<TickStats> {
     let count = value("fleet_rollout_tick_duration_seconds_count")? as u64;
     let sum = value("fleet_rollout_tick_duration_seconds_sum")?;
     // The first bucket whose cumulative count reaches the total holds the slowest tick.
-    let max_bucket =
-        metrics.lines().filter(|l| l.starts_with("fleet_rollout_tick_duration_seconds_bucket")).find_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let cumulative: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            (cumulative as u64 >= count).then(|| le.parse::<f64>().unwrap_or(f64::INFINITY))
-        })?;
+    let (max_bucket, _) =
+        buckets(metrics, ("fleet_rollout_tick_duration_seconds", "")).into_iter().find(|&(_, n)| n >= count)?;
     Some(TickStats { count, mean_ms: sum / count.max(1) as f64 * 1000.0, max_bucket_ms: max_bucket * 1000.0 })
 }
 

@@ -7,16 +7,18 @@
 //! PostgreSQL orders their transactions (rows are locked by the statements that change them;
 //! a rollout is saved with a revision check, and leases are one upsert, because several servers
 //! may share the database). A connection the server lost (the database restarted) is replaced on
-//! the next call. This half owns opening, enrollment,
-//! operators and roots; devices, bundles and desired state are in `postgres_devices.rs`, and the
-//! other halves mirror the SQLite files of the same names.
+//! the next call.
+//!
+//! This half owns opening, enrollment, operators and roots; devices, bundles and desired state are
+//! in `postgres_devices.rs`, and the other halves mirror the SQLite files of the same names.
+
+use std::collections::BTreeMap;
 
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::{AuditEntry, DesiredState, DeviceView, Heartbeat, UpdateStatus};
-use std::collections::BTreeMap;
 
 use super::pool::{Pool, Pooled};
 use super::{

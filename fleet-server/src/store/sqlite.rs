@@ -1,9 +1,12 @@
 //! The SQLite store: one file in the data directory in WAL mode, one writing connection behind a
 //! mutex and a small pool of reading connections. WAL lets readers read a committed snapshot while
 //! the writer writes, so a check-in's credential lookup, the rollout tick's reads and the API's
-//! listings never wait behind an ingest batch or a wave's desired-state writes. This half owns enrollment, devices, bundles, desired state and what devices report; the
-//! versioned schema is in `sqlite_schema.rs`, the rollout half (`sqlite_rollouts.rs`) owns rollout state, the audit log and the raw rows the
-//! rollout engine observes.
+//! listings never wait behind an ingest batch or a wave's desired-state writes; check-ins waiting
+//! for the writer are written together (`sqlite_checkins.rs`).
+//!
+//! This half owns enrollment, devices, bundles, desired state and what devices report; the
+//! versioned schema is in `sqlite_schema.rs`, the rollout half (`sqlite_rollouts.rs`) owns rollout
+//! state, the audit log and the raw rows the rollout engine observes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
