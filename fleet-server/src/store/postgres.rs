@@ -20,6 +20,7 @@ use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::{AuditEntry, DesiredState, DeviceView, Heartbeat, UpdateStatus};
 
+use self::prepared::Prepared;
 use super::pool::{Pool, Pooled};
 use super::{
     Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, PendingEvent,
@@ -398,7 +399,7 @@ impl Store for PostgresStore {
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
-        devices::status_into(&mut tx, device, s)?;
+        devices::status_into(&mut Prepared::new(&mut tx), device, s)?;
         tx.commit()?;
         Ok(())
     }
@@ -406,13 +407,13 @@ impl Store for PostgresStore {
     fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
-        devices::heartbeat_into(&mut tx, device, heartbeat)?;
+        devices::heartbeat_into(&mut Prepared::new(&mut tx), device, heartbeat)?;
         tx.commit()?;
         Ok(())
     }
 
     fn record_drift(&self, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
-        devices::drift_into(&mut *self.conn()?, device, d)
+        devices::drift_into(&mut Prepared::new(&mut *self.conn()?), device, d)
     }
 
     fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
@@ -555,6 +556,9 @@ mod devices;
 
 #[path = "postgres_delivery.rs"]
 mod delivery;
+
+#[path = "postgres_prepared.rs"]
+mod prepared;
 
 #[path = "postgres_rollouts.rs"]
 mod rollouts;

@@ -8,6 +8,7 @@ use proto::wire::{
     bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
 };
 
+use super::prepared::Prepared;
 use super::{json, lineage, rollouts};
 use crate::store::{BundleRecord, NewDevice, OperatorRecord, StoreError, StoredDrift};
 
@@ -199,7 +200,11 @@ pub fn desired_state(conn: &mut Client, device: &str) -> Result<DesiredState, St
 }
 
 /// Keeps the newest status per (device, model): a late, older report changes nothing.
-pub fn status_into(conn: &mut impl GenericClient, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
+pub fn status_into(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    device: &str,
+    s: &UpdateStatus,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO model_status (device, model, version, step, detail, active_version, at_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -213,7 +218,11 @@ pub fn status_into(conn: &mut impl GenericClient, device: &str, s: &UpdateStatus
 
 /// Applies a heartbeat unless a newer one is already stored (a backlog may deliver old ones
 /// after new ones; counters must not go backwards).
-pub fn heartbeat_into(conn: &mut impl GenericClient, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
+pub fn heartbeat_into(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    device: &str,
+    heartbeat: &Heartbeat,
+) -> Result<(), StoreError> {
     let at = heartbeat.at_ms as i64;
     let newer = conn.execute(
         "UPDATE devices SET health = $2, heartbeat_ms = $3, last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3)
@@ -245,7 +254,11 @@ pub fn heartbeat_into(conn: &mut impl GenericClient, device: &str, heartbeat: &H
 }
 
 /// Stores a window once; a second delivery of the same (device, model, start) returns false.
-pub fn drift_into(conn: &mut impl GenericClient, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
+pub fn drift_into(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    device: &str,
+    d: &StoredDrift<'_>,
+) -> Result<bool, StoreError> {
     let s = d.summary;
     let inserted = conn.execute(
         "INSERT INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow, received_ms)

@@ -6,16 +6,28 @@ use postgres::{Client, GenericClient};
 use proto::lineage::{StatusEntry, MAX_HISTORY};
 use proto::wire::{AuditEntry, UpdateStatus};
 
+use super::prepared::Prepared;
 use super::rollouts::{audit_rows, parse_step};
 use crate::store::{BundleRecord, StoreError};
 
-/// Appends a step to the device's history of the model and drops what is beyond
-/// [`MAX_HISTORY`] steps, so the table stays bounded per device.
-pub fn record_history(conn: &mut impl GenericClient, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO status_history (device, model, version, step, detail, at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+/// Appends a step to the device's history of the model unless it repeats the newest step there,
+/// and drops what is beyond [`MAX_HISTORY`] steps (as `sqlite_lineage.rs`, which says why).
+pub fn record_history(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    device: &str,
+    s: &UpdateStatus,
+) -> Result<(), StoreError> {
+    let appended = conn.execute(
+        "INSERT INTO status_history (device, model, version, step, detail, at_ms)
+         SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (
+           SELECT 1 FROM (SELECT version, step, detail FROM status_history WHERE device = $1 AND model = $2
+                          ORDER BY at_ms DESC, id DESC LIMIT 1) AS newest
+           WHERE newest.version = $3 AND newest.step = $4 AND newest.detail = $5)",
         &[&device, &s.model, &s.version, &s.step.as_str(), &s.detail, &(s.at_ms as i64)],
     )?;
+    if appended == 0 {
+        return Ok(());
+    }
     conn.execute(
         "DELETE FROM status_history WHERE device = $1 AND model = $2 AND id NOT IN (
             SELECT id FROM status_history WHERE device = $1 AND model = $2 ORDER BY at_ms DESC, id DESC LIMIT $3)",

@@ -15,13 +15,22 @@ CREATE TABLE IF NOT EXISTS status_history (
 CREATE INDEX IF NOT EXISTS status_history_by_device ON status_history (device, model, at_ms);
 ";
 
-/// Appends a step to the device's history of the model and drops what is beyond
-/// [`MAX_HISTORY`] steps, so the table stays bounded per device.
+/// Appends a step to the device's history of the model, unless it repeats the newest step
+/// there (an agent sends every model's status with each check-in, every 10 s: stored each time,
+/// a model's 50 lines were one unchanged "active" within minutes, the steps before it lost),
+/// and drops what is beyond [`MAX_HISTORY`] steps, so the table stays bounded per device.
 pub fn record_history(conn: &Connection, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO status_history (device, model, version, step, detail, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    let appended = conn.execute(
+        "INSERT INTO status_history (device, model, version, step, detail, at_ms)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (
+           SELECT 1 FROM (SELECT version, step, detail FROM status_history WHERE device = ?1 AND model = ?2
+                          ORDER BY at_ms DESC, rowid DESC LIMIT 1) AS newest
+           WHERE newest.version = ?3 AND newest.step = ?4 AND newest.detail = ?5)",
         params![device, s.model, s.version, s.step.as_str(), s.detail, s.at_ms as i64],
     )?;
+    if appended == 0 {
+        return Ok(());
+    }
     conn.execute(
         "DELETE FROM status_history WHERE device = ?1 AND model = ?2 AND rowid NOT IN (
             SELECT rowid FROM status_history WHERE device = ?1 AND model = ?2 ORDER BY at_ms DESC, rowid DESC LIMIT ?3)",

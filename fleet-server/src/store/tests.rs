@@ -6,6 +6,7 @@
 use super::*;
 use crate::store::Report;
 use proto::drift::WindowSketch;
+use proto::lineage::MAX_HISTORY;
 use proto::wire::{DriftSummary, Health, ModelCounters, UpdateStatus, UpdateStep};
 
 /// The environment variable naming the PostgreSQL database the tests may use.
@@ -101,6 +102,7 @@ on_every_store!(
     republishing_a_version_with_other_bytes_is_a_conflict,
     a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device,
     an_older_status_does_not_overwrite_a_newer_one,
+    a_status_repeated_at_every_check_in_is_one_history_line_and_a_change_is_another,
     a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step,
     a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved,
     a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it,
@@ -333,6 +335,42 @@ fn an_older_status_does_not_overwrite_a_newer_one(store: &TestStore) {
     assert_eq!(store.list_devices().unwrap()[0].models[0].step, Some(UpdateStep::Active));
 }
 
+fn a_status_repeated_at_every_check_in_is_one_history_line_and_a_change_is_another(store: &TestStore) {
+    device(store, "d1");
+    let status = |version: &str, step, at_ms| UpdateStatus {
+        model: "tabular".into(),
+        version: version.into(),
+        step,
+        detail: String::new(),
+        active_version: Some("1.0.0".into()),
+        at_ms,
+    };
+    store.record_status("d1", &status("1.0.0", UpdateStep::Active, 10)).unwrap();
+    for at_ms in 20..(20 + 2 * MAX_HISTORY as u64) {
+        store.check_in("d1", at_ms, &[status("1.0.0", UpdateStep::Active, at_ms)], false).unwrap();
+    }
+    store.record_status("d1", &status("2.0.0", UpdateStep::Downloading, 500)).unwrap();
+    store.record_status("d1", &status("2.0.0", UpdateStep::Downloading, 501)).unwrap();
+    store.record_status("d1", &status("1.0.0", UpdateStep::Active, 502)).unwrap();
+    let steps: Vec<(String, UpdateStep, u64)> = store
+        .status_history("d1", "tabular")
+        .unwrap()
+        .into_iter()
+        .map(|entry| (entry.version, entry.step, entry.at_ms))
+        .collect();
+    // The first report of each step, newest first; the repeats changed nothing.
+    assert_eq!(
+        steps,
+        vec![
+            ("1.0.0".to_string(), UpdateStep::Active, 502),
+            ("2.0.0".to_string(), UpdateStep::Downloading, 500),
+            ("1.0.0".to_string(), UpdateStep::Active, 10),
+        ]
+    );
+    // The current status still follows every report.
+    assert_eq!(store.list_devices().unwrap()[0].models[0].step, Some(UpdateStep::Active));
+}
+
 fn a_corrupt_update_step_is_an_error_naming_the_device_not_a_missing_step(store: &TestStore) {
     device(store, "d1");
     store
@@ -377,17 +415,37 @@ fn a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_rep
     device(store, "d2");
     let hb = heartbeat(10, 5);
     let report = |device, seq, floor| SequencedReport { device, seq, floor, report: Report::Heartbeat(&hb) };
-    let batch =
-        [report("d1", 1, 1), report("d2", 1, 1), report("d1", 1, 1), report("nobody", 1, 1), report("d1", 5, 5)];
+    let batch = [
+        report("d1", 1, 1),
+        report("d2", 1, 1),
+        report("d1", 1, 1),
+        report("nobody", 1, 1),
+        report("d1", 5, 5),
+        // Below the floor the report before it moved.
+        report("d1", 3, 1),
+        report("d1", 6, 5),
+    ];
     assert_eq!(
         store.record_reports(&batch).unwrap(),
-        vec![Accepted::Stored, Accepted::Stored, Accepted::Duplicate, Accepted::UnknownDevice, Accepted::Stored]
+        vec![
+            Accepted::Stored,
+            Accepted::Stored,
+            Accepted::Duplicate,
+            Accepted::UnknownDevice,
+            Accepted::Stored,
+            Accepted::Duplicate,
+            Accepted::Stored
+        ]
     );
-    // The floor moved to 5 within the batch: a late 2 is settled.
+    // The floor moved to 5 within the batch: a late 2 is settled, a 6 was received.
     assert_eq!(store.record_reports(&[report("d1", 2, 1)]).unwrap(), vec![Accepted::Duplicate]);
+    assert_eq!(store.record_reports(&[report("d1", 6, 5)]).unwrap(), vec![Accepted::Duplicate]);
+    assert_eq!(store.record_reports(&[report("d1", 7, 5)]).unwrap(), vec![Accepted::Stored]);
     let views = store.delivery().unwrap();
     let d1 = views.iter().find(|v| v.device == "d1").unwrap();
-    assert_eq!((d1.reports_stored, d1.reports_duplicates), (2, 2));
+    assert_eq!((d1.reports_stored, d1.reports_duplicates), (4, 4));
+    let d2 = views.iter().find(|v| v.device == "d2").unwrap();
+    assert_eq!((d2.reports_stored, d2.reports_duplicates), (1, 0));
 }
 
 fn an_older_heartbeat_delivered_late_does_not_turn_counters_back(store: &TestStore) {
@@ -403,10 +461,11 @@ fn eviction_events_add_up_per_device(store: &TestStore) {
     let evicted = proto::delivery::Evicted { telemetry: 10, heartbeats: 2, reports: 0 };
     let event = proto::delivery::DeliveryEvent::Evicted { at_ms: 1, evicted };
     store.record_report("d1", 1, 1, &Report::Event(&event)).unwrap();
-    store.record_report("d1", 2, 1, &Report::Event(&event)).unwrap();
+    let later = |seq| SequencedReport { device: "d1", seq, floor: 1, report: Report::Event(&event) };
+    store.record_reports(&[later(2), later(3), later(3)]).unwrap();
     assert_eq!(
         store.delivery().unwrap()[0].evicted,
-        proto::delivery::Evicted { telemetry: 20, heartbeats: 4, reports: 0 }
+        proto::delivery::Evicted { telemetry: 30, heartbeats: 6, reports: 0 }
     );
 }
 
