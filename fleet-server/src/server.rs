@@ -372,6 +372,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         broker_passwords,
         timestamp,
         metrics,
+        store_calls: crate::api::StoreTurns::new(store.as_ref()),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -67,7 +67,7 @@ async fn main() -> Result<()> {
         bail!("--agents {} must be between 1 and 10000 (open files and loopback ports bound one process)", args.agents);
     }
     let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
-    let report = load::run(load::LoadOptions {
+    let run = load::run(load::LoadOptions {
         agents: args.agents,
         steady: Duration::from_secs(args.steady_secs),
         checkin: Duration::from_secs(args.checkin_secs),
@@ -78,14 +78,32 @@ async fn main() -> Result<()> {
         server_args: args.server_args,
         rollout_after: args.rollout_after_secs.map(Duration::from_secs),
         broker: args.broker,
-    })
-    .await?;
+    });
+    // Stopped by a signal, the run is dropped, and with it the fleet-server it started: left
+    // running, a stopped run's server kept its broker session and skewed the next run.
+    let report = tokio::select! {
+        report = run => report?,
+        signal = stop_signal() => bail!("stopped by {signal}; the fleet-server it started is stopped too"),
+    };
     let section = markdown(&report, &command);
     println!("{section}");
     if let Some(path) = &args.write {
         report::write_section(path, LOAD_MARKER, &section)?;
     }
     Ok(())
+}
+
+/// The first of SIGINT and SIGTERM, by name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
 }
 
 fn markdown(r: &load::LoadReport, command: &str) -> String {

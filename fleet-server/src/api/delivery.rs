@@ -66,7 +66,7 @@ pub async fn upload(
             )));
         }
     }
-    let ack = blocking(&state.store, move |s| s.record_telemetry(&device, &batch.rows)).await?;
+    let ack = blocking(&state, move |s| s.record_telemetry(&device, &batch.rows)).await?;
     Ok(Json(ack))
 }
 
@@ -113,7 +113,7 @@ pub async fn export(
         after: query.after_device.map(|d| (d, query.after_seq.unwrap_or(0))),
         limit: query.limit.unwrap_or(MAX_EXPORT_PAGE).min(MAX_EXPORT_PAGE),
     };
-    Ok(Json(blocking(&state.store, move |s| s.telemetry(&q)).await?))
+    Ok(Json(blocking(&state, move |s| s.telemetry(&q)).await?))
 }
 
 #[utoipa::path(
@@ -128,5 +128,5 @@ pub async fn export(
 )]
 pub async fn delivery(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeliveryView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
-    Ok(Json(blocking(&state.store, |s| s.delivery()).await?))
+    Ok(Json(blocking(&state, |s| s.delivery()).await?))
 }

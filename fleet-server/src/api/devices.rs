@@ -55,7 +55,7 @@ pub async fn enroll(
         public_key: request.public_key.trim().to_ascii_lowercase(),
         broker_hash: crate::broker::mosquitto::new_password_hash(&credential),
     };
-    let enrolled = blocking(&state.store, move |s| s.enroll(&token_hash, &device, ENROLL_RETRY_GRACE_MS)).await?;
+    let enrolled = blocking(&state, move |s| s.enroll(&token_hash, &device, ENROLL_RETRY_GRACE_MS)).await?;
     let device_id = enrolled.map_err(|refusal| {
         ApiError::Forbidden(
             match refusal {
@@ -105,7 +105,7 @@ pub async fn checkin(
     let timestamp = state.timestamp.clone();
     let statuses: Vec<_> =
         request.models.into_iter().filter(|status| names::validate("model name", &status.model).is_ok()).collect();
-    let desired = blocking(&state.store, move |s| {
+    let desired = blocking(&state, move |s| {
         let (mut desired, counter) = s.check_in(&device, now, &statuses, timestamp.is_some())?;
         if let (Some(timestamp), Some(counter)) = (&timestamp, counter) {
             let lifetime = timestamp.lifetime.as_secs();
@@ -149,7 +149,7 @@ pub async fn download(
     // A device downloads only what its desired state names (a version, or a candidate to run in
     // shadow); an operator any published bundle.
     if let Ok(device) = state.require_device(&headers).await {
-        let desired = blocking(&state.store, move |s| s.desired_state(&device)).await?;
+        let desired = blocking(&state, move |s| s.desired_state(&device)).await?;
         let named = |m: &proto::wire::DesiredModel| {
             m.name == name && (m.version == version || m.shadow.as_ref().is_some_and(|s| s.version == version))
         };
@@ -160,7 +160,7 @@ pub async fn download(
         state.require(&headers, Role::Viewer).await?;
     }
     let (n, v) = (name.clone(), version.clone());
-    if blocking(&state.store, move |s| s.bundle(&n, &v)).await?.is_none() {
+    if blocking(&state, move |s| s.bundle(&n, &v)).await?.is_none() {
         return Err(ApiError::NotFound(format!("no bundle {name} {version} is published")));
     }
     let path = crate::server::bundle_file(&state.bundle_dir, &name, &version);

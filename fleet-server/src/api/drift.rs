@@ -78,7 +78,7 @@ pub async fn show(
     if now.saturating_sub(since_ms) > MAX_LOOKBACK_MS {
         return Err(ApiError::BadRequest("since_ms reaches back more than 31 days".into()));
     }
-    let report = blocking(&state.store, move |s| {
+    let report = blocking(&state, move |s| {
         let rows = s.observation_rows(&query.model, since_ms, 0)?;
         let devices = s.device_infos(&query.model)?;
         let references = crate::drift::references(s, &query.model, rows.windows.iter().map(|w| &w.version))?;

@@ -47,7 +47,7 @@ pub async fn add_operator(
         created_ms: crate::unix_ms(),
         revoked_ms: None,
     };
-    blocking(&state.store, move |s| s.put_operator(&record, false)).await?;
+    blocking(&state, move |s| s.put_operator(&record, false)).await?;
     let detail = format!("{} as {}", request.name, request.role.as_str());
     audit(&state, who.name, AuditAction::OperatorAdded, detail).await?;
     Ok(Json(OperatorCreated { name: request.name, role: request.role, token }))
@@ -69,7 +69,7 @@ pub async fn list_operators(
     headers: HeaderMap,
 ) -> Result<Json<Vec<OperatorView>>, ApiError> {
     state.require(&headers, Role::Admin).await?;
-    let operators = blocking(&state.store, |s| s.operators()).await?;
+    let operators = blocking(&state, |s| s.operators()).await?;
     Ok(Json(
         operators
             .into_iter()
@@ -102,7 +102,7 @@ pub async fn revoke_operator(
         return Err(ApiError::Conflict("an admin cannot revoke its own token; ask another admin".into()));
     }
     let (lookup, now) = (name.clone(), crate::unix_ms());
-    if !blocking(&state.store, move |s| s.revoke_operator(&lookup, now)).await? {
+    if !blocking(&state, move |s| s.revoke_operator(&lookup, now)).await? {
         return Err(ApiError::NotFound(format!("no active operator named {name:?}")));
     }
     audit(&state, who.name, AuditAction::OperatorRevoked, name).await?;
@@ -131,7 +131,7 @@ pub async fn revoke_device(
 ) -> Result<Json<()>, ApiError> {
     let who = state.require(&headers, Role::Admin).await?;
     let (lookup, now) = (id.clone(), crate::unix_ms());
-    if !blocking(&state.store, move |s| s.revoke_device(&lookup, now)).await? {
+    if !blocking(&state, move |s| s.revoke_device(&lookup, now)).await? {
         return Err(ApiError::NotFound(format!("device {id:?} is not enrolled")));
     }
     state.revocations.device_revoked();

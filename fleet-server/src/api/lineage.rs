@@ -33,7 +33,7 @@ pub async fn models(
     headers: HeaderMap,
 ) -> Result<Json<Vec<ModelVersionView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
-    let bundles = blocking(&state.store, |s| s.bundles()).await?;
+    let bundles = blocking(&state, |s| s.bundles()).await?;
     Ok(Json(bundles.iter().filter_map(model_version).collect()))
 }
 
@@ -71,7 +71,7 @@ pub async fn device(
 ) -> Result<Json<DeviceDetail>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     let lookup = id.clone();
-    let gathered = blocking(&state.store, move |s| {
+    let gathered = blocking(&state, move |s| {
         let Some(device) = s.list_devices()?.into_iter().find(|d| d.id == lookup) else { return Ok(None) };
         let mut histories = BTreeMap::new();
         let mut bundles = BTreeMap::new();

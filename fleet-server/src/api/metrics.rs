@@ -196,7 +196,7 @@ pub fn render(metrics: &ApiMetrics, snapshot: StoreSnapshot) -> Result<String, s
 pub async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     let now = crate::unix_ms();
-    let snapshot = blocking(&state.store, move |s| StoreSnapshot::read(s, now)).await?;
+    let snapshot = blocking(&state, move |s| StoreSnapshot::read(s, now)).await?;
     let text = render(&state.metrics, snapshot).map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut response = text.into_response();
     response.headers_mut().insert(

@@ -46,6 +46,10 @@ pub struct AppState {
     pub timestamp: Option<Arc<TimestampSigner>>,
     /// API latencies per route, kept between scrapes of /metrics.
     pub metrics: metrics::ApiMetrics,
+    /// Turns for the requests' store calls. Without them, on tokio's blocking pool, 10,000
+    /// devices' check-ins filled all 512 threads waiting for PostgreSQL's 8 connections, and
+    /// the ingest's batches and the rollout driver's calls queued behind them.
+    pub store_calls: Arc<StoreTurns>,
 }
 
 /// The server's online timestamp key and how long what it signs stays fresh.
@@ -109,6 +113,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Too many requests wait already: 503, the client tries again later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -129,7 +136,12 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
+        if let ApiError::Busy(_) = &self {
+            let retry = [(axum::http::header::RETRY_AFTER, "5")];
+            return (status, retry, Json(ErrorBody { error: self.to_string() })).into_response();
+        }
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
@@ -168,15 +180,54 @@ pub async fn audit(
     detail: String,
 ) -> Result<(), ApiError> {
     let entry = proto::wire::AuditEntry { at_ms: crate::unix_ms(), actor, rollout: None, action, detail };
-    blocking(&state.store, move |s| s.append_audit(&entry)).await
+    blocking(&state, move |s| s.append_audit(&entry)).await
 }
 
 /// Runs a store call on the blocking pool, as an API error.
 pub async fn blocking<T: Send + 'static>(
-    store: &Arc<dyn Store>,
+    state: &AppState,
     f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    Ok(crate::store::blocking(store, f).await?)
+    let _turn = state.store_calls.turn().await?;
+    Ok(crate::store::blocking(&state.store, f).await?)
+}
+
+/// Turns for the requests' store calls: [`Store::concurrency`] at once, the others waiting in
+/// order without a thread, and past [`StoreTurns::MAX_WAITING_PER_TURN`] per turn a request is
+/// refused at once with 503 instead of waiting longer than its client would.
+pub struct StoreTurns {
+    turns: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+impl StoreTurns {
+    /// Requests that may wait for each turn.
+    pub const MAX_WAITING_PER_TURN: usize = 64;
+
+    pub fn new(store: &dyn Store) -> Arc<StoreTurns> {
+        let concurrency = store.concurrency().max(1);
+        Arc::new(StoreTurns::with_limits(concurrency, concurrency * Self::MAX_WAITING_PER_TURN))
+    }
+
+    fn with_limits(concurrency: usize, max_waiting: usize) -> StoreTurns {
+        StoreTurns { turns: tokio::sync::Semaphore::new(concurrency), waiting: Default::default(), max_waiting }
+    }
+
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        use std::sync::atomic::Ordering;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::Busy(format!(
+                "the server has {} requests waiting for its database; try again shortly",
+                self.max_waiting
+            )));
+        }
+        let turn = self.turns.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        // The semaphore is never closed.
+        turn.map_err(|e| ApiError::Internal(e.to_string()))
+    }
 }
 
 /// The operator behind a request's token.
@@ -192,7 +243,7 @@ impl AppState {
     /// of a secret a guess got right.
     pub async fn require(&self, headers: &HeaderMap, role: Role) -> Result<Operator, ApiError> {
         let hash = sha256_hex(bearer(headers).ok_or(ApiError::Unauthorized)?);
-        let found = blocking(&self.store, move |s| s.operator_for_token(&hash)).await?;
+        let found = blocking(self, move |s| s.operator_for_token(&hash)).await?;
         let operator = found.ok_or(ApiError::Unauthorized)?;
         if operator.role < role {
             return Err(ApiError::Forbidden(format!(
@@ -208,7 +259,7 @@ impl AppState {
     /// The device id behind a device credential.
     pub async fn require_device(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         let hash = sha256_hex(bearer(headers).ok_or(ApiError::Unauthorized)?);
-        blocking(&self.store, move |s| s.device_for_credential(&hash)).await?.ok_or(ApiError::Unauthorized)
+        blocking(self, move |s| s.device_for_credential(&hash)).await?.ok_or(ApiError::Unauthorized)
     }
 }
 

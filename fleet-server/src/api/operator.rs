@@ -67,7 +67,7 @@ pub async fn publish(
     let path = crate::server::bundle_file(&state.bundle_dir, &record.name, &record.version);
     write_bundle_file(&path, body.clone()).await?;
     let stored = record.clone();
-    blocking(&state.store, move |s| s.put_bundle(&stored)).await?;
+    blocking(&state, move |s| s.put_bundle(&stored)).await?;
     tracing::info!(model = %record.name, version = %record.version, "bundle published");
     Ok(Json(BundleInfo {
         name: record.name,
@@ -118,7 +118,7 @@ async fn write_bundle_file(path: &std::path::Path, bytes: Bytes) -> Result<(), A
 )]
 pub async fn devices(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<DeviceView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
-    Ok(Json(blocking(&state.store, |s| s.list_devices()).await?))
+    Ok(Json(blocking(&state, |s| s.list_devices()).await?))
 }
 
 #[utoipa::path(
@@ -148,7 +148,7 @@ pub async fn deploy(
         ))
     })?;
     let (model, version) = (request.model.clone(), request.version.clone());
-    if blocking(&state.store, move |s| s.bundle(&model, &version)).await?.is_none() {
+    if blocking(&state, move |s| s.bundle(&model, &version)).await?.is_none() {
         return Err(ApiError::NotFound(format!(
             "no bundle {} {} is published; run `fleetctl publish` first",
             request.model, request.version
@@ -160,13 +160,13 @@ pub async fn deploy(
     let Some(wanted) = request.devices.clone() else {
         return deploy_to_selector(&state, who.name, request).await;
     };
-    let known = blocking(&state.store, |s| s.device_ids()).await?;
+    let known = blocking(&state, |s| s.device_ids()).await?;
     if let Some(unknown) = wanted.iter().find(|d| !known.contains(d)) {
         return Err(ApiError::NotFound(format!("device {unknown:?} is not enrolled")));
     }
     let devices = wanted;
     let (targets, model, version) = (devices.clone(), request.model.clone(), request.version.clone());
-    let revisions = blocking(&state.store, move |s| s.set_desired(&targets, &model, &version)).await?;
+    let revisions = blocking(&state, move |s| s.set_desired(&targets, &model, &version)).await?;
     for (device, revision) in revisions {
         state.notifier.desired_changed(&device, revision);
     }
@@ -191,7 +191,7 @@ async fn deploy_to_selector(
     let selector = request.selector.unwrap_or_default();
     super::validate_labels(&selector)?;
     let model = request.model.clone();
-    let infos = blocking(&state.store, move |s| s.device_infos(&model)).await?;
+    let infos = blocking(&state, move |s| s.device_infos(&model)).await?;
     let devices: Vec<String> = infos
         .into_iter()
         .filter(|d| !d.revoked && proto::cohort::matches(&selector, &d.labels))
@@ -220,7 +220,7 @@ async fn deploy_to_selector(
         ),
     };
     let targets = devices.clone();
-    let revisions = blocking(&state.store, move |s| s.deploy_to_selector(&default, &targets, &audit)).await?;
+    let revisions = blocking(&state, move |s| s.deploy_to_selector(&default, &targets, &audit)).await?;
     for (device, revision) in revisions {
         state.notifier.desired_changed(&device, revision);
     }
@@ -260,7 +260,7 @@ pub async fn tokens(
     let hashes: Vec<String> = tokens.iter().map(|t| sha256_hex(t)).collect();
     let now = crate::unix_ms();
     let expires = now + u64::from(valid_hours) * 3_600_000;
-    blocking(&state.store, move |s| s.create_tokens(&hashes, now, expires)).await?;
+    blocking(&state, move |s| s.create_tokens(&hashes, now, expires)).await?;
     Ok(Json(TokenResponse { tokens }))
 }
 
@@ -289,7 +289,7 @@ pub async fn revoke_token(
         body.map_err(|e| ApiError::BadRequest(format!("body must be {{\"token\": ...}}: {}", e.body_text())))?;
     let hash = sha256_hex(&request.token);
     let now = crate::unix_ms();
-    if !blocking(&state.store, move |s| s.revoke_token(&hash, now)).await? {
+    if !blocking(&state, move |s| s.revoke_token(&hash, now)).await? {
         return Err(ApiError::NotFound("no unused, unrevoked enrollment token matches".into()));
     }
     super::audit(
@@ -329,7 +329,7 @@ pub async fn set_labels(
         body.map_err(|e| ApiError::BadRequest(format!("labels must be a JSON object of strings: {}", e.body_text())))?;
     super::validate_labels(&labels)?;
     let (device, stored) = (id.clone(), labels.clone());
-    if !blocking(&state.store, move |s| s.set_labels(&device, &stored)).await? {
+    if !blocking(&state, move |s| s.set_labels(&device, &stored)).await? {
         return Err(ApiError::NotFound(format!("device {id:?} is not enrolled")));
     }
     super::audit(

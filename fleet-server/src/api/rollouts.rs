@@ -106,7 +106,7 @@ pub async fn create(
     let who = state.require(&headers, Role::Operator).await?;
     let Json(plan) = body.map_err(|e| ApiError::BadRequest(format!("rollout plan is invalid: {}", e.body_text())))?;
     let (model, version) = (plan.model.clone(), plan.version.clone());
-    if blocking(&state.store, move |s| s.bundle(&model, &version)).await?.is_none() {
+    if blocking(&state, move |s| s.bundle(&model, &version)).await?.is_none() {
         return Err(ApiError::NotFound(format!(
             "no bundle {} {} is published; run `fleetctl publish` first",
             plan.model, plan.version
@@ -127,7 +127,7 @@ pub async fn create(
 )]
 pub async fn list(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Vec<RolloutView>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
-    let rollouts = blocking(&state.store, |s| s.rollouts()).await?;
+    let rollouts = blocking(&state, |s| s.rollouts()).await?;
     Ok(Json(rollouts.into_iter().map(RolloutView::from).collect()))
 }
 
@@ -150,13 +150,12 @@ pub async fn show(
 ) -> Result<Json<RolloutView>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     let lookup = id.clone();
-    let rollout = blocking(&state.store, move |s| s.rollout(&lookup))
-        .await?
-        .ok_or(ApiError::NotFound(format!("no rollout {id}")))?;
+    let rollout =
+        blocking(&state, move |s| s.rollout(&lookup)).await?.ok_or(ApiError::NotFound(format!("no rollout {id}")))?;
     let live = if rollout.phase.is_active() {
         let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
         let (rows, references) =
-            blocking(&state.store, move |s| crate::rollout::driver::observation_inputs(s, &model, since)).await?;
+            blocking(&state, move |s| crate::rollout::driver::observation_inputs(s, &model, since)).await?;
         let observations = crate::rollout::observe(&rows, &references);
         Some(crate::rollout::decide::live_gates(&rollout, &observations, crate::unix_ms()))
     } else {
@@ -226,5 +225,5 @@ pub async fn audit(
 ) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     state.require(&headers, Role::Viewer).await?;
     let limit = query.limit.clamp(1, 10_000);
-    Ok(Json(blocking(&state.store, move |s| s.audit(query.rollout.as_deref(), limit)).await?))
+    Ok(Json(blocking(&state, move |s| s.audit(query.rollout.as_deref(), limit)).await?))
 }

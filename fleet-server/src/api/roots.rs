@@ -43,7 +43,7 @@ pub async fn publish(
     }
     .map_err(refused)?;
     let (version, document) = (accepted.version, signed.to_json_bytes());
-    blocking(&state.store, move |s| s.put_root(version, &document, crate::unix_ms())).await?;
+    blocking(&state, move |s| s.put_root(version, &document, crate::unix_ms())).await?;
     let detail = match &latest {
         None => format!("root {version} (the first)"),
         Some(previous) => format!("root {version} replaces root {}", previous.version),
@@ -66,14 +66,14 @@ pub async fn publish(
     security(())
 )]
 pub async fn get(State(state): State<AppState>, Path(version): Path<u64>) -> Result<impl IntoResponse, ApiError> {
-    let document = blocking(&state.store, move |s| s.root(version)).await?;
+    let document = blocking(&state, move |s| s.root(version)).await?;
     let document = document.ok_or_else(|| ApiError::NotFound(format!("no root {version} is published")))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], document))
 }
 
 /// The newest published root, as verified when it was stored.
 pub async fn latest_root(state: &AppState) -> Result<Option<Root>, ApiError> {
-    let Some(document) = blocking(&state.store, |s| s.latest_root()).await? else {
+    let Some(document) = blocking(&state, |s| s.latest_root()).await? else {
         return Ok(None);
     };
     let signed = SignedRoot::parse(&document).map_err(|e| ApiError::Internal(format!("stored root: {e}")))?;

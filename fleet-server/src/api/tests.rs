@@ -61,6 +61,7 @@ fn api() -> Api {
     };
     store.put_operator(&admin, true).unwrap();
     let state = AppState {
+        store_calls: crate::api::StoreTurns::new(store.as_ref()),
         store: store.clone(),
         bundle_dir: dir.path().join("bundles"),
         trusted: Arc::new(TrustedKeys::from_hex([public.as_str()]).unwrap()),
@@ -372,3 +373,26 @@ async fn metrics_need_a_token_and_count_requests_by_route_pattern_and_devices_by
 }
 
 mod openapi;
+
+#[tokio::test]
+async fn a_request_past_the_waiting_limit_is_refused_busy_at_once_and_the_waiting_ones_get_their_turn() {
+    let turns = Arc::new(super::StoreTurns::with_limits(1, 2));
+    let held = turns.turn().await.unwrap();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let turns = turns.clone();
+            tokio::spawn(async move { turns.turn().await.map(drop) })
+        })
+        .collect();
+    // Both are waiting once the waiting count says so.
+    while turns.waiting.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+        tokio::task::yield_now().await;
+    }
+    let refused = turns.turn().await.unwrap_err();
+    assert!(matches!(&refused, super::ApiError::Busy(why) if why.contains("try again")), "{refused}");
+    assert_eq!(axum::response::IntoResponse::into_response(refused).status(), StatusCode::SERVICE_UNAVAILABLE);
+    drop(held);
+    for waiter in waiters {
+        waiter.await.unwrap().unwrap();
+    }
+}

@@ -278,6 +278,14 @@ pub trait Store: Send + Sync + 'static {
     /// their dedupe entries; a report's `floor` lets the store forget sequences its device will
     /// not resend. One outcome per report, in order; an error stores none of them.
     fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError>;
+
+    /// How many of the API's calls are worth running at once; more only wait on the store's
+    /// connections, each holding a blocking thread. SQLite's as many as tokio's blocking pool
+    /// has threads: waiting check-ins are what its group commit writes together, and with 64
+    /// the 10,000-agent run's check-in p99 doubled (docs/BENCHMARKS.md, Load).
+    fn concurrency(&self) -> usize {
+        512
+    }
     /// [`Store::record_reports`] for one report.
     fn record_report(&self, device: &str, seq: u64, floor: u64, report: &Report<'_>) -> Result<Accepted, StoreError> {
         let report = SequencedReport { device, seq, floor, report: report.clone() };

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use postgres::{Client, GenericClient, Row};
+use postgres::{Client, GenericClient, Row, Transaction};
 use proto::wire::{
     bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
 };
@@ -155,8 +155,19 @@ pub fn bundle(conn: &mut Client, name: &str, version: &str) -> Result<Option<Bun
     }))
 }
 
-pub fn desired_state(conn: &mut Client, device: &str) -> Result<DesiredState, StoreError> {
+pub fn desired_state(conn: &mut impl GenericClient, device: &str) -> Result<DesiredState, StoreError> {
     let revision: i64 = conn.query_one("SELECT revision FROM devices WHERE id = $1", &[&device])?.try_get(0)?;
+    let models = desired_models(conn, device)?;
+    let root_version: Option<i64> = conn.query_one("SELECT MAX(version) FROM roots", &[])?.try_get(0)?;
+    Ok(DesiredState {
+        revision: revision as u64,
+        models,
+        root_version: root_version.map(|v| v as u64),
+        freshness: None,
+    })
+}
+
+fn desired_models(conn: &mut impl GenericClient, device: &str) -> Result<Vec<DesiredModel>, StoreError> {
     let rows = conn.query(
         "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
            d.activation_window
@@ -190,13 +201,56 @@ pub fn desired_state(conn: &mut Client, device: &str) -> Result<DesiredState, St
             activation_window: rollouts::window_of(r.try_get(9)?)?,
         });
     }
-    let root_version: Option<i64> = conn.query_one("SELECT MAX(version) FROM roots", &[])?.try_get(0)?;
-    Ok(DesiredState {
-        revision: revision as u64,
-        models,
-        root_version: root_version.map(|v| v as u64),
+    Ok(models)
+}
+
+/// A device's check-in (`Store::check_in`) in one transaction, so one commit: written as four
+/// (last seen, status, counter each their own), each commit waited for its WAL flush, and at
+/// 10,000 agents those flushes were what PostgreSQL waited on.
+///
+/// A check-in that issues no freshness counter does not wait for its commit's flush at all:
+/// nothing in it must outlive a crash of the database. A last-seen time or a status lost with
+/// the last moment of commits is written again by the device's next check-in (statuses also
+/// arrive as acknowledged reports), as the SQLite store (synchronous NORMAL) may lose its last
+/// commits on power loss. A counter must be stored before the reply is signed (ADR 0010), so
+/// those commits wait.
+pub fn check_in(
+    tx: &mut Transaction<'_>,
+    device: &str,
+    now_ms: u64,
+    statuses: &[UpdateStatus],
+    freshness: bool,
+) -> Result<(DesiredState, Option<u64>), StoreError> {
+    if !freshness {
+        tx.batch_execute("SET LOCAL synchronous_commit TO OFF")?;
+    }
+    // Last seen, the counter, and what the desired state needs besides its models: one round trip.
+    let seen = tx.query_one(
+        "UPDATE devices SET last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2),
+           freshness_counter = freshness_counter + CASE WHEN $3 THEN 1 ELSE 0 END
+         WHERE id = $1 RETURNING revision, freshness_counter, (SELECT MAX(version) FROM roots)",
+        &[&device, &(now_ms as i64), &freshness],
+    )?;
+    let mut prepared = Prepared::new(tx);
+    for status in statuses {
+        status_into(&mut prepared, device, status)?;
+    }
+    let desired = DesiredState {
+        revision: seen.try_get::<_, i64>(0)? as u64,
+        models: desired_models(tx, device)?,
+        root_version: seen.try_get::<_, Option<i64>>(2)?.map(|v| v as u64),
         freshness: None,
-    })
+    };
+    let counter = if freshness { Some(seen.try_get::<_, i64>(1)? as u64) } else { None };
+    Ok((desired, counter))
+}
+
+pub fn next_freshness_counter(conn: &mut impl GenericClient, device: &str) -> Result<u64, StoreError> {
+    let row = conn.query_one(
+        "UPDATE devices SET freshness_counter = freshness_counter + 1 WHERE id = $1 RETURNING freshness_counter",
+        &[&device],
+    )?;
+    Ok(row.try_get::<_, i64>(0)? as u64)
 }
 
 /// Keeps the newest status per (device, model): a late, older report changes nothing.
