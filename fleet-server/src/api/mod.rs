@@ -180,7 +180,7 @@ pub async fn audit(
     detail: String,
 ) -> Result<(), ApiError> {
     let entry = proto::wire::AuditEntry { at_ms: crate::unix_ms(), actor, rollout: None, action, detail };
-    blocking(&state, move |s| s.append_audit(&entry)).await
+    blocking(state, move |s| s.append_audit(&entry)).await
 }
 
 /// Runs a store call on the blocking pool, as an API error.

@@ -191,7 +191,7 @@ async fn deploy_to_selector(
     let selector = request.selector.unwrap_or_default();
     super::validate_labels(&selector)?;
     let model = request.model.clone();
-    let infos = blocking(&state, move |s| s.device_infos(&model)).await?;
+    let infos = blocking(state, move |s| s.device_infos(&model)).await?;
     let devices: Vec<String> = infos
         .into_iter()
         .filter(|d| !d.revoked && proto::cohort::matches(&selector, &d.labels))
@@ -220,7 +220,7 @@ async fn deploy_to_selector(
         ),
     };
     let targets = devices.clone();
-    let revisions = blocking(&state, move |s| s.deploy_to_selector(&default, &targets, &audit)).await?;
+    let revisions = blocking(state, move |s| s.deploy_to_selector(&default, &targets, &audit)).await?;
     for (device, revision) in revisions {
         state.notifier.desired_changed(&device, revision);
     }

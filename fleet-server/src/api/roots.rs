@@ -73,7 +73,7 @@ pub async fn get(State(state): State<AppState>, Path(version): Path<u64>) -> Res
 
 /// The newest published root, as verified when it was stored.
 pub async fn latest_root(state: &AppState) -> Result<Option<Root>, ApiError> {
-    let Some(document) = blocking(&state, |s| s.latest_root()).await? else {
+    let Some(document) = blocking(state, |s| s.latest_root()).await? else {
         return Ok(None);
     };
     let signed = SignedRoot::parse(&document).map_err(|e| ApiError::Internal(format!("stored root: {e}")))?;
