@@ -32,14 +32,15 @@ use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
 /// Connections one server opens at most (PostgreSQL's default limit is 100 for all clients).
 const CONNECTIONS: usize = 8;
 
-/// Connections of their own for storing what devices send (reports and telemetry uploads).
+/// Connections of the MQTT ingest's own (its report batches, the device keys it looks up and
+/// the rejected reports it counts).
 const INGEST_CONNECTIONS: usize = 2;
 
 /// A PostgreSQL database holding one fleet's tables, in one schema.
 pub struct PostgresStore {
     clients: Pool<Client>,
-    /// The ingest's own (its batches, telemetry, and the device keys it looks up once each).
-    /// Sharing the API's pool, the ingest's key lookups waited for a connection behind the
+    /// The MQTT ingest's own. Telemetry uploads are HTTP requests and stay on the API's pool,
+    /// so that they cannot take these from the ingest. Sharing the API's pool, the ingest's key lookups waited for a connection behind the
     /// check-ins of 10,000 devices (the pool takes no turns), and reports were stored at ~100/s.
     ingest: Pool<Client>,
 }
@@ -107,7 +108,6 @@ impl PostgresStore {
     }
 }
 
-/// The error and what caused it ("error connecting to server: Connection refused").
 /// A connection of `pool`'s, a new one in place of one the database closed.
 fn open_client(pool: &Pool<Client>) -> Result<Pooled<'_, Client>, StoreError> {
     loop {
@@ -119,6 +119,7 @@ fn open_client(pool: &Pool<Client>) -> Result<Pooled<'_, Client>, StoreError> {
     }
 }
 
+/// The error and what caused it ("error connecting to server: Connection refused").
 pub(super) fn with_causes(e: &postgres::Error) -> String {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -456,7 +457,7 @@ impl Store for PostgresStore {
     }
 
     fn record_telemetry(&self, device: &str, rows: &[TelemetryRow]) -> Result<TelemetryAck, StoreError> {
-        delivery::record_telemetry(&mut *self.ingest_conn()?, device, rows)
+        delivery::record_telemetry(&mut *self.conn()?, device, rows)
     }
 
     fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError> {
