@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 
 use postgres::error::SqlState;
-use postgres::{Client, Config, NoTls};
+use postgres::{Config, NoTls};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::{AuditEntry, DesiredState, DeviceView, Heartbeat, UpdateStatus};
 
-use self::prepared::Prepared;
+use self::prepared::{PgConn, Prepared};
 use super::pool::{Pool, Pooled};
 use super::{
     Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, PendingEvent,
@@ -38,11 +38,11 @@ const INGEST_CONNECTIONS: usize = 2;
 
 /// A PostgreSQL database holding one fleet's tables, in one schema.
 pub struct PostgresStore {
-    clients: Pool<Client>,
+    clients: Pool<PgConn>,
     /// The MQTT ingest's own. Telemetry uploads are HTTP requests and stay on the API's pool,
     /// so that they cannot take these from the ingest. Sharing the API's pool, the ingest's key lookups waited for a connection behind the
     /// check-ins of 10,000 devices (the pool takes no turns), and reports were stored at ~100/s.
-    ingest: Pool<Client>,
+    ingest: Pool<PgConn>,
 }
 
 impl Drop for PostgresStore {
@@ -84,20 +84,20 @@ impl PostgresStore {
         let mut client = config.connect(NoTls).map_err(unreachable)?;
         schema::migrate(&mut client).map_err(unreachable)?;
         let ingest_config = config.clone();
-        let clients = Pool::new(CONNECTIONS, move || Ok(config.connect(NoTls)?));
-        let ingest = Pool::new(INGEST_CONNECTIONS, move || Ok(ingest_config.connect(NoTls)?));
+        let clients = Pool::new(CONNECTIONS, move || Ok(PgConn::new(config.connect(NoTls)?)));
+        let ingest = Pool::new(INGEST_CONNECTIONS, move || Ok(PgConn::new(ingest_config.connect(NoTls)?)));
         // The first client, already open, is the pool's first idle one.
-        drop(clients.adopt(client));
+        drop(clients.adopt(PgConn::new(client)));
         Ok(PostgresStore { clients, ingest })
     }
 
     /// A connection of the API's pool.
-    fn conn(&self) -> Result<Pooled<'_, Client>, StoreError> {
+    fn conn(&self) -> Result<Pooled<'_, PgConn>, StoreError> {
         open_client(&self.clients)
     }
 
     /// A connection of the ingest's pool.
-    fn ingest_conn(&self) -> Result<Pooled<'_, Client>, StoreError> {
+    fn ingest_conn(&self) -> Result<Pooled<'_, PgConn>, StoreError> {
         open_client(&self.ingest)
     }
 
@@ -109,7 +109,7 @@ impl PostgresStore {
 }
 
 /// A connection of `pool`'s, a new one in place of one the database closed.
-fn open_client(pool: &Pool<Client>) -> Result<Pooled<'_, Client>, StoreError> {
+fn open_client(pool: &Pool<PgConn>) -> Result<Pooled<'_, PgConn>, StoreError> {
     loop {
         let client = pool.get()?;
         if !client.is_closed() {
@@ -310,13 +310,14 @@ impl Store for PostgresStore {
     }
 
     fn insert_device(&self, d: &NewDevice) -> Result<(), StoreError> {
-        devices::insert_device(&mut *self.conn()?, d)
+        devices::insert_device(&mut self.conn()?.client, d)
     }
 
     /// Read by the ingest (once per device), so on its connections.
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
         let row = self
             .ingest_conn()?
+            .prepared()
             .query_opt("SELECT public_key FROM devices WHERE id = $1 AND revoked_ms IS NULL", &[&device])?;
         let key: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
         Ok(key.filter(|k| !k.is_empty()))
@@ -333,7 +334,7 @@ impl Store for PostgresStore {
     }
 
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
-        let row = self.conn()?.query_opt(
+        let row = self.conn()?.prepared().query_opt(
             "SELECT id FROM devices WHERE credential_hash = $1 AND revoked_ms IS NULL",
             &[&credential_hash],
         )?;
@@ -358,7 +359,7 @@ impl Store for PostgresStore {
     }
 
     fn next_freshness_counter(&self, device: &str) -> Result<u64, StoreError> {
-        devices::next_freshness_counter(&mut *self.conn()?, device)
+        devices::next_freshness_counter(&mut self.conn()?.client, device)
     }
 
     /// Twice the connections: a call's turn starts while another's result is still being read.
@@ -374,8 +375,8 @@ impl Store for PostgresStore {
         freshness: bool,
     ) -> Result<(DesiredState, Option<u64>), StoreError> {
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction()?;
-        let checked_in = devices::check_in(&mut tx, device, now_ms, statuses, freshness)?;
+        let (mut tx, statements) = conn.transaction_and_statements()?;
+        let checked_in = devices::check_in(&mut tx, statements, device, now_ms, statuses, freshness)?;
         tx.commit()?;
         Ok(checked_in)
     }
@@ -418,6 +419,7 @@ impl Store for PostgresStore {
     fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
+        devices::lock_devices(&mut tx, devices.iter().map(String::as_str))?;
         let mut revisions = Vec::with_capacity(devices.len());
         for device in devices {
             if let Some(revision) = rollouts::upsert_desired(&mut tx, device, model, version, None, None, None)? {
@@ -429,27 +431,27 @@ impl Store for PostgresStore {
     }
 
     fn desired_state(&self, device: &str) -> Result<DesiredState, StoreError> {
-        devices::desired_state(&mut *self.conn()?, device)
+        devices::desired_state(&mut self.conn()?.prepared(), device)
     }
 
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction()?;
-        devices::status_into(&mut Prepared::new(&mut tx), device, s)?;
+        let (mut tx, statements) = conn.transaction_and_statements()?;
+        devices::status_into(&mut Prepared::new(&mut tx, statements), device, s)?;
         tx.commit()?;
         Ok(())
     }
 
     fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction()?;
-        devices::heartbeat_into(&mut Prepared::new(&mut tx), device, heartbeat)?;
+        let (mut tx, statements) = conn.transaction_and_statements()?;
+        devices::heartbeat_into(&mut Prepared::new(&mut tx, statements), device, heartbeat)?;
         tx.commit()?;
         Ok(())
     }
 
     fn record_drift(&self, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
-        devices::drift_into(&mut Prepared::new(&mut *self.conn()?), device, d)
+        devices::drift_into(&mut self.conn()?.prepared(), device, d)
     }
 
     fn record_reports(&self, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
@@ -533,7 +535,7 @@ impl Store for PostgresStore {
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        rollouts::append_audit(&mut *self.conn()?, entry)
+        rollouts::append_audit(&mut self.conn()?.client, entry)
     }
 
     fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {

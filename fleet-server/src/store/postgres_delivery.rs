@@ -7,24 +7,26 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use postgres::{Client, Transaction};
 use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, TelemetryRow};
 
-use super::devices::{drift_into, heartbeat_into, status_into};
-use super::prepared::Prepared;
+use super::devices::{drift_into, heartbeat_into, lock_devices, status_into};
+use super::prepared::{PgConn, Prepared};
 use crate::store::{Accepted, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
 /// Stores a batch of sequenced reports in one transaction, with the outcomes they would have
 /// one by one in order. One commit for the whole batch is what lets the server keep up with a
 /// site draining its backlog; and what every report needs (is the device known, its floor, was
 /// (device, seq) received before, its counters) is one statement for the whole batch, so that
-/// only each report's own rows take statements of their own, prepared once: a report costs two
-/// or three round trips where it cost sixteen.
-pub fn record_reports(conn: &mut Client, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
-    let mut tx = conn.transaction()?;
+/// only each report's own rows take statements of their own, prepared once per connection: a
+/// report costs two or three round trips where it cost sixteen.
+pub fn record_reports(conn: &mut PgConn, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
     let devices: Vec<&str> = reports.iter().map(|r| r.device).collect::<BTreeSet<_>>().into_iter().collect();
-    tx.execute(
+    let (mut tx, statements) = conn.transaction_and_statements()?;
+    lock_devices(&mut tx, devices.iter().copied())?;
+    let mut prepared = Prepared::new(&mut tx, statements);
+    prepared.execute(
         "INSERT INTO delivery (device) SELECT id FROM devices WHERE id = ANY($1) ON CONFLICT DO NOTHING",
         &[&devices],
     )?;
-    let floors = tx
+    let floors = prepared
         .query(
             "SELECT delivery.device, delivery.floor FROM delivery JOIN devices ON devices.id = delivery.device
              WHERE delivery.device = ANY($1)",
@@ -34,7 +36,7 @@ pub fn record_reports(conn: &mut Client, reports: &[SequencedReport<'_>]) -> Res
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<HashMap<String, i64>, StoreError>>()?;
     let (candidate_devices, candidate_seqs): (Vec<&str>, Vec<i64>) = candidates(reports, &floors).into_iter().unzip();
-    let newly_received = tx
+    let newly_received = prepared
         .query(
             "INSERT INTO received (device, seq) SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[])
              ON CONFLICT DO NOTHING RETURNING device, seq",
@@ -44,7 +46,6 @@ pub fn record_reports(conn: &mut Client, reports: &[SequencedReport<'_>]) -> Res
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<HashSet<(String, i64)>, StoreError>>()?;
     let settled = settle(reports, &floors, &newly_received);
-    let mut prepared = Prepared::new(&mut tx);
     for (r, accepted) in reports.iter().zip(&settled.accepted) {
         if *accepted != Accepted::Stored {
             continue;

@@ -8,9 +8,11 @@ use proto::wire::{
     bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
 };
 
-use super::prepared::Prepared;
+use super::prepared::{Prepared, Statements};
 use super::{json, lineage, rollouts};
-use crate::store::{BundleRecord, NewDevice, OperatorRecord, StoreError, StoredDrift};
+use crate::store::{
+    attach_model_views, blank_model_view, BundleRecord, NewDevice, OperatorRecord, StoreError, StoredDrift,
+};
 
 pub fn operator_row(r: &Row) -> Result<OperatorRecord, postgres::Error> {
     let role: String = r.try_get(1)?;
@@ -31,21 +33,6 @@ pub fn insert_device(conn: &mut impl GenericClient, d: &NewDevice) -> Result<(),
         &[&d.id, &d.name, &json(&d.labels), &d.credential_hash, &(d.enrolled_ms as i64), &d.public_key, &d.broker_hash],
     )?;
     Ok(())
-}
-
-fn blank(name: &str) -> DeviceModelView {
-    DeviceModelView {
-        name: name.to_string(),
-        desired_version: None,
-        active_version: None,
-        step: None,
-        step_version: None,
-        detail: String::new(),
-        inferences: 0,
-        drift_summaries: 0,
-        drift_score: None,
-        mean_confidence: None,
-    }
 }
 
 pub fn list_devices(conn: &mut Client) -> Result<Vec<DeviceView>, StoreError> {
@@ -71,7 +58,8 @@ pub fn list_devices(conn: &mut Client) -> Result<Vec<DeviceView>, StoreError> {
     let mut models: BTreeMap<(String, String), DeviceModelView> = BTreeMap::new();
     for r in conn.query("SELECT device, model, version FROM desired", &[])? {
         let (device, model): (String, String) = (r.try_get(0)?, r.try_get(1)?);
-        models.entry((device, model.clone())).or_insert_with(|| blank(&model)).desired_version = Some(r.try_get(2)?);
+        models.entry((device, model.clone())).or_insert_with(|| blank_model_view(&model)).desired_version =
+            Some(r.try_get(2)?);
     }
     for r in
         conn.query("SELECT device, model, step, detail, active_version, inferences, version FROM model_status", &[])?
@@ -79,7 +67,7 @@ pub fn list_devices(conn: &mut Client) -> Result<Vec<DeviceView>, StoreError> {
         let (device, model): (String, String) = (r.try_get(0)?, r.try_get(1)?);
         let step: Option<String> = r.try_get(2)?;
         let step = step.as_deref().map(|text| rollouts::parse_step(&device, text)).transpose()?;
-        let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
+        let view = models.entry((device, model.clone())).or_insert_with(|| blank_model_view(&model));
         view.step = step;
         view.step_version = r.try_get(6)?;
         view.detail = r.try_get(3)?;
@@ -95,18 +83,12 @@ pub fn list_devices(conn: &mut Client) -> Result<Vec<DeviceView>, StoreError> {
     )?;
     for r in drift {
         let (device, model): (String, String) = (r.try_get(0)?, r.try_get(1)?);
-        let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
+        let view = models.entry((device, model.clone())).or_insert_with(|| blank_model_view(&model));
         view.drift_summaries = r.try_get::<_, i64>(2)? as u64;
         view.drift_score = r.try_get(3)?;
         view.mean_confidence = r.try_get(4)?;
     }
-    for device in &mut devices {
-        device.models = models
-            .range((device.id.clone(), String::new())..)
-            .take_while(|((d, _), _)| d == &device.id)
-            .map(|(_, v)| v.clone())
-            .collect();
-    }
+    attach_model_views(&mut devices, &models);
     Ok(devices)
 }
 
@@ -155,7 +137,7 @@ pub fn bundle(conn: &mut Client, name: &str, version: &str) -> Result<Option<Bun
     }))
 }
 
-pub fn desired_state(conn: &mut impl GenericClient, device: &str) -> Result<DesiredState, StoreError> {
+pub fn desired_state(conn: &mut Prepared<'_, impl GenericClient>, device: &str) -> Result<DesiredState, StoreError> {
     let revision: i64 = conn.query_one("SELECT revision FROM devices WHERE id = $1", &[&device])?.try_get(0)?;
     let models = desired_models(conn, device)?;
     let root_version: Option<i64> = conn.query_one("SELECT MAX(version) FROM roots", &[])?.try_get(0)?;
@@ -167,7 +149,7 @@ pub fn desired_state(conn: &mut impl GenericClient, device: &str) -> Result<Desi
     })
 }
 
-fn desired_models(conn: &mut impl GenericClient, device: &str) -> Result<Vec<DesiredModel>, StoreError> {
+fn desired_models(conn: &mut Prepared<'_, impl GenericClient>, device: &str) -> Result<Vec<DesiredModel>, StoreError> {
     let rows = conn.query(
         "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
            d.activation_window
@@ -211,11 +193,12 @@ fn desired_models(conn: &mut impl GenericClient, device: &str) -> Result<Vec<Des
 /// A check-in that issues no freshness counter does not wait for its commit's flush at all:
 /// nothing in it must outlive a crash of the database. A last-seen time or a status lost with
 /// the last moment of commits is written again by the device's next check-in (statuses also
-/// arrive as acknowledged reports), as the SQLite store (synchronous NORMAL) may lose its last
-/// commits on power loss. A counter must be stored before the reply is signed (ADR 0010), so
-/// those commits wait.
+/// arrive as acknowledged reports). A counter must be stored before the reply is signed
+/// (ADR 0010), so those commits wait, as do all others: an acknowledged report is gone from its
+/// device.
 pub fn check_in(
     tx: &mut Transaction<'_>,
+    statements: &mut Statements,
     device: &str,
     now_ms: u64,
     statuses: &[UpdateStatus],
@@ -225,24 +208,42 @@ pub fn check_in(
         tx.batch_execute("SET LOCAL synchronous_commit TO OFF")?;
     }
     // Last seen, the counter, and what the desired state needs besides its models: one round trip.
-    let seen = tx.query_one(
+    let mut prepared = Prepared::new(tx, statements);
+    let seen = prepared.query_one(
         "UPDATE devices SET last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2),
            freshness_counter = freshness_counter + CASE WHEN $3 THEN 1 ELSE 0 END
          WHERE id = $1 RETURNING revision, freshness_counter, (SELECT MAX(version) FROM roots)",
         &[&device, &(now_ms as i64), &freshness],
     )?;
-    let mut prepared = Prepared::new(tx);
     for status in statuses {
         status_into(&mut prepared, device, status)?;
     }
     let desired = DesiredState {
         revision: seen.try_get::<_, i64>(0)? as u64,
-        models: desired_models(tx, device)?,
+        models: desired_models(&mut prepared, device)?,
         root_version: seen.try_get::<_, Option<i64>>(2)?.map(|v| v as u64),
         freshness: None,
     };
     let counter = if freshness { Some(seen.try_get::<_, i64>(1)? as u64) } else { None };
     Ok((desired, counter))
+}
+
+/// Locks the rows of `devices` in the order of their ids. Every transaction that changes rows of
+/// several devices (an ingest batch, a wave's or a deployment's desired writes) calls it first,
+/// and a check-in changes the rows of one: so no two wait for each other in a cycle. Taken as
+/// each statement came to them, a batch holding a device's status row waited for its device row
+/// while a check-in held that and waited for the status row, and a batch and a wave each held
+/// device rows the other wanted; PostgreSQL failed one of each pair as deadlocked
+/// (docs/BENCHMARKS.md, Load).
+pub fn lock_devices<'a>(
+    tx: &mut impl GenericClient,
+    devices: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StoreError> {
+    let ids: Vec<&str> = devices.into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    if ids.len() > 1 {
+        tx.execute("SELECT 1 FROM devices WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE", &[&ids])?;
+    }
+    Ok(())
 }
 
 pub fn next_freshness_counter(conn: &mut impl GenericClient, device: &str) -> Result<u64, StoreError> {

@@ -6,6 +6,7 @@ use postgres::{Client, GenericClient};
 use proto::window::ActivationWindow;
 use proto::wire::{AuditEntry, UpdateStep};
 
+use super::devices::lock_devices;
 use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
@@ -124,6 +125,7 @@ pub fn deploy_to_selector(
     audit: &AuditEntry,
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let mut tx = conn.transaction()?;
+    lock_devices(&mut tx, devices.iter().map(String::as_str))?;
     insert_cohort_default(&mut tx, default)?;
     let mut revisions = Vec::with_capacity(devices.len());
     for device in devices {
@@ -143,6 +145,7 @@ pub fn apply_cohort_defaults(
     audit: &[AuditEntry],
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let mut tx = conn.transaction()?;
+    lock_devices(&mut tx, newcomers.iter().map(|(device, _)| device.as_str()))?;
     let mut revisions = Vec::with_capacity(newcomers.len());
     for (device, version) in newcomers {
         // Only a device still without a desired version: a deployment since the caller read
@@ -234,6 +237,7 @@ pub fn save(
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let mut tx = conn.transaction()?;
+    lock_devices(&mut tx, desired.iter().map(|d| d.device.as_str()))?;
     let saved = if rollout.revision == 0 {
         tx.execute(
             "INSERT INTO rollouts (id, model, phase, created_ms, state, revision) VALUES ($1, $2, $3, $4, $5, 1)

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::store::tests::{TestSchema, DATABASE_URL_VAR};
+use postgres::Client;
 
 fn applied_versions(schema: &TestSchema) -> Vec<i64> {
     let mut client = Client::connect(&schema.url, NoTls).unwrap();
