@@ -9,7 +9,9 @@ mod postgres;
 mod sqlite;
 
 use proto::delivery::{DeliveryEvent, DeliveryView, TelemetryAck, TelemetryRow};
-use proto::wire::{AuditEntry, DesiredState, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep};
+use proto::wire::{
+    AuditEntry, DesiredState, DeviceModelView, DeviceView, DriftSummary, Heartbeat, UpdateStatus, UpdateStep,
+};
 
 pub use self::postgres::{without_password, PostgresStore};
 use crate::drift::retrain::Watch;
@@ -48,6 +50,36 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
         .unwrap_or_else(|e| Err(StoreError::Interrupted(e.to_string())))
+}
+
+/// A model's view in the device list before any row filled it in.
+fn blank_model_view(name: &str) -> DeviceModelView {
+    DeviceModelView {
+        name: name.to_string(),
+        desired_version: None,
+        active_version: None,
+        step: None,
+        step_version: None,
+        detail: String::new(),
+        inferences: 0,
+        drift_summaries: 0,
+        drift_score: None,
+        mean_confidence: None,
+    }
+}
+
+/// Gives each device of the list the views of its models, keyed by (device, model).
+fn attach_model_views(
+    devices: &mut [DeviceView],
+    models: &std::collections::BTreeMap<(String, String), DeviceModelView>,
+) {
+    for device in devices {
+        device.models = models
+            .range((device.id.clone(), String::new())..)
+            .take_while(|((d, _), _)| d == &device.id)
+            .map(|(_, v)| v.clone())
+            .collect();
+    }
 }
 
 /// One device's stored status of a model (last update step, counters from heartbeats).

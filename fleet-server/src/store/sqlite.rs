@@ -12,11 +12,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use self::devices::{
+    desired_in, drift_into, freshness_counter_in, heartbeat_into, insert_device, operator_row, status_into, touch_in,
+};
 use super::pool::{Pool, Pooled};
 
-use proto::wire::{
-    bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
-};
+use proto::wire::{DesiredState, DeviceView, Heartbeat, UpdateStatus};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
@@ -33,6 +34,11 @@ use proto::wire::AuditEntry;
 /// lookups, the rollout tick and the API to read at once on a small server.
 const READERS: usize = 4;
 
+/// Statements each connection keeps prepared (rusqlite's default is 16): a check-in group and an
+/// ingest batch run about twenty different ones for every device, and with 16 they would push
+/// each other out.
+const PREPARED_STATEMENTS: usize = 64;
+
 /// How long a statement waits for a lock before it fails (the writer's checkpoints, other
 /// processes opening the file).
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -48,13 +54,18 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Every commit reaches the disk before it returns: a device deletes a report once it is
+        // acknowledged, so a commit lost to a power cut would lose the report for good. With
+        // NORMAL, WAL mode syncs only at checkpoints.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         schema::migrate(&mut conn)?;
         let path = path.to_path_buf();
         let readers = Pool::new(READERS, move || {
             let reader = Connection::open(&path)?;
             reader.busy_timeout(BUSY_TIMEOUT)?;
+            reader.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
             reader.pragma_update(None, "query_only", true)?;
             Ok(reader)
         });
@@ -252,9 +263,8 @@ impl Store for SqliteStore {
     fn device_public_key(&self, device: &str) -> Result<Option<String>, StoreError> {
         let key: Option<String> = self
             .snapshot()?
-            .query_row("SELECT public_key FROM devices WHERE id = ?1 AND revoked_ms IS NULL", params![device], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT public_key FROM devices WHERE id = ?1 AND revoked_ms IS NULL")?
+            .query_row(params![device], |r| r.get(0))
             .optional()?;
         Ok(key.filter(|k| !k.is_empty()))
     }
@@ -272,11 +282,8 @@ impl Store for SqliteStore {
     fn device_for_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .snapshot()?
-            .query_row(
-                "SELECT id FROM devices WHERE credential_hash = ?1 AND revoked_ms IS NULL",
-                params![credential_hash],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT id FROM devices WHERE credential_hash = ?1 AND revoked_ms IS NULL")?
+            .query_row(params![credential_hash], |r| r.get(0))
             .optional()?)
     }
 
@@ -300,99 +307,7 @@ impl Store for SqliteStore {
     }
 
     fn list_devices(&self) -> Result<Vec<DeviceView>, StoreError> {
-        let conn = self.snapshot()?;
-        let mut stmt = conn.prepare(
-            "SELECT id, name, labels, enrolled_ms, last_seen_ms, health, revoked_ms FROM devices ORDER BY name, id",
-        )?;
-        let mut devices: Vec<DeviceView> = stmt
-            .query_map([], |r| {
-                let labels: String = r.get(2)?;
-                let health: Option<String> = r.get(5)?;
-                Ok(DeviceView {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    labels: serde_json::from_str(&labels).unwrap_or_default(),
-                    enrolled_ms: r.get::<_, i64>(3)? as u64,
-                    last_seen_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
-                    health: health.and_then(|h| serde_json::from_str(&h).ok()),
-                    models: Vec::new(),
-                    revoked_ms: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut models: BTreeMap<(String, String), DeviceModelView> = BTreeMap::new();
-        let blank = |name: &str| DeviceModelView {
-            name: name.to_string(),
-            desired_version: None,
-            active_version: None,
-            step: None,
-            step_version: None,
-            detail: String::new(),
-            inferences: 0,
-            drift_summaries: 0,
-            drift_score: None,
-            mean_confidence: None,
-        };
-        let mut desired = conn.prepare("SELECT device, model, version FROM desired")?;
-        for row in
-            desired.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
-        {
-            let (device, model, version) = row?;
-            models.entry((device, model.clone())).or_insert_with(|| blank(&model)).desired_version = Some(version);
-        }
-        let mut status =
-            conn.prepare("SELECT device, model, step, detail, active_version, inferences, version FROM model_status")?;
-        let rows = status.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, Option<String>>(6)?,
-            ))
-        })?;
-        for row in rows {
-            let (device, model, step, detail, active, inferences, step_version) = row?;
-            let step = step.as_deref().map(|text| rollouts::parse_step(&device, text)).transpose()?;
-            let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
-            view.step = step;
-            view.step_version = step_version;
-            view.detail = detail;
-            view.active_version = active;
-            view.inferences = inferences as u64;
-        }
-        let mut drift = conn.prepare(
-            "SELECT device, model, COUNT(*),
-                    (SELECT score FROM drift d2 WHERE d2.device = d.device AND d2.model = d.model ORDER BY window_start_ms DESC LIMIT 1),
-                    (SELECT mean_confidence FROM drift d2 WHERE d2.device = d.device AND d2.model = d.model ORDER BY window_start_ms DESC LIMIT 1)
-             FROM drift d GROUP BY device, model",
-        )?;
-        let rows = drift.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<f64>>(3)?,
-                r.get::<_, Option<f64>>(4)?,
-            ))
-        })?;
-        for row in rows {
-            let (device, model, count, score, confidence) = row?;
-            let view = models.entry((device, model.clone())).or_insert_with(|| blank(&model));
-            view.drift_summaries = count as u64;
-            view.drift_score = score;
-            view.mean_confidence = confidence;
-        }
-        for device in &mut devices {
-            device.models = models
-                .range((device.id.clone(), String::new())..)
-                .take_while(|((d, _), _)| d == &device.id)
-                .map(|(_, v)| v.clone())
-                .collect();
-        }
-        Ok(devices)
+        devices::list_devices(&*self.snapshot()?)
     }
 
     fn next_freshness_counter(&self, device: &str) -> Result<u64, StoreError> {
@@ -643,147 +558,8 @@ impl Store for SqliteStore {
     }
 }
 
-fn touch_in(conn: &Connection, device: &str, at_ms: u64) -> Result<(), StoreError> {
-    conn.execute(
-        "UPDATE devices SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
-        params![device, at_ms as i64],
-    )?;
-    Ok(())
-}
-
-fn freshness_counter_in(conn: &Connection, device: &str) -> Result<u64, StoreError> {
-    let counter: i64 = conn.query_row(
-        "UPDATE devices SET freshness_counter = freshness_counter + 1 WHERE id = ?1 RETURNING freshness_counter",
-        params![device],
-        |r| r.get(0),
-    )?;
-    Ok(counter as u64)
-}
-
-/// A device's desired state as stored (no freshness), inside the caller's connection or transaction.
-fn desired_in(conn: &Connection, device: &str) -> Result<DesiredState, StoreError> {
-    let revision: i64 = conn.query_row("SELECT revision FROM devices WHERE id = ?1", params![device], |r| r.get(0))?;
-    let mut stmt = conn.prepare(
-        "SELECT d.model, d.version, b.sha256, b.size, d.attempt, d.shadow_version, d.shadow_rate, s.sha256, s.size,
-           d.activation_window
-         FROM desired d
-         JOIN bundles b ON b.name = d.model AND b.version = d.version
-         LEFT JOIN bundles s ON s.name = d.model AND s.version = d.shadow_version
-         WHERE d.device = ?1 ORDER BY d.model",
-    )?;
-    let models = stmt
-        .query_map(params![device], |r| {
-            let (name, version): (String, String) = (r.get(0)?, r.get(1)?);
-            let shadow_version: Option<String> = r.get(5)?;
-            let shadow_bundle: Option<(String, i64)> = r.get::<_, Option<String>>(7)?.zip(r.get(8)?);
-            let shadow = shadow_version.zip(shadow_bundle).map(|(v, (sha256, size))| DesiredShadow {
-                bundle_path: bundle_path(&name, &v),
-                version: v,
-                bundle_sha256: sha256,
-                bundle_size: size as u64,
-                sample_rate: r.get::<_, Option<f64>>(6).ok().flatten().unwrap_or(0.1) as f32,
-            });
-            Ok(DesiredModel {
-                bundle_path: bundle_path(&name, &version),
-                name,
-                version,
-                bundle_sha256: r.get(2)?,
-                bundle_size: r.get::<_, i64>(3)? as u64,
-                attempt: r.get(4)?,
-                shadow,
-                activation_window: rollouts::window_of(r.get(9)?)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    let root_version: Option<i64> = conn.query_row("SELECT MAX(version) FROM roots", [], |r| r.get(0))?;
-    Ok(DesiredState {
-        revision: revision as u64,
-        models,
-        root_version: root_version.map(|v| v as u64),
-        freshness: None,
-    })
-}
-
-fn operator_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OperatorRecord> {
-    let role: String = r.get(1)?;
-    Ok(OperatorRecord {
-        name: r.get(0)?,
-        // Written only from a Role; an unknown value reads as the least privilege.
-        role: role.parse().unwrap_or(proto::wire::Role::Viewer),
-        token_hash: r.get(2)?,
-        created_ms: r.get::<_, i64>(3)? as u64,
-        revoked_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
-    })
-}
-
-fn insert_device(conn: &Connection, d: &NewDevice) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO devices (id, name, labels, credential_hash, enrolled_ms, public_key, broker_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![d.id, d.name, json(&d.labels), d.credential_hash, d.enrolled_ms as i64, d.public_key, d.broker_hash],
-    )?;
-    Ok(())
-}
-
-/// Keeps the newest status per (device, model): a late, older report changes nothing.
-pub(super) fn status_into(conn: &Connection, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO model_status (device, model, version, step, detail, active_version, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, step = excluded.step,
-           detail = excluded.detail, active_version = excluded.active_version, at_ms = excluded.at_ms
-         WHERE model_status.at_ms IS NULL OR model_status.at_ms <= excluded.at_ms",
-        params![device, s.model, s.version, s.step.as_str(), s.detail, s.active_version, s.at_ms as i64],
-    )?;
-    lineage::record_history(conn, device, s)
-}
-
-/// Applies a heartbeat unless a newer one is already stored (a backlog may deliver old ones
-/// after new ones; counters must not go backwards).
-pub(super) fn heartbeat_into(conn: &Connection, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
-    let at = heartbeat.at_ms as i64;
-    let newer = conn.execute(
-        "UPDATE devices SET health = ?2, heartbeat_ms = ?3, last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?3)
-         WHERE id = ?1 AND COALESCE(heartbeat_ms, 0) <= ?3",
-        params![device, json(&heartbeat.health), at],
-    )? == 1;
-    if !newer {
-        return Ok(());
-    }
-    for m in &heartbeat.models {
-        conn.execute(
-            "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us, shadow_version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
-               active_version = excluded.active_version, errors = excluded.errors,
-               latency_p95_us = excluded.latency_p95_us, shadow_version = excluded.shadow_version",
-            params![device, m.model, m.version, m.inferences as i64, m.errors as i64, m.latency_p95_us, m.shadow_version],
-        )?;
-    }
-    Ok(())
-}
-
-/// Stores a window once; a second delivery of the same (device, model, start) returns false.
-pub(super) fn drift_into(conn: &Connection, device: &str, d: &StoredDrift<'_>) -> Result<bool, StoreError> {
-    let s = d.summary;
-    let inserted = conn.execute(
-        "INSERT OR IGNORE INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        params![
-            device,
-            s.model,
-            s.version,
-            s.window_start_ms as i64,
-            s.window_end_ms as i64,
-            s.sketch.rows as i64,
-            d.score,
-            d.mean_confidence,
-            proto::wire::encode(&s.sketch),
-            s.shadow.as_ref().map(proto::wire::encode),
-            crate::unix_ms() as i64
-        ],
-    )?;
-    Ok(inserted == 1)
-}
+#[path = "sqlite_devices.rs"]
+mod devices;
 
 #[path = "sqlite_schema.rs"]
 mod schema;

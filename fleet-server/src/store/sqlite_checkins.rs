@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use proto::wire::{DesiredState, UpdateStatus};
 use rusqlite::Connection;
 
-use super::{desired_in, freshness_counter_in, status_into, touch_in, SqliteStore, StoreError};
+use super::devices::{desired_in, freshness_counter_in, status_into, touch_in};
+use super::{SqliteStore, StoreError};
 
 type Outcome = Result<(DesiredState, Option<u64>), StoreError>;
 

@@ -5,7 +5,7 @@
 use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, TelemetryRow};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::{drift_into, heartbeat_into, status_into};
+use super::devices::{drift_into, heartbeat_into, status_into};
 use crate::store::{Accepted, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
 /// Stores a batch of sequenced reports in one transaction: one commit for the whole batch is
@@ -25,20 +25,25 @@ fn record_in(
     floor: u64,
     report: &Report<'_>,
 ) -> Result<Accepted, StoreError> {
-    if tx.query_row("SELECT 1 FROM devices WHERE id = ?1", params![device], |_| Ok(())).optional()?.is_none() {
+    if tx
+        .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")?
+        .query_row(params![device], |_| Ok(()))
+        .optional()?
+        .is_none()
+    {
         return Ok(Accepted::UnknownDevice);
     }
-    tx.execute("INSERT OR IGNORE INTO delivery (device) VALUES (?1)", params![device])?;
+    tx.prepare_cached("INSERT OR IGNORE INTO delivery (device) VALUES (?1)")?.execute(params![device])?;
     let stored_floor: i64 =
-        tx.query_row("SELECT floor FROM delivery WHERE device = ?1", params![device], |r| r.get(0))?;
+        tx.prepare_cached("SELECT floor FROM delivery WHERE device = ?1")?.query_row(params![device], |r| r.get(0))?;
     let new = seq as i64 >= stored_floor
-        && tx.execute("INSERT OR IGNORE INTO received (device, seq) VALUES (?1, ?2)", params![device, seq as i64])?
+        && tx
+            .prepare_cached("INSERT OR IGNORE INTO received (device, seq) VALUES (?1, ?2)")?
+            .execute(params![device, seq as i64])?
             == 1;
     if !new {
-        tx.execute(
-            "UPDATE delivery SET reports_duplicates = reports_duplicates + 1 WHERE device = ?1",
-            params![device],
-        )?;
+        tx.prepare_cached("UPDATE delivery SET reports_duplicates = reports_duplicates + 1 WHERE device = ?1")?
+            .execute(params![device])?;
         return Ok(Accepted::Duplicate);
     }
     match report {
@@ -48,18 +53,26 @@ fn record_in(
             drift_into(tx, device, drift)?;
         }
         Report::Event(DeliveryEvent::Evicted { evicted, .. }) => {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE delivery SET evicted_telemetry = evicted_telemetry + ?2,
                    evicted_heartbeats = evicted_heartbeats + ?3, evicted_reports = evicted_reports + ?4
                  WHERE device = ?1",
-                params![device, evicted.telemetry as i64, evicted.heartbeats as i64, evicted.reports as i64],
-            )?;
+            )?
+            .execute(params![
+                device,
+                evicted.telemetry as i64,
+                evicted.heartbeats as i64,
+                evicted.reports as i64
+            ])?;
         }
     }
-    tx.execute("UPDATE delivery SET reports_stored = reports_stored + 1 WHERE device = ?1", params![device])?;
+    tx.prepare_cached("UPDATE delivery SET reports_stored = reports_stored + 1 WHERE device = ?1")?
+        .execute(params![device])?;
     if floor as i64 > stored_floor {
-        tx.execute("UPDATE delivery SET floor = ?2 WHERE device = ?1", params![device, floor as i64])?;
-        tx.execute("DELETE FROM received WHERE device = ?1 AND seq < ?2", params![device, floor as i64])?;
+        tx.prepare_cached("UPDATE delivery SET floor = ?2 WHERE device = ?1")?
+            .execute(params![device, floor as i64])?;
+        tx.prepare_cached("DELETE FROM received WHERE device = ?1 AND seq < ?2")?
+            .execute(params![device, floor as i64])?;
     }
     Ok(Accepted::Stored)
 }

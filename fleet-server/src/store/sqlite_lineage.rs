@@ -20,21 +20,20 @@ CREATE INDEX IF NOT EXISTS status_history_by_device ON status_history (device, m
 /// a model's 50 lines were one unchanged "active" within minutes, the steps before it lost),
 /// and drops what is beyond [`MAX_HISTORY`] steps, so the table stays bounded per device.
 pub fn record_history(conn: &Connection, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
-    let appended = conn.execute(
-        "INSERT INTO status_history (device, model, version, step, detail, at_ms)
+    let appended = conn
+        .prepare_cached(
+            "INSERT INTO status_history (device, model, version, step, detail, at_ms)
          SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE NOT EXISTS (
            SELECT 1 FROM (SELECT version, step, detail FROM status_history WHERE device = ?1 AND model = ?2
                           ORDER BY at_ms DESC, rowid DESC LIMIT 1) AS newest
            WHERE newest.version = ?3 AND newest.step = ?4 AND newest.detail = ?5)",
-        params![device, s.model, s.version, s.step.as_str(), s.detail, s.at_ms as i64],
-    )?;
+        )?
+        .execute(params![device, s.model, s.version, s.step.as_str(), s.detail, s.at_ms as i64])?;
     if appended == 0 {
         return Ok(());
     }
-    conn.execute(
-        "DELETE FROM status_history WHERE device = ?1 AND model = ?2 AND rowid NOT IN (
-            SELECT rowid FROM status_history WHERE device = ?1 AND model = ?2 ORDER BY at_ms DESC, rowid DESC LIMIT ?3)",
-        params![device, s.model, MAX_HISTORY as i64],
+    conn.prepare_cached("DELETE FROM status_history WHERE device = ?1 AND model = ?2 AND rowid NOT IN (
+            SELECT rowid FROM status_history WHERE device = ?1 AND model = ?2 ORDER BY at_ms DESC, rowid DESC LIMIT ?3)")?.execute(params![device, s.model, MAX_HISTORY as i64],
     )?;
     Ok(())
 }
