@@ -22,6 +22,10 @@ pub enum DownloadError {
     Http { url: String, source: reqwest::Error },
     #[error("download of {url} answered HTTP {status}")]
     Status { url: String, status: u16 },
+    /// 503 or 429: the server sheds load (fleet-server does past a queue of requests). Not the
+    /// bundle's fault, so not counted as a failed attempt; `retry_after` is what it asked for.
+    #[error("download of {url} answered HTTP {status}: the server is busy, will try again later")]
+    Busy { url: String, status: u16, retry_after: Option<std::time::Duration> },
     #[error("bundle {url} is {size} bytes, over the {limit}-byte limit")]
     TooLarge { url: String, size: u64, limit: u64 },
     #[error("bundle {url} sent more than the announced {expected} bytes")]
@@ -108,6 +112,7 @@ impl Download<'_> {
                 *hasher = Sha256::new();
                 tokio::fs::File::create(part).await
             }
+            429 | 503 => return Err(DownloadError::Busy { url, status, retry_after: retry_after(&response) }),
             _ => return Err(DownloadError::Status { url, status }),
         }
         .map_err(io("open", part))?;
@@ -155,6 +160,12 @@ impl Download<'_> {
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
     let path = path.to_path_buf();
     move |source| DownloadError::Io { action, path, source }
+}
+
+/// A `Retry-After` given in seconds (the form fleet-server sends; an HTTP date reads as none).
+fn retry_after(response: &reqwest::Response) -> Option<std::time::Duration> {
+    let value = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse().ok().map(std::time::Duration::from_secs)
 }
 
 /// The digest state after the first `len` bytes of a partial download, read in chunks on a
@@ -331,6 +342,32 @@ mod tests {
         let err = download(&client, &url, dest.clone(), &body, &sha).run().await.unwrap_err();
         assert!(matches!(err, DownloadError::Overrun { expected: 10_000, .. }), "{err}");
         assert!(!dest.exists() && !dest.with_extension("bundle.part").exists(), "nothing of it is kept");
+    }
+
+    #[tokio::test]
+    async fn a_busy_server_is_told_apart_from_a_failure_with_the_pause_it_asked_for() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/b", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut request).await;
+                let head = "HTTP/1.1 503 Service Unavailable\r\nretry-after: 5\r\ncontent-length: 0\r\n\r\n";
+                let _ = socket.write_all(head.as_bytes()).await;
+            }
+        });
+        let client = crate::http::client();
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![7u8; 100];
+        let sha = hex::encode(Sha256::digest(&body));
+        let err = download(&client, &url, dir.path().join("m-1.0.0.bundle"), &body, &sha).run().await.unwrap_err();
+        match err {
+            DownloadError::Busy { status: 503, retry_after, .. } => {
+                assert_eq!(retry_after, Some(std::time::Duration::from_secs(5)))
+            }
+            other => panic!("expected Busy, got {other}"),
+        }
     }
 
     #[tokio::test]

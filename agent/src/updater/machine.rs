@@ -68,13 +68,17 @@ pub enum AfterDownloadError {
 /// An attempt that moved the partial download forward by at least [`PROGRESS_BYTES`] or an
 /// eighth of the bundle, whichever is less, is not counted: a link that drops often but moves
 /// data finishes by resuming, while the number of such attempts stays bounded by the bundle's size.
+///
+/// A server that said it is busy (503, 429) is not counted either: a fleet under a rollout's
+/// burst sheds requests on purpose, and a device must not give up a good version for it.
 pub fn after_download_error(
     failures_before: u32,
     attempts: u32,
     progressed_bytes: u64,
     bundle_size: u64,
+    server_busy: bool,
 ) -> AfterDownloadError {
-    if progressed_bytes >= PROGRESS_BYTES.min(bundle_size / 8).max(1) {
+    if server_busy || progressed_bytes >= PROGRESS_BYTES.min(bundle_size / 8).max(1) {
         return AfterDownloadError::RetryLater { failures: failures_before };
     }
     let failures = failures_before + 1;
@@ -165,17 +169,30 @@ mod tests {
 
     #[test]
     fn download_errors_retry_until_the_attempts_are_used_up() {
-        assert_eq!(after_download_error(0, 3, 0, 1 << 20), AfterDownloadError::RetryLater { failures: 1 });
-        assert_eq!(after_download_error(1, 3, 10, 1 << 20), AfterDownloadError::RetryLater { failures: 2 });
-        assert_eq!(after_download_error(2, 3, 0, 1 << 20), AfterDownloadError::GiveUp { failures: 3 });
-        assert_eq!(after_download_error(0, 1, 0, 1 << 20), AfterDownloadError::GiveUp { failures: 1 });
+        assert_eq!(after_download_error(0, 3, 0, 1 << 20, false), AfterDownloadError::RetryLater { failures: 1 });
+        assert_eq!(after_download_error(1, 3, 10, 1 << 20, false), AfterDownloadError::RetryLater { failures: 2 });
+        assert_eq!(after_download_error(2, 3, 0, 1 << 20, false), AfterDownloadError::GiveUp { failures: 3 });
+        assert_eq!(after_download_error(0, 1, 0, 1 << 20, false), AfterDownloadError::GiveUp { failures: 1 });
+    }
+
+    #[test]
+    fn a_busy_server_does_not_use_up_the_attempts() {
+        assert_eq!(after_download_error(2, 3, 0, 1 << 20, true), AfterDownloadError::RetryLater { failures: 2 });
+        assert_eq!(after_download_error(0, 1, 0, 1 << 20, true), AfterDownloadError::RetryLater { failures: 0 });
     }
 
     #[test]
     fn an_attempt_that_moved_the_download_forward_does_not_count() {
-        assert_eq!(after_download_error(2, 3, PROGRESS_BYTES, 1 << 20), AfterDownloadError::RetryLater { failures: 2 });
-        assert_eq!(after_download_error(2, 3, 1000, 8000), AfterDownloadError::RetryLater { failures: 2 }, "an eighth");
-        assert_eq!(after_download_error(2, 3, 999, 8000), AfterDownloadError::GiveUp { failures: 3 });
+        assert_eq!(
+            after_download_error(2, 3, PROGRESS_BYTES, 1 << 20, false),
+            AfterDownloadError::RetryLater { failures: 2 }
+        );
+        assert_eq!(
+            after_download_error(2, 3, 1000, 8000, false),
+            AfterDownloadError::RetryLater { failures: 2 },
+            "an eighth"
+        );
+        assert_eq!(after_download_error(2, 3, 999, 8000, false), AfterDownloadError::GiveUp { failures: 3 });
     }
 
     #[test]

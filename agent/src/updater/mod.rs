@@ -8,7 +8,10 @@
 //! after an exponential backoff with jitter, at most `download_attempts` times per version and
 //! attempt, then reported `failed` with the last reason; a version that stops the agent during
 //! its self-test `self_test_restarts` times is reported `failed` on the next start. Downloads
-//! are removed after every outcome, and abandoned ones at start.
+//! are removed after every outcome, and abandoned ones at start. A server that answers busy
+//! (503, 429) is asked again after its `Retry-After` and is not counted as an attempt: it sheds
+//! load on purpose during a rollout's burst, and if it stays busy the rollout's device timeout
+//! on the server ends that deployment.
 
 pub mod disk;
 pub mod download;
@@ -284,10 +287,18 @@ impl Updater {
         e: UpdateError,
     ) -> Result<(), UpdateError> {
         let key = (model.name.clone(), model.version.clone());
-        match machine::after_download_error(failures, self.policy.download_attempts, progressed, model.bundle_size) {
+        let busy = match &e {
+            UpdateError::Download(download::DownloadError::Busy { retry_after, .. }) => Some(*retry_after),
+            _ => None,
+        };
+        let attempts = self.policy.download_attempts;
+        match machine::after_download_error(failures, attempts, progressed, model.bundle_size, busy.is_some()) {
             machine::AfterDownloadError::RetryLater { failures } => {
                 let mut backoff = Backoff::new(self.policy.retry_base, self.policy.retry_cap);
                 let pause = (0..failures.max(1)).map(|_| backoff.next_delay()).last().unwrap_or_default();
+                // A busy server's own pause, if longer, within the cap.
+                let asked = busy.flatten().unwrap_or_default().min(self.policy.retry_cap);
+                let pause = pause.max(asked);
                 tracing::warn!(device = %self.device_id, model = %model.name, error = %e, failures, ?pause, "download failed; will retry");
                 self.retry_after.insert(key, tokio::time::Instant::now() + pause);
                 self.job().report(model, UpdateStep::Downloading, e.to_string(), failures).await
