@@ -418,11 +418,12 @@ impl Store for PostgresStore {
 
     fn set_desired(&self, devices: &[String], model: &str, version: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let mut conn = self.conn()?;
-        let mut tx = conn.transaction()?;
+        let (mut tx, statements) = conn.transaction_and_statements()?;
         devices::lock_devices(&mut tx, devices.iter().map(String::as_str))?;
+        let mut prepared = Prepared::new(&mut tx, statements);
         let mut revisions = Vec::with_capacity(devices.len());
         for device in devices {
-            if let Some(revision) = rollouts::upsert_desired(&mut tx, device, model, version, None, None, None)? {
+            if let Some(revision) = rollouts::upsert_desired(&mut prepared, device, model, version, None, None, None)? {
                 revisions.push((device.clone(), revision));
             }
         }

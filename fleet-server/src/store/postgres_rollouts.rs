@@ -7,6 +7,7 @@ use proto::window::ActivationWindow;
 use proto::wire::{AuditEntry, UpdateStep};
 
 use super::devices::lock_devices;
+use super::prepared::{PgConn, Prepared};
 use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
@@ -15,7 +16,7 @@ use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, Window
 /// checks in again; `Some` is a rollout's assertion and changes nothing (returns None) when the
 /// version, attempt, shadow and window are already what it wants.
 pub fn upsert_desired(
-    tx: &mut impl GenericClient,
+    tx: &mut Prepared<'_, impl GenericClient>,
     device: &str,
     model: &str,
     version: &str,
@@ -61,7 +62,7 @@ pub fn window_of(text: Option<String>) -> Result<Option<ActivationWindow>, Store
 }
 
 /// Raises the device's desired-state revision (it checks in again when told it changed).
-fn bump_revision(tx: &mut impl GenericClient, device: &str) -> Result<u64, StoreError> {
+fn bump_revision(tx: &mut Prepared<'_, impl GenericClient>, device: &str) -> Result<u64, StoreError> {
     let row =
         tx.query_one("UPDATE devices SET revision = revision + 1 WHERE id = $1 RETURNING revision", &[&device])?;
     Ok(row.try_get::<_, i64>(0)? as u64)
@@ -119,48 +120,51 @@ fn insert_cohort_default(tx: &mut impl GenericClient, d: &CohortDefault) -> Resu
 }
 
 pub fn deploy_to_selector(
-    conn: &mut Client,
+    conn: &mut PgConn,
     default: &CohortDefault,
     devices: &[String],
     audit: &AuditEntry,
 ) -> Result<Vec<(String, u64)>, StoreError> {
-    let mut tx = conn.transaction()?;
+    let (mut tx, statements) = conn.transaction_and_statements()?;
     lock_devices(&mut tx, devices.iter().map(String::as_str))?;
     insert_cohort_default(&mut tx, default)?;
+    append_audit(&mut tx, audit)?;
+    let mut prepared = Prepared::new(&mut tx, statements);
     let mut revisions = Vec::with_capacity(devices.len());
     for device in devices {
-        if let Some(revision) = upsert_desired(&mut tx, device, &default.model, &default.version, None, None, None)? {
+        let desired = upsert_desired(&mut prepared, device, &default.model, &default.version, None, None, None)?;
+        if let Some(revision) = desired {
             revisions.push((device.clone(), revision));
         }
     }
-    append_audit(&mut tx, audit)?;
     tx.commit()?;
     Ok(revisions)
 }
 
 pub fn apply_cohort_defaults(
-    conn: &mut Client,
+    conn: &mut PgConn,
     model: &str,
     newcomers: &[(String, String)],
     audit: &[AuditEntry],
 ) -> Result<Vec<(String, u64)>, StoreError> {
-    let mut tx = conn.transaction()?;
+    let (mut tx, statements) = conn.transaction_and_statements()?;
     lock_devices(&mut tx, newcomers.iter().map(|(device, _)| device.as_str()))?;
+    for entry in audit {
+        append_audit(&mut tx, entry)?;
+    }
+    let mut prepared = Prepared::new(&mut tx, statements);
     let mut revisions = Vec::with_capacity(newcomers.len());
     for (device, version) in newcomers {
         // Only a device still without a desired version: a deployment since the caller read
         // the devices wins.
-        let inserted = tx.execute(
+        let inserted = prepared.execute(
             "INSERT INTO desired (device, model, version, attempt) VALUES ($1, $2, $3, 0)
              ON CONFLICT (device, model) DO NOTHING",
             &[device, &model, version],
         )?;
         if inserted == 1 {
-            revisions.push((device.clone(), bump_revision(&mut tx, device)?));
+            revisions.push((device.clone(), bump_revision(&mut prepared, device)?));
         }
-    }
-    for entry in audit {
-        append_audit(&mut tx, entry)?;
     }
     tx.commit()?;
     Ok(revisions)
@@ -230,13 +234,13 @@ pub fn parse_step(device: &str, text: &str) -> Result<UpdateStep, StoreError> {
 /// a crash can never leave a saved state whose desired writes are missing. Returns the devices
 /// whose revision changed, to notify once committed.
 pub fn save(
-    conn: &mut Client,
+    conn: &mut PgConn,
     rollout: &Rollout,
     audit: &[AuditEntry],
     desired: &[DesiredChange],
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let mut tx = conn.transaction()?;
+    let (mut tx, statements) = conn.transaction_and_statements()?;
     lock_devices(&mut tx, desired.iter().map(|d| d.device.as_str()))?;
     let saved = if rollout.revision == 0 {
         tx.execute(
@@ -267,12 +271,13 @@ pub fn save(
         };
         insert_cohort_default(&mut tx, &default)?;
     }
+    let mut prepared = Prepared::new(&mut tx, statements);
     let mut revisions = Vec::new();
     for d in desired {
         let shadow = d.shadow.as_ref().map(|(v, r)| (v.as_str(), *r));
         let window = d.window.as_ref();
         if let Some(revision) =
-            upsert_desired(&mut tx, &d.device, &rollout.plan.model, &d.version, Some(d.attempt), shadow, window)?
+            upsert_desired(&mut prepared, &d.device, &rollout.plan.model, &d.version, Some(d.attempt), shadow, window)?
         {
             revisions.push((d.device.clone(), revision));
         }
