@@ -1,5 +1,5 @@
 //! The server's MQTT session: stores what devices publish (heartbeats, update status, drift
-//! windows, delivery events) and notifies devices when their desired state changes.
+//! windows, delivery events); `crate::notify` publishes on the same session.
 //!
 //! The session is persistent (a client id fixed per data directory, clean session off, QoS 1
 //! subscriptions) so what devices publish while the server is down waits in the broker. Each
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use proto::delivery::{open_envelope, Ack, DeliveryEvent, Envelope, EnvelopeError};
 use proto::keys::{parse_public_key, VerifyingKey};
-use proto::wire::{decode, encode, DesiredChanged, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
+use proto::wire::{decode, encode, DriftSummary, Heartbeat, Topic, UpdateStatus, MAX_MQTT_PAYLOAD};
 use proto::Manifest;
 use rumqttc::mqttbytes::Error as MqttBytesError;
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, StateError};
@@ -48,42 +48,6 @@ pub struct MqttLogin {
     pub password: String,
 }
 
-/// Publishes desired-state notifications; cheap to clone.
-#[derive(Clone)]
-pub struct Notifier {
-    client: AsyncClient,
-}
-
-impl Notifier {
-    /// A notifier with no broker behind it, for handler tests: every notification is dropped.
-    #[cfg(test)]
-    pub fn detached() -> Notifier {
-        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("detached", "127.0.0.1", 9), 1);
-        Notifier { client }
-    }
-
-    /// Publishes an event for the systems around the fleet (at least once, from the server's
-    /// persistent session), waiting up to `within` for room in the session's queue, which the
-    /// ingest's acknowledgements share.
-    pub async fn publish_event(&self, topic: &str, payload: Vec<u8>, within: Duration) -> Result<(), String> {
-        match tokio::time::timeout(within, self.client.publish(topic, QoS::AtLeastOnce, false, payload)).await {
-            Ok(published) => published.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("the MQTT session had no room for {} s", within.as_secs())),
-        }
-    }
-
-    /// Best effort: a device that misses it still checks in on its own interval. At most once:
-    /// a rollout wave notifies hundreds of devices at once, and at least once would hold that
-    /// many packet ids of the session that also acknowledges every stored report (fleet-load
-    /// found a wave of 500 notifications stopping all ingest at 1,000 agents).
-    pub fn desired_changed(&self, device: &str, revision: u64) {
-        let topic = Topic::Desired { device: device.to_string() }.render();
-        if let Err(e) = self.client.try_publish(topic, QoS::AtMostOnce, false, encode(&DesiredChanged { revision })) {
-            tracing::warn!(%device, error = %e, "desired-state notification not sent");
-        }
-    }
-}
-
 /// Tells the ingest that a device was revoked, so it forgets the keys it cached; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Revocations(Arc<AtomicU64>);
@@ -106,14 +70,14 @@ const MAX_BATCH: usize = 256;
 /// Starts the server's MQTT session as two tasks of `tasks` (the connection, and the ingest that
 /// stores what arrives in batches); they end when `cancel` is cancelled. The target's client id
 /// must stay the same across restarts of this server (its queued messages are kept under it) and
-/// differ between servers.
+/// differ between servers. Returns the session's client, for `crate::notify` to publish on.
 pub fn connect(
     broker: &SessionTarget,
     store: Arc<dyn Store>,
     revocations: Revocations,
     cancel: CancellationToken,
     tasks: &TaskTracker,
-) -> Notifier {
+) -> AsyncClient {
     let (host, port, client_id, login) = (&broker.host, broker.port, &broker.client_id, broker.login.as_ref());
     let mut options = MqttOptions::new(client_id, host, port);
     if let Some(login) = login {
@@ -138,7 +102,7 @@ pub fn connect(
     tasks.spawn(run_session(eventloop, client.clone(), filters, persistent, arrived_tx, cancel.clone()));
     let ingest = Ingest { store, known: Known::default(), client: client.clone(), revocations, seen_revocations: 0 };
     tasks.spawn(ingest.run(arrived_rx, cancel));
-    Notifier { client }
+    client
 }
 
 /// Publishes received but not yet handed to a full ingest queue. The broker sends at most its
@@ -206,7 +170,7 @@ async fn run_session(
                 eventloop.mqtt_options.set_clean_session(true);
             }
             Err(e) => {
-                tracing::debug!(error = %e, "server MQTT session reconnecting");
+                tracing::warn!(error = %e, "server MQTT session lost; reconnecting");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

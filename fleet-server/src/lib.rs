@@ -7,6 +7,7 @@ pub mod broker;
 pub mod drift;
 pub mod ingest;
 pub mod lease;
+pub mod notify;
 pub mod retrain;
 pub mod rollout;
 pub mod server;

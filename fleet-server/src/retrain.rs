@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::drift::report::report;
 use crate::drift::retrain::{cohort_key, event, scan};
-use crate::ingest::Notifier;
 use crate::lease::Lease;
+use crate::notify::Notifier;
 use crate::store::{PendingEvent, Store, StoreError};
 
 #[derive(Clone, Debug)]

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub max_bundle_bytes: usize,
     /// How often running rollouts are evaluated.
     pub rollout_tick: std::time::Duration,
+    /// Most desired-state notifications sent per second (`crate::notify`): a wave's devices are
+    /// told at this pace instead of all at once.
+    pub notify_per_second: u32,
     /// Servers sharing one database drive rollouts (and retraining events) one at a time under a
     /// lease of this length; a server that stops is replaced within it.
     pub lease: std::time::Duration,
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
             freshness_lifetime: std::time::Duration::from_secs(24 * 3600),
             max_bundle_bytes: 512 << 20,
             rollout_tick: std::time::Duration::from_secs(1),
+            notify_per_second: crate::notify::DEFAULT_PER_SECOND,
             lease: std::time::Duration::from_secs(10),
             bundle_dir: None,
             mqtt_login: None,
@@ -334,8 +338,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     // The embedded broker belongs to this one server: nothing to share.
     let share_group = matches!(config.mqtt, Mqtt::External { .. }).then(|| config.mqtt_share_group.clone()).flatten();
     let target = SessionTarget { host, port, client_id: client_id.clone(), login, share_group };
-    let notifier = crate::ingest::connect(&target, store.clone(), revocations.clone(), cancel.clone(), &tasks);
+    let session = crate::ingest::connect(&target, store.clone(), revocations.clone(), cancel.clone(), &tasks);
     let metrics = crate::api::metrics::ApiMetrics::default();
+    let notifier =
+        crate::notify::spawn(session, config.notify_per_second, metrics.notifications.clone(), cancel.clone(), &tasks);
     let rollouts = crate::rollout::driver::spawn(
         store.clone(),
         notifier.clone(),

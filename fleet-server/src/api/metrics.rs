@@ -41,6 +41,8 @@ pub struct ApiMetrics {
     pub rollout_tick: Histogram,
     /// 1 while this server holds the named lease (`crate::lease`), else 0.
     pub leases_held: Family<LeaseLabels, Gauge>,
+    /// The desired-state notification pacer's queue and drops.
+    pub notifications: crate::notify::NotifyMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -63,6 +65,7 @@ impl Default for ApiMetrics {
             // 1 ms to ~16 s.
             rollout_tick: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             leases_held: Family::default(),
+            notifications: Default::default(),
         }
     }
 }
@@ -187,6 +190,16 @@ pub fn render(metrics: &ApiMetrics, snapshot: StoreSnapshot) -> Result<String, s
         "1 while this server holds the lease (of several servers on one database, the one that does this work)",
         metrics.leases_held.clone(),
     );
+    registry.register(
+        "fleet_notifications_pending",
+        "Devices whose desired-state notification waits for its turn (notifications are paced)",
+        metrics.notifications.pending.clone(),
+    );
+    registry.register(
+        "fleet_notifications_dropped",
+        "Desired-state changes not notified because the pacer's queue was full (devices learn them at check-in)",
+        metrics.notifications.dropped.clone(),
+    );
     registry.register_collector(Box::new(snapshot));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
@@ -215,6 +228,8 @@ mod tests {
         let metrics = ApiMetrics::default();
         let labels = RouteLabels { method: "GET".into(), route: "/api/v1/devices".into(), status: 200 };
         metrics.latency.get_or_create(&labels).observe(0.003);
+        metrics.notifications.pending.set(42);
+        metrics.notifications.dropped.inc_by(5);
         let snapshot = StoreSnapshot {
             devices_online: 3,
             devices_offline: 1,
@@ -233,6 +248,8 @@ mod tests {
             "fleet_reports_rejected_total 4",
             "fleet_device_evictions_total{kind=\"telemetry\"} 7",
             "fleet_api_request_duration_seconds_count{method=\"GET\",route=\"/api/v1/devices\",status=\"200\"} 1",
+            "fleet_notifications_pending 42",
+            "fleet_notifications_dropped_total 5",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -26,7 +26,7 @@ use proto::wire::{ErrorBody, Role};
 use proto::TrustedKeys;
 use sha2::{Digest, Sha256};
 
-use crate::ingest::Notifier;
+use crate::notify::Notifier;
 use crate::store::{Store, StoreError};
 
 #[derive(Clone)]

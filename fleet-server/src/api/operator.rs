@@ -167,9 +167,7 @@ pub async fn deploy(
     let devices = wanted;
     let (targets, model, version) = (devices.clone(), request.model.clone(), request.version.clone());
     let revisions = blocking(&state, move |s| s.set_desired(&targets, &model, &version)).await?;
-    for (device, revision) in revisions {
-        state.notifier.desired_changed(&device, revision);
-    }
+    state.notifier.desired_changed(revisions);
     tracing::info!(model = %request.model, version = %request.version, devices = devices.len(), "deployment set");
     super::audit(
         &state,
@@ -221,9 +219,7 @@ async fn deploy_to_selector(
     };
     let targets = devices.clone();
     let revisions = blocking(state, move |s| s.deploy_to_selector(&default, &targets, &audit)).await?;
-    for (device, revision) in revisions {
-        state.notifier.desired_changed(&device, revision);
-    }
+    state.notifier.desired_changed(revisions);
     tracing::info!(model = %request.model, version = %request.version, devices = devices.len(), "deployment to a selector set");
     Ok(Json(DeployResponse { devices }))
 }

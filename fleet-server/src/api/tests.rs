@@ -9,7 +9,7 @@ use proto::TrustedKeys;
 use tower::ServiceExt;
 
 use super::{router, AppState};
-use crate::ingest::Notifier;
+use crate::notify::Notifier;
 use crate::store::SqliteStore;
 
 /// The public half of `SigningKey::from_bytes(&[7; 32])`, as a device sends it at enrollment.

@@ -98,6 +98,12 @@ struct Args {
     /// within it.
     #[arg(long, env = "FLEET_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(3..=3600))]
     lease_secs: u64,
+    /// Most desired-state notifications sent per second. A rollout wave's devices are told at
+    /// this pace rather than all at once, so their check-ins and downloads do not arrive as one
+    /// burst; a device not yet told learns its new version at its next check-in anyway.
+    #[arg(long, env = "FLEET_NOTIFY_PER_SECOND", default_value_t = fleet_server::notify::DEFAULT_PER_SECOND,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    notify_per_second: u32,
     /// With --mqtt-url and several servers: the shared-subscription group they form, so that each
     /// report reaches one of them.
     #[arg(long, env = "FLEET_MQTT_SHARE_GROUP", requires = "mqtt_url")]
@@ -185,6 +191,7 @@ async fn main() -> Result<()> {
         freshness_lifetime: std::time::Duration::from_secs(args.freshness_hours.max(1) * 3600),
         max_bundle_bytes: args.max_bundle_bytes,
         rollout_tick: std::time::Duration::from_secs(2),
+        notify_per_second: args.notify_per_second,
         lease: std::time::Duration::from_secs(args.lease_secs),
         bundle_dir: args.bundle_dir,
         mqtt_share_group: args.mqtt_share_group,

@@ -20,8 +20,8 @@ use super::decide::{decide, Decision};
 use super::observe::WindowCache;
 use super::state::{DeviceInfo, Effect, MemberStatus, Observations, Rollout};
 use crate::drift::ModelDrift;
-use crate::ingest::Notifier;
 use crate::lease::Lease;
+use crate::notify::Notifier;
 use crate::store::{DesiredChange, ObservationRows, Store, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -325,9 +325,7 @@ impl Driver {
     }
 
     fn notify(&self, revisions: Vec<(String, u64)>) {
-        for (device, revision) in revisions {
-            self.notifier.desired_changed(&device, revision);
-        }
+        self.notifier.desired_changed(revisions);
     }
 
     /// What each running or paused rollout wants of its devices, applied idempotently (an
