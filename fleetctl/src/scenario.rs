@@ -220,10 +220,23 @@ pub async fn follow(
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             let secs = timeout.map_or(0, |t| t.as_secs());
-            return Err(DemoError::Timeout { what: "the rollout to finish".into(), secs });
+            let what = format!("the rollout to finish ({})", stalled_at(&view));
+            return Err(DemoError::Timeout { what, secs });
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Where a rollout that did not finish stands: its progress line and what its model gates read
+/// (how many samples each group has), so that a timeout says which side stalled.
+fn stalled_at(view: &RolloutView) -> String {
+    let gates = view.live.as_ref().map_or_else(String::new, |live| {
+        format!(
+            "; gates read candidate {} samples from {} devices, control {} samples from {} devices",
+            live.candidate.samples, live.candidate.devices, live.control.samples, live.control.devices
+        )
+    });
+    format!("{}{gates}", line(view))
 }
 
 /// Waits until devices run what the finished rollout left them on. A timeout names the devices
@@ -335,5 +348,24 @@ mod tests {
         assert!(p.overall.starts_with("running tabular 2.0.0: 0 failed"), "{}", p.overall);
         r.waiting_for = None;
         assert_eq!(progress(&RolloutView::from(r)).wave_state, "1 installing");
+    }
+
+    #[test]
+    fn a_rollout_that_times_out_says_how_many_samples_each_group_had() {
+        let plan = toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+        let devices = [DeviceInfo { id: "d0".into(), active_version: Some("1.0.0".into()), ..Default::default() }];
+        let mut view = RolloutView::from(create("ro-1", plan, &devices, &Default::default(), 0).unwrap());
+        assert_eq!(stalled_at(&view), line(&view), "no readings, no claim about them");
+        let group =
+            |devices, samples| fleet_server::rollout::state::GroupMetrics { devices, samples, ..Default::default() };
+        view.live = Some(fleet_server::rollout::decide::LiveGates {
+            candidate: group(32, 40),
+            control: group(44, 1_203),
+            judged: false,
+            readings: Vec::new(),
+        });
+        let text = stalled_at(&view);
+        assert!(text.starts_with(&line(&view)), "{text}");
+        assert!(text.ends_with("candidate 40 samples from 32 devices, control 1203 samples from 44 devices"), "{text}");
     }
 }

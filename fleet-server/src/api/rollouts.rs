@@ -152,14 +152,18 @@ pub async fn show(
     let lookup = id.clone();
     let rollout =
         blocking(&state, move |s| s.rollout(&lookup)).await?.ok_or(ApiError::NotFound(format!("no rollout {id}")))?;
-    let live = if rollout.phase.is_active() {
+    let live = if !rollout.phase.is_active() {
+        None
+    } else if let Some(live) = state.rollouts.live_gates(&rollout.id, rollout.revision) {
+        // The driver's last tick, from the windows it keeps merged: no read of every window.
+        Some(live)
+    } else {
+        // Paused, or driven by another server: read every window since the rollout began.
         let (model, since) = (rollout.plan.model.clone(), rollout.created_ms);
         let (rows, references) =
             blocking(&state, move |s| crate::rollout::driver::observation_inputs(s, &model, since)).await?;
         let observations = crate::rollout::observe(&rows, &references);
         Some(crate::rollout::decide::live_gates(&rollout, &observations, crate::unix_ms()))
-    } else {
-        None
     };
     Ok(Json(RolloutView { live, ..rollout.into() }))
 }

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::cohort_default::{newcomer_versions, CohortDefault};
 use super::create::{admit_late_joiners, busy_devices, create, operate, OperatorAction, RolloutError};
-use super::decide::{decide, Decision};
+use super::decide::{decide, live_gates, Decision, LiveGates};
 use super::observe::WindowCache;
 use super::state::{DeviceInfo, Effect, MemberStatus, Observations, Rollout};
 use crate::drift::ModelDrift;
@@ -46,6 +46,54 @@ enum Command {
 #[derive(Clone)]
 pub struct RolloutHandle {
     tx: mpsc::Sender<Command>,
+    live: LiveBoard,
+}
+
+/// What each running rollout's gates read at the driver's last tick, from the windows it has
+/// merged already: the API shows these instead of reading and merging every window since the
+/// rollout began on every request (a dashboard polling a rollout an hour old over 10,000 devices
+/// would decode 600,000 windows a poll). Only the server that drives has readings.
+#[derive(Clone, Default)]
+pub struct LiveBoard {
+    readings: Arc<std::sync::Mutex<BTreeMap<String, LiveReading>>>,
+    /// Readings older than this are not shown (the driver stopped or another server drives).
+    max_age_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+struct LiveReading {
+    read_ms: u64,
+    /// The rollout's revision the readings were taken for.
+    revision: u64,
+    gates: LiveGates,
+}
+
+impl LiveBoard {
+    fn new(tick: Duration) -> LiveBoard {
+        LiveBoard { readings: Default::default(), max_age_ms: 2 * tick.as_millis() as u64 + 1_000 }
+    }
+
+    fn readings(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LiveReading>> {
+        // Each entry is replaced whole: a panic while holding the lock cannot leave one torn.
+        self.readings.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn put(&self, id: &str, revision: u64, read_ms: u64, gates: LiveGates) {
+        self.readings().insert(id.to_string(), LiveReading { read_ms, revision, gates });
+    }
+
+    fn keep_only(&self, running: &BTreeSet<&String>) {
+        self.readings().retain(|id, _| running.contains(id));
+    }
+
+    /// The readings of rollout `id` at `revision`, if the driver took them within its last two
+    /// ticks at `now_ms`.
+    pub fn get(&self, id: &str, revision: u64, now_ms: u64) -> Option<LiveGates> {
+        let readings = self.readings();
+        let reading = readings.get(id)?;
+        let fresh = now_ms.saturating_sub(reading.read_ms) <= self.max_age_ms && reading.revision == revision;
+        fresh.then(|| reading.gates.clone())
+    }
 }
 
 impl RolloutHandle {
@@ -59,6 +107,11 @@ impl RolloutHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Operate { id, action, actor, reply }).await.map_err(|_| DriverError::Stopped)?;
         rx.await.map_err(|_| DriverError::Stopped)?
+    }
+
+    /// What the driver's last tick read of rollout `id`'s gates, if recent and for this revision.
+    pub fn live_gates(&self, id: &str, revision: u64) -> Option<LiveGates> {
+        self.live.get(id, revision, crate::unix_ms())
     }
 }
 
@@ -81,9 +134,10 @@ pub fn spawn(
     tasks: &TaskTracker,
 ) -> RolloutHandle {
     let (tx, rx) = mpsc::channel(64);
-    let driver = Driver { store, notifier, tick_seconds, windows: Default::default() };
+    let live = LiveBoard::new(tick);
+    let driver = Driver { store, notifier, tick_seconds, windows: Default::default(), live: live.clone() };
     tasks.spawn(driver.run(rx, tick, lease, cancel));
-    RolloutHandle { tx }
+    RolloutHandle { tx, live }
 }
 
 struct Driver {
@@ -94,6 +148,8 @@ struct Driver {
     /// Each running rollout's drift windows merged so far, so a tick reads only what is new.
     /// Only this task uses it, and never across an await.
     windows: std::sync::Mutex<BTreeMap<String, WindowCache>>,
+    /// Each running rollout's gate readings at the last tick, for the API.
+    live: LiveBoard,
 }
 
 impl Driver {
@@ -197,6 +253,7 @@ impl Driver {
         let running: BTreeSet<&String> =
             rollouts.iter().filter(|r| r.phase == super::Phase::Running).map(|r| &r.id).collect();
         self.caches().retain(|id, _| running.contains(id));
+        self.live.keep_only(&running);
         Ok(())
     }
 
@@ -229,23 +286,30 @@ impl Driver {
                 continue;
             }
             let (id, model, since) = (rollout.id.clone(), rollout.plan.model.clone(), rollout.created_ms);
+            let rollout_revision = rollout.revision;
             let cache = self.caches().remove(&id).unwrap_or_default();
             // Reading, decoding and merging are store calls, and deciding over thousands of
             // members is CPU work of tens of milliseconds: all of it off the async workers, which
             // serve check-ins meanwhile (a decision on a worker held them up to the tick's length).
-            let (decision, cache) = self
+            let (decision, cache, live) = self
                 .blocking(move |s| {
                     let (observations, mut cache) = observe_new(s, &model, since, cache)?;
-                    let decision = decide(&rollout, &observations, crate::unix_ms());
+                    let now = crate::unix_ms();
+                    let decision = decide(&rollout, &observations, now);
+                    // Read on the state the decision leaves (members that became active count).
+                    let live = (now, live_gates(&decision.rollout, &observations, now));
                     cache.restore(observations);
                     let changed = decision.rollout != rollout || !decision.effects.is_empty();
-                    Ok((changed.then_some(decision), cache))
+                    Ok((changed.then_some(decision), cache, live))
                 })
                 .await?;
-            self.caches().insert(id, cache);
-            if let Some(decision) = decision {
-                self.commit(decision, "engine").await?;
-            }
+            self.caches().insert(id.clone(), cache);
+            let (read_ms, gates) = live;
+            let saved = match decision {
+                Some(decision) => self.commit(decision, "engine").await?.revision,
+                None => rollout_revision,
+            };
+            self.live.put(&id, saved, read_ms, gates);
         }
         Ok(())
     }
@@ -419,6 +483,21 @@ mod tests {
         DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() }
     }
 
+    /// A driver on `store` that ticks once at start, then hourly; cancel the token to stop it.
+    fn started(store: &Arc<dyn Store>) -> (RolloutHandle, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let handle = spawn(
+            store.clone(),
+            Notifier::detached(),
+            Duration::from_secs(3600),
+            Lease::new(LEASE, "test".into(), Duration::from_secs(60), Default::default()),
+            crate::api::metrics::ApiMetrics::default().rollout_tick,
+            cancel.clone(),
+            &TaskTracker::new(),
+        );
+        (handle, cancel)
+    }
+
     /// Waits until the driver has handled a command, so its start-up work is done.
     async fn settled(handle: &RolloutHandle) {
         let unknown = handle.operate("ro-none".into(), OperatorAction::Pause, "test".into()).await;
@@ -452,16 +531,7 @@ mod tests {
         // Later an operator deploys 3.0.0 to d1; then the server restarts.
         store.set_desired(&["d1".into()], "tabular", "3.0.0").unwrap();
 
-        let cancel = CancellationToken::new();
-        let handle = spawn(
-            store.clone(),
-            Notifier::detached(),
-            Duration::from_secs(3600),
-            Lease::new(LEASE, "test".into(), Duration::from_secs(60), Default::default()),
-            crate::api::metrics::ApiMetrics::default().rollout_tick,
-            cancel.clone(),
-            &TaskTracker::new(),
-        );
+        let (handle, cancel) = started(&store);
         settled(&handle).await;
         let desired = store.list_devices().unwrap()[0].models[0].desired_version.clone();
         assert_eq!(desired.as_deref(), Some("3.0.0"), "the finished rollout overrode a later deployment");
@@ -505,5 +575,50 @@ mod tests {
             )
             .unwrap();
         assert!(again.is_empty(), "re-saving the same desired version changes no revision");
+    }
+
+    #[test]
+    fn the_live_board_shows_a_reading_only_while_fresh_and_for_the_revision_it_was_taken_at() {
+        let board = LiveBoard::new(Duration::from_secs(1));
+        let gates = LiveGates {
+            candidate: Default::default(),
+            control: Default::default(),
+            judged: false,
+            readings: Vec::new(),
+        };
+        board.put("ro-1", 4, 10_000, gates.clone());
+        assert_eq!(board.get("ro-1", 4, 13_000), Some(gates.clone()), "two ticks and a second old");
+        assert_eq!(board.get("ro-1", 4, 13_001), None, "older than two ticks and a second");
+        assert_eq!(board.get("ro-1", 5, 10_000), None, "saved since (an operator paused it, say)");
+        assert_eq!(board.get("ro-2", 4, 10_000), None);
+        let none_running = BTreeSet::new();
+        board.keep_only(&none_running);
+        assert_eq!(board.get("ro-1", 4, 10_000), None, "a rollout no longer running keeps no reading");
+    }
+
+    #[tokio::test]
+    async fn each_tick_leaves_the_running_rollouts_gate_readings_for_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("fleet.db")).unwrap());
+        let device = enrolled_d1(store.as_ref());
+        let rollout = create("ro-live", plan(), &[device], &Default::default(), 1).unwrap();
+        assert_eq!(rollout.phase, Phase::Running);
+        store.save_rollout(&rollout, &[], &[]).unwrap();
+
+        let (handle, cancel) = started(&store);
+        // The first tick runs at once; it assigns d1 (a save) and reads the gates.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (saved, live) = loop {
+            let saved = store.rollout("ro-live").unwrap().unwrap();
+            if let Some(live) = handle.live_gates("ro-live", saved.revision) {
+                break (saved, live);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no readings after the first tick");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(saved.revision >= 2, "the tick saved the assignment: {}", saved.revision);
+        assert_eq!((live.candidate.devices, live.candidate.samples, live.judged), (0, 0, false));
+        assert_eq!(handle.live_gates("ro-live", saved.revision - 1), None, "the state before the tick's save");
+        cancel.cancel();
     }
 }
