@@ -72,6 +72,9 @@ pub struct ServerConfig {
     /// With an external broker and several servers: their shared-subscription group (each
     /// report reaches one server). See [`crate::ingest::SessionTarget::share_group`].
     pub mqtt_share_group: Option<String>,
+    /// Turns on `POST /api/v1/broker/authenticate` for a broker such as EMQX, which presents
+    /// this secret as its bearer token (`crate::api::broker_auth`).
+    pub broker_auth_secret: Option<String>,
     /// When persistent drift asks for a retraining, and where the event goes.
     pub retrain: crate::retrain::RetrainConfig,
 }
@@ -98,6 +101,7 @@ impl Default for ServerConfig {
             tls: None,
             mosquitto: None,
             mqtt_share_group: None,
+            broker_auth_secret: None,
             retrain: crate::retrain::RetrainConfig::default(),
         }
     }
@@ -376,6 +380,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         revocations,
         sessions,
         broker_passwords,
+        broker_auth: config
+            .broker_auth_secret
+            .clone()
+            .map(|secret| crate::api::broker_auth::BrokerAuth { secret, server_login: config.mqtt_login.clone() }),
         timestamp,
         metrics,
         store_calls: crate::api::StoreTurns::new(store.as_ref()),

@@ -2,6 +2,7 @@
 //! enrollment; operators with a named token whose role (viewer, operator, admin) decides what
 //! they may do, and whose name is the actor in the audit log. Every error body is `{"error": "<sentence>"}`.
 
+pub mod broker_auth;
 pub mod dashboard;
 mod delivery;
 mod devices;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub sessions: Option<crate::broker::Sessions>,
     /// Keeps an external Mosquitto's password file in step with enrollments and revocations.
     pub broker_passwords: Option<crate::broker::mosquitto::PasswordSync>,
+    /// The HTTP authenticator for a broker such as EMQX (`--broker-auth-secret-file`); off if None.
+    pub broker_auth: Option<broker_auth::BrokerAuth>,
     /// Signs check-in replies with the root's timestamp key (ADR 0010); None leaves them unsigned.
     pub timestamp: Option<Arc<TimestampSigner>>,
     /// API latencies per route, kept between scrapes of /metrics.
@@ -89,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/roots", post(roots::publish))
         .route("/api/v1/roots/{version}", get(roots::get))
         .route("/api/v1/whoami", get(dashboard::whoami))
+        .route("/api/v1/broker/authenticate", post(broker_auth::authenticate))
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(|| async { "ok" }))

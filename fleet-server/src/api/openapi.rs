@@ -51,6 +51,7 @@ use super::{delivery, devices, drift, identity, lineage, operator, rollouts, roo
         lineage::models,
         lineage::device,
         super::dashboard::whoami,
+        super::broker_auth::authenticate,
         document,
     ),
     components(schemas(Null)),
@@ -65,6 +66,7 @@ use super::{delivery, devices, drift, identity, lineage, operator, rollouts, roo
         (name = "roots", description = "The root of trust (ADR 0010)"),
         (name = "lineage", description = "Published versions and per-device lineage"),
         (name = "dashboard", description = "What the dashboard asks"),
+        (name = "broker", description = "The HTTP authenticator for a broker such as EMQX"),
         (name = "openapi", description = "This document"),
     )
 )]
@@ -115,6 +117,10 @@ impl Modify for Security {
         components.add_security_scheme(
             "device_credential",
             bearer("The credential a device received from POST /api/v1/enroll"),
+        );
+        components.add_security_scheme(
+            "broker_secret",
+            bearer("The broker's secret (`fleet-server --broker-auth-secret-file`)"),
         );
     }
 }

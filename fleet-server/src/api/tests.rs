@@ -48,6 +48,11 @@ struct Api {
 }
 
 fn api() -> Api {
+    api_with_broker_auth(None)
+}
+
+/// [`api`] with the broker authenticator on (or off).
+fn api_with_broker_auth(broker_auth: Option<super::broker_auth::BrokerAuth>) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let secret = hex::encode([7u8; 32]);
     let public = public_key_hex(&parse_secret_key(&secret).unwrap().verifying_key());
@@ -84,6 +89,7 @@ fn api() -> Api {
         revocations: Default::default(),
         sessions: None,
         broker_passwords: None,
+        broker_auth,
         timestamp: None,
         metrics: Default::default(),
     };
@@ -372,6 +378,7 @@ async fn metrics_need_a_token_and_count_requests_by_route_pattern_and_devices_by
     assert!(!text.contains(&device), "a device id became a label");
 }
 
+mod broker_auth;
 mod openapi;
 
 #[tokio::test]

@@ -58,6 +58,11 @@ struct Args {
     /// revocations (`fleetctl broker config` writes the rest).
     #[arg(long, env = "FLEET_MOSQUITTO_PASSWORD_FILE", requires = "mqtt_url")]
     mosquitto_password_file: Option<PathBuf>,
+    /// File holding a secret that turns on POST /api/v1/broker/authenticate, the HTTP
+    /// authenticator for a broker such as EMQX (it sends the secret as its bearer token; see
+    /// docs/SCALING.md, "EMQX instead of Mosquitto").
+    #[arg(long, env = "FLEET_BROKER_AUTH_SECRET_FILE")]
+    broker_auth_secret_file: Option<PathBuf>,
     /// Mosquitto's pid file: it gets a SIGHUP to reload the password file after each change.
     #[arg(long, env = "FLEET_MOSQUITTO_PID_FILE", requires = "mosquitto_password_file")]
     mosquitto_pid_file: Option<PathBuf>,
@@ -170,6 +175,22 @@ async fn main() -> Result<()> {
         }),
         None => None,
     };
+    let broker_auth_secret = match &args.broker_auth_secret_file {
+        Some(path) => {
+            let secret = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the broker secret file {}", path.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "the broker secret in {} is {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
+                path.display(),
+                secret.len()
+            );
+            Some(secret)
+        }
+        None => None,
+    };
     let config = ServerConfig {
         listen,
         data_dir: args.data_dir.clone(),
@@ -196,6 +217,7 @@ async fn main() -> Result<()> {
         bundle_dir: args.bundle_dir,
         mqtt_share_group: args.mqtt_share_group,
         mqtt_login,
+        broker_auth_secret,
         tls,
         mosquitto: args
             .mosquitto_password_file

@@ -199,19 +199,11 @@ impl Gate {
 
     /// The device id behind a username and password, or why not.
     async fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String> {
-        let (Some(username), Some(password)) = (username, password) else {
-            return Err("anonymous clients are refused; connect as a device with its credential".into());
-        };
-        let password = std::str::from_utf8(password).map_err(|_| "the password is not a device credential")?;
-        let hash = crate::api::sha256_hex(password);
+        let (username, hash) = super::login_credential(username, password)?;
         let found = crate::store::blocking(&self.store, move |s| s.device_for_credential(&hash))
             .await
             .map_err(|e| format!("credential not checked: {e}"))?;
-        match found {
-            Some(device) if device == username => Ok(device),
-            Some(_) => Err(format!("username {username:?} does not match the credential's device")),
-            None => Err(format!("no enrolled, unrevoked device {username:?} has this credential")),
-        }
+        super::login_device(&username, found)
     }
 }
 

@@ -36,6 +36,33 @@ pub enum BrokerError {
     Listen { addr: SocketAddr, source: std::io::Error },
 }
 
+/// Whether `given` is the secret `expected`, compared as digests in constant time: how long a
+/// refusal takes says nothing of the secret.
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    let digest = |text: &str| sha2::Sha256::digest(text.as_bytes());
+    bool::from(digest(given)[..].ct_eq(&digest(expected)[..]))
+}
+
+/// A broker login's username and the digest of its password, which the store looks up among
+/// device credentials; or why the login is no device's.
+pub fn login_credential(username: Option<&str>, password: Option<&[u8]>) -> Result<(String, String), String> {
+    let (Some(username), Some(password)) = (username, password) else {
+        return Err("anonymous clients are refused; connect as a device with its credential".into());
+    };
+    let password = std::str::from_utf8(password).map_err(|_| "the password is not a device credential")?;
+    Ok((username.to_string(), crate::api::sha256_hex(password)))
+}
+
+/// The device a login is, given the device the store found for its credential: the username
+/// must be that device's id (a device may not log in under another's name).
+pub fn login_device(username: &str, found: Option<String>) -> Result<String, String> {
+    match found {
+        Some(device) if device == username => Ok(device),
+        Some(_) => Err(format!("username {username:?} does not match the credential's device")),
+        None => Err(format!("no enrolled, unrevoked device {username:?} has this credential")),
+    }
+}
+
 /// A running embedded broker.
 pub struct EmbeddedBroker {
     /// rumqttd's own loopback address, where the server's session connects.
@@ -75,10 +102,7 @@ pub async fn start_embedded(
         .and_then(|servers| servers.get_mut("1"))
         .ok_or_else(|| BrokerError::Config("no v4 listener".into()))?;
     v4.set_auth_handler(move |client_id: String, username: String, password: String| {
-        // Digests compared in constant time: how long a refusal takes says nothing of the password.
-        let digest = |text: &str| sha2::Sha256::digest(text.as_bytes());
-        let server =
-            username == SERVER_USERNAME && bool::from(digest(&password)[..].ct_eq(&digest(&hook_password)[..]));
+        let server = username == SERVER_USERNAME && same_secret(&password, &hook_password);
         let admitted = server || hook_admitted.take(&client_id, &username);
         async move { admitted }
     });
