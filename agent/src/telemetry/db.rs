@@ -125,6 +125,17 @@ pub fn evict_oldest(conn: &mut Connection, bytes: u64) -> rusqlite::Result<(u64,
 }
 
 /// The oldest rows, in sequence order: at most `limit` rows and about `max_bytes` of values.
+/// Makes every commit so far survive a power cut, before any of its rows leave the device.
+/// Commits are not synced one by one (`synchronous = NORMAL`: a power cut may undo the last
+/// ones), which is harmless while the rows stay here; but a row uploaded, acknowledged and
+/// deleted whose insert a power cut then undid would roll `meta.next_seq` back, and the next
+/// rows would reuse sequence numbers the server already stored once, so it would drop them as
+/// duplicates. A checkpoint syncs the WAL first, then copies it into the database file and syncs
+/// that: one or two syncs per upload batch instead of one per commit.
+pub fn make_durable(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
 pub fn oldest(conn: &Connection, limit: usize, max_bytes: usize) -> rusqlite::Result<Vec<TelemetryRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, at_ms, model, version, latency_us, features, outputs FROM telemetry ORDER BY id LIMIT ?1",
