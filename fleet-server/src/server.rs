@@ -75,6 +75,8 @@ pub struct ServerConfig {
     /// Turns on `POST /api/v1/broker/authenticate` for a broker such as EMQX, which presents
     /// this secret as its bearer token (`crate::api::broker_auth`).
     pub broker_auth_secret: Option<String>,
+    /// EMQX's REST API (base URL, `key:secret`): a revoked device is disconnected there.
+    pub emqx_api: Option<(String, String)>,
     /// When persistent drift asks for a retraining, and where the event goes.
     pub retrain: crate::retrain::RetrainConfig,
 }
@@ -102,6 +104,7 @@ impl Default for ServerConfig {
             mosquitto: None,
             mqtt_share_group: None,
             broker_auth_secret: None,
+            emqx_api: None,
             retrain: crate::retrain::RetrainConfig::default(),
         }
     }
@@ -123,6 +126,8 @@ pub enum ServerError {
     TimestampKey(String),
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Emqx(#[from] crate::broker::emqx::EmqxError),
     #[error(transparent)]
     MqttUrl(#[from] proto::endpoint::BadMqttUrl),
     #[error(transparent)]
@@ -325,6 +330,10 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         Mqtt::External { url } => (url.clone(), proto::endpoint::parse_mqtt_url(url)?, config.mqtt_login.clone(), None),
     };
+    let emqx = match &config.emqx_api {
+        Some((url, key)) => Some(crate::broker::emqx::EmqxApi::new(url, key)?),
+        None => None,
+    };
     let broker_passwords = config
         .mosquitto
         .clone()
@@ -380,6 +389,7 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         revocations,
         sessions,
         broker_passwords,
+        emqx,
         broker_auth: config
             .broker_auth_secret
             .clone()

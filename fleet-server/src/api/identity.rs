@@ -140,7 +140,22 @@ pub async fn revoke_device(
         // Mosquitto disconnects the device when it reloads the file without it.
         sync.sync().await;
     }
+    let closed = closed + kick_from_emqx(&state, &id).await;
     tracing::info!(device = %id, closed_sessions = closed, "device revoked");
     audit(&state, who.name, AuditAction::DeviceRevoked, id).await?;
     Ok(Json(()))
+}
+
+/// Disconnects a revoked device from EMQX, when the server has its API. The revocation stands
+/// either way (it is stored first): a failure is logged, and EMQX's HTTP authenticator refuses
+/// the device when it reconnects.
+async fn kick_from_emqx(state: &AppState, device: &str) -> usize {
+    let Some(emqx) = &state.emqx else { return 0 };
+    match emqx.kick(device).await {
+        Ok(kicked) => kicked,
+        Err(e) => {
+            tracing::warn!(%device, error = %e, "revoked device not disconnected from EMQX; it is refused when it reconnects");
+            0
+        }
+    }
 }

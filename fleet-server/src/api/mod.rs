@@ -45,6 +45,8 @@ pub struct AppState {
     pub broker_passwords: Option<crate::broker::mosquitto::PasswordSync>,
     /// The HTTP authenticator for a broker such as EMQX (`--broker-auth-secret-file`); off if None.
     pub broker_auth: Option<broker_auth::BrokerAuth>,
+    /// EMQX's REST API, to disconnect a device when it is revoked (`--emqx-api-url`).
+    pub emqx: Option<crate::broker::emqx::EmqxApi>,
     /// Signs check-in replies with the root's timestamp key (ADR 0010); None leaves them unsigned.
     pub timestamp: Option<Arc<TimestampSigner>>,
     /// API latencies per route, kept between scrapes of /metrics.

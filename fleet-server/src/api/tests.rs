@@ -90,6 +90,7 @@ fn api_with_broker_auth(broker_auth: Option<super::broker_auth::BrokerAuth>) -> 
         sessions: None,
         broker_passwords: None,
         broker_auth,
+        emqx: None,
         timestamp: None,
         metrics: Default::default(),
     };

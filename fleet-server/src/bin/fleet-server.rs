@@ -63,6 +63,13 @@ struct Args {
     /// docs/SCALING.md, "EMQX instead of Mosquitto").
     #[arg(long, env = "FLEET_BROKER_AUTH_SECRET_FILE")]
     broker_auth_secret_file: Option<PathBuf>,
+    /// EMQX's REST API (e.g. http://emqx:18083): a device revoked while connected is
+    /// disconnected there at once. Needs --emqx-api-key-file.
+    #[arg(long, env = "FLEET_EMQX_API_URL", requires = "emqx_api_key_file")]
+    emqx_api_url: Option<String>,
+    /// File holding `key:secret` of an EMQX API key (made in EMQX's dashboard).
+    #[arg(long, env = "FLEET_EMQX_API_KEY_FILE", requires = "emqx_api_url")]
+    emqx_api_key_file: Option<PathBuf>,
     /// Mosquitto's pid file: it gets a SIGHUP to reload the password file after each change.
     #[arg(long, env = "FLEET_MOSQUITTO_PID_FILE", requires = "mosquitto_password_file")]
     mosquitto_pid_file: Option<PathBuf>,
@@ -191,6 +198,14 @@ async fn main() -> Result<()> {
         }
         None => None,
     };
+    let emqx_api = match (&args.emqx_api_url, &args.emqx_api_key_file) {
+        (Some(url), Some(path)) => Some((
+            url.clone(),
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the EMQX API key file {}", path.display()))?,
+        )),
+        _ => None,
+    };
     let config = ServerConfig {
         listen,
         data_dir: args.data_dir.clone(),
@@ -218,6 +233,7 @@ async fn main() -> Result<()> {
         mqtt_share_group: args.mqtt_share_group,
         mqtt_login,
         broker_auth_secret,
+        emqx_api,
         tls,
         mosquitto: args
             .mosquitto_password_file

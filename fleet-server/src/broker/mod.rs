@@ -6,6 +6,7 @@
 //! instead and none of this starts; `mosquitto.rs` keeps a Mosquitto's password file in step with
 //! the store (see `fleetctl broker config`).
 
+pub mod emqx;
 pub mod gate;
 pub mod mosquitto;
 pub mod packets;
