@@ -124,7 +124,6 @@ pub fn evict_oldest(conn: &mut Connection, bytes: u64) -> rusqlite::Result<(u64,
     Ok((rows, freed))
 }
 
-/// The oldest rows, in sequence order: at most `limit` rows and about `max_bytes` of values.
 /// Makes every commit so far survive a power cut, before any of its rows leave the device.
 /// Commits are not synced one by one (`synchronous = NORMAL`: a power cut may undo the last
 /// ones), which is harmless while the rows stay here; but a row uploaded, acknowledged and
@@ -136,6 +135,7 @@ pub fn make_durable(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
 
+/// The oldest rows, in sequence order: at most `limit` rows and about `max_bytes` of values.
 pub fn oldest(conn: &Connection, limit: usize, max_bytes: usize) -> rusqlite::Result<Vec<TelemetryRow>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, at_ms, model, version, latency_us, features, outputs FROM telemetry ORDER BY id LIMIT ?1",
