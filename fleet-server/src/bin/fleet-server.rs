@@ -173,21 +173,14 @@ async fn main() -> Result<()> {
         }
     };
     let mqtt_login = match &args.mqtt_password_file {
-        Some(path) => Some(MqttLogin {
-            username: args.mqtt_username.clone(),
-            password: std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the MQTT password file {}", path.display()))?
-                .trim()
-                .to_string(),
-        }),
+        Some(path) => {
+            Some(MqttLogin { username: args.mqtt_username.clone(), password: read_secret(path, "MQTT password file")? })
+        }
         None => None,
     };
     let broker_auth_secret = match &args.broker_auth_secret_file {
         Some(path) => {
-            let secret = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the broker secret file {}", path.display()))?
-                .trim()
-                .to_string();
+            let secret = read_secret(path, "broker secret file")?;
             anyhow::ensure!(
                 secret.len() >= 16,
                 "the broker secret in {} is {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
@@ -199,11 +192,7 @@ async fn main() -> Result<()> {
         None => None,
     };
     let emqx_api = match (&args.emqx_api_url, &args.emqx_api_key_file) {
-        (Some(url), Some(path)) => Some((
-            url.clone(),
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the EMQX API key file {}", path.display()))?,
-        )),
+        (Some(url), Some(path)) => Some((url.clone(), read_secret(path, "EMQX API key file")?)),
         _ => None,
     };
     let config = ServerConfig {
@@ -216,12 +205,7 @@ async fn main() -> Result<()> {
         trusted_keys,
         root_file: args.root,
         timestamp_key: match &args.timestamp_key {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the timestamp key {}", path.display()))?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(path) => Some(read_secret(path, "timestamp key")?),
             None => None,
         },
         freshness_lifetime: std::time::Duration::from_secs(args.freshness_hours.max(1) * 3600),
@@ -258,4 +242,10 @@ async fn main() -> Result<()> {
     }
     server.shutdown().await;
     Ok(())
+}
+
+/// A secret kept in a file (a password, a key): its text without surrounding whitespace.
+fn read_secret(path: &std::path::Path, what: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    Ok(text.trim().to_string())
 }
