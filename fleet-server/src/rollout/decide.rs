@@ -1,9 +1,9 @@
 //! The rollout decision: `decide(rollout, observations, now) -> Decision`. Pure; every transition
 //! is covered by the fixture tests in `decide_tests.rs`.
 
-use super::gates::{control_group, group, judge, readings, GateBreach, GateReading};
+use super::gates::{control_group, enough_samples, group, judge, readings, GateBreach, GateReading};
 use super::state::{DeviceObservation, Effect, Evidence, GroupMetrics, MemberStatus, Observations, Phase, Rollout};
-use proto::rollout::OnBreach;
+use proto::rollout::{HealthGates, OnBreach};
 use proto::wire::{AuditAction, UpdateStep};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +17,23 @@ fn audit(effects: &mut Vec<Effect>, action: AuditAction, detail: String) {
 }
 
 pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> Decision {
+    decide_and_read(current, observations, now_ms).0
+}
+
+/// [`decide`], and what the model gates read on the way (None when the rollout is not running),
+/// so that the driver can show them without building the groups a second time.
+pub fn decide_and_read(current: &Rollout, observations: &Observations, now_ms: u64) -> (Decision, Option<LiveGates>) {
+    let mut read = None;
+    let decision = decide_reading(current, observations, now_ms, &mut read);
+    (decision, read)
+}
+
+fn decide_reading(
+    current: &Rollout,
+    observations: &Observations,
+    now_ms: u64,
+    read: &mut Option<LiveGates>,
+) -> Decision {
     let mut r = current.clone();
     let mut effects = Vec::new();
     if r.phase != Phase::Running {
@@ -31,6 +48,7 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
         .filter(|m| m.wave.is_some())
         .fold((0, 0), |(e, f), m| (e + m.status.executed() as usize, f + m.status.failed() as usize));
     let mut evidence = evidence(&r, observations, executed, failed, now_ms);
+    *read = Some(LiveGates::of(&r.plan.gates, evidence.candidate.clone(), evidence.control.clone()));
     if executed >= r.plan.min_executed && executed > 0 && failed as f64 / executed as f64 > r.plan.failure_threshold {
         let install = GateBreach::InstallFailures { failed, executed, threshold: r.plan.failure_threshold };
         evidence.breaches.insert(0, install);
@@ -58,8 +76,7 @@ pub fn decide(current: &Rollout, observations: &Observations, now_ms: u64) -> De
             evidence.breaches.push(reason);
             breach(&mut r, evidence, &mut effects);
         } else {
-            let judged = evidence.candidate.samples >= r.plan.gates.min_samples
-                && evidence.control.samples >= r.plan.gates.min_samples;
+            let judged = enough_samples(&r.plan.gates, &evidence.candidate, &evidence.control);
             advance(&mut r, target, judged, now_ms, &mut effects);
         }
     }
@@ -125,15 +142,22 @@ pub struct LiveGates {
     pub readings: Vec<GateReading>,
 }
 
+impl LiveGates {
+    /// The candidate and control groups read against `gates`.
+    fn of(gates: &HealthGates, candidate: GroupMetrics, control: GroupMetrics) -> LiveGates {
+        LiveGates {
+            judged: enough_samples(gates, &candidate, &control),
+            readings: readings(gates, &candidate, &control),
+            candidate,
+            control,
+        }
+    }
+}
+
+/// What the gates of `r` read from `observations` (the API, when the driver has no reading).
 pub fn live_gates(r: &Rollout, observations: &Observations, now_ms: u64) -> LiveGates {
     let e = evidence(r, observations, 0, 0, now_ms);
-    let min = r.plan.gates.min_samples;
-    LiveGates {
-        judged: e.candidate.samples >= min && e.control.samples >= min,
-        readings: readings(&r.plan.gates, &e.candidate, &e.control),
-        candidate: e.candidate,
-        control: e.control,
-    }
+    LiveGates::of(&r.plan.gates, e.candidate, e.control)
 }
 
 fn evidence(r: &Rollout, observations: &Observations, executed: usize, failed: usize, now_ms: u64) -> Evidence {

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::cohort_default::{newcomer_versions, CohortDefault};
 use super::create::{admit_late_joiners, busy_devices, create, operate, OperatorAction, RolloutError};
-use super::decide::{decide, live_gates, Decision, LiveGates};
+use super::decide::{decide_and_read, Decision, LiveGates};
 use super::observe::WindowCache;
 use super::state::{DeviceInfo, Effect, MemberStatus, Observations, Rollout};
 use crate::drift::ModelDrift;
@@ -295,21 +295,22 @@ impl Driver {
                 .blocking(move |s| {
                     let (observations, mut cache) = observe_new(s, &model, since, cache)?;
                     let now = crate::unix_ms();
-                    let decision = decide(&rollout, &observations, now);
-                    // Read on the state the decision leaves (members that became active count).
-                    let live = (now, live_gates(&decision.rollout, &observations, now));
+                    // The gates as the decision read them (members that became active count).
+                    let (decision, gates) = decide_and_read(&rollout, &observations, now);
+                    let live = gates.map(|gates| (now, gates));
                     cache.restore(observations);
                     let changed = decision.rollout != rollout || !decision.effects.is_empty();
                     Ok((changed.then_some(decision), cache, live))
                 })
                 .await?;
             self.caches().insert(id.clone(), cache);
-            let (read_ms, gates) = live;
             let saved = match decision {
                 Some(decision) => self.commit(decision, "engine").await?.revision,
                 None => rollout_revision,
             };
-            self.live.put(&id, saved, read_ms, gates);
+            if let Some((read_ms, gates)) = live {
+                self.live.put(&id, saved, read_ms, gates);
+            }
         }
         Ok(())
     }

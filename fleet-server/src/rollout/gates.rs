@@ -258,9 +258,14 @@ pub fn readings(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMe
     vec![confidence, prediction, errors, latency, drift, share]
 }
 
+/// Both groups have `gates.min_samples`: their readings can stop the rollout.
+pub fn enough_samples(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetrics) -> bool {
+    candidate.samples >= gates.min_samples && control.samples >= gates.min_samples
+}
+
 /// Breached model gates, with the numbers. Empty when fine or not enough data yet.
 pub fn judge(gates: &HealthGates, candidate: &GroupMetrics, control: &GroupMetrics) -> Vec<GateBreach> {
-    if candidate.samples < gates.min_samples || control.samples < gates.min_samples {
+    if !enough_samples(gates, candidate, control) {
         return Vec::new();
     }
     readings(gates, candidate, control).into_iter().filter_map(|r| r.breach).collect()
