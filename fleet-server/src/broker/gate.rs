@@ -12,11 +12,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use broker_packets::{access, connack, device_may_use, frame, parse_connect, Access, PacketError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::packets::{access, connack, device_may_use, frame, parse_connect, Access, PacketError};
 use crate::store::Store;
 
 /// How long a client has to send its CONNECT.

@@ -9,7 +9,6 @@
 pub mod emqx;
 pub mod gate;
 pub mod mosquitto;
-pub mod packets;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Just enough of MQTT 3.1.1 to authenticate a client and check its topics: framing, CONNECT,
-//! and the topic of PUBLISH / the filters of SUBSCRIBE. Pure functions over bytes; the gate
-//! (`gate.rs`) feeds them what it reads.
+//! and the topic of PUBLISH / the filters of SUBSCRIBE. Pure functions over bytes; fleet-server's
+//! broker gate (`fleet-server/src/broker/gate.rs`) feeds them what it reads from devices, and
+//! `fuzz/` feeds them anything (a crate of its own so that the fuzz build needs no server).
 
 use thiserror::Error;
 
