@@ -8,6 +8,7 @@ pub mod drift;
 pub mod ingest;
 pub mod lease;
 pub mod notify;
+pub mod retention;
 pub mod retrain;
 pub mod rollout;
 pub mod server;

@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub emqx_api: Option<(String, String)>,
     /// When persistent drift asks for a retraining, and where the event goes.
     pub retrain: crate::retrain::RetrainConfig,
+    /// How long drift windows and telemetry rows are kept (`retention.rs`).
+    pub retention: crate::retention::RetentionConfig,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +108,7 @@ impl Default for ServerConfig {
             broker_auth_secret: None,
             emqx_api: None,
             retrain: crate::retrain::RetrainConfig::default(),
+            retention: crate::retention::RetentionConfig::default(),
         }
     }
 }
@@ -370,12 +373,26 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         &tasks,
     );
     let retrain_lease =
-        Lease::new(crate::retrain::LEASE, client_id, config.lease, metrics.lease_held(crate::retrain::LEASE));
+        Lease::new(crate::retrain::LEASE, client_id.clone(), config.lease, metrics.lease_held(crate::retrain::LEASE));
     crate::retrain::spawn(
         store.clone(),
         notifier.clone(),
         config.retrain.clone(),
         retrain_lease,
+        cancel.clone(),
+        &tasks,
+    );
+    let retention_lease = Lease::new(
+        crate::retention::LEASE,
+        client_id.clone(),
+        config.lease,
+        metrics.lease_held(crate::retention::LEASE),
+    );
+    crate::retention::spawn(
+        store.clone(),
+        config.retention.clone(),
+        retention_lease,
+        metrics.retention.clone(),
         cancel.clone(),
         &tasks,
     );

@@ -375,6 +375,7 @@ pub struct DeviceModelView {
     pub step_version: Option<String>,
     pub detail: String,
     pub inferences: u64,
+    /// Drift windows the server holds for this device and model (those within retention).
     pub drift_summaries: u64,
     pub drift_score: Option<f64>,
     pub mean_confidence: Option<f64>,

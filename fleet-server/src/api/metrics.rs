@@ -43,6 +43,8 @@ pub struct ApiMetrics {
     pub leases_held: Family<LeaseLabels, Gauge>,
     /// The desired-state notification pacer's queue and drops.
     pub notifications: crate::notify::NotifyMetrics,
+    /// Rows deleted by retention.
+    pub retention: crate::retention::RetentionMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +68,7 @@ impl Default for ApiMetrics {
             rollout_tick: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             leases_held: Family::default(),
             notifications: Default::default(),
+            retention: Default::default(),
         }
     }
 }
@@ -200,6 +203,16 @@ pub fn render(metrics: &ApiMetrics, snapshot: StoreSnapshot) -> Result<String, s
         "Desired-state changes not notified because the pacer's queue was full (devices learn them at check-in)",
         metrics.notifications.dropped.clone(),
     );
+    registry.register(
+        "fleet_retention_deleted_drift_windows",
+        "Drift windows deleted by retention since this server started (--retention-days)",
+        metrics.retention.drift_windows.clone(),
+    );
+    registry.register(
+        "fleet_retention_deleted_telemetry_rows",
+        "Telemetry rows deleted by retention since this server started (--retention-days)",
+        metrics.retention.telemetry_rows.clone(),
+    );
     registry.register_collector(Box::new(snapshot));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
@@ -230,6 +243,7 @@ mod tests {
         metrics.latency.get_or_create(&labels).observe(0.003);
         metrics.notifications.pending.set(42);
         metrics.notifications.dropped.inc_by(5);
+        metrics.retention.telemetry_rows.inc_by(9);
         let snapshot = StoreSnapshot {
             devices_online: 3,
             devices_offline: 1,
@@ -250,6 +264,8 @@ mod tests {
             "fleet_api_request_duration_seconds_count{method=\"GET\",route=\"/api/v1/devices\",status=\"200\"} 1",
             "fleet_notifications_pending 42",
             "fleet_notifications_dropped_total 5",
+            "fleet_retention_deleted_telemetry_rows_total 9",
+            "fleet_retention_deleted_drift_windows_total 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use fleet_server::ingest::MqttLogin;
+use fleet_server::retention::RetentionConfig;
 use fleet_server::retrain::RetrainConfig;
 use fleet_server::server::{start, MosquittoFiles, Mqtt, ServerConfig, TlsFiles};
 
@@ -120,6 +121,11 @@ struct Args {
     /// report reaches one of them.
     #[arg(long, env = "FLEET_MQTT_SHARE_GROUP", requires = "mqtt_url")]
     mqtt_share_group: Option<String>,
+    /// Days drift windows and uploaded telemetry rows are kept after they arrive; older ones are
+    /// deleted every hour (not while a rollout that may read them runs). 0 keeps everything.
+    /// Audit, lineage and statuses are always kept.
+    #[arg(long, env = "FLEET_RETENTION_DAYS", default_value_t = 31, value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    retention_days: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -228,6 +234,11 @@ async fn main() -> Result<()> {
             bucket_secs: args.drift_window_secs,
             // A bucket is judged once it is complete; checking four times a bucket is soon enough.
             check_every: std::time::Duration::from_secs((args.drift_window_secs / 4).max(15)),
+        },
+        retention: RetentionConfig {
+            keep: (args.retention_days > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(args.retention_days) * 86_400)),
+            ..RetentionConfig::default()
         },
     };
     let server = start(config).await.context("fleet-server failed to start")?;

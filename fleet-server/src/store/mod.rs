@@ -98,6 +98,20 @@ pub struct StatusRow {
     pub shadow_version: Option<String>,
 }
 
+/// What one [`Store::prune`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub drift_windows: usize,
+    pub telemetry_rows: usize,
+}
+
+impl Pruned {
+    pub fn add(&mut self, other: Pruned) {
+        self.drift_windows += other.drift_windows;
+        self.telemetry_rows += other.telemetry_rows;
+    }
+}
+
 /// One stored drift window, its counts still postcard-encoded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WindowRow {
@@ -329,6 +343,9 @@ pub trait Store: Send + Sync + 'static {
     fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError>;
     /// Every device's delivery counters.
     fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError>;
+    /// Retention: deletes at most `limit` drift windows and at most `limit` telemetry rows that
+    /// were stored before `stored_before_ms` (the server's clock), oldest first is not promised.
+    fn prune(&self, stored_before_ms: u64, limit: usize) -> Result<Pruned, StoreError>;
 
     /// Every cohort default (`rollout::cohort_default`), of every model.
     fn cohort_defaults(&self) -> Result<Vec<CohortDefault>, StoreError>;
@@ -436,4 +453,4 @@ pub struct PendingEvent {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -24,7 +24,7 @@ use self::prepared::{PgConn, Prepared};
 use super::pool::{Pool, Pooled};
 use super::{
     Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, PendingEvent,
-    SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
+    Pruned, SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
 use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
@@ -465,6 +465,10 @@ impl Store for PostgresStore {
 
     fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError> {
         delivery::telemetry(&mut *self.conn()?, query)
+    }
+
+    fn prune(&self, stored_before_ms: u64, limit: usize) -> Result<Pruned, StoreError> {
+        delivery::prune(&mut *self.conn()?, stored_before_ms, limit)
     }
 
     fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError> {

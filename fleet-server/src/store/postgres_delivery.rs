@@ -9,7 +9,7 @@ use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, Teleme
 
 use super::devices::{drift_into, heartbeat_into, lock_devices, status_into};
 use super::prepared::{PgConn, Prepared};
-use crate::store::{Accepted, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
+use crate::store::{Accepted, Pruned, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
 /// Stores a batch of sequenced reports in one transaction, with the outcomes they would have
 /// one by one in order. One commit for the whole batch is what lets the server keep up with a
@@ -179,9 +179,10 @@ pub fn record_telemetry(conn: &mut Client, device: &str, rows: &[TelemetryRow]) 
     let mut tx = conn.transaction()?;
     let mut ack = TelemetryAck::default();
     let insert = tx.prepare(
-        "INSERT INTO telemetry (device, seq, model, version, at_ms, latency_us, features, outputs)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        "INSERT INTO telemetry (device, seq, model, version, at_ms, latency_us, features, outputs, received_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )?;
+    let received_ms = crate::unix_ms() as i64;
     for r in rows {
         let inserted = tx.execute(
             &insert,
@@ -194,6 +195,7 @@ pub fn record_telemetry(conn: &mut Client, device: &str, rows: &[TelemetryRow]) 
                 &i64::from(r.latency_us),
                 &f32s(&r.features),
                 &f32s(&r.outputs),
+                &received_ms,
             ],
         )?;
         if inserted == 1 {
@@ -277,6 +279,23 @@ pub fn views(conn: &mut Client) -> Result<Vec<DeliveryView>, StoreError> {
             })
         })
         .collect()
+}
+
+/// Deletes at most `limit` drift windows and `limit` telemetry rows stored before `before_ms`
+/// (found through the `received_ms` indexes, deleted by row address).
+pub fn prune(conn: &mut Client, before_ms: u64, limit: usize) -> Result<Pruned, StoreError> {
+    let mut tx = conn.transaction()?;
+    let bounds: [&(dyn postgres::types::ToSql + Sync); 2] = [&(before_ms as i64), &(limit as i64)];
+    let drift_windows = tx.execute(
+        "DELETE FROM drift WHERE ctid = ANY(ARRAY(SELECT ctid FROM drift WHERE received_ms < $1 LIMIT $2))",
+        &bounds,
+    )? as usize;
+    let telemetry_rows = tx.execute(
+        "DELETE FROM telemetry WHERE ctid = ANY(ARRAY(SELECT ctid FROM telemetry WHERE received_ms < $1 LIMIT $2))",
+        &bounds,
+    )? as usize;
+    tx.commit()?;
+    Ok(Pruned { drift_windows, telemetry_rows })
 }
 
 #[cfg(test)]

@@ -12,7 +12,19 @@ const LOCK_NAMESPACE: i32 = 0x466c_7473; // "Flts"
 /// (version, SQL), in order. Version 1 is the schema the SQLite store had when PostgreSQL came:
 /// the same tables and columns, BIGINT for integers, BYTEA for blobs, identity columns where
 /// SQLite has rowids. Keys that are sorted on are `COLLATE "C"`, so they sort bytewise as SQLite's.
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+
+/// Retention (`retention.rs`): when each telemetry row was stored, and an index on that time for
+/// drift windows and telemetry rows. Rows stored before this version count as stored when it
+/// ran (their own times are devices' clocks), so upgrading deletes nothing at once. The column's
+/// default is evaluated once, for the rows already there, and then dropped: every insert names it.
+const V3: &str = r#"
+ALTER TABLE telemetry ADD COLUMN received_ms BIGINT NOT NULL DEFAULT (extract(epoch FROM now()) * 1000)::BIGINT;
+ALTER TABLE telemetry ALTER COLUMN received_ms DROP DEFAULT;
+UPDATE drift SET received_ms = (extract(epoch FROM now()) * 1000)::BIGINT WHERE received_ms IS NULL;
+CREATE INDEX drift_by_received ON drift (received_ms);
+CREATE INDEX telemetry_by_received ON telemetry (received_ms);
+"#;
 
 /// Several servers on one database: rollouts saved with a revision (optimistic concurrency) and
 /// leases (one server drives the rollouts at a time); when each drift window was stored, so the

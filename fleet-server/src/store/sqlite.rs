@@ -22,7 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     Accepted, BundleRecord, DesiredChange, EnrollRefusal, NewDevice, ObservationRows, OperatorRecord, PendingEvent,
-    SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
+    Pruned, SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
 use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
@@ -440,6 +440,10 @@ impl Store for SqliteStore {
 
     fn telemetry(&self, query: &TelemetryQuery) -> Result<Vec<StoredTelemetry>, StoreError> {
         delivery::telemetry(&*self.snapshot()?, query)
+    }
+
+    fn prune(&self, stored_before_ms: u64, limit: usize) -> Result<Pruned, StoreError> {
+        delivery::prune(&mut self.conn(), stored_before_ms, limit)
     }
 
     fn delivery(&self) -> Result<Vec<DeliveryView>, StoreError> {

@@ -6,7 +6,7 @@ use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, Teleme
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::devices::{drift_into, heartbeat_into, status_into};
-use crate::store::{Accepted, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
+use crate::store::{Accepted, Pruned, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
 /// Stores a batch of sequenced reports in one transaction: one commit for the whole batch is
 /// what lets the server keep up with a site draining its backlog.
@@ -86,9 +86,10 @@ pub fn record_telemetry(
     let mut ack = TelemetryAck::default();
     {
         let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO telemetry (device, seq, model, version, at_ms, latency_us, features, outputs)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR IGNORE INTO telemetry (device, seq, model, version, at_ms, latency_us, features, outputs, received_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
+        let received_ms = crate::unix_ms() as i64;
         for r in rows {
             let inserted = insert.execute(params![
                 device,
@@ -98,7 +99,8 @@ pub fn record_telemetry(
                 r.at_ms as i64,
                 r.latency_us,
                 f32s(&r.features),
-                f32s(&r.outputs)
+                f32s(&r.outputs),
+                received_ms
             ])?;
             if inserted == 1 {
                 ack.stored += 1;
@@ -173,4 +175,20 @@ pub fn views(conn: &Connection) -> Result<Vec<DeliveryView>, StoreError> {
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Deletes at most `limit` drift windows and `limit` telemetry rows stored before `before_ms`.
+pub fn prune(conn: &mut Connection, before_ms: u64, limit: usize) -> Result<Pruned, StoreError> {
+    let tx = conn.transaction()?;
+    let bounds = params![before_ms as i64, limit as i64];
+    let drift_windows = tx
+        .prepare_cached("DELETE FROM drift WHERE rowid IN (SELECT rowid FROM drift WHERE received_ms < ?1 LIMIT ?2)")?
+        .execute(bounds)?;
+    let telemetry_rows = tx
+        .prepare_cached(
+            "DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry WHERE received_ms < ?1 LIMIT ?2)",
+        )?
+        .execute(bounds)?;
+    tx.commit()?;
+    Ok(Pruned { drift_windows, telemetry_rows })
 }

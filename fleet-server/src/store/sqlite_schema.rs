@@ -14,7 +14,7 @@ use crate::store::StoreError;
 type Migration = fn(&Connection) -> rusqlite::Result<()>;
 
 /// (version, migration), in order.
-pub const MIGRATIONS: &[(i64, Migration)] = &[(1, v1), (2, v2)];
+pub const MIGRATIONS: &[(i64, Migration)] = &[(1, v1), (2, v2), (3, v3)];
 
 const V1_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
@@ -99,6 +99,19 @@ fn v2(tx: &Connection) -> rusqlite::Result<()> {
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL);
          CREATE INDEX IF NOT EXISTS drift_by_model_received ON drift (model, received_ms);",
+    )
+}
+
+/// Retention (`retention.rs`): when each telemetry row was stored, and an index on that time for
+/// drift windows and telemetry rows. Rows stored before this version count as stored when it
+/// ran (their own times are devices' clocks), so upgrading deletes nothing at once.
+fn v3(tx: &Connection) -> rusqlite::Result<()> {
+    let now = crate::unix_ms() as i64;
+    add_column(tx, "telemetry", "received_ms", &format!("INTEGER NOT NULL DEFAULT {now}"))?;
+    tx.execute("UPDATE drift SET received_ms = ?1 WHERE received_ms IS NULL", params![now])?;
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS drift_by_received ON drift (received_ms);
+         CREATE INDEX IF NOT EXISTS telemetry_by_received ON telemetry (received_ms);",
     )
 }
 

@@ -109,6 +109,8 @@ on_every_store!(
     an_older_heartbeat_delivered_late_does_not_turn_counters_back,
     eviction_events_add_up_per_device,
     telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version,
+    drift_windows_and_telemetry_stored_before_the_cutoff_are_pruned_in_batches_and_the_rest_kept,
+    retention_keeps_what_a_running_rollout_may_read,
     a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it,
     a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale,
     a_lease_has_one_holder_until_it_expires_or_is_released,
@@ -127,6 +129,19 @@ fn device(store: &TestStore, id: &str) {
             broker_hash: String::new(),
         })
         .unwrap();
+}
+
+/// Telemetry row `seq` of model tabular at `version` (its device time is `seq * 10`).
+pub(crate) fn telemetry_row(seq: u64, version: &str) -> proto::delivery::TelemetryRow {
+    proto::delivery::TelemetryRow {
+        seq,
+        at_ms: seq * 10,
+        model: "tabular".into(),
+        version: version.into(),
+        latency_us: 7,
+        features: vec![seq as f32, 0.5],
+        outputs: vec![0.25],
+    }
 }
 
 fn bundle(version: &str, sha: &str) -> BundleRecord {
@@ -472,15 +487,7 @@ fn eviction_events_add_up_per_device(store: &TestStore) {
 
 fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version(store: &TestStore) {
     device(store, "d1");
-    let row = |seq: u64, version: &str| proto::delivery::TelemetryRow {
-        seq,
-        at_ms: seq * 10,
-        model: "tabular".into(),
-        version: version.into(),
-        latency_us: 7,
-        features: vec![seq as f32, 0.5],
-        outputs: vec![0.25],
-    };
+    let row = telemetry_row;
     let rows = vec![row(1, "1.0.0"), row(2, "1.0.0"), row(3, "2.0.0")];
     let ack = store.record_telemetry("d1", &rows).unwrap();
     assert_eq!((ack.through, ack.stored, ack.duplicates), (3, 3, 0));
@@ -491,6 +498,65 @@ fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_versio
     assert_eq!(got.iter().map(|r| r.row.clone()).collect::<Vec<_>>(), rows[..2].to_vec());
     let page = TelemetryQuery { after: Some(("d1".into(), 1)), version: None, ..q };
     assert_eq!(store.telemetry(&page).unwrap().len(), 2);
+}
+
+fn drift_windows_and_telemetry_stored_before_the_cutoff_are_pruned_in_batches_and_the_rest_kept(store: &TestStore) {
+    device(store, "d1");
+    for start in [10, 20, 30] {
+        let summary = DriftSummary {
+            model: "tabular".into(),
+            version: "1.0.0".into(),
+            window_start_ms: start,
+            window_end_ms: start + 10,
+            sketch: WindowSketch { rows: 5, ..Default::default() },
+            shadow: None,
+        };
+        assert!(store
+            .record_drift("d1", &StoredDrift { summary: &summary, score: 0.1, mean_confidence: None })
+            .unwrap());
+    }
+    let rows: Vec<_> = (1..=3).map(|seq| telemetry_row(seq, "1.0.0")).collect();
+    store.record_telemetry("d1", &rows).unwrap();
+    let now = crate::unix_ms();
+    assert_eq!(store.prune(now - 60_000, 10).unwrap(), Pruned::default(), "rows just stored are kept");
+    // Two of each were stored long ago (by the server's clock, whatever the device's said).
+    store.execute_sql(
+        "UPDATE drift SET received_ms = 1000 WHERE window_start_ms < 30;
+         UPDATE telemetry SET received_ms = 1000 WHERE seq < 3;",
+    );
+    let one = Pruned { drift_windows: 1, telemetry_rows: 1 };
+    assert_eq!(store.prune(2000, 1).unwrap(), one, "at most the batch of each");
+    assert_eq!(store.prune(2000, 10).unwrap(), one);
+    assert_eq!(store.prune(2000, 10).unwrap(), Pruned::default());
+    let windows = store.observation_rows("tabular", 0, 0).unwrap().windows;
+    assert_eq!(windows.iter().map(|w| w.start_ms).collect::<Vec<_>>(), vec![30]);
+    let q = TelemetryQuery { model: "tabular".into(), limit: 10, ..Default::default() };
+    assert_eq!(store.telemetry(&q).unwrap().iter().map(|r| r.row.seq).collect::<Vec<_>>(), vec![3]);
+}
+
+fn retention_keeps_what_a_running_rollout_may_read(store: &TestStore) {
+    use crate::retention::{cutoff_now, CLOCK_MARGIN_MS};
+    device(store, "d1");
+    let keep = std::time::Duration::from_secs(86_400);
+    let now = 100 * 86_400_000;
+    assert_eq!(cutoff_now(&**store, keep, now).unwrap(), now - 86_400_000, "no rollout: the retention");
+    let plan: proto::rollout::RolloutPlan =
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+    let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
+    let created_ms = 50 * 86_400_000;
+    let mut rollout = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), created_ms).unwrap();
+    let save = |rollout: &mut crate::rollout::Rollout| {
+        store.save_rollout(rollout, &[], &[]).unwrap();
+        rollout.revision += 1;
+    };
+    save(&mut rollout);
+    assert_eq!(cutoff_now(&**store, keep, now).unwrap(), created_ms - CLOCK_MARGIN_MS, "running: its windows stay");
+    rollout.phase = crate::rollout::Phase::Paused;
+    save(&mut rollout);
+    assert_eq!(cutoff_now(&**store, keep, now).unwrap(), created_ms - CLOCK_MARGIN_MS, "paused: likewise");
+    rollout.phase = crate::rollout::Phase::Aborted;
+    save(&mut rollout);
+    assert_eq!(cutoff_now(&**store, keep, now).unwrap(), now - 86_400_000, "finished: the retention again");
 }
 
 fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it(store: &TestStore) {
