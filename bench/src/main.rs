@@ -19,6 +19,7 @@ mod drift;
 mod hot_paths;
 mod local_api;
 mod report;
+mod retention;
 mod tick;
 
 use std::path::{Path, PathBuf};
@@ -97,6 +98,12 @@ enum Mode {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Retention: one prune batch against storing as many drift windows through ingest.
+    Retention {
+        /// Replace the retention section of this Markdown file (docs/BENCHMARKS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// The baseline server of the local-API comparison: axum + tract, nothing else.
     #[command(hide = true)]
     BareServer {
@@ -115,6 +122,8 @@ const DRIFT_MARKER: &str = "## Drift";
 const DASHBOARD_MARKER: &str = "## Dashboard";
 /// Where the rollout tick section starts.
 const TICK_MARKER: &str = "## Rollout tick";
+/// Where the retention section starts.
+const RETENTION_MARKER: &str = "## Retention";
 
 const CNN: &[u8] = include_bytes!("../../tests/fixtures/models/cnn.onnx");
 const MLP: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -238,6 +247,15 @@ async fn main() -> Result<()> {
         print!("{section}");
         if let Some(path) = write {
             write_section(path, TICK_MARKER, &section)?;
+        }
+        return Ok(());
+    }
+    if let Some(Mode::Retention { write }) = &args.command {
+        eprintln!("retention: a prune batch against storing as many drift windows, a day of 200 devices stored...");
+        let section = retention::section(&retention::run(dir.path())?);
+        print!("{section}");
+        if let Some(path) = write {
+            write_section(path, RETENTION_MARKER, &section)?;
         }
         return Ok(());
     }

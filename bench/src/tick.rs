@@ -12,7 +12,7 @@ use fleet_server::store::{NewDevice, SqliteStore, Store, StoredDrift};
 use proto::drift::{FeatureDecl, ReferenceProfile, WindowSketch};
 use proto::wire::DriftSummary;
 
-const DEVICES: usize = 200;
+pub(crate) const DEVICES: usize = 200;
 const FEATURES: usize = 8;
 const ROWS_PER_WINDOW: usize = 60;
 const MINUTE_MS: u64 = 60_000;
@@ -28,7 +28,8 @@ pub struct TickRow {
     pub cached_rows_read: usize,
 }
 
-fn profile() -> ReferenceProfile {
+/// The reference profile of the windows both benchmarks store: 8 numeric features.
+pub(crate) fn profile() -> ReferenceProfile {
     let decls: Vec<FeatureDecl> = (0..FEATURES).map(|i| FeatureDecl::numeric(&format!("f{i}"))).collect();
     let rows: Vec<Vec<f32>> =
         (0..2000).map(|r| (0..FEATURES).map(|i| ((r * 7 + i * 13) % 1000) as f32 / 100.0).collect()).collect();
@@ -66,9 +67,9 @@ fn store_minute(store: &SqliteStore, db: &Path, profile: &ReferenceProfile, minu
     Ok(())
 }
 
-pub fn run(dir: &Path) -> Result<Vec<TickRow>> {
-    let db = dir.join("tick.db");
-    let store = SqliteStore::open(&db)?;
+/// A SQLite store at `db` with devices d0000 to d0199 enrolled.
+pub(crate) fn store_with_devices(db: &Path) -> Result<SqliteStore> {
+    let store = SqliteStore::open(db)?;
     for d in 0..DEVICES {
         store.insert_device(&NewDevice {
             id: format!("d{d:04}"),
@@ -80,6 +81,12 @@ pub fn run(dir: &Path) -> Result<Vec<TickRow>> {
             broker_hash: String::new(),
         })?;
     }
+    Ok(store)
+}
+
+pub fn run(dir: &Path) -> Result<Vec<TickRow>> {
+    let db = dir.join("tick.db");
+    let store = store_with_devices(&db)?;
     let profile = profile();
     let references = Default::default();
     let mut cache = WindowCache::default();
