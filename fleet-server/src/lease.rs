@@ -1,5 +1,5 @@
 //! Work that one server of several sharing a store must do alone (driving rollouts, detecting
-//! and delivering retraining events) is done under a lease held in the store: taken when free or
+//! and delivering retraining events, retention) is done under a lease held in the store: taken when free or
 //! expired, renewed by its holder before each round of work, given up on a clean stop. A server
 //! killed while holding one is replaced when it expires, within one lease period.
 //!
@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError};
 
@@ -51,6 +53,29 @@ impl Lease {
         self.held = held;
         self.gauge.set(i64::from(held));
         held
+    }
+
+    /// For work done every `period` under this lease: the first turn at once, and a late turn
+    /// delays the next ones instead of bunching them.
+    pub fn turns(period: Duration) -> Interval {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        interval
+    }
+
+    /// Waits for the next of [`Lease::turns`] and renews the lease: Some(true) when this server
+    /// does this turn's work, Some(false) when another holds the lease, None once `cancel` fires.
+    pub async fn next_turn(
+        &mut self,
+        turns: &mut Interval,
+        store: &Arc<dyn Store>,
+        cancel: &CancellationToken,
+    ) -> Option<bool> {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = turns.tick() => {}
+        }
+        Some(self.renew(store).await)
     }
 
     /// Whether the last renewal held the lease.

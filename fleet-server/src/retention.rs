@@ -109,14 +109,9 @@ async fn run(
     metrics: RetentionMetrics,
     cancel: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(check_every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = interval.tick() => {}
-        }
-        if !lease.renew(&store).await {
+    let mut turns = Lease::turns(check_every);
+    while let Some(held) = lease.next_turn(&mut turns, &store, &cancel).await {
+        if !held {
             continue;
         }
         let pass = async {

@@ -75,14 +75,9 @@ async fn run(
         .build()
         .map_err(|e| tracing::error!(error = %e, "no HTTP client for the retraining webhook"))
         .ok();
-    let mut interval = tokio::time::interval(config.check_every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = interval.tick() => {}
-        }
-        if !lease.renew(&store).await {
+    let mut turns = Lease::turns(config.check_every);
+    while let Some(held) = lease.next_turn(&mut turns, &store, &cancel).await {
+        if !held {
             continue;
         }
         let detect_config = config.clone();

@@ -155,8 +155,7 @@ struct Driver {
 impl Driver {
     async fn run(self, mut rx: mpsc::Receiver<Command>, tick: Duration, mut lease: Lease, cancel: CancellationToken) {
         self.lead_if_free(&mut lease).await;
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut interval = Lease::turns(tick);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
