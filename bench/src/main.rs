@@ -100,6 +100,9 @@ enum Mode {
     },
     /// Retention: one prune batch against storing as many drift windows through ingest.
     Retention {
+        /// Also measure on this PostgreSQL database (in a schema of its own, dropped after).
+        #[arg(long)]
+        database_url: Option<String>,
         /// Replace the retention section of this Markdown file (docs/BENCHMARKS.md).
         #[arg(long)]
         write: Option<PathBuf>,
@@ -250,9 +253,19 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
-    if let Some(Mode::Retention { write }) = &args.command {
+    if let Some(Mode::Retention { database_url, write }) = &args.command {
         eprintln!("retention: a prune batch against storing as many drift windows, a day of 200 devices stored...");
-        let section = retention::section(&retention::run(dir.path())?);
+        let (path, url) = (dir.path().to_path_buf(), database_url.clone());
+        // The stores block (PostgreSQL's client runs a runtime of its own): off the async runtime.
+        let figures = tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
+            let mut figures = vec![retention::run(&path, None)?];
+            if let Some(url) = url {
+                figures.push(retention::run(&path, Some(&url))?);
+            }
+            Ok(figures)
+        })
+        .await??;
+        let section = retention::section(&figures);
         print!("{section}");
         if let Some(path) = write {
             write_section(path, RETENTION_MARKER, &section)?;

@@ -3,12 +3,12 @@
 //! (`record_reports`, 256 reports per transaction as the server's ingest batches them). Same
 //! store, same windows, same run; the store holds a day of a 200-device fleet's windows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
 use fleet_server::retention::PRUNE_BATCH;
-use fleet_server::store::{Report, SequencedReport, SqliteStore, Store, StoredDrift};
+use fleet_server::store::{PostgresStore, Report, SequencedReport, SqliteStore, Store, StoredDrift};
 
 use crate::tick::DEVICES;
 use proto::drift::{SketchLayout, WindowSketch};
@@ -24,6 +24,7 @@ const INGEST_BATCH: usize = 256;
 const REPEATS: usize = 3;
 
 pub struct RetentionFigures {
+    pub store: &'static str,
     pub stored_windows: usize,
     /// Storing PRUNE_BATCH windows through ingest batches, best of REPEATS.
     pub store_ms: f64,
@@ -50,7 +51,7 @@ fn window(layout: &SketchLayout, device: usize, minute: u64) -> DriftSummary {
 }
 
 /// Stores every device's window of `minutes` through ingest-sized batches; returns the time taken.
-fn ingest(store: &SqliteStore, layout: &SketchLayout, minutes: std::ops::Range<u64>, seq: &mut u64) -> Result<f64> {
+fn ingest(store: &dyn Store, layout: &SketchLayout, minutes: std::ops::Range<u64>, seq: &mut u64) -> Result<f64> {
     let summaries: Vec<(String, DriftSummary)> = minutes
         .flat_map(|m| (0..DEVICES).map(move |d| (d, m)))
         .map(|(d, m)| (format!("d{d:04}"), window(layout, d, m)))
@@ -70,19 +71,85 @@ fn ingest(store: &SqliteStore, layout: &SketchLayout, minutes: std::ops::Range<u
     Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
-pub fn run(dir: &Path) -> Result<RetentionFigures> {
-    let db = dir.join("retention.db");
-    let store = crate::tick::store_with_devices(&db)?;
+/// The store measured: a SQLite file, or a schema of its own in a PostgreSQL database.
+enum Database {
+    Sqlite { file: PathBuf },
+    Postgres { client: Box<postgres::Client>, schema: String },
+}
+
+impl Database {
+    fn open(dir: &Path, database_url: Option<&str>) -> Result<(Database, Box<dyn Store>)> {
+        Ok(match database_url {
+            None => {
+                let file = dir.join("retention.db");
+                let store = SqliteStore::open(&file)?;
+                (Database::Sqlite { file }, Box::new(store))
+            }
+            Some(url) => {
+                let schema = format!("fleet_bench_retention_{}", std::process::id());
+                let store = PostgresStore::open(url, Some(&schema))?;
+                let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+                client.batch_execute(&format!("SET search_path TO {schema}"))?;
+                (Database::Postgres { client: Box::new(client), schema }, Box::new(store))
+            }
+        })
+    }
+
+    /// Runs a statement as someone with access to the database would (the store has no call
+    /// that backdates arrivals).
+    fn execute(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Database::Sqlite { file, .. } => drop(rusqlite::Connection::open(file)?.execute(sql, [])?),
+            Database::Postgres { client, .. } => drop(client.execute(sql, &[])?),
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, sql: &str) -> Result<i64> {
+        Ok(match self {
+            Database::Sqlite { file, .. } => rusqlite::Connection::open(file)?.query_row(sql, [], |r| r.get(0))?,
+            Database::Postgres { client, .. } => client.query_one(sql, &[])?.get(0),
+        })
+    }
+
+    /// Megabytes on disk: the SQLite file, or the drift table with its indexes.
+    fn size_mb(&mut self) -> Result<f64> {
+        Ok(match self {
+            Database::Sqlite { file, .. } => std::fs::metadata(file)?.len() as f64 / 1e6,
+            Database::Postgres { .. } => self.count("SELECT pg_total_relation_size('drift')")? as f64 / 1e6,
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Database::Sqlite { .. } => "SQLite",
+            Database::Postgres { .. } => "PostgreSQL",
+        }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if let Database::Postgres { client, schema } = self {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+    }
+}
+
+/// Measures on SQLite in `dir`, or on PostgreSQL at `database_url` (a schema made and dropped
+/// here). Blocks: call it off the async runtime.
+pub fn run(dir: &Path, database_url: Option<&str>) -> Result<RetentionFigures> {
+    let (mut database, store) = Database::open(dir, database_url)?;
+    crate::tick::enroll_devices(store.as_ref())?;
     let layout = crate::tick::profile().layout;
 
     let mut seq = 0;
     let minutes_per_batch = (PRUNE_BATCH / DEVICES) as u64;
-    ingest(&store, &layout, 0..MINUTES, &mut seq)?;
+    ingest(store.as_ref(), &layout, 0..MINUTES, &mut seq)?;
     // Each window arrives a second after it ends, by the server's clock.
-    let conn = rusqlite::Connection::open(&db)?;
-    conn.execute("UPDATE drift SET received_ms = window_end_ms + 1000", [])?;
-    let stored_windows: usize = conn.query_row("SELECT COUNT(*) FROM drift", [], |r| r.get::<_, i64>(0))? as usize;
-    let db_mb = std::fs::metadata(&db)?.len() as f64 / 1e6;
+    database.execute("UPDATE drift SET received_ms = window_end_ms + 1000")?;
+    let stored_windows = database.count("SELECT COUNT(*) FROM drift")? as usize;
+    let db_mb = database.size_mb()?;
 
     let (mut store_ms, mut prune_ms) = (f64::MAX, f64::MAX);
     for repeat in 0..REPEATS as u64 {
@@ -93,38 +160,40 @@ pub fn run(dir: &Path) -> Result<RetentionFigures> {
         prune_ms = prune_ms.min(started.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(pruned.drift_windows == PRUNE_BATCH, "pruned {} windows", pruned.drift_windows);
         let first = MINUTES + repeat * minutes_per_batch;
-        store_ms = store_ms.min(ingest(&store, &layout, first..first + minutes_per_batch, &mut seq)?);
+        store_ms = store_ms.min(ingest(store.as_ref(), &layout, first..first + minutes_per_batch, &mut seq)?);
     }
-    eprintln!("retention: {stored_windows} windows: store {store_ms:.1} ms, prune {prune_ms:.1} ms per {PRUNE_BATCH}");
-    Ok(RetentionFigures { stored_windows, store_ms, prune_ms, db_mb })
+    let store_name = database.name();
+    eprintln!("retention, {store_name}: {stored_windows} windows: store {store_ms:.1} ms, prune {prune_ms:.1} ms per {PRUNE_BATCH}");
+    Ok(RetentionFigures { store: store_name, stored_windows, store_ms, prune_ms, db_mb })
 }
 
-pub fn section(f: &RetentionFigures) -> String {
-    format!(
+pub fn section(figures: &[RetentionFigures]) -> String {
+    let mut text = format!(
         "## Retention\n\n\
-         `target/release/fleet-bench retention --write docs/BENCHMARKS.md` (release build): a SQLite store\n\
-         holding a day of drift windows from 200 devices ({} windows of 60 rows over 8 numeric features,\n\
-         {:.0} MB). One retention batch deletes the {} oldest windows (`Store::prune`, by the\n\
-         `received_ms` index, one transaction); the baseline stores {} new windows through the ingest\n\
-         path ({}-report transactions, as the server batches them). Best of {}, same run.\n\n\
-         | {} windows | time | ratio |\n\
-         | --- | --- | --- |\n\
-         | stored through ingest | {:.1} ms | 1.00x |\n\
-         | deleted by one prune batch | {:.1} ms | {:.2}x |\n\n\
-         A window takes {:.0} bytes of the database here, indexes included. At 10,000 devices with one\n\
-         model, a day's windows (14,400,000) are 2,880 prune batches: about {:.0} s of the writer's time\n\
-         a day, spread over the hourly passes.\n\n",
-        f.stored_windows,
-        f.db_mb,
-        PRUNE_BATCH,
-        PRUNE_BATCH,
-        INGEST_BATCH,
-        REPEATS,
-        PRUNE_BATCH,
-        f.store_ms,
-        f.prune_ms,
-        f.prune_ms / f.store_ms,
-        f.db_mb * 1e6 / f.stored_windows as f64,
-        2880.0 * f.prune_ms / 1e3
-    )
+         `target/release/fleet-bench retention [--database-url postgres://…] --write docs/BENCHMARKS.md`\n\
+         (release build): a store holding a day of drift windows from 200 devices (windows of 60 rows\n\
+         over 8 numeric features), SQLite, and PostgreSQL when a URL is given (a schema of its own,\n\
+         dropped after). One retention batch deletes the {PRUNE_BATCH} oldest windows (`Store::prune`,\n\
+         by the `received_ms` index, one transaction); the baseline stores {PRUNE_BATCH} new windows\n\
+         through the ingest path ({INGEST_BATCH}-report transactions, as the server batches them), on\n\
+         the same store in the same run. Best of {REPEATS}. \"Writer time a day\" is what pruning a\n\
+         day of 10,000 devices' windows (14,400,000: 2,880 batches) would take at that rate.\n\n\
+         | store | windows stored (size, per window) | storing {PRUNE_BATCH} | one prune batch of {PRUNE_BATCH} | ratio | writer time a day at 10,000 devices |\n\
+         | --- | --- | --- | --- | --- | --- |\n"
+    );
+    for f in figures {
+        text.push_str(&format!(
+            "| {} | {} ({:.0} MB, {:.0} bytes) | {:.1} ms | {:.1} ms | {:.2}x | {:.0} s |\n",
+            f.store,
+            f.stored_windows,
+            f.db_mb,
+            f.db_mb * 1e6 / f.stored_windows as f64,
+            f.store_ms,
+            f.prune_ms,
+            f.prune_ms / f.store_ms,
+            2880.0 * f.prune_ms / 1e3
+        ));
+    }
+    text.push_str("\nSizes: the whole SQLite file; PostgreSQL\'s drift table with its indexes.\n\n");
+    text
 }

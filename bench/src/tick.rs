@@ -67,9 +67,8 @@ fn store_minute(store: &SqliteStore, db: &Path, profile: &ReferenceProfile, minu
     Ok(())
 }
 
-/// A SQLite store at `db` with devices d0000 to d0199 enrolled.
-pub(crate) fn store_with_devices(db: &Path) -> Result<SqliteStore> {
-    let store = SqliteStore::open(db)?;
+/// Enrolls devices d0000 to d0199 in `store`.
+pub(crate) fn enroll_devices(store: &dyn Store) -> Result<()> {
     for d in 0..DEVICES {
         store.insert_device(&NewDevice {
             id: format!("d{d:04}"),
@@ -81,12 +80,13 @@ pub(crate) fn store_with_devices(db: &Path) -> Result<SqliteStore> {
             broker_hash: String::new(),
         })?;
     }
-    Ok(store)
+    Ok(())
 }
 
 pub fn run(dir: &Path) -> Result<Vec<TickRow>> {
     let db = dir.join("tick.db");
-    let store = store_with_devices(&db)?;
+    let store = SqliteStore::open(&db)?;
+    enroll_devices(&store)?;
     let profile = profile();
     let references = Default::default();
     let mut cache = WindowCache::default();
