@@ -30,6 +30,19 @@ fn migrations_applied_twice_are_a_no_op_and_keep_the_data() {
 }
 
 #[test]
+fn rows_from_before_retention_count_as_stored_at_the_upgrade() {
+    use crate::store::tests::{upgraded_rows_count_as_stored_at_the_upgrade, BACK_TO_VERSION_2};
+    let Some(schema) = TestSchema::new() else {
+        return eprintln!("skipped: {DATABASE_URL_VAR} is not set");
+    };
+    PostgresStore::open(&schema.url, Some(&schema.name)).unwrap().execute_batch(BACK_TO_VERSION_2).unwrap();
+    let upgraded_at = crate::unix_ms();
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    assert_eq!(applied_versions(&schema), all_versions());
+    upgraded_rows_count_as_stored_at_the_upgrade(&store, upgraded_at);
+}
+
+#[test]
 fn two_stores_opening_the_same_fresh_schema_at_once_both_succeed() {
     let Some(schema) = TestSchema::new() else {
         return eprintln!("skipped: {DATABASE_URL_VAR} is not set");

@@ -36,6 +36,18 @@ fn a_database_from_before_versioned_migrations_keeps_its_rows_and_gains_the_late
 }
 
 #[test]
+fn rows_from_before_retention_count_as_stored_at_the_upgrade() {
+    use crate::store::tests::{upgraded_rows_count_as_stored_at_the_upgrade, BACK_TO_VERSION_2};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    SqliteStore::open(&path).unwrap().execute_batch(BACK_TO_VERSION_2).unwrap();
+    let upgraded_at = crate::unix_ms();
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(versions(&path), all_versions());
+    upgraded_rows_count_as_stored_at_the_upgrade(&store, upgraded_at);
+}
+
+#[test]
 fn opening_a_migrated_database_again_applies_nothing_and_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");

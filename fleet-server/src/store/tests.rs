@@ -131,6 +131,26 @@ fn device(store: &TestStore, id: &str) {
         .unwrap();
 }
 
+/// Turns a migrated store back into one as version 2 left it (no telemetry arrival time, a drift
+/// window stored before arrival times existed), holding rows whose devices' clocks say 1970.
+pub(crate) const BACK_TO_VERSION_2: &str = "
+    DELETE FROM schema_migrations WHERE version = 3;
+    DROP INDEX drift_by_received;
+    DROP INDEX telemetry_by_received;
+    ALTER TABLE telemetry DROP COLUMN received_ms;
+    INSERT INTO telemetry (device, seq, model, version, at_ms, latency_us, features, outputs)
+        VALUES ('d1', 1, 'tabular', '1.0.0', 1000, 7, '', '');
+    INSERT INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, counts)
+        VALUES ('d1', 'tabular', '1.0.0', 1000, 2000, 5, 0.1, '');";
+
+/// After the upgrade to version 3, the rows of [`BACK_TO_VERSION_2`] count as stored at the
+/// upgrade: retention deletes them only once its period has passed since.
+pub(crate) fn upgraded_rows_count_as_stored_at_the_upgrade(store: &dyn Store, upgraded_at_ms: u64) {
+    assert_eq!(store.prune(upgraded_at_ms - 60_000, 10).unwrap(), Pruned::default(), "nothing deleted at once");
+    let both = Pruned { drift_windows: 1, telemetry_rows: 1 };
+    assert_eq!(store.prune(crate::unix_ms() + 60_000, 10).unwrap(), both, "then both, by their arrival");
+}
+
 /// Telemetry row `seq` of model tabular at `version` (its device time is `seq * 10`).
 pub(crate) fn telemetry_row(seq: u64, version: &str) -> proto::delivery::TelemetryRow {
     proto::delivery::TelemetryRow {
