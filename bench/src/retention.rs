@@ -10,13 +10,10 @@ use anyhow::Result;
 use fleet_server::retention::PRUNE_BATCH;
 use fleet_server::store::{PostgresStore, Report, SequencedReport, SqliteStore, Store, StoredDrift};
 
-use crate::tick::DEVICES;
-use proto::drift::{SketchLayout, WindowSketch};
+use crate::tick::{window, DEVICES, MINUTE_MS};
+use proto::drift::SketchLayout;
 use proto::wire::DriftSummary;
 
-const FEATURES: usize = 8;
-const ROWS_PER_WINDOW: usize = 60;
-const MINUTE_MS: u64 = 60_000;
 /// Minutes of windows in the store before measuring: a day.
 const MINUTES: u64 = 24 * 60;
 /// Ingest's batch size (`ingest.rs`).
@@ -31,23 +28,6 @@ pub struct RetentionFigures {
     /// Deleting PRUNE_BATCH windows in one prune batch, best of REPEATS.
     pub prune_ms: f64,
     pub db_mb: f64,
-}
-
-fn window(layout: &SketchLayout, device: usize, minute: u64) -> DriftSummary {
-    let mut sketch = WindowSketch::empty(layout);
-    for r in 0..ROWS_PER_WINDOW {
-        let row: Vec<f32> =
-            (0..FEATURES).map(|i| ((r * 31 + device * 17 + i * 7 + minute as usize) % 1000) as f32 / 100.0).collect();
-        sketch.observe(layout, &row, &[0.7, 0.3], 40 + (r % 50) as u32);
-    }
-    DriftSummary {
-        model: "tabular".into(),
-        version: "2.0.0".into(),
-        window_start_ms: minute * MINUTE_MS,
-        window_end_ms: (minute + 1) * MINUTE_MS,
-        sketch,
-        shadow: None,
-    }
 }
 
 /// Stores every device's window of `minutes` through ingest-sized batches; returns the time taken.

@@ -9,13 +9,13 @@ use std::time::Instant;
 use anyhow::Result;
 use fleet_server::rollout::observe::{observe, observe_merged, WindowCache};
 use fleet_server::store::{NewDevice, SqliteStore, Store, StoredDrift};
-use proto::drift::{FeatureDecl, ReferenceProfile, WindowSketch};
+use proto::drift::{FeatureDecl, ReferenceProfile, SketchLayout, WindowSketch};
 use proto::wire::DriftSummary;
 
 pub(crate) const DEVICES: usize = 200;
 const FEATURES: usize = 8;
 const ROWS_PER_WINDOW: usize = 60;
-const MINUTE_MS: u64 = 60_000;
+pub(crate) const MINUTE_MS: u64 = 60_000;
 /// Rollout ages measured, in hours.
 const AGES_H: [u64; 3] = [1, 3, 9];
 const REPEATS: usize = 3;
@@ -37,32 +37,36 @@ pub(crate) fn profile() -> ReferenceProfile {
     ReferenceProfile::build(&decls, &rows, &outputs, 2)
 }
 
+/// Device `device`'s drift window of minute `minute`: 60 rows over the features of `layout`.
+pub(crate) fn window(layout: &SketchLayout, device: usize, minute: u64) -> DriftSummary {
+    let mut sketch = WindowSketch::empty(layout);
+    for r in 0..ROWS_PER_WINDOW {
+        let row: Vec<f32> =
+            (0..FEATURES).map(|i| ((r * 31 + device * 17 + i * 7 + minute as usize) % 1000) as f32 / 100.0).collect();
+        sketch.observe(layout, &row, &[0.7, 0.3], 40 + (r % 50) as u32);
+    }
+    DriftSummary {
+        model: "tabular".into(),
+        version: "2.0.0".into(),
+        window_start_ms: minute * MINUTE_MS,
+        window_end_ms: (minute + 1) * MINUTE_MS,
+        sketch,
+        shadow: None,
+    }
+}
+
 /// Stores every device's window of minute `minute`, then dates their arrival one second after
 /// the window ends, as if the rollout had been running in real time.
 fn store_minute(store: &SqliteStore, db: &Path, profile: &ReferenceProfile, minute: u64) -> Result<()> {
-    let start = minute * MINUTE_MS;
     for d in 0..DEVICES {
-        let mut sketch = WindowSketch::empty(&profile.layout);
-        for r in 0..ROWS_PER_WINDOW {
-            let row: Vec<f32> =
-                (0..FEATURES).map(|i| ((r * 31 + d * 17 + i * 7 + minute as usize) % 1000) as f32 / 100.0).collect();
-            sketch.observe(&profile.layout, &row, &[0.7, 0.3], 40 + (r % 50) as u32);
-        }
-        let summary = DriftSummary {
-            model: "tabular".into(),
-            version: "2.0.0".into(),
-            window_start_ms: start,
-            window_end_ms: start + MINUTE_MS,
-            sketch,
-            shadow: None,
-        };
+        let summary = window(&profile.layout, d, minute);
         store
             .record_drift(&format!("d{d:04}"), &StoredDrift { summary: &summary, score: 0.0, mean_confidence: None })?;
     }
     let conn = rusqlite::Connection::open(db)?;
     conn.execute(
         "UPDATE drift SET received_ms = window_end_ms + 1000 WHERE window_start_ms = ?1",
-        rusqlite::params![start as i64],
+        rusqlite::params![(minute * MINUTE_MS) as i64],
     )?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Work that one server of several sharing a store must do alone (driving rollouts, detecting
-//! and delivering retraining events, retention) is done under a lease held in the store: taken when free or
-//! expired, renewed by its holder before each round of work, given up on a clean stop. A server
-//! killed while holding one is replaced when it expires, within one lease period.
+//! and delivering retraining events, retention) is done under a lease held in the store: taken
+//! when free or expired, renewed by its holder before each round of work, given up on a clean
+//! stop. A server killed while holding one is replaced when it expires, within one lease period.
 //!
 //! The lease decides who works; it is not what keeps the data right. A holder that stalls past
 //! its expiry may still write once: rollouts are saved with a revision (optimistic concurrency),

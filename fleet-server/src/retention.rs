@@ -155,20 +155,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_task_deletes_what_is_past_retention_batch_by_batch_and_counts_it() {
-        use crate::store::tests::telemetry_row;
-        use crate::store::{NewDevice, SqliteStore, TelemetryQuery};
+        use crate::store::tests::{new_device, telemetry_row};
+        use crate::store::{SqliteStore, TelemetryQuery};
         let dir = tempfile::tempdir().unwrap();
         let sqlite = SqliteStore::open(&dir.path().join("fleet.db")).unwrap();
-        let new = NewDevice {
-            id: "d1".into(),
-            name: "d1".into(),
-            labels: Default::default(),
-            credential_hash: "hash-d1".into(),
-            enrolled_ms: 1,
-            public_key: String::new(),
-            broker_hash: String::new(),
-        };
-        sqlite.insert_device(&new).unwrap();
+        sqlite.insert_device(&new_device("d1", "hash-d1", 1)).unwrap();
         let rows: Vec<_> = (1..=PRUNE_BATCH as u64 + 2).map(|seq| telemetry_row(seq, "1.0.0")).collect();
         sqlite.record_telemetry("d1", &rows).unwrap();
         // All but the first were stored two days ago: more than one batch.

@@ -151,6 +151,18 @@ pub(crate) fn upgraded_rows_count_as_stored_at_the_upgrade(store: &dyn Store, up
     assert_eq!(store.prune(crate::unix_ms() + 60_000, 10).unwrap(), both, "then both, by their arrival");
 }
 
+/// A 10 ms drift window of model tabular 1.0.0 from `start_ms`, 5 rows.
+fn drift_window(start_ms: u64) -> DriftSummary {
+    DriftSummary {
+        model: "tabular".into(),
+        version: "1.0.0".into(),
+        window_start_ms: start_ms,
+        window_end_ms: start_ms + 10,
+        sketch: WindowSketch { rows: 5, ..Default::default() },
+        shadow: None,
+    }
+}
+
 /// Telemetry row `seq` of model tabular at `version` (its device time is `seq * 10`).
 pub(crate) fn telemetry_row(seq: u64, version: &str) -> proto::delivery::TelemetryRow {
     proto::delivery::TelemetryRow {
@@ -176,7 +188,7 @@ fn bundle(version: &str, sha: &str) -> BundleRecord {
     }
 }
 
-pub(super) fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
+pub(crate) fn new_device(id: &str, credential_hash: &str, enrolled_ms: u64) -> NewDevice {
     NewDevice {
         id: id.into(),
         name: id.into(),
@@ -306,14 +318,7 @@ fn republishing_a_version_with_other_bytes_is_a_conflict(store: &TestStore) {
 
 fn a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device(store: &TestStore) {
     device(store, "d1");
-    let summary = DriftSummary {
-        model: "tabular".into(),
-        version: "1.0.0".into(),
-        window_start_ms: 10,
-        window_end_ms: 20,
-        sketch: WindowSketch { rows: 5, ..Default::default() },
-        shadow: None,
-    };
+    let summary = drift_window(10);
     let stored = StoredDrift { summary: &summary, score: 0.31, mean_confidence: Some(0.8) };
     assert!(store.record_drift("d1", &stored).unwrap());
     assert!(!store.record_drift("d1", &stored).unwrap());
@@ -523,14 +528,7 @@ fn telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_versio
 fn drift_windows_and_telemetry_stored_before_the_cutoff_are_pruned_in_batches_and_the_rest_kept(store: &TestStore) {
     device(store, "d1");
     for start in [10, 20, 30] {
-        let summary = DriftSummary {
-            model: "tabular".into(),
-            version: "1.0.0".into(),
-            window_start_ms: start,
-            window_end_ms: start + 10,
-            sketch: WindowSketch { rows: 5, ..Default::default() },
-            shadow: None,
-        };
+        let summary = drift_window(start);
         assert!(store
             .record_drift("d1", &StoredDrift { summary: &summary, score: 0.1, mean_confidence: None })
             .unwrap());
