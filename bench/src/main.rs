@@ -14,6 +14,7 @@
 //! model runtime: what it measures is what a caller of those crates gets.
 
 mod dashboard;
+mod database;
 mod delivery;
 mod drift;
 mod hot_paths;
@@ -21,6 +22,7 @@ mod local_api;
 mod report;
 mod retention;
 mod tick;
+mod wave;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -107,6 +109,16 @@ enum Mode {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// Rollout wave save: a wave's desired writes for 5,000 of 10,000 devices against a save
+    /// without them.
+    Wave {
+        /// Also measure on this PostgreSQL database (in a schema of its own, dropped after).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// Replace the wave save section of this Markdown file (docs/BENCHMARKS.md).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// The baseline server of the local-API comparison: axum + tract, nothing else.
     #[command(hide = true)]
     BareServer {
@@ -115,6 +127,24 @@ enum Mode {
         #[arg(long)]
         model: PathBuf,
     },
+}
+
+/// Runs a store benchmark on SQLite in `dir`, then on PostgreSQL when `database_url` names one.
+/// The stores block (PostgreSQL's client runs a runtime of its own): off the async runtime.
+async fn on_each_store<T: Send + 'static>(
+    dir: &Path,
+    database_url: &Option<String>,
+    run: fn(&Path, Option<&str>) -> Result<T>,
+) -> Result<Vec<T>> {
+    let (dir, url) = (dir.to_path_buf(), database_url.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut figures = vec![run(&dir, None)?];
+        if let Some(url) = url {
+            figures.push(run(&dir, Some(&url))?);
+        }
+        Ok(figures)
+    })
+    .await?
 }
 
 /// Where the delivery section of docs/BENCHMARKS.md starts.
@@ -127,6 +157,8 @@ const DASHBOARD_MARKER: &str = "## Dashboard";
 const TICK_MARKER: &str = "## Rollout tick";
 /// Where the retention section starts.
 const RETENTION_MARKER: &str = "## Retention";
+/// Where the rollout wave save section starts.
+const WAVE_MARKER: &str = "## Rollout wave save";
 
 const CNN: &[u8] = include_bytes!("../../tests/fixtures/models/cnn.onnx");
 const MLP: &[u8] = include_bytes!("../../tests/fixtures/models/mlp.onnx");
@@ -255,20 +287,19 @@ async fn main() -> Result<()> {
     }
     if let Some(Mode::Retention { database_url, write }) = &args.command {
         eprintln!("retention: a prune batch against storing as many drift windows, a day of 200 devices stored...");
-        let (path, url) = (dir.path().to_path_buf(), database_url.clone());
-        // The stores block (PostgreSQL's client runs a runtime of its own): off the async runtime.
-        let figures = tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
-            let mut figures = vec![retention::run(&path, None)?];
-            if let Some(url) = url {
-                figures.push(retention::run(&path, Some(&url))?);
-            }
-            Ok(figures)
-        })
-        .await??;
-        let section = retention::section(&figures);
+        let section = retention::section(&on_each_store(dir.path(), database_url, retention::run).await?);
         print!("{section}");
         if let Some(path) = write {
             write_section(path, RETENTION_MARKER, &section)?;
+        }
+        return Ok(());
+    }
+    if let Some(Mode::Wave { database_url, write }) = &args.command {
+        eprintln!("wave: saving a rollout over 10,000 devices with and without a wave's desired writes...");
+        let section = wave::section(&on_each_store(dir.path(), database_url, wave::run).await?);
+        print!("{section}");
+        if let Some(path) = write {
+            write_section(path, WAVE_MARKER, &section)?;
         }
         return Ok(());
     }

@@ -3,12 +3,14 @@
 //! (`record_reports`, 256 reports per transaction as the server's ingest batches them). Same
 //! store, same windows, same run; the store holds a day of a 200-device fleet's windows.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
 use fleet_server::retention::PRUNE_BATCH;
-use fleet_server::store::{PostgresStore, Report, SequencedReport, SqliteStore, Store, StoredDrift};
+use fleet_server::store::{Report, SequencedReport, Store, StoredDrift};
+
+use crate::database::Database;
 
 use crate::tick::{window, DEVICES, MINUTE_MS};
 use proto::drift::SketchLayout;
@@ -51,76 +53,11 @@ fn ingest(store: &dyn Store, layout: &SketchLayout, minutes: std::ops::Range<u64
     Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
-/// The store measured: a SQLite file, or a schema of its own in a PostgreSQL database.
-enum Database {
-    Sqlite { file: PathBuf },
-    Postgres { client: Box<postgres::Client>, schema: String },
-}
-
-impl Database {
-    fn open(dir: &Path, database_url: Option<&str>) -> Result<(Database, Box<dyn Store>)> {
-        Ok(match database_url {
-            None => {
-                let file = dir.join("retention.db");
-                let store = SqliteStore::open(&file)?;
-                (Database::Sqlite { file }, Box::new(store))
-            }
-            Some(url) => {
-                let schema = format!("fleet_bench_retention_{}", std::process::id());
-                let store = PostgresStore::open(url, Some(&schema))?;
-                let mut client = postgres::Client::connect(url, postgres::NoTls)?;
-                client.batch_execute(&format!("SET search_path TO {schema}"))?;
-                (Database::Postgres { client: Box::new(client), schema }, Box::new(store))
-            }
-        })
-    }
-
-    /// Runs a statement as someone with access to the database would (the store has no call
-    /// that backdates arrivals).
-    fn execute(&mut self, sql: &str) -> Result<()> {
-        match self {
-            Database::Sqlite { file, .. } => drop(rusqlite::Connection::open(file)?.execute(sql, [])?),
-            Database::Postgres { client, .. } => drop(client.execute(sql, &[])?),
-        }
-        Ok(())
-    }
-
-    fn count(&mut self, sql: &str) -> Result<i64> {
-        Ok(match self {
-            Database::Sqlite { file, .. } => rusqlite::Connection::open(file)?.query_row(sql, [], |r| r.get(0))?,
-            Database::Postgres { client, .. } => client.query_one(sql, &[])?.get(0),
-        })
-    }
-
-    /// Megabytes on disk: the SQLite file, or the drift table with its indexes.
-    fn size_mb(&mut self) -> Result<f64> {
-        Ok(match self {
-            Database::Sqlite { file, .. } => std::fs::metadata(file)?.len() as f64 / 1e6,
-            Database::Postgres { .. } => self.count("SELECT pg_total_relation_size('drift')")? as f64 / 1e6,
-        })
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Database::Sqlite { .. } => "SQLite",
-            Database::Postgres { .. } => "PostgreSQL",
-        }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        if let Database::Postgres { client, schema } = self {
-            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
-        }
-    }
-}
-
 /// Measures on SQLite in `dir`, or on PostgreSQL at `database_url` (a schema made and dropped
 /// here). Blocks: call it off the async runtime.
 pub fn run(dir: &Path, database_url: Option<&str>) -> Result<RetentionFigures> {
-    let (mut database, store) = Database::open(dir, database_url)?;
-    crate::tick::enroll_devices(store.as_ref())?;
+    let (mut database, store) = Database::open(dir, database_url, "retention")?;
+    crate::tick::enroll_devices(store.as_ref(), DEVICES)?;
     let layout = crate::tick::profile().layout;
 
     let mut seq = 0;

@@ -71,9 +71,9 @@ fn store_minute(store: &SqliteStore, db: &Path, profile: &ReferenceProfile, minu
     Ok(())
 }
 
-/// Enrolls devices d0000 to d0199 in `store`.
-pub(crate) fn enroll_devices(store: &dyn Store) -> Result<()> {
-    for d in 0..DEVICES {
+/// Enrolls `count` devices, d0000 on, in `store`.
+pub(crate) fn enroll_devices(store: &dyn Store, count: usize) -> Result<()> {
+    for d in 0..count {
         store.insert_device(&NewDevice {
             id: format!("d{d:04}"),
             name: format!("d{d:04}"),
@@ -90,7 +90,7 @@ pub(crate) fn enroll_devices(store: &dyn Store) -> Result<()> {
 pub fn run(dir: &Path) -> Result<Vec<TickRow>> {
     let db = dir.join("tick.db");
     let store = SqliteStore::open(&db)?;
-    enroll_devices(&store)?;
+    enroll_devices(&store, DEVICES)?;
     let profile = profile();
     let references = Default::default();
     let mut cache = WindowCache::default();
