@@ -63,7 +63,7 @@ pub fn cutoff_ms(now_ms: u64, keep: Duration, earliest_active_rollout_ms: Option
 
 /// The cut-off for the store as it is now.
 pub fn cutoff_now(store: &dyn Store, keep: Duration, now_ms: u64) -> Result<u64, StoreError> {
-    let earliest = store.rollouts()?.iter().filter(|r| r.phase.is_active()).map(|r| r.created_ms).min();
+    let earliest = store.active_rollouts()?.iter().map(|r| r.created_ms).min();
     Ok(cutoff_ms(now_ms, keep, earliest))
 }
 

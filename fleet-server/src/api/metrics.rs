@@ -115,11 +115,9 @@ impl StoreSnapshot {
                 s.devices_offline += 1;
             }
         }
-        let rollouts = store.rollouts()?;
-        let phases =
-            [Phase::Running, Phase::Paused, Phase::Completed, Phase::Halted, Phase::RolledBack, Phase::Aborted];
-        s.rollouts =
-            phases.iter().map(|p| (p.as_str(), rollouts.iter().filter(|r| r.phase == *p).count() as u64)).collect();
+        let counted = store.rollout_phases()?;
+        let count_of = |phase: Phase| counted.iter().find(|(p, _)| *p == phase).map_or(0, |(_, count)| *count);
+        s.rollouts = Phase::ALL.iter().map(|p| (p.as_str(), count_of(*p))).collect();
         for d in store.delivery()? {
             s.reports_stored += d.reports_stored;
             s.reports_duplicates += d.reports_duplicates;

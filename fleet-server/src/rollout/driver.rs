@@ -209,7 +209,7 @@ impl Driver {
     async fn create(&self, plan: RolloutPlan, actor: String) -> Result<Rollout, DriverError> {
         plan.validate().map_err(RolloutError::from)?;
         let model = plan.model.clone();
-        let (devices, existing) = self.blocking(move |s| Ok((s.device_infos(&model)?, s.rollouts()?))).await?;
+        let (devices, existing) = self.blocking(move |s| Ok((s.device_infos(&model)?, s.active_rollouts()?))).await?;
         let busy = busy_devices(existing.iter(), &plan.model);
         let now = crate::unix_ms();
         let id = format!("ro-{}", hex::encode(rand::random::<[u8; 4]>()));
@@ -243,9 +243,9 @@ impl Driver {
     /// Per model with an active rollout or a cohort default: newcomers get their default, devices
     /// that came to match an active rollout join it, then each running rollout decides.
     async fn tick(&self) -> Result<(), DriverError> {
-        let (rollouts, defaults) = self.blocking(|s| Ok((s.rollouts()?, s.cohort_defaults()?))).await?;
+        let (rollouts, defaults) = self.blocking(|s| Ok((s.active_rollouts()?, s.cohort_defaults()?))).await?;
         let mut models: BTreeSet<String> = defaults.iter().map(|d| d.model.clone()).collect();
-        models.extend(rollouts.iter().filter(|r| r.phase.is_active()).map(|r| r.plan.model.clone()));
+        models.extend(rollouts.iter().map(|r| r.plan.model.clone()));
         for model in models {
             self.tick_model(&model, &rollouts, &defaults).await?;
         }
@@ -397,8 +397,8 @@ impl Driver {
     /// last desired writes (a rollback's reverts included) were committed with its state, and a
     /// later deployment to its devices must win.
     async fn reassert_all(&self) -> Result<(), DriverError> {
-        let rollouts = self.blocking(|s| s.rollouts()).await?;
-        for rollout in rollouts.into_iter().filter(|r| r.phase.is_active()) {
+        let rollouts = self.blocking(|s| s.active_rollouts()).await?;
+        for rollout in rollouts {
             let rate = rollout.plan.shadow_sample_rate as f32;
             let candidate = rollout.plan.version.clone();
             let wanted: Vec<DesiredChange> = rollout

@@ -24,8 +24,17 @@ pub enum Phase {
 
 impl Phase {
     /// Running or paused rollouts hold their devices.
+    pub const ACTIVE: [Phase; 2] = [Phase::Running, Phase::Paused];
+    pub const ALL: [Phase; 6] =
+        [Phase::Running, Phase::Paused, Phase::Completed, Phase::Halted, Phase::RolledBack, Phase::Aborted];
+
+    /// The phase `as_str` names `text`, if any.
+    pub fn named(text: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == text)
+    }
+
     pub fn is_active(self) -> bool {
-        matches!(self, Phase::Running | Phase::Paused)
+        Phase::ACTIVE.contains(&self)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -15,10 +15,16 @@ use proto::wire::{
 
 pub use self::postgres::{without_password, PostgresStore};
 use crate::drift::retrain::Watch;
-use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use proto::events::RetrainEvent;
 pub use sqlite::SqliteStore;
 use thiserror::Error;
+
+/// The phase a `rollouts.phase` column names; another text is corruption.
+pub(crate) fn phase_named(text: &str) -> Result<Phase, StoreError> {
+    Phase::named(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("a rollout has phase {text:?}, which is no known phase")))
+}
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -397,6 +403,11 @@ pub trait Store: Send + Sync + 'static {
     fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// Newest first.
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// The running and paused rollouts, newest first: what the driver reads every tick, without
+    /// the states of every rollout that ever finished (each holds its whole cohort).
+    fn active_rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// How many rollouts are in each phase (phases without one are left out).
+    fn rollout_phases(&self) -> Result<Vec<(Phase, u64)>, StoreError>;
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
 

@@ -27,7 +27,7 @@ use super::{
     Pruned, SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
-use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 
 /// Connections one server opens at most (PostgreSQL's default limit is 100 for all clients).
 const CONNECTIONS: usize = 8;
@@ -420,13 +420,7 @@ impl Store for PostgresStore {
         let mut conn = self.conn()?;
         let (mut tx, statements) = conn.transaction_and_statements()?;
         devices::lock_devices(&mut tx, devices.iter().map(String::as_str))?;
-        let mut prepared = Prepared::new(&mut tx, statements);
-        let mut revisions = Vec::with_capacity(devices.len());
-        for device in devices {
-            if let Some(revision) = rollouts::upsert_desired(&mut prepared, device, model, version, None, None, None)? {
-                revisions.push((device.clone(), revision));
-            }
-        }
+        let revisions = rollouts::deploy_desired(&mut Prepared::new(&mut tx, statements), model, version, devices)?;
         tx.commit()?;
         Ok(revisions)
     }
@@ -520,7 +514,7 @@ impl Store for PostgresStore {
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        rollouts::load(&mut *self.conn()?, Some(id)).map(|mut all| all.pop())
+        rollouts::load(&mut *self.conn()?, Some(id), false).map(|mut all| all.pop())
     }
 
     fn acquire_lease(&self, name: &str, holder: &str, now_ms: u64, ttl_ms: u64) -> Result<bool, StoreError> {
@@ -532,7 +526,15 @@ impl Store for PostgresStore {
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        rollouts::load(&mut *self.conn()?, None)
+        rollouts::load(&mut *self.conn()?, None, false)
+    }
+
+    fn active_rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        rollouts::load(&mut *self.conn()?, None, true)
+    }
+
+    fn rollout_phases(&self) -> Result<Vec<(Phase, u64)>, StoreError> {
+        rollouts::phases(&mut *self.conn()?)
     }
 
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {

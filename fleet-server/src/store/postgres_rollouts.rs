@@ -11,47 +11,99 @@ use super::prepared::{PgConn, Prepared};
 use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
-/// The one desired-version upsert, inside the caller's transaction. `attempt` None keeps the
-/// stored attempt (a plain deployment) and always raises the revision, so a device told again
-/// checks in again; `Some` is a rollout's assertion and changes nothing (returns None) when the
-/// version, attempt, shadow and window are already what it wants.
-pub fn upsert_desired(
+/// A deployment: `devices` are told to run `version` of `model` at once (no shadow, no
+/// activation window), each keeping its stored attempt, and each device's revision rises even
+/// when it was told the same before, so a device told again checks in again. Two statements
+/// whatever the number of devices, inside the caller's transaction, which has locked their rows.
+/// Returns the devices' new revisions, in the order given (a device named twice, once).
+pub fn deploy_desired(
     tx: &mut Prepared<'_, impl GenericClient>,
-    device: &str,
     model: &str,
     version: &str,
-    attempt: Option<u32>,
-    shadow: Option<(&str, f32)>,
-    window: Option<&ActivationWindow>,
-) -> Result<Option<u64>, StoreError> {
-    let (shadow_version, shadow_rate) = (shadow.map(|(v, _)| v), shadow.map(|(_, r)| r as f64));
-    let window = window.map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let attempt = attempt.map(i64::from);
-    if let Some(attempt) = attempt {
-        let current = tx.query_opt(
-            "SELECT version, attempt, shadow_version, shadow_rate, activation_window FROM desired
-             WHERE device = $1 AND model = $2",
-            &[&device, &model],
-        )?;
-        if let Some(r) = current {
-            let unchanged = r.try_get::<_, &str>(0)? == version
-                && r.try_get::<_, i64>(1)? == attempt
-                && r.try_get::<_, Option<&str>>(2)? == shadow_version
-                && r.try_get::<_, Option<f64>>(3)? == shadow_rate
-                && r.try_get::<_, Option<String>>(4)? == window;
-            if unchanged {
-                return Ok(None);
-            }
-        }
-    }
-    tx.execute(
-        "INSERT INTO desired (device, model, version, attempt, shadow_version, shadow_rate, activation_window)
-         VALUES ($1, $2, $3, COALESCE($4::BIGINT, 0), $5, $6, $7)
-         ON CONFLICT (device, model) DO UPDATE SET version = excluded.version,
-           attempt = COALESCE($4::BIGINT, desired.attempt), shadow_version = $5, shadow_rate = $6, activation_window = $7",
-        &[&device, &model, &version, &attempt, &shadow_version, &shadow_rate, &window],
+    devices: &[String],
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let devices: Vec<&str> = first_of_each(devices.iter().map(String::as_str));
+    let rows = tx.query(
+        "WITH written AS (
+           INSERT INTO desired (device, model, version, attempt)
+           SELECT device, $1, $2, 0 FROM unnest($3::TEXT[]) AS wanted(device)
+           ON CONFLICT (device, model) DO UPDATE SET version = excluded.version,
+             shadow_version = NULL, shadow_rate = NULL, activation_window = NULL
+           RETURNING device)
+         UPDATE devices SET revision = revision + 1 FROM written WHERE devices.id = written.device
+         RETURNING devices.id, devices.revision",
+        &[&model, &version, &devices],
     )?;
-    bump_revision(tx, device).map(Some)
+    in_given_order(&devices, &rows)
+}
+
+/// A rollout's desired versions, attempts, shadows and activation windows for its devices
+/// (ADR 0012): a device whose stored row already says all of that is left as it is, and only
+/// the others' revisions rise. Two statements whatever the wave's size (a wave of 5,000 was
+/// 15,000 round trips one device at a time), inside the caller's transaction, which has locked
+/// the devices' rows. Returns the revisions that rose, in the order given; a device named twice
+/// gets what it was named with last.
+pub fn assert_desired(
+    tx: &mut Prepared<'_, impl GenericClient>,
+    model: &str,
+    desired: &[DesiredChange],
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut last: std::collections::HashMap<&str, &DesiredChange> = std::collections::HashMap::new();
+    for d in desired {
+        last.insert(d.device.as_str(), d);
+    }
+    let devices: Vec<&str> = first_of_each(desired.iter().map(|d| d.device.as_str()));
+    let mut versions = Vec::with_capacity(devices.len());
+    let mut attempts = Vec::with_capacity(devices.len());
+    let mut shadow_versions = Vec::with_capacity(devices.len());
+    let mut shadow_rates = Vec::with_capacity(devices.len());
+    let mut windows = Vec::with_capacity(devices.len());
+    for device in &devices {
+        let d = last[device];
+        versions.push(d.version.as_str());
+        attempts.push(i64::from(d.attempt));
+        shadow_versions.push(d.shadow.as_ref().map(|(v, _)| v.as_str()));
+        shadow_rates.push(d.shadow.as_ref().map(|(_, r)| *r as f64));
+        windows.push(
+            d.window.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        );
+    }
+    let rows = tx.query(
+        "WITH written AS (
+           INSERT INTO desired AS stored (device, model, version, attempt, shadow_version, shadow_rate, activation_window)
+           SELECT device, $1, version, attempt, shadow_version, shadow_rate, activation_window
+           FROM unnest($2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::DOUBLE PRECISION[], $7::TEXT[])
+             AS wanted(device, version, attempt, shadow_version, shadow_rate, activation_window)
+           ON CONFLICT (device, model) DO UPDATE SET version = excluded.version, attempt = excluded.attempt,
+             shadow_version = excluded.shadow_version, shadow_rate = excluded.shadow_rate,
+             activation_window = excluded.activation_window
+           WHERE (stored.version, stored.attempt, stored.shadow_version, stored.shadow_rate, stored.activation_window)
+             IS DISTINCT FROM
+             (excluded.version, excluded.attempt, excluded.shadow_version, excluded.shadow_rate, excluded.activation_window)
+           RETURNING device)
+         UPDATE devices SET revision = revision + 1 FROM written WHERE devices.id = written.device
+         RETURNING devices.id, devices.revision",
+        &[&model, &devices, &versions, &attempts, &shadow_versions, &shadow_rates, &windows],
+    )?;
+    in_given_order(&devices, &rows)
+}
+
+/// Each device once, where it first appears (one statement may not write a row twice).
+fn first_of_each<'a>(devices: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    devices.filter(|device| seen.insert(*device)).collect()
+}
+
+/// `(device, revision)` rows put in the order of `devices`.
+fn in_given_order(devices: &[&str], rows: &[postgres::Row]) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut revised = std::collections::HashMap::with_capacity(rows.len());
+    for r in rows {
+        revised.insert(r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)? as u64);
+    }
+    Ok(devices
+        .iter()
+        .filter_map(|device| revised.remove(*device).map(|revision| (device.to_string(), revision)))
+        .collect())
 }
 
 /// The `desired.activation_window` column (JSON) read back.
@@ -59,13 +111,6 @@ pub fn window_of(text: Option<String>) -> Result<Option<ActivationWindow>, Store
     text.map(|t| serde_json::from_str(&t))
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("desired activation window: {e}")))
-}
-
-/// Raises the device's desired-state revision (it checks in again when told it changed).
-fn bump_revision(tx: &mut Prepared<'_, impl GenericClient>, device: &str) -> Result<u64, StoreError> {
-    let row =
-        tx.query_one("UPDATE devices SET revision = revision + 1 WHERE id = $1 RETURNING revision", &[&device])?;
-    Ok(row.try_get::<_, i64>(0)? as u64)
 }
 
 pub fn device_infos(conn: &mut Client, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {
@@ -129,14 +174,7 @@ pub fn deploy_to_selector(
     lock_devices(&mut tx, devices.iter().map(String::as_str))?;
     insert_cohort_default(&mut tx, default)?;
     append_audit(&mut tx, audit)?;
-    let mut prepared = Prepared::new(&mut tx, statements);
-    let mut revisions = Vec::with_capacity(devices.len());
-    for device in devices {
-        let desired = upsert_desired(&mut prepared, device, &default.model, &default.version, None, None, None)?;
-        if let Some(revision) = desired {
-            revisions.push((device.clone(), revision));
-        }
-    }
+    let revisions = deploy_desired(&mut Prepared::new(&mut tx, statements), &default.model, &default.version, devices)?;
     tx.commit()?;
     Ok(revisions)
 }
@@ -152,20 +190,25 @@ pub fn apply_cohort_defaults(
     for entry in audit {
         append_audit(&mut tx, entry)?;
     }
-    let mut prepared = Prepared::new(&mut tx, statements);
-    let mut revisions = Vec::with_capacity(newcomers.len());
+    let mut by_device: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     for (device, version) in newcomers {
-        // Only a device still without a desired version: a deployment since the caller read
-        // the devices wins.
-        let inserted = prepared.execute(
-            "INSERT INTO desired (device, model, version, attempt) VALUES ($1, $2, $3, 0)
-             ON CONFLICT (device, model) DO NOTHING",
-            &[device, &model, version],
-        )?;
-        if inserted == 1 {
-            revisions.push((device.clone(), bump_revision(&mut prepared, device)?));
-        }
+        by_device.entry(device.as_str()).or_insert(version.as_str());
     }
+    let devices: Vec<&str> = first_of_each(newcomers.iter().map(|(device, _)| device.as_str()));
+    let versions: Vec<&str> = devices.iter().map(|device| by_device[device]).collect();
+    // Only a device still without a desired version: a deployment since the caller read the
+    // devices wins.
+    let rows = Prepared::new(&mut tx, statements).query(
+        "WITH written AS (
+           INSERT INTO desired (device, model, version, attempt)
+           SELECT device, $1, version, 0 FROM unnest($2::TEXT[], $3::TEXT[]) AS wanted(device, version)
+           ON CONFLICT (device, model) DO NOTHING
+           RETURNING device)
+         UPDATE devices SET revision = revision + 1 FROM written WHERE devices.id = written.device
+         RETURNING devices.id, devices.revision",
+        &[&model, &devices, &versions],
+    )?;
+    let revisions = in_given_order(&devices, &rows)?;
     tx.commit()?;
     Ok(revisions)
 }
@@ -271,17 +314,7 @@ pub fn save(
         };
         insert_cohort_default(&mut tx, &default)?;
     }
-    let mut prepared = Prepared::new(&mut tx, statements);
-    let mut revisions = Vec::new();
-    for d in desired {
-        let shadow = d.shadow.as_ref().map(|(v, r)| (v.as_str(), *r));
-        let window = d.window.as_ref();
-        if let Some(revision) =
-            upsert_desired(&mut prepared, &d.device, &rollout.plan.model, &d.version, Some(d.attempt), shadow, window)?
-        {
-            revisions.push((d.device.clone(), revision));
-        }
-    }
+    let revisions = assert_desired(&mut Prepared::new(&mut tx, statements), &rollout.plan.model, desired)?;
     tx.commit()?;
     Ok(revisions)
 }
@@ -294,10 +327,13 @@ pub fn append_audit(conn: &mut impl GenericClient, e: &AuditEntry) -> Result<(),
     Ok(())
 }
 
-pub fn load(conn: &mut Client, id: Option<&str>) -> Result<Vec<Rollout>, StoreError> {
-    let rows = conn.query(
-        "SELECT state, revision FROM rollouts WHERE $1::TEXT IS NULL OR id = $1 ORDER BY created_ms DESC, id",
-        &[&id],
+/// Rollouts newest first: rollout `id` only, when given; only the active ones, when `active_only`.
+pub fn load(conn: &mut PgConn, id: Option<&str>, active_only: bool) -> Result<Vec<Rollout>, StoreError> {
+    let active: Vec<&str> = Phase::ACTIVE.iter().map(|p| p.as_str()).collect();
+    let rows = conn.prepared().query(
+        "SELECT state, revision FROM rollouts WHERE ($1::TEXT IS NULL OR id = $1) AND (NOT $2 OR phase = ANY($3))
+         ORDER BY created_ms DESC, id",
+        &[&id, &active_only, &active],
     )?;
     rows.iter()
         .map(|r| {
@@ -306,6 +342,14 @@ pub fn load(conn: &mut Client, id: Option<&str>) -> Result<Vec<Rollout>, StoreEr
             rollout.revision = r.try_get::<_, i64>(1)? as u64;
             Ok(rollout)
         })
+        .collect()
+}
+
+pub fn phases(conn: &mut PgConn) -> Result<Vec<(Phase, u64)>, StoreError> {
+    conn.prepared()
+        .query("SELECT phase, COUNT(*) FROM rollouts GROUP BY phase", &[])?
+        .iter()
+        .map(|r| Ok((crate::store::phase_named(r.try_get(0)?)?, r.try_get::<_, i64>(1)? as u64)))
         .collect()
 }
 

@@ -25,7 +25,7 @@ use super::{
     Pruned, SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
-use crate::rollout::{CohortDefault, DeviceInfo, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::AuditEntry;
@@ -495,7 +495,7 @@ impl Store for SqliteStore {
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {
-        rollouts::load(&*self.snapshot()?, Some(id)).map(|mut all| all.pop())
+        rollouts::load(&*self.snapshot()?, Some(id), false).map(|mut all| all.pop())
     }
 
     fn acquire_lease(&self, name: &str, holder: &str, now_ms: u64, ttl_ms: u64) -> Result<bool, StoreError> {
@@ -507,7 +507,15 @@ impl Store for SqliteStore {
     }
 
     fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        rollouts::load(&*self.snapshot()?, None)
+        rollouts::load(&*self.snapshot()?, None, false)
+    }
+
+    fn active_rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
+        rollouts::load(&*self.snapshot()?, None, true)
+    }
+
+    fn rollout_phases(&self) -> Result<Vec<(Phase, u64)>, StoreError> {
+        rollouts::phases(&*self.snapshot()?)
     }
 
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {

@@ -113,7 +113,9 @@ on_every_store!(
     retention_keeps_what_a_running_rollout_may_read,
     a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it,
     a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale,
+    a_rollouts_desired_writes_raise_only_the_changed_devices_revisions_and_a_deploy_raises_every_one,
     a_lease_has_one_holder_until_it_expires_or_is_released,
+    only_running_and_paused_rollouts_are_read_as_active_and_every_phase_is_counted,
     ingest_batches_check_ins_and_desired_writes_at_once_never_deadlock,
 );
 
@@ -607,6 +609,67 @@ fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it
     assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, None, "a deploy activates at once");
 }
 
+fn a_rollouts_desired_writes_raise_only_the_changed_devices_revisions_and_a_deploy_raises_every_one(store: &TestStore) {
+    for id in ["d1", "d2", "d3", "d4"] {
+        device(store, id);
+    }
+    store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
+    store.put_bundle(&bundle("2.0.0", "bb")).unwrap();
+    let plan: proto::rollout::RolloutPlan =
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+    let infos: Vec<crate::rollout::DeviceInfo> = ["d1", "d2", "d3", "d4"]
+        .iter()
+        .map(|id| crate::rollout::DeviceInfo {
+            id: id.to_string(),
+            active_version: Some("1.0.0".into()),
+            ..Default::default()
+        })
+        .collect();
+    let mut rollout = crate::rollout::create::create("r1", plan, &infos, &Default::default(), 1).unwrap();
+    let change = |device: &str, version: &str, attempt: u32, shadow: Option<(&str, f32)>| DesiredChange {
+        device: device.into(),
+        version: version.into(),
+        attempt,
+        shadow: shadow.map(|(v, r)| (v.to_string(), r)),
+        window: None,
+    };
+    let mut save = |desired: &[DesiredChange]| {
+        let revised = store.save_rollout(&rollout, &[], desired).unwrap();
+        rollout.revision += 1;
+        revised
+    };
+    let pairs =
+        |list: &[(&str, u64)]| -> Vec<(String, u64)> { list.iter().map(|(d, r)| (d.to_string(), *r)).collect() };
+
+    // Devices told for the first time, in the order the decision named them.
+    let first = [change("d3", "2.0.0", 0, None), change("d1", "2.0.0", 0, None), change("d2", "2.0.0", 0, None)];
+    assert_eq!(save(&first), pairs(&[("d3", 1), ("d1", 1), ("d2", 1)]));
+    // Told the same: nothing. A new attempt, a shadow, another shadow rate: each a change.
+    let second = [
+        change("d1", "2.0.0", 0, None),
+        change("d2", "2.0.0", 1, None),
+        change("d3", "1.0.0", 0, Some(("2.0.0", 0.5))),
+    ];
+    assert_eq!(save(&second), pairs(&[("d2", 2), ("d3", 2)]));
+    assert!(save(&second).is_empty(), "the same assertion again changes nothing");
+    assert_eq!(save(&[change("d3", "1.0.0", 0, Some(("2.0.0", 0.25)))]), pairs(&[("d3", 3)]));
+    let d3 = store.desired_state("d3").unwrap();
+    assert_eq!((d3.revision, d3.models[0].version.as_str()), (3, "1.0.0"));
+    assert_eq!(d3.models[0].shadow.as_ref().map(|s| s.version.as_str()), Some("2.0.0"));
+    assert_eq!(store.desired_state("d4").unwrap().revision, 0, "a device not named is not touched");
+
+    // A deployment raises every device it names, told the same or not; it keeps the attempt and
+    // drops the shadow.
+    assert_eq!(
+        store.set_desired(&["d2".into(), "d3".into(), "d4".into()], "tabular", "2.0.0").unwrap(),
+        pairs(&[("d2", 3), ("d3", 4), ("d4", 1)])
+    );
+    assert_eq!(store.set_desired(&["d4".into()], "tabular", "2.0.0").unwrap(), pairs(&[("d4", 2)]));
+    let (d2, d3) = (store.desired_state("d2").unwrap(), store.desired_state("d3").unwrap());
+    assert_eq!((d2.models[0].version.as_str(), d2.models[0].attempt), ("2.0.0", 1));
+    assert_eq!((d3.models[0].version.as_str(), d3.models[0].shadow.is_none()), ("2.0.0", true));
+}
+
 fn a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale(store: &TestStore) {
     device(store, "d1");
     let plan: proto::rollout::RolloutPlan =
@@ -637,6 +700,38 @@ fn a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale(store
     again.wave = 1;
     store.save_rollout(&again, &[], &[]).unwrap();
     assert_eq!(store.rollout("r1").unwrap().unwrap().revision, 3);
+}
+
+fn only_running_and_paused_rollouts_are_read_as_active_and_every_phase_is_counted(store: &TestStore) {
+    use crate::rollout::Phase;
+    device(store, "d1");
+    let plan: proto::rollout::RolloutPlan =
+        toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
+    let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
+    assert!(store.active_rollouts().unwrap().is_empty());
+    assert!(store.rollout_phases().unwrap().is_empty());
+    let phases = [Phase::Completed, Phase::Running, Phase::Aborted, Phase::Paused, Phase::Completed];
+    for (i, phase) in phases.into_iter().enumerate() {
+        let mut rollout = crate::rollout::create::create(
+            &format!("r{i}"),
+            plan.clone(),
+            std::slice::from_ref(&d1),
+            &Default::default(),
+            i as u64,
+        )
+        .unwrap();
+        store.save_rollout(&rollout, &[], &[]).unwrap();
+        rollout.revision = 1;
+        rollout.phase = phase;
+        store.save_rollout(&rollout, &[], &[]).unwrap();
+    }
+    let active: Vec<(String, Phase)> = store.active_rollouts().unwrap().into_iter().map(|r| (r.id, r.phase)).collect();
+    assert_eq!(active, vec![("r3".to_string(), Phase::Paused), ("r1".to_string(), Phase::Running)], "newest first");
+    assert_eq!(store.active_rollouts().unwrap()[0].revision, 2);
+    let mut counted = store.rollout_phases().unwrap();
+    counted.sort_by_key(|(phase, _)| phase.as_str());
+    assert_eq!(counted, vec![(Phase::Aborted, 1), (Phase::Completed, 2), (Phase::Paused, 1), (Phase::Running, 1)]);
+    assert_eq!(store.rollouts().unwrap().len(), 5);
 }
 
 fn a_lease_has_one_holder_until_it_expires_or_is_released(store: &TestStore) {
