@@ -115,6 +115,29 @@ impl RolloutHandle {
     }
 }
 
+/// A tick slower than this is logged with where its time went: a tick over 10,000 devices
+/// should decide within a second (issue 14's target).
+const SLOW_TICK: Duration = Duration::from_secs(1);
+
+/// Where one tick's time went, for the log line of a slow one.
+#[derive(Default)]
+struct TickTimings {
+    /// Reading rollouts, cohort defaults and devices.
+    reading: Duration,
+    /// Reading what is new of the drift windows and statuses, merging it and deciding.
+    deciding: Duration,
+    /// Saving decisions (states, audit lines, desired versions) and newcomers' defaults.
+    saving: Duration,
+}
+
+/// `future`'s result, its time added to `spent`.
+async fn timed<T>(spent: &mut Duration, future: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = future.await;
+    *spent += started.elapsed();
+    out
+}
+
 /// The lease under which one server of several sharing a store drives every rollout.
 pub const LEASE: &str = "rollout-driver";
 
@@ -169,7 +192,8 @@ impl Driver {
                         continue;
                     }
                     let started = std::time::Instant::now();
-                    match self.tick().await {
+                    let mut spent = TickTimings::default();
+                    match self.tick(&mut spent).await {
                         Ok(()) => {}
                         // Another server or an operator saved it meanwhile: read again next tick.
                         Err(DriverError::Store(StoreError::Stale(id))) => {
@@ -177,7 +201,18 @@ impl Driver {
                         }
                         Err(e) => tracing::error!(error = %e, "rollout tick failed"),
                     }
-                    self.tick_seconds.observe(started.elapsed().as_secs_f64());
+                    let took = started.elapsed();
+                    self.tick_seconds.observe(took.as_secs_f64());
+                    if took > SLOW_TICK {
+                        tracing::warn!(
+                            took_ms = took.as_millis() as u64,
+                            reading_ms = spent.reading.as_millis() as u64,
+                            deciding_ms = spent.deciding.as_millis() as u64,
+                            saving_ms = spent.saving.as_millis() as u64,
+                            "a rollout tick took longer than {} ms",
+                            SLOW_TICK.as_millis()
+                        );
+                    }
                 }
             }
         }
@@ -242,12 +277,13 @@ impl Driver {
 
     /// Per model with an active rollout or a cohort default: newcomers get their default, devices
     /// that came to match an active rollout join it, then each running rollout decides.
-    async fn tick(&self) -> Result<(), DriverError> {
-        let (rollouts, defaults) = self.blocking(|s| Ok((s.active_rollouts()?, s.cohort_defaults()?))).await?;
+    async fn tick(&self, spent: &mut TickTimings) -> Result<(), DriverError> {
+        let read = self.blocking(|s| Ok((s.active_rollouts()?, s.cohort_defaults()?)));
+        let (rollouts, defaults) = timed(&mut spent.reading, read).await?;
         let mut models: BTreeSet<String> = defaults.iter().map(|d| d.model.clone()).collect();
         models.extend(rollouts.iter().map(|r| r.plan.model.clone()));
         for model in models {
-            self.tick_model(&model, &rollouts, &defaults).await?;
+            self.tick_model(&model, &rollouts, &defaults, spent).await?;
         }
         let running: BTreeSet<&String> =
             rollouts.iter().filter(|r| r.phase == super::Phase::Running).map(|r| &r.id).collect();
@@ -270,15 +306,16 @@ impl Driver {
         model: &str,
         rollouts: &[Rollout],
         defaults: &[CohortDefault],
+        spent: &mut TickTimings,
     ) -> Result<(), DriverError> {
         let lookup = model.to_string();
-        let mut devices = self.blocking(move |s| s.device_infos(&lookup)).await?;
-        self.give_newcomers_their_default(model, &mut devices, defaults).await?;
+        let mut devices = timed(&mut spent.reading, self.blocking(move |s| s.device_infos(&lookup))).await?;
+        timed(&mut spent.saving, self.give_newcomers_their_default(model, &mut devices, defaults)).await?;
         let mut busy = busy_devices(rollouts.iter(), model);
         for rollout in rollouts.iter().filter(|r| r.phase.is_active() && r.plan.model == model) {
             let mut rollout = rollout.clone();
             if let Some(joined) = admit_late_joiners(&rollout, &devices, &busy) {
-                rollout = self.commit(joined, "engine").await?;
+                rollout = timed(&mut spent.saving, self.commit(joined, "engine")).await?;
                 busy.extend(rollout.members.keys().map(|id| (id.clone(), rollout.id.clone())));
             }
             if rollout.phase != super::Phase::Running {
@@ -290,21 +327,20 @@ impl Driver {
             // Reading, decoding and merging are store calls, and deciding over thousands of
             // members is CPU work of tens of milliseconds: all of it off the async workers, which
             // serve check-ins meanwhile (a decision on a worker held them up to the tick's length).
-            let (decision, cache, live) = self
-                .blocking(move |s| {
-                    let (observations, mut cache) = observe_new(s, &model, since, cache)?;
-                    let now = crate::unix_ms();
-                    // The gates as the decision read them (members that became active count).
-                    let (decision, gates) = decide_and_read(&rollout, &observations, now);
-                    let live = gates.map(|gates| (now, gates));
-                    cache.restore(observations);
-                    let changed = decision.rollout != rollout || !decision.effects.is_empty();
-                    Ok((changed.then_some(decision), cache, live))
-                })
-                .await?;
+            let observe_and_decide = self.blocking(move |s| {
+                let (observations, mut cache) = observe_new(s, &model, since, cache)?;
+                let now = crate::unix_ms();
+                // The gates as the decision read them (members that became active count).
+                let (decision, gates) = decide_and_read(&rollout, &observations, now);
+                let live = gates.map(|gates| (now, gates));
+                cache.restore(observations);
+                let changed = decision.rollout != rollout || !decision.effects.is_empty();
+                Ok((changed.then_some(decision), cache, live))
+            });
+            let (decision, cache, live) = timed(&mut spent.deciding, observe_and_decide).await?;
             self.caches().insert(id.clone(), cache);
             let saved = match decision {
-                Some(decision) => self.commit(decision, "engine").await?.revision,
+                Some(decision) => timed(&mut spent.saving, self.commit(decision, "engine")).await?.revision,
                 None => rollout_revision,
             };
             if let Some((read_ms, gates)) = live {
