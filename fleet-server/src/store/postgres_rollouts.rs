@@ -345,15 +345,6 @@ pub fn load(conn: &mut PgConn, id: Option<&str>, active_only: bool) -> Result<Ve
         .collect()
 }
 
-pub fn active_revisions(conn: &mut PgConn) -> Result<Vec<(String, u64)>, StoreError> {
-    let active: Vec<&str> = Phase::ACTIVE.iter().map(|p| p.as_str()).collect();
-    conn.prepared()
-        .query("SELECT id, revision FROM rollouts WHERE phase = ANY($1) ORDER BY created_ms DESC, id", &[&active])?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)? as u64)))
-        .collect()
-}
-
 pub fn phases(conn: &mut PgConn) -> Result<Vec<(Phase, u64)>, StoreError> {
     conn.prepared()
         .query("SELECT phase, COUNT(*) FROM rollouts GROUP BY phase", &[])?
