@@ -129,6 +129,15 @@ enum Mode {
     },
 }
 
+/// Prints a benchmark's section, and writes it into the Markdown file `write` names, if any.
+fn emit(section: &str, write: Option<&Path>, marker: &str) -> Result<()> {
+    print!("{section}");
+    match write {
+        Some(path) => write_section(path, marker, section),
+        None => Ok(()),
+    }
+}
+
 /// Runs a store benchmark on SQLite in `dir`, then on PostgreSQL when `database_url` names one.
 /// The stores block (PostgreSQL's client runs a runtime of its own): off the async runtime.
 async fn on_each_store<T: Send + 'static>(
@@ -261,57 +270,33 @@ async fn main() -> Result<()> {
         eprintln!("delivery: {backlog}-record backlogs, ingest baseline, CPU per report...");
         let figures = delivery::run(dir.path(), &agent_bin, *backlog).await?;
         let section = delivery::section(&figures);
-        print!("{section}");
-        if let Some(path) = write {
-            write_section(path, DELIVERY_MARKER, &section)?;
-        }
-        return Ok(());
+        return emit(&section, write.as_deref(), DELIVERY_MARKER);
     }
     if let Some(Mode::Dashboard { chromedriver, repeats, write }) = &args.command {
         eprintln!("dashboard: the fleet page at 10 and 1,000 devices in headless Chromium...");
         let section = dashboard::section(&dashboard::run(dir.path(), chromedriver, (*repeats).max(1)).await?);
-        print!("{section}");
-        if let Some(path) = write {
-            write_section(path, DASHBOARD_MARKER, &section)?;
-        }
-        return Ok(());
+        return emit(&section, write.as_deref(), DASHBOARD_MARKER);
     }
     if let Some(Mode::Tick { write }) = &args.command {
         eprintln!("tick: a rollout's drift windows read in full and since the last read, at 1, 3 and 9 hours...");
         let section = tick::section(&tick::run(dir.path())?);
-        print!("{section}");
-        if let Some(path) = write {
-            write_section(path, TICK_MARKER, &section)?;
-        }
-        return Ok(());
+        return emit(&section, write.as_deref(), TICK_MARKER);
     }
     if let Some(Mode::Retention { database_url, write }) = &args.command {
         eprintln!("retention: a prune batch against storing as many drift windows, a day of 200 devices stored...");
         let section = retention::section(&on_each_store(dir.path(), database_url, retention::run).await?);
-        print!("{section}");
-        if let Some(path) = write {
-            write_section(path, RETENTION_MARKER, &section)?;
-        }
-        return Ok(());
+        return emit(&section, write.as_deref(), RETENTION_MARKER);
     }
     if let Some(Mode::Wave { database_url, write }) = &args.command {
         eprintln!("wave: saving a rollout over 10,000 devices with and without a wave's desired writes...");
         let section = wave::section(&on_each_store(dir.path(), database_url, wave::run).await?);
-        print!("{section}");
-        if let Some(path) = write {
-            write_section(path, WAVE_MARKER, &section)?;
-        }
-        return Ok(());
+        return emit(&section, write.as_deref(), WAVE_MARKER);
     }
     if let Some(Mode::Drift { write }) = &args.command {
         eprintln!("drift: sketch cost, summary sizes, accuracy against exact statistics, shadow cost...");
         let mlp = manifest("tabular", MLP, ("features", MLP_SHAPE.to_vec()), ("probabilities", vec![1, 3]));
         let section = drift::section(&drift::run(&mlp, MLP, dir.path()).await?);
-        print!("{section}");
-        if let Some(path) = write {
-            write_section(path, DRIFT_MARKER, &section)?;
-        }
-        return Ok(());
+        return emit(&section, write.as_deref(), DRIFT_MARKER);
     }
     let server_bin = exe.with_file_name("fleet-server");
     let profile =

@@ -15,7 +15,8 @@ use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, Window
 /// activation window), each keeping its stored attempt, and each device's revision rises even
 /// when it was told the same before, so a device told again checks in again. Two statements
 /// whatever the number of devices, inside the caller's transaction, which has locked their rows.
-/// Returns the devices' new revisions, in the order given (a device named twice, once).
+/// Returns the devices' new revisions, in the order given (a device named twice, once). Callers
+/// name enrolled devices (the API checks); one that is not would get a row and no revision.
 pub fn deploy_desired(
     tx: &mut Prepared<'_, impl GenericClient>,
     model: &str,
