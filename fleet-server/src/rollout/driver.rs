@@ -312,7 +312,7 @@ impl Driver {
         let mut devices = timed(&mut spent.reading, self.blocking(move |s| s.device_infos(&lookup))).await?;
         timed(&mut spent.saving, self.give_newcomers_their_default(model, &mut devices, defaults)).await?;
         let mut busy = busy_devices(rollouts.iter(), model);
-        for rollout in rollouts.iter().filter(|r| r.plan.model == model) {
+        for rollout in rollouts.iter().filter(|r| r.phase.is_active() && r.plan.model == model) {
             let mut rollout = rollout.clone();
             if let Some(joined) = admit_late_joiners(&rollout, &devices, &busy) {
                 rollout = timed(&mut spent.saving, self.commit(joined, "engine")).await?;
