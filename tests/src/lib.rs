@@ -374,12 +374,20 @@ impl Fleet {
 /// Scenario options for the 200-agent rollout tests: light traffic, generous timeouts.
 pub fn scale_options() -> fleetctl::demo::DemoOptions {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    log_if_asked();
     fleetctl::demo::DemoOptions {
         agents: 200,
         traffic_rows: 4,
         traffic_every: Duration::from_millis(250),
         timeout: Duration::from_secs(240),
         ..fleetctl::demo::DemoOptions::default()
+    }
+}
+
+/// Prints the in-process server's and agents' logs when `RUST_LOG` names what to print.
+pub fn log_if_asked() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
 

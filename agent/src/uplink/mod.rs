@@ -4,7 +4,8 @@
 //! A record is written to the `agent.db` outbox first, which gives it its sequence number, then
 //! published (QoS 1) in a signed [`proto::delivery::Envelope`]. It is deleted only when the
 //! server's [`Ack`] says it is stored: a broker's PUBACK is not storage. A record not
-//! acknowledged within `ack_timeout` (or sent on a connection that dropped) is published again;
+//! acknowledged in time (`ack_timeout`, or longer when acknowledgements have been taking longer:
+//! [`ack_timer`]) or sent on a connection that dropped is published again;
 //! the server recognises the sequence and acknowledges without storing twice (ADR 0007). At
 //! most `WINDOW` records are unacknowledged at once, oldest first, so a site that returns after
 //! a long outage drains its backlog at the pace the server stores it.
@@ -24,8 +25,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::telemetry::TelemetrySink;
 use crate::updater::UpdaterMsg;
+use ack_timer::AckTimer;
 use outbox::{Outbox, OutboxError, OutboxRow, PendingQuery};
 
+pub mod ack_timer;
 pub mod outbox;
 
 #[derive(Debug, Error)]
@@ -87,7 +90,8 @@ pub struct UplinkConfig {
     pub outbox: Outbox,
     /// Its eviction count goes into the delivery event sent on each connection.
     pub telemetry: TelemetrySink,
-    /// How long a published record waits for the server's acknowledgement before it is sent again.
+    /// How long a published record waits for the server's acknowledgement before it is sent
+    /// again, at least: longer once acknowledgements are seen to take longer ([`AckTimer`]).
     pub ack_timeout: Duration,
     /// The pinned CA for `mqtts://` (required for it).
     pub ca_pem: Option<Vec<u8>>,
@@ -106,6 +110,8 @@ const MAX_BACKOFF_FACTOR: u32 = 16;
 
 /// A record published on this connection and not yet acknowledged.
 struct InFlight {
+    /// When it was first published on this connection.
+    first_sent: Instant,
     /// When it is sent again unless acknowledged first.
     due: Instant,
     sends: u32,
@@ -138,6 +144,7 @@ pub async fn spawn_uplink(
     eventloop.set_network_options(network);
     let (tx, rx) = mpsc::channel(256);
     let device_id = config.device_id.clone();
+    let ack_timer = AckTimer::new(config.ack_timeout);
     let session = Session {
         client,
         updater,
@@ -146,6 +153,7 @@ pub async fn spawn_uplink(
         events: Topic::Events { device: device_id.clone() }.render(),
         config,
         unacked: BTreeMap::new(),
+        ack_timer,
         window: WINDOW_MIN,
         floor: 0,
         backlog: true,
@@ -164,6 +172,8 @@ struct Session {
     events: String,
     /// Published on this connection and not yet acknowledged: sequence -> when.
     unacked: BTreeMap<u64, InFlight>,
+    /// How long acknowledgements take, hence how long a record waits before it is sent again.
+    ack_timer: AckTimer,
     /// How many records may be in flight now (`WINDOW_MIN..=WINDOW`).
     window: usize,
     /// The last floor the outbox reported; it only rises, and a stale one is safe to send.
@@ -230,9 +240,10 @@ impl Session {
         let sent = self.client.try_publish(row.topic, QoS::AtLeastOnce, false, payload).is_ok();
         if sent {
             let now = Instant::now();
-            let sends = self.unacked.get(&row.seq).map_or(1, |f| f.sends + 1);
+            let (first_sent, sends) = self.unacked.get(&row.seq).map_or((now, 1), |f| (f.first_sent, f.sends + 1));
             let factor = 2u32.saturating_pow(sends - 1).min(MAX_BACKOFF_FACTOR);
-            self.unacked.insert(row.seq, InFlight { due: now + self.config.ack_timeout * factor, sends });
+            let due = now + self.ack_timer.timeout() * factor;
+            self.unacked.insert(row.seq, InFlight { first_sent, due, sends });
         } else {
             self.backlog = true;
         }
@@ -310,8 +321,12 @@ impl Session {
 
     async fn on_ack(&mut self, ack: Ack) {
         let mut acknowledged = 0;
+        let now = Instant::now();
         for seq in &ack.seqs {
-            acknowledged += usize::from(self.unacked.remove(seq).is_some());
+            if let Some(in_flight) = self.unacked.remove(seq) {
+                acknowledged += 1;
+                self.ack_timer.observe(now - in_flight.first_sent);
+            }
         }
         self.window = (self.window + acknowledged).min(WINDOW);
         if let Err(e) = self.config.outbox.ack(ack.seqs).await {
