@@ -406,6 +406,9 @@ pub trait Store: Send + Sync + 'static {
     /// The running and paused rollouts, newest first: what the driver reads every tick, without
     /// the states of every rollout that ever finished (each holds its whole cohort).
     fn active_rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
+    /// The running and paused rollouts' ids and revisions, newest first, without their states:
+    /// the driver reads a state again only when its revision is not the one it holds.
+    fn active_rollout_revisions(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// How many rollouts are in each phase (phases without one are left out).
     fn rollout_phases(&self) -> Result<Vec<(Phase, u64)>, StoreError>;
     fn audit(&self, rollout: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;

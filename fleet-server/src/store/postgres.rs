@@ -533,6 +533,10 @@ impl Store for PostgresStore {
         rollouts::load(&mut *self.conn()?, None, true)
     }
 
+    fn active_rollout_revisions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        rollouts::active_revisions(&mut *self.conn()?)
+    }
+
     fn rollout_phases(&self) -> Result<Vec<(Phase, u64)>, StoreError> {
         rollouts::phases(&mut *self.conn()?)
     }

@@ -23,7 +23,8 @@ pub fn deploy_desired(
     version: &str,
     devices: &[String],
 ) -> Result<Vec<(String, u64)>, StoreError> {
-    let devices: Vec<&str> = first_of_each(devices.iter().map(String::as_str));
+    let devices: Vec<&str> =
+        once_each(devices.iter(), |device| device.as_str()).into_iter().map(String::as_str).collect();
     let rows = tx.query(
         "WITH written AS (
            INSERT INTO desired (device, model, version, attempt)
@@ -43,24 +44,21 @@ pub fn deploy_desired(
 /// the others' revisions rise. Two statements whatever the wave's size (a wave of 5,000 was
 /// 15,000 round trips one device at a time), inside the caller's transaction, which has locked
 /// the devices' rows. Returns the revisions that rose, in the order given; a device named twice
-/// gets what it was named with last.
+/// gets what it was named with last, in that place.
 pub fn assert_desired(
     tx: &mut Prepared<'_, impl GenericClient>,
     model: &str,
     desired: &[DesiredChange],
 ) -> Result<Vec<(String, u64)>, StoreError> {
-    let mut last: std::collections::HashMap<&str, &DesiredChange> = std::collections::HashMap::new();
-    for d in desired {
-        last.insert(d.device.as_str(), d);
-    }
-    let devices: Vec<&str> = first_of_each(desired.iter().map(|d| d.device.as_str()));
+    let mut wanted = once_each(desired.iter().rev(), |d| d.device.as_str());
+    wanted.reverse();
+    let devices: Vec<&str> = wanted.iter().map(|d| d.device.as_str()).collect();
     let mut versions = Vec::with_capacity(devices.len());
     let mut attempts = Vec::with_capacity(devices.len());
     let mut shadow_versions = Vec::with_capacity(devices.len());
     let mut shadow_rates = Vec::with_capacity(devices.len());
     let mut windows = Vec::with_capacity(devices.len());
-    for device in &devices {
-        let d = last[device];
+    for d in wanted {
         versions.push(d.version.as_str());
         attempts.push(i64::from(d.attempt));
         shadow_versions.push(d.shadow.as_ref().map(|(v, _)| v.as_str()));
@@ -89,10 +87,11 @@ pub fn assert_desired(
     in_given_order(&devices, &rows)
 }
 
-/// Each device once, where it first appears (one statement may not write a row twice).
-fn first_of_each<'a>(devices: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+/// The first of `items` for each device, in their order (one statement may not write a row
+/// twice).
+fn once_each<'a, T>(items: impl Iterator<Item = &'a T>, device: impl Fn(&'a T) -> &'a str) -> Vec<&'a T> {
     let mut seen = std::collections::HashSet::new();
-    devices.filter(|device| seen.insert(*device)).collect()
+    items.filter(|item| seen.insert(device(item))).collect()
 }
 
 /// `(device, revision)` rows put in the order of `devices`.
@@ -191,12 +190,9 @@ pub fn apply_cohort_defaults(
     for entry in audit {
         append_audit(&mut tx, entry)?;
     }
-    let mut by_device: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-    for (device, version) in newcomers {
-        by_device.entry(device.as_str()).or_insert(version.as_str());
-    }
-    let devices: Vec<&str> = first_of_each(newcomers.iter().map(|(device, _)| device.as_str()));
-    let versions: Vec<&str> = devices.iter().map(|device| by_device[device]).collect();
+    let newcomers = once_each(newcomers.iter(), |(device, _)| device.as_str());
+    let devices: Vec<&str> = newcomers.iter().map(|(device, _)| device.as_str()).collect();
+    let versions: Vec<&str> = newcomers.iter().map(|(_, version)| version.as_str()).collect();
     // Only a device still without a desired version: a deployment since the caller read the
     // devices wins.
     let rows = Prepared::new(&mut tx, statements).query(
@@ -343,6 +339,15 @@ pub fn load(conn: &mut PgConn, id: Option<&str>, active_only: bool) -> Result<Ve
             rollout.revision = r.try_get::<_, i64>(1)? as u64;
             Ok(rollout)
         })
+        .collect()
+}
+
+pub fn active_revisions(conn: &mut PgConn) -> Result<Vec<(String, u64)>, StoreError> {
+    let active: Vec<&str> = Phase::ACTIVE.iter().map(|p| p.as_str()).collect();
+    conn.prepared()
+        .query("SELECT id, revision FROM rollouts WHERE phase = ANY($1) ORDER BY created_ms DESC, id", &[&active])?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)? as u64)))
         .collect()
 }
 

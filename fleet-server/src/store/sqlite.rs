@@ -514,6 +514,10 @@ impl Store for SqliteStore {
         rollouts::load(&*self.snapshot()?, None, true)
     }
 
+    fn active_rollout_revisions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        rollouts::active_revisions(&*self.snapshot()?)
+    }
+
     fn rollout_phases(&self) -> Result<Vec<(Phase, u64)>, StoreError> {
         rollouts::phases(&*self.snapshot()?)
     }

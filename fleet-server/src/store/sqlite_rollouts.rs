@@ -304,6 +304,15 @@ pub fn load(conn: &Connection, id: Option<&str>, active_only: bool) -> Result<Ve
     .collect()
 }
 
+pub fn active_revisions(conn: &Connection) -> Result<Vec<(String, u64)>, StoreError> {
+    let [running, paused] = Phase::ACTIVE.map(Phase::as_str);
+    let mut stmt =
+        conn.prepare_cached("SELECT id, revision FROM rollouts WHERE phase IN (?1, ?2) ORDER BY created_ms DESC, id")?;
+    let rows =
+        stmt.query_map(params![running, paused], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub fn phases(conn: &Connection) -> Result<Vec<(Phase, u64)>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT phase, COUNT(*) FROM rollouts GROUP BY phase")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;

@@ -728,6 +728,7 @@ fn only_running_and_paused_rollouts_are_read_as_active_and_every_phase_is_counte
     let active: Vec<(String, Phase)> = store.active_rollouts().unwrap().into_iter().map(|r| (r.id, r.phase)).collect();
     assert_eq!(active, vec![("r3".to_string(), Phase::Paused), ("r1".to_string(), Phase::Running)], "newest first");
     assert_eq!(store.active_rollouts().unwrap()[0].revision, 2);
+    assert_eq!(store.active_rollout_revisions().unwrap(), vec![("r3".to_string(), 2), ("r1".to_string(), 2)]);
     let mut counted = store.rollout_phases().unwrap();
     counted.sort_by_key(|(phase, _)| phase.as_str());
     assert_eq!(counted, vec![(Phase::Aborted, 1), (Phase::Completed, 2), (Phase::Paused, 1), (Phase::Running, 1)]);
