@@ -582,11 +582,16 @@ mod tests {
 
     /// A driver on `store` that ticks once at start, then hourly; cancel the token to stop it.
     fn started(store: &Arc<dyn Store>) -> (RolloutHandle, CancellationToken) {
+        ticking(store, Duration::from_secs(3600))
+    }
+
+    /// A driver on `store` that ticks every `tick`; cancel the token to stop it.
+    fn ticking(store: &Arc<dyn Store>, tick: Duration) -> (RolloutHandle, CancellationToken) {
         let cancel = CancellationToken::new();
         let handle = spawn(
             store.clone(),
             Notifier::detached(),
-            Duration::from_secs(3600),
+            tick,
             Lease::new(LEASE, "test".into(), Duration::from_secs(60), Default::default()),
             crate::api::metrics::ApiMetrics::default().rollout_tick,
             cancel.clone(),
@@ -622,16 +627,7 @@ mod tests {
         let mut rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
         rollout.phase = Phase::Paused;
         store.save_rollout(&rollout, &[], &[]).unwrap();
-        let cancel = CancellationToken::new();
-        let _handle = spawn(
-            store.clone(),
-            Notifier::detached(),
-            Duration::from_millis(20),
-            Lease::new(LEASE, "test".into(), Duration::from_secs(60), Default::default()),
-            crate::api::metrics::ApiMetrics::default().rollout_tick,
-            cancel.clone(),
-            &TaskTracker::new(),
-        );
+        let (_handle, cancel) = ticking(&store, Duration::from_millis(20));
         let waiting = |store: &Arc<dyn Store>| store.rollout("ro-1").unwrap().unwrap().members["d1"].status.clone();
         // The driver holds it paused for a few ticks and leaves it be.
         tokio::time::sleep(Duration::from_millis(200)).await;
