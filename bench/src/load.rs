@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use edge_agent::uplink::ack_timer::AckTimer;
+use edge_agent::uplink::MAX_BACKOFF_FACTOR;
 use fleetctl::client::FleetClient;
 use fleetctl::demo::{fixture_bundle, synthetic_rows, wait_for};
 use proto::bundle::{read_archive, Limits};
@@ -223,13 +225,25 @@ struct SimAgent {
     credential: String,
     key: SigningKey,
     seq: u64,
-    /// Published and not acknowledged yet: when first sent, and the topic and payload to send
-    /// again, as an agent does after its acknowledgement timeout.
-    unacked: HashMap<u64, (Instant, String, Vec<u8>)>,
+    /// Published and not acknowledged yet, to send again as an agent does when its
+    /// acknowledgement is overdue.
+    unacked: HashMap<u64, Unacked>,
+    /// How long acknowledgements take, hence when a record is overdue (the agent's own timer).
+    ack_timer: AckTimer,
     active: String,
     stats: Arc<Stats>,
     started: Instant,
     fixtures: Arc<Fixtures>,
+}
+
+/// A record published and not acknowledged yet.
+struct Unacked {
+    first_sent: Instant,
+    /// When it is sent again unless acknowledged first.
+    due: Instant,
+    sends: u32,
+    topic: String,
+    payload: Vec<u8>,
 }
 
 impl SimAgent {
@@ -238,12 +252,16 @@ impl SimAgent {
         self.unacked.keys().min().copied().unwrap_or(self.seq + 1)
     }
 
-    /// Sends again what waited longer than `timeout` for its acknowledgement (the same sequence:
-    /// the server stores it once and acknowledges it again).
-    fn resend_overdue(&mut self, client: &AsyncClient, timeout: Duration) {
-        for (sent, topic, payload) in self.unacked.values() {
-            if sent.elapsed() > timeout {
-                let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone());
+    /// Sends again what is overdue for its acknowledgement (the same sequence: the server stores
+    /// it once and acknowledges it again), each record waiting twice as long as before next
+    /// time, up to the agent's factor: the agent's policy (`edge_agent::uplink`).
+    fn resend_overdue(&mut self, client: &AsyncClient) {
+        let now = Instant::now();
+        let wait = self.ack_timer.timeout();
+        for record in self.unacked.values_mut().filter(|record| record.due <= now) {
+            if client.try_publish(record.topic.clone(), QoS::AtLeastOnce, false, record.payload.clone()).is_ok() {
+                record.sends += 1;
+                record.due = now + wait * 2u32.saturating_pow(record.sends - 1).min(MAX_BACKOFF_FACTOR);
                 self.stats.resent.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -254,7 +272,9 @@ impl SimAgent {
         let topic = topic.render();
         let payload = sealed_payload(&self.key, &topic, self.seq, self.floor(), &body);
         if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_ok() {
-            self.unacked.insert(self.seq, (Instant::now(), topic, payload));
+            let now = Instant::now();
+            let due = now + self.ack_timer.timeout();
+            self.unacked.insert(self.seq, Unacked { first_sent: now, due, sends: 1, topic, payload });
             self.stats.published.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -314,7 +334,11 @@ impl SimAgent {
             .seqs
             .iter()
             .filter_map(|seq| self.unacked.remove(seq))
-            .map(|(sent, _, _)| sent.elapsed().as_micros().min(u32::MAX as u128) as u32)
+            .map(|record| {
+                let delay = record.first_sent.elapsed();
+                self.ack_timer.observe(delay);
+                delay.as_micros().min(u32::MAX as u128) as u32
+            })
             .collect();
         self.stats.acked.fetch_add(latencies.len() as u64, Ordering::Relaxed);
         self.stats.acks.lock().unwrap_or_else(|p| p.into_inner()).extend(latencies);
@@ -372,8 +396,11 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// How long a simulated agent waits for an acknowledgement before it sends the record again.
+/// How long a simulated agent waits for an acknowledgement before it sends the record again, at
+/// least (the agent's default `ack_timeout_secs`); longer while acknowledgements take longer.
 const RESEND_AFTER: Duration = Duration::from_secs(30);
+/// How often a simulated agent looks for overdue records.
+const RESEND_CHECK: Duration = Duration::from_secs(1);
 
 struct Shared {
     options: LoadOptions,
@@ -419,6 +446,7 @@ async fn run_agent(shared: Arc<Shared>, index: usize, token: String) {
         key,
         seq: 0,
         unacked: HashMap::new(),
+        ack_timer: AckTimer::new(RESEND_AFTER),
         active: "1.0.0".into(),
         stats: stats.clone(),
         started: Instant::now(),
@@ -432,7 +460,7 @@ async fn run_agent(shared: Arc<Shared>, index: usize, token: String) {
         |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64(offset), period);
     let (mut checkins, mut heartbeats, mut drifts) =
         (every(shared.options.checkin), every(shared.options.heartbeat), every(shared.options.drift));
-    let mut resends = every(RESEND_AFTER);
+    let mut resends = every(RESEND_CHECK);
     let stop = tokio::time::sleep_until(shared.stop_at.into());
     tokio::pin!(stop);
     let mut connected = false;
@@ -471,7 +499,7 @@ async fn run_agent(shared: Arc<Shared>, index: usize, token: String) {
             _ = checkins.tick(), if connected => agent.check_in(&client, shared.steady_since).await,
             _ = heartbeats.tick(), if connected => agent.heartbeat(&client),
             _ = drifts.tick(), if connected => agent.drift(&client, shared.options.drift),
-            _ = resends.tick(), if connected => agent.resend_overdue(&client, RESEND_AFTER),
+            _ = resends.tick(), if connected => agent.resend_overdue(&client),
         }
     }
     let _ = client.try_disconnect();

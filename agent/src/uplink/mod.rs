@@ -106,7 +106,7 @@ const WINDOW: usize = 512;
 const WINDOW_MIN: usize = 32;
 const WINDOW_BYTES: usize = 1 << 20;
 /// A record sent again waits twice as long for its acknowledgement each time, up to this factor.
-const MAX_BACKOFF_FACTOR: u32 = 16;
+pub const MAX_BACKOFF_FACTOR: u32 = 16;
 
 /// A record published on this connection and not yet acknowledged.
 struct InFlight {
