@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use edge_agent::uplink::ack_timer::AckTimer;
-use edge_agent::uplink::MAX_BACKOFF_FACTOR;
 use fleetctl::client::FleetClient;
 use fleetctl::demo::{fixture_bundle, synthetic_rows, wait_for};
 use proto::bundle::{read_archive, Limits};
@@ -257,11 +256,10 @@ impl SimAgent {
     /// time, up to the agent's factor: the agent's policy (`edge_agent::uplink`).
     fn resend_overdue(&mut self, client: &AsyncClient) {
         let now = Instant::now();
-        let wait = self.ack_timer.timeout();
         for record in self.unacked.values_mut().filter(|record| record.due <= now) {
             if client.try_publish(record.topic.clone(), QoS::AtLeastOnce, false, record.payload.clone()).is_ok() {
                 record.sends += 1;
-                record.due = now + wait * 2u32.saturating_pow(record.sends - 1).min(MAX_BACKOFF_FACTOR);
+                record.due = now + self.ack_timer.wait(record.sends);
                 self.stats.resent.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -273,7 +271,7 @@ impl SimAgent {
         let payload = sealed_payload(&self.key, &topic, self.seq, self.floor(), &body);
         if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_ok() {
             let now = Instant::now();
-            let due = now + self.ack_timer.timeout();
+            let due = now + self.ack_timer.wait(1);
             self.unacked.insert(self.seq, Unacked { first_sent: now, due, sends: 1, topic, payload });
             self.stats.published.fetch_add(1, Ordering::Relaxed);
         }

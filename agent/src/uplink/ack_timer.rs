@@ -10,9 +10,12 @@
 
 use std::time::Duration;
 
-/// The longest wait learnt, however slow acknowledgements become: a record whose
-/// acknowledgement was really lost is sent again within this (times the backoff factor).
+/// The longest wait learnt, however slow acknowledgements become, and the longest a record
+/// waits between two sends whatever its backoff (unless the configured wait is longer).
 pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A record sent again waits twice as long for its acknowledgement each time, up to this factor.
+pub const MAX_BACKOFF_FACTOR: u32 = 16;
 
 /// The acknowledgement delay seen so far: a smoothed mean and mean deviation.
 #[derive(Clone, Debug)]
@@ -51,7 +54,20 @@ impl AckTimer {
     /// configured wait, at most [`MAX_ACK_TIMEOUT`].
     pub fn timeout(&self) -> Duration {
         let learnt = self.smoothed.map_or(Duration::ZERO, |smoothed| smoothed + self.deviation * 4);
-        learnt.clamp(self.floor, MAX_ACK_TIMEOUT.max(self.floor))
+        learnt.clamp(self.floor, self.ceiling())
+    }
+
+    /// The wait after a record's `sends`-th send: [`AckTimer::timeout`] doubled for each send
+    /// before it, up to [`MAX_BACKOFF_FACTOR`] times, and never over [`MAX_ACK_TIMEOUT`] (or the
+    /// configured wait, if longer), so a record whose acknowledgement was lost goes again within
+    /// ten minutes however slow acknowledgements have been.
+    pub fn wait(&self, sends: u32) -> Duration {
+        let factor = 2u32.saturating_pow(sends.saturating_sub(1)).min(MAX_BACKOFF_FACTOR);
+        (self.timeout() * factor).min(self.ceiling())
+    }
+
+    fn ceiling(&self) -> Duration {
+        MAX_ACK_TIMEOUT.max(self.floor)
     }
 }
 
@@ -101,6 +117,18 @@ mod tests {
             timer.observe(secs(0.1));
         }
         assert_eq!(timer.timeout(), FLOOR);
+    }
+
+    #[test]
+    fn each_send_doubles_the_wait_up_to_the_factor_and_the_ceiling() {
+        let mut timer = AckTimer::new(FLOOR);
+        let waits: Vec<Duration> = (1..=6).map(|sends| timer.wait(sends)).collect();
+        assert_eq!(waits, [3.0, 6.0, 12.0, 24.0, 48.0, 48.0].map(secs));
+        for _ in 0..40 {
+            timer.observe(secs(100.0));
+        }
+        assert_eq!(timer.wait(1), timer.timeout());
+        assert_eq!(timer.wait(5), MAX_ACK_TIMEOUT, "a slow server's backoff stops at the ceiling");
     }
 
     #[test]

@@ -105,8 +105,6 @@ pub struct UplinkConfig {
 const WINDOW: usize = 512;
 const WINDOW_MIN: usize = 32;
 const WINDOW_BYTES: usize = 1 << 20;
-/// A record sent again waits twice as long for its acknowledgement each time, up to this factor.
-pub const MAX_BACKOFF_FACTOR: u32 = 16;
 
 /// A record published on this connection and not yet acknowledged.
 struct InFlight {
@@ -241,8 +239,7 @@ impl Session {
         if sent {
             let now = Instant::now();
             let (first_sent, sends) = self.unacked.get(&row.seq).map_or((now, 1), |f| (f.first_sent, f.sends + 1));
-            let factor = 2u32.saturating_pow(sends - 1).min(MAX_BACKOFF_FACTOR);
-            let due = now + self.ack_timer.timeout() * factor;
+            let due = now + self.ack_timer.wait(sends);
             self.unacked.insert(row.seq, InFlight { first_sent, due, sends });
         } else {
             self.backlog = true;
