@@ -59,7 +59,8 @@ struct Stats {
     connected: AtomicU64,
     published: AtomicU64,
     acked: AtomicU64,
-    /// Records sent again after waiting 30 s for their acknowledgement.
+    /// Records sent again because their acknowledgement was overdue (the agent's `AckTimer`: at
+    /// least 30 s, longer while acknowledgements take longer).
     resent: AtomicU64,
     installs: AtomicU64,
     errors: AtomicU64,

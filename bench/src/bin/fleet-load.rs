@@ -129,7 +129,7 @@ fn markdown(r: &load::LoadReport, command: &str) -> String {
          | check-in latency p50 / p99 / max (steady, client side) | {p50:.1} / {p99:.1} / {max:.1} ms over {n} check-ins |\n\
          | check-in latency p50 / p99 (server side: its histogram's bucket bounds), steady before the rollout; from the rollout on | {server_before}; {server_during} |\n\
          | report stored-and-acknowledged p50 / p99 | {a50:.1} / {a99:.1} ms |\n\
-         | reports acknowledged / published (sent again after 30 s unacknowledged) | {acked} / {published} ({resent}) |\n\
+         | reports acknowledged / published (sent again, overdue by the agent's timer: at least 30 s) | {acked} / {published} ({resent}) |\n\
          | unacknowledged reports, every 5 s in the steady phase | {backlog} |\n\
          | server RSS, peak | {rss:.0} MiB |\n\
          | server CPU, steady mean (200% = both cores) | {cpu:.0}% |\n\
