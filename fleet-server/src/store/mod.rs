@@ -47,6 +47,14 @@ pub enum StoreError {
     Interrupted(String),
 }
 
+impl StoreError {
+    /// A desired version written for a device that is not enrolled (the API checks first; this is
+    /// the store's own guard, the same on every store).
+    pub fn not_enrolled(device: &str) -> StoreError {
+        StoreError::Conflict(format!("device {device:?} is not enrolled"))
+    }
+}
+
 /// Runs a store call on tokio's blocking pool: every `Store` method is a synchronous database call.
 pub async fn blocking<T: Send + 'static>(
     store: &std::sync::Arc<dyn Store>,

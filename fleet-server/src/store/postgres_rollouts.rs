@@ -15,8 +15,9 @@ use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, Window
 /// activation window), each keeping its stored attempt, and each device's revision rises even
 /// when it was told the same before, so a device told again checks in again. Two statements
 /// whatever the number of devices, inside the caller's transaction, which has locked their rows.
-/// Returns the devices' new revisions, in the order given (a device named twice, once). Callers
-/// name enrolled devices (the API checks); one that is not would get a row and no revision.
+/// Returns the devices' new revisions, in the order given (a device named twice, once). A device
+/// that is not enrolled is a conflict naming it, and the caller's transaction writes nothing (as
+/// on SQLite, which refuses the row).
 pub fn deploy_desired(
     tx: &mut Prepared<'_, impl GenericClient>,
     model: &str,
@@ -36,7 +37,14 @@ pub fn deploy_desired(
          RETURNING devices.id, devices.revision",
         &[&model, &version, &devices],
     )?;
-    in_given_order(&devices, &rows)
+    let revisions = in_given_order(&devices, &rows)?;
+    if revisions.len() < devices.len() {
+        let revised: std::collections::HashSet<&str> = revisions.iter().map(|(device, _)| device.as_str()).collect();
+        if let Some(missing) = devices.iter().find(|device| !revised.contains(*device)) {
+            return Err(StoreError::not_enrolled(missing));
+        }
+    }
+    Ok(revisions)
 }
 
 /// A rollout's desired versions, attempts, shadows and activation windows for its devices

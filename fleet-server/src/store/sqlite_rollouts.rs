@@ -60,11 +60,14 @@ pub fn window_of(text: Option<String>) -> rusqlite::Result<Option<ActivationWind
 }
 
 /// Raises the device's desired-state revision (it checks in again when told it changed).
+/// A device that is not enrolled is a conflict naming it (its desired row, written first in the
+/// caller's transaction, goes with the transaction).
 fn bump_revision(tx: &Connection, device: &str) -> Result<u64, StoreError> {
-    let revision: i64 = tx
+    let revision: Option<i64> = tx
         .prepare_cached("UPDATE devices SET revision = revision + 1 WHERE id = ?1 RETURNING revision")?
-        .query_row(params![device], |r| r.get(0))?;
-    Ok(revision as u64)
+        .query_row(params![device], |r| r.get(0))
+        .optional()?;
+    revision.map(|r| r as u64).ok_or_else(|| StoreError::not_enrolled(device))
 }
 
 pub fn device_infos(conn: &Connection, model: &str) -> Result<Vec<DeviceInfo>, StoreError> {

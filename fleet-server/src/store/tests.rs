@@ -99,6 +99,7 @@ on_every_store!(
     a_revoked_device_has_no_credential_no_key_and_cannot_re_enroll_within_grace,
     operators_are_found_by_token_digest_until_revoked,
     desired_state_names_the_published_bundle_and_bumps_the_revision,
+    a_deployment_naming_a_device_that_is_not_enrolled_is_a_conflict_and_writes_nothing,
     republishing_a_version_with_other_bytes_is_a_conflict,
     a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device,
     an_older_status_does_not_overwrite_a_newer_one,
@@ -309,6 +310,22 @@ fn desired_state_names_the_published_bundle_and_bumps_the_revision(store: &TestS
     assert_eq!(store.check_in("d1", 70, &[], false).unwrap().1, None);
     let view = &store.list_devices().unwrap()[0];
     assert_eq!((view.last_seen_ms, view.models[0].active_version.as_deref()), (Some(70), Some("1.0.0")));
+}
+
+fn a_deployment_naming_a_device_that_is_not_enrolled_is_a_conflict_and_writes_nothing(store: &TestStore) {
+    device(store, "d1");
+    store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
+    let refused = store.set_desired(&["d1".into(), "ghost".into()], "tabular", "1.0.0");
+    match refused {
+        Err(StoreError::Conflict(message)) => assert_eq!(message, "device \"ghost\" is not enrolled"),
+        other => panic!("expected a conflict naming the device, got {other:?}"),
+    }
+    let d1 = store.desired_state("d1").unwrap();
+    assert_eq!((d1.revision, d1.models.len()), (0, 0), "the enrolled device named with it was not told either");
+    // Enrolled later, the device finds no desired row left behind for it.
+    device(store, "ghost");
+    assert!(store.desired_state("ghost").unwrap().models.is_empty());
+    assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap(), vec![("d1".to_string(), 1)]);
 }
 
 fn republishing_a_version_with_other_bytes_is_a_conflict(store: &TestStore) {
