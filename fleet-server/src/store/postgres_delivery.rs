@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use postgres::{Client, Transaction};
 use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, TelemetryRow};
 
-use super::devices::{drift_into, heartbeat_into, lock_devices, status_into};
+use super::devices::{drifts_into, heartbeats_into, lock_devices, status_into};
 use super::prepared::{PgConn, Prepared};
 use crate::store::{Accepted, Pruned, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
@@ -46,20 +46,34 @@ pub fn record_reports(conn: &mut PgConn, reports: &[SequencedReport<'_>]) -> Res
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<HashSet<(String, i64)>, StoreError>>()?;
     let settled = settle(reports, &floors, &newly_received);
+    // Heartbeats and windows are written a statement per table for the whole batch (the
+    // devices' rows stay locked until the commit). A status goes one by one, after the pending
+    // heartbeats of its device: both write a model's active version, and the later must win.
+    let (mut heartbeats, mut windows) = (Vec::new(), Vec::new());
+    let mut pending = HashSet::new();
     for (r, accepted) in reports.iter().zip(&settled.accepted) {
         if *accepted != Accepted::Stored {
             continue;
         }
         match &r.report {
-            Report::Status(status) => status_into(&mut prepared, r.device, status)?,
-            Report::Heartbeat(heartbeat) => heartbeat_into(&mut prepared, r.device, heartbeat)?,
-            Report::Drift(drift) => {
-                drift_into(&mut prepared, r.device, drift)?;
+            Report::Status(status) => {
+                if pending.contains(r.device) {
+                    heartbeats_into(&mut prepared, &std::mem::take(&mut heartbeats))?;
+                    pending.clear();
+                }
+                status_into(&mut prepared, r.device, status)?;
             }
+            Report::Heartbeat(heartbeat) => {
+                pending.insert(r.device);
+                heartbeats.push((r.device, *heartbeat));
+            }
+            Report::Drift(drift) => windows.push((r.device, drift)),
             // Counted below with the other counters.
             Report::Event(DeliveryEvent::Evicted { .. }) => {}
         }
     }
+    heartbeats_into(&mut prepared, &heartbeats)?;
+    drifts_into(&mut prepared, &windows)?;
     write_counters(&mut prepared, &settled.counters)?;
     tx.commit()?;
     Ok(settled.accepted)

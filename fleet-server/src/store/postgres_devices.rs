@@ -1,11 +1,12 @@
 //! Devices, bundles and desired state in the PostgreSQL store, and the writes of what devices
 //! report (status, heartbeat, drift window) that both a single call and a sequenced batch use.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use postgres::{Client, GenericClient, Row, Transaction};
 use proto::wire::{
-    bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, UpdateStatus,
+    bundle_path, DesiredModel, DesiredShadow, DesiredState, DeviceModelView, DeviceView, Heartbeat, ModelCounters,
+    UpdateStatus,
 };
 
 use super::prepared::{Prepared, Statements};
@@ -278,34 +279,94 @@ pub fn heartbeat_into(
     device: &str,
     heartbeat: &Heartbeat,
 ) -> Result<(), StoreError> {
-    let at = heartbeat.at_ms as i64;
-    let newer = conn.execute(
-        "UPDATE devices SET health = $2, heartbeat_ms = $3, last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $3)
-         WHERE id = $1 AND COALESCE(heartbeat_ms, 0) <= $3",
-        &[&device, &json(&heartbeat.health), &at],
-    )? == 1;
-    if !newer {
+    heartbeats_into(conn, &[(device, heartbeat)])
+}
+
+/// Applies heartbeats, in the order given, as `heartbeat_into` one by one would leave the rows
+/// (each device keeps its newest heartbeat, a newer one already stored wins, and each model row
+/// has what the last heartbeat applied that names it said), in three statements whatever their
+/// number. An ingest batch holds its devices' rows locked until it commits, and a check-in of
+/// any of them waits that long: one statement per heartbeat and per model made batches of
+/// hundreds of milliseconds under load (docs/BENCHMARKS.md, "Check-ins waiting on ingest").
+/// Heartbeats of devices that are not enrolled are left out.
+pub fn heartbeats_into(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    heartbeats: &[(&str, &Heartbeat)],
+) -> Result<(), StoreError> {
+    if heartbeats.is_empty() {
         return Ok(());
     }
-    for m in &heartbeat.models {
-        conn.execute(
-            "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us, shadow_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
-               active_version = excluded.active_version, errors = excluded.errors,
-               latency_p95_us = excluded.latency_p95_us, shadow_version = excluded.shadow_version",
-            &[
-                &device,
-                &m.model,
-                &m.version,
-                &(m.inferences as i64),
-                &(m.errors as i64),
-                &m.latency_p95_us.map(i64::from),
-                &m.shadow_version,
-            ],
-        )?;
+    let ids: Vec<&str> = heartbeats.iter().map(|(device, _)| *device).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut newest: HashMap<String, i64> = conn
+        .query("SELECT id, COALESCE(heartbeat_ms, 0) FROM devices WHERE id = ANY($1)", &[&ids])?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let mut applied: BTreeMap<&str, &Heartbeat> = BTreeMap::new();
+    let mut model_rows: BTreeMap<(&str, &str), &ModelCounters> = BTreeMap::new();
+    for (device, heartbeat) in heartbeats {
+        let at = heartbeat.at_ms as i64;
+        match newest.get_mut(*device) {
+            Some(stored) if *stored <= at => *stored = at,
+            _ => continue,
+        }
+        applied.insert(device, heartbeat);
+        for m in &heartbeat.models {
+            model_rows.insert((device, m.model.as_str()), m);
+        }
     }
+    if applied.is_empty() {
+        return Ok(());
+    }
+    let (devices, healths, ats): (Vec<&str>, Vec<String>, Vec<i64>) =
+        applied.iter().map(|(device, h)| (*device, json(&h.health), h.at_ms as i64)).collect();
+    conn.execute(
+        "UPDATE devices SET health = u.health, heartbeat_ms = u.at_ms,
+           last_seen_ms = GREATEST(COALESCE(devices.last_seen_ms, 0), u.at_ms)
+         FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(id, health, at_ms) WHERE devices.id = u.id",
+        &[&devices, &healths, &ats],
+    )?;
+    if model_rows.is_empty() {
+        return Ok(());
+    }
+    let mut columns = ModelCounterColumns::default();
+    for ((device, model), m) in model_rows {
+        columns.push(device, model, m);
+    }
+    let ModelCounterColumns { devices, models, versions, inferences, errors, latencies, shadows } = columns;
+    conn.execute(
+        "INSERT INTO model_status (device, model, active_version, inferences, errors, latency_p95_us, shadow_version)
+         SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[])
+         ON CONFLICT (device, model) DO UPDATE SET inferences = excluded.inferences,
+           active_version = excluded.active_version, errors = excluded.errors,
+           latency_p95_us = excluded.latency_p95_us, shadow_version = excluded.shadow_version",
+        &[&devices, &models, &versions, &inferences, &errors, &latencies, &shadows],
+    )?;
     Ok(())
+}
+
+/// Heartbeat model rows as the columns of one `UNNEST`.
+#[derive(Default)]
+struct ModelCounterColumns<'a> {
+    devices: Vec<&'a str>,
+    models: Vec<&'a str>,
+    versions: Vec<&'a str>,
+    inferences: Vec<i64>,
+    errors: Vec<i64>,
+    latencies: Vec<Option<i64>>,
+    shadows: Vec<Option<&'a str>>,
+}
+
+impl<'a> ModelCounterColumns<'a> {
+    fn push(&mut self, device: &'a str, model: &'a str, m: &'a ModelCounters) {
+        self.devices.push(device);
+        self.models.push(model);
+        self.versions.push(&m.version);
+        self.inferences.push(m.inferences as i64);
+        self.errors.push(m.errors as i64);
+        self.latencies.push(m.latency_p95_us.map(i64::from));
+        self.shadows.push(m.shadow_version.as_deref());
+    }
 }
 
 /// Stores a window once; a second delivery of the same (device, model, start) returns false.
@@ -314,23 +375,64 @@ pub fn drift_into(
     device: &str,
     d: &StoredDrift<'_>,
 ) -> Result<bool, StoreError> {
-    let s = d.summary;
-    let inserted = conn.execute(
+    Ok(drifts_into(conn, &[(device, d)])? == 1)
+}
+
+/// Stores windows, each once (a window already stored, or named twice, is stored once), in one
+/// statement whatever their number. Returns how many were new.
+pub fn drifts_into(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    windows: &[(&str, &StoredDrift<'_>)],
+) -> Result<u64, StoreError> {
+    if windows.is_empty() {
+        return Ok(0);
+    }
+    let mut c = DriftColumns::default();
+    for (device, d) in windows {
+        let s = d.summary;
+        c.devices.push(device);
+        c.models.push(&s.model);
+        c.versions.push(&s.version);
+        c.starts.push(s.window_start_ms as i64);
+        c.ends.push(s.window_end_ms as i64);
+        c.samples.push(s.sketch.rows as i64);
+        c.scores.push(d.score);
+        c.confidences.push(d.mean_confidence);
+        c.counts.push(proto::wire::encode(&s.sketch));
+        c.shadows.push(s.shadow.as_ref().map(proto::wire::encode));
+    }
+    conn.execute(
         "INSERT INTO drift (device, model, version, window_start_ms, window_end_ms, samples, score, mean_confidence, counts, shadow, received_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+         SELECT w.*, $11 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[],
+           $7::FLOAT8[], $8::FLOAT8[], $9::BYTEA[], $10::BYTEA[]) AS w
+         ON CONFLICT DO NOTHING",
         &[
-            &device,
-            &s.model,
-            &s.version,
-            &(s.window_start_ms as i64),
-            &(s.window_end_ms as i64),
-            &(s.sketch.rows as i64),
-            &d.score,
-            &d.mean_confidence,
-            &proto::wire::encode(&s.sketch),
-            &s.shadow.as_ref().map(proto::wire::encode),
+            &c.devices,
+            &c.models,
+            &c.versions,
+            &c.starts,
+            &c.ends,
+            &c.samples,
+            &c.scores,
+            &c.confidences,
+            &c.counts,
+            &c.shadows,
             &(crate::unix_ms() as i64),
         ],
-    )?;
-    Ok(inserted == 1)
+    )
+}
+
+/// Drift windows as the columns of one `UNNEST`.
+#[derive(Default)]
+struct DriftColumns<'a> {
+    devices: Vec<&'a str>,
+    models: Vec<&'a str>,
+    versions: Vec<&'a str>,
+    starts: Vec<i64>,
+    ends: Vec<i64>,
+    samples: Vec<i64>,
+    scores: Vec<f64>,
+    confidences: Vec<Option<f64>>,
+    counts: Vec<Vec<u8>>,
+    shadows: Vec<Option<Vec<u8>>>,
 }

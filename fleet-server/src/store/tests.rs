@@ -108,6 +108,7 @@ on_every_store!(
     a_sequenced_report_is_stored_once_and_a_redelivery_is_a_duplicate_even_after_the_floor_moved,
     a_batch_is_stored_in_one_go_with_one_outcome_per_report_in_order_even_for_repeats_within_it,
     an_older_heartbeat_delivered_late_does_not_turn_counters_back,
+    a_batch_leaves_heartbeats_windows_and_statuses_as_they_would_be_stored_one_by_one,
     eviction_events_add_up_per_device,
     telemetry_rows_are_stored_once_per_sequence_and_read_back_by_model_and_version,
     drift_windows_and_telemetry_stored_before_the_cutoff_are_pruned_in_batches_and_the_rest_kept,
@@ -514,6 +515,42 @@ fn an_older_heartbeat_delivered_late_does_not_turn_counters_back(store: &TestSto
     store.record_report("d1", 1, 1, &Report::Heartbeat(&heartbeat(10, 100))).unwrap();
     let devices = store.list_devices().unwrap();
     assert_eq!(devices[0].models[0].inferences, 900);
+}
+
+fn a_batch_leaves_heartbeats_windows_and_statuses_as_they_would_be_stored_one_by_one(store: &TestStore) {
+    device(store, "d1");
+    device(store, "d2");
+    let (newer, older, d2_beat) = (heartbeat(20, 900), heartbeat(10, 100), heartbeat(5, 7));
+    let window = drift_window(10);
+    let drift = || Report::Drift(StoredDrift { summary: &window, score: 0.2, mean_confidence: None });
+    let installed = UpdateStatus {
+        model: "tabular".into(),
+        version: "2.0.0".into(),
+        step: UpdateStep::Active,
+        detail: String::new(),
+        active_version: Some("2.0.0".into()),
+        at_ms: 6,
+    };
+    let report = |device, seq, report| SequencedReport { device, seq, floor: 1, report };
+    let batch = [
+        report("d1", 1, Report::Heartbeat(&newer)),
+        report("d1", 2, Report::Heartbeat(&older)),
+        report("d2", 1, Report::Heartbeat(&d2_beat)),
+        report("d1", 3, drift()),
+        report("d1", 4, drift()),
+        report("d2", 2, Report::Status(&installed)),
+    ];
+    assert_eq!(store.record_reports(&batch).unwrap(), vec![Accepted::Stored; 6]);
+    let rows = store.observation_rows("tabular", 0, 0).unwrap();
+    let status = |device: &str| rows.statuses.iter().find(|s| s.device == device).unwrap().clone();
+    // The older heartbeat, later in the batch, did not turn d1's counters back.
+    assert_eq!(status("d1").inferences, 900);
+    // The status after d2's heartbeat says which version is active; the heartbeat's counters stay.
+    assert_eq!((status("d2").active_version.as_deref(), status("d2").inferences), (Some("2.0.0"), 7));
+    // One window, sent twice in the batch, is stored once.
+    assert_eq!(rows.windows.len(), 1);
+    let view = store.list_devices().unwrap();
+    assert_eq!(view.iter().find(|d| d.id == "d1").unwrap().last_seen_ms, Some(20));
 }
 
 fn eviction_events_add_up_per_device(store: &TestStore) {
