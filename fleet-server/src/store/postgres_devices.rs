@@ -1,7 +1,7 @@
 //! Devices, bundles and desired state in the PostgreSQL store, and the writes of what devices
 //! report (status, heartbeat, drift window) that both a single call and a sequenced batch use.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use postgres::{Client, GenericClient, Row, Transaction};
 use proto::wire::{
@@ -320,18 +320,28 @@ pub fn heartbeats_into(
     }
     let (devices, healths, ats): (Vec<&str>, Vec<String>, Vec<i64>) =
         applied.iter().map(|(device, h)| (*device, json(&h.health), h.at_ms as i64)).collect();
-    conn.execute(
-        "UPDATE devices SET health = u.health, heartbeat_ms = u.at_ms,
-           last_seen_ms = GREATEST(COALESCE(devices.last_seen_ms, 0), u.at_ms)
-         FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(id, health, at_ms) WHERE devices.id = u.id",
-        &[&devices, &healths, &ats],
-    )?;
-    if model_rows.is_empty() {
-        return Ok(());
-    }
+    // Conditional again, and only the devices it updated get their model rows: a caller that has
+    // not locked the rows (a single heartbeat) may meet a newer heartbeat stored since the read.
+    let updated: HashSet<String> = conn
+        .query(
+            "UPDATE devices SET health = u.health, heartbeat_ms = u.at_ms,
+               last_seen_ms = GREATEST(COALESCE(devices.last_seen_ms, 0), u.at_ms)
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(id, health, at_ms)
+             WHERE devices.id = u.id AND COALESCE(devices.heartbeat_ms, 0) <= u.at_ms
+             RETURNING devices.id",
+            &[&devices, &healths, &ats],
+        )?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
     let mut columns = ModelCounterColumns::default();
     for ((device, model), m) in model_rows {
-        columns.push(device, model, m);
+        if updated.contains(device) {
+            columns.push(device, model, m);
+        }
+    }
+    if columns.devices.is_empty() {
+        return Ok(());
     }
     let ModelCounterColumns { devices, models, versions, inferences, errors, latencies, shadows } = columns;
     conn.execute(
