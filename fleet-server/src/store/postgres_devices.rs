@@ -297,11 +297,16 @@ pub fn heartbeats_into(
         return Ok(());
     }
     let ids: Vec<&str> = heartbeats.iter().map(|(device, _)| *device).collect::<BTreeSet<_>>().into_iter().collect();
-    let mut newest: HashMap<String, i64> = conn
-        .query("SELECT id, COALESCE(heartbeat_ms, 0) FROM devices WHERE id = ANY($1)", &[&ids])?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<_, StoreError>>()?;
+    // The stored times matter only to a device with several heartbeats here (which of them
+    // apply); a device with one is decided by the conditional update below alone.
+    let mut newest: HashMap<String, i64> = if ids.len() < heartbeats.len() {
+        conn.query("SELECT id, COALESCE(heartbeat_ms, 0) FROM devices WHERE id = ANY($1)", &[&ids])?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, StoreError>>()?
+    } else {
+        ids.iter().map(|id| (id.to_string(), i64::MIN)).collect()
+    };
     let mut applied: BTreeMap<&str, &Heartbeat> = BTreeMap::new();
     let mut model_rows: BTreeMap<(&str, &str), &ModelCounters> = BTreeMap::new();
     for (device, heartbeat) in heartbeats {
@@ -320,8 +325,9 @@ pub fn heartbeats_into(
     }
     let (devices, healths, ats): (Vec<&str>, Vec<String>, Vec<i64>) =
         applied.iter().map(|(device, h)| (*device, json(&h.health), h.at_ms as i64)).collect();
-    // Conditional again, and only the devices it updated get their model rows: a caller that has
-    // not locked the rows (a single heartbeat) may meet a newer heartbeat stored since the read.
+    // Conditional, and only the devices it updated get their model rows: the stored time may not
+    // have been read, and a caller that has not locked the rows (a single heartbeat) may meet a
+    // newer heartbeat stored since.
     let updated: HashSet<String> = conn
         .query(
             "UPDATE devices SET health = u.health, heartbeat_ms = u.at_ms,
