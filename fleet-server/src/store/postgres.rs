@@ -432,7 +432,9 @@ impl Store for PostgresStore {
     fn record_status(&self, device: &str, s: &UpdateStatus) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let (mut tx, statements) = conn.transaction_and_statements()?;
-        devices::status_into(&mut Prepared::new(&mut tx, statements), device, s)?;
+        let mut prepared = Prepared::new(&mut tx, statements);
+        delivery::lock_ingest(&mut prepared, &[device])?;
+        devices::status_into(&mut prepared, device, s)?;
         tx.commit()?;
         Ok(())
     }
@@ -440,7 +442,9 @@ impl Store for PostgresStore {
     fn record_heartbeat(&self, device: &str, heartbeat: &Heartbeat) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let (mut tx, statements) = conn.transaction_and_statements()?;
-        devices::heartbeat_into(&mut Prepared::new(&mut tx, statements), device, heartbeat)?;
+        let mut prepared = Prepared::new(&mut tx, statements);
+        delivery::lock_ingest(&mut prepared, &[device])?;
+        devices::heartbeat_into(&mut prepared, device, heartbeat)?;
         tx.commit()?;
         Ok(())
     }

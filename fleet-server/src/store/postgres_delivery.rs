@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use postgres::{Client, Transaction};
+use postgres::{Client, GenericClient, Transaction};
 use proto::delivery::{DeliveryEvent, DeliveryView, Evicted, TelemetryAck, TelemetryRow};
 
-use super::devices::{drifts_into, heartbeats_into, lock_devices, status_into};
+use super::devices::{drifts_into, heartbeats_into, status_into};
 use super::prepared::{PgConn, Prepared};
 use crate::store::{Accepted, Pruned, Report, SequencedReport, StoreError, StoredTelemetry, TelemetryQuery};
 
@@ -20,21 +20,8 @@ use crate::store::{Accepted, Pruned, Report, SequencedReport, StoreError, Stored
 pub fn record_reports(conn: &mut PgConn, reports: &[SequencedReport<'_>]) -> Result<Vec<Accepted>, StoreError> {
     let devices: Vec<&str> = reports.iter().map(|r| r.device).collect::<BTreeSet<_>>().into_iter().collect();
     let (mut tx, statements) = conn.transaction_and_statements()?;
-    lock_devices(&mut tx, devices.iter().copied())?;
     let mut prepared = Prepared::new(&mut tx, statements);
-    prepared.execute(
-        "INSERT INTO delivery (device) SELECT id FROM devices WHERE id = ANY($1) ON CONFLICT DO NOTHING",
-        &[&devices],
-    )?;
-    let floors = prepared
-        .query(
-            "SELECT delivery.device, delivery.floor FROM delivery JOIN devices ON devices.id = delivery.device
-             WHERE delivery.device = ANY($1)",
-            &[&devices],
-        )?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<HashMap<String, i64>, StoreError>>()?;
+    let floors = lock_ingest(&mut prepared, &devices)?;
     let (candidate_devices, candidate_seqs): (Vec<&str>, Vec<i64>) = candidates(reports, &floors).into_iter().unzip();
     let newly_received = prepared
         .query(
@@ -46,8 +33,8 @@ pub fn record_reports(conn: &mut PgConn, reports: &[SequencedReport<'_>]) -> Res
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<HashSet<(String, i64)>, StoreError>>()?;
     let settled = settle(reports, &floors, &newly_received);
-    // Heartbeats and windows are written a statement per table for the whole batch (the
-    // devices' rows stay locked until the commit). A status goes one by one, after the pending
+    // Heartbeats and windows are written a statement per table for the whole batch (its rows
+    // stay locked until the commit). A status goes one by one, after the pending
     // heartbeats of its device: both write a model's active version, and the later must win.
     let (mut heartbeats, mut windows) = (Vec::new(), Vec::new());
     let mut pending = HashSet::new();
@@ -77,6 +64,31 @@ pub fn record_reports(conn: &mut PgConn, reports: &[SequencedReport<'_>]) -> Res
     write_counters(&mut prepared, &settled.counters)?;
     tx.commit()?;
     Ok(settled.accepted)
+}
+
+/// Takes the ingest's lock on each of `devices` that is enrolled, in the order of their ids, and
+/// returns their floors: the lock is the device's `delivery` row, created here if it is missing.
+/// Every transaction that writes what a device reports (an ingest batch, a single heartbeat or
+/// status) takes it first, so no two of them wait for each other in a cycle, whatever their
+/// order of reports, and none of them locks a `devices` row, which check-ins update: a batch
+/// used to lock its devices' rows for its whole length, and check-ins queued behind it
+/// (docs/BENCHMARKS.md, "Device rows out of ingest batches").
+pub fn lock_ingest(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    devices: &[&str],
+) -> Result<HashMap<String, i64>, StoreError> {
+    conn.execute(
+        "INSERT INTO delivery (device) SELECT id FROM devices WHERE id = ANY($1) ORDER BY id ON CONFLICT DO NOTHING",
+        &[&devices],
+    )?;
+    conn.query(
+        "SELECT delivery.device, delivery.floor FROM delivery JOIN devices ON devices.id = delivery.device
+         WHERE delivery.device = ANY($1) ORDER BY delivery.device FOR NO KEY UPDATE OF delivery",
+        &[&devices],
+    )?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
 }
 
 /// Each (device, seq) of a known device at or above its stored floor, once: the rows to try

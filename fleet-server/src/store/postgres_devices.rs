@@ -38,7 +38,8 @@ pub fn insert_device(conn: &mut impl GenericClient, d: &NewDevice) -> Result<(),
 
 pub fn list_devices(conn: &mut Client) -> Result<Vec<DeviceView>, StoreError> {
     let rows = conn.query(
-        "SELECT id, name, labels, enrolled_ms, last_seen_ms, health, revoked_ms FROM devices ORDER BY name, id",
+        "SELECT d.id, d.name, d.labels, d.enrolled_ms, GREATEST(d.last_seen_ms, h.heartbeat_ms), h.health, d.revoked_ms
+         FROM devices d LEFT JOIN device_heartbeats h ON h.device = d.id ORDER BY d.name, d.id",
         &[],
     )?;
     let mut devices = Vec::with_capacity(rows.len());
@@ -217,7 +218,9 @@ pub fn check_in(
         &[&device, &(now_ms as i64), &freshness],
     )?;
     for status in statuses {
-        status_into(&mut prepared, device, status)?;
+        if status_row_is_free(&mut prepared, device, &status.model)? {
+            status_into(&mut prepared, device, status)?;
+        }
     }
     let desired = DesiredState {
         revision: seen.try_get::<_, i64>(0)? as u64,
@@ -229,13 +232,12 @@ pub fn check_in(
     Ok((desired, counter))
 }
 
-/// Locks the rows of `devices` in the order of their ids. Every transaction that changes rows of
-/// several devices (an ingest batch, a wave's or a deployment's desired writes) calls it first,
-/// and a check-in changes the rows of one: so no two wait for each other in a cycle. Taken as
-/// each statement came to them, a batch holding a device's status row waited for its device row
-/// while a check-in held that and waited for the status row, and a batch and a wave each held
-/// device rows the other wanted; PostgreSQL failed one of each pair as deadlocked
-/// (docs/BENCHMARKS.md, Load).
+/// Locks the rows of `devices` in the order of their ids. Every transaction that changes the
+/// `devices` rows of several devices (a wave's or a deployment's desired writes) calls it first,
+/// and a check-in changes the row of one: so no two wait for each other in a cycle. Taken as
+/// each statement came to them, a batch and a wave each held device rows the other wanted, and
+/// PostgreSQL failed one of each pair as deadlocked (docs/BENCHMARKS.md, Load). Ingest batches
+/// no longer write `devices` rows; they are ordered by `delivery::lock_ingest`.
 pub fn lock_devices<'a>(
     tx: &mut impl GenericClient,
     devices: impl IntoIterator<Item = &'a str>,
@@ -253,6 +255,26 @@ pub fn next_freshness_counter(conn: &mut impl GenericClient, device: &str) -> Re
         &[&device],
     )?;
     Ok(row.try_get::<_, i64>(0)? as u64)
+}
+
+/// Whether a check-in may write the status row of (`device`, `model`) without waiting: the row
+/// is missing, or this transaction has just locked it. A row that an ingest batch (or another
+/// check-in) holds is left to it: the status a check-in carries is the device's current one,
+/// which it also sends as an acknowledged report and again at its next check-in, while waiting
+/// for the batch's commit made check-ins queue behind ingest under load (docs/BENCHMARKS.md,
+/// "Device rows out of ingest batches"). Ingest batches write no `devices` row, so a check-in
+/// waits for none of them (only for a status row no one had, while a batch inserts it).
+fn status_row_is_free(
+    conn: &mut Prepared<'_, impl GenericClient>,
+    device: &str,
+    model: &str,
+) -> Result<bool, StoreError> {
+    let row = conn.query_one(
+        "SELECT NOT EXISTS (SELECT 1 FROM model_status WHERE device = $1 AND model = $2)
+             OR EXISTS (SELECT 1 FROM model_status WHERE device = $1 AND model = $2 FOR NO KEY UPDATE SKIP LOCKED)",
+        &[&device, &model],
+    )?;
+    Ok(row.try_get(0)?)
 }
 
 /// Keeps the newest status per (device, model): a late, older report changes nothing.
@@ -285,10 +307,10 @@ pub fn heartbeat_into(
 /// Applies heartbeats, in the order given, as `heartbeat_into` one by one would leave the rows
 /// (each device keeps its newest heartbeat, a newer one already stored wins, and each model row
 /// has what the last heartbeat applied that names it said), in three statements whatever their
-/// number. An ingest batch holds its devices' rows locked until it commits, and a check-in of
-/// any of them waits that long: one statement per heartbeat and per model made batches of
-/// hundreds of milliseconds under load (docs/BENCHMARKS.md, "Check-ins waiting on ingest").
-/// Heartbeats of devices that are not enrolled are left out.
+/// number: one statement per heartbeat and per model made batches of hundreds of milliseconds
+/// under load, holding their rows all the while (docs/BENCHMARKS.md, "Check-ins waiting on
+/// ingest"). Heartbeats of devices that are not enrolled are left out. Callers hold the
+/// devices' ingest locks (`delivery::lock_ingest`).
 pub fn heartbeats_into(
     conn: &mut Prepared<'_, impl GenericClient>,
     heartbeats: &[(&str, &Heartbeat)],
@@ -300,10 +322,11 @@ pub fn heartbeats_into(
     // The stored times matter only to a device with several heartbeats here (which of them
     // apply); a device with one is decided by the conditional update below alone.
     let mut newest: HashMap<String, i64> = if ids.len() < heartbeats.len() {
-        conn.query("SELECT id, COALESCE(heartbeat_ms, 0) FROM devices WHERE id = ANY($1)", &[&ids])?
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, StoreError>>()?
+        let mut newest: HashMap<String, i64> = ids.iter().map(|id| (id.to_string(), 0)).collect();
+        for r in conn.query("SELECT device, heartbeat_ms FROM device_heartbeats WHERE device = ANY($1)", &[&ids])? {
+            newest.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+        newest
     } else {
         ids.iter().map(|id| (id.to_string(), i64::MIN)).collect()
     };
@@ -325,16 +348,17 @@ pub fn heartbeats_into(
     }
     let (devices, healths, ats): (Vec<&str>, Vec<String>, Vec<i64>) =
         applied.iter().map(|(device, h)| (*device, json(&h.health), h.at_ms as i64)).collect();
-    // Conditional, and only the devices it updated get their model rows: the stored time may not
-    // have been read, and a caller that has not locked the rows (a single heartbeat) may meet a
-    // newer heartbeat stored since.
+    // Conditional, and only the devices it stored get their model rows: the stored time may not
+    // have been read, and a newer heartbeat may have been stored since it was. Devices that are
+    // not enrolled are left out by the join (read, not locked: `devices` rows are the check-ins').
     let updated: HashSet<String> = conn
         .query(
-            "UPDATE devices SET health = u.health, heartbeat_ms = u.at_ms,
-               last_seen_ms = GREATEST(COALESCE(devices.last_seen_ms, 0), u.at_ms)
-             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(id, health, at_ms)
-             WHERE devices.id = u.id AND COALESCE(devices.heartbeat_ms, 0) <= u.at_ms
-             RETURNING devices.id",
+            "INSERT INTO device_heartbeats (device, health, heartbeat_ms)
+             SELECT u.id, u.health, u.at_ms FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(id, health, at_ms)
+             JOIN devices ON devices.id = u.id
+             ON CONFLICT (device) DO UPDATE SET health = excluded.health, heartbeat_ms = excluded.heartbeat_ms
+             WHERE device_heartbeats.heartbeat_ms <= excluded.heartbeat_ms
+             RETURNING device",
             &[&devices, &healths, &ats],
         )?
         .iter()

@@ -12,7 +12,21 @@ const LOCK_NAMESPACE: i32 = 0x466c_7473; // "Flts"
 /// (version, SQL), in order. Version 1 is the schema the SQLite store had when PostgreSQL came:
 /// the same tables and columns, BIGINT for integers, BYTEA for blobs, identity columns where
 /// SQLite has rowids. Keys that are sorted on are `COLLATE "C"`, so they sort bytewise as SQLite's.
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3)];
+pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+
+/// A device's newest heartbeat (its health and when) in a table of its own, out of its `devices`
+/// row: a check-in updates that row, and an ingest batch writing heartbeats into it held it
+/// until the batch committed, so check-ins queued behind batches (docs/BENCHMARKS.md, "Device
+/// rows out of ingest batches"). A heartbeat no longer moves `devices.last_seen_ms`: readers
+/// take the later of the two.
+const V4: &str = r#"
+CREATE TABLE device_heartbeats (
+    device TEXT COLLATE "C" PRIMARY KEY, health TEXT, heartbeat_ms BIGINT NOT NULL);
+INSERT INTO device_heartbeats (device, health, heartbeat_ms)
+    SELECT id, health, heartbeat_ms FROM devices WHERE heartbeat_ms IS NOT NULL;
+ALTER TABLE devices DROP COLUMN health;
+ALTER TABLE devices DROP COLUMN heartbeat_ms;
+"#;
 
 /// Retention (`retention.rs`): when each telemetry row was stored, and an index on that time for
 /// drift windows and telemetry rows. Rows stored before this version count as stored when it

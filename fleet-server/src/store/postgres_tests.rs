@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::store::tests::{TestSchema, DATABASE_URL_VAR};
+use crate::store::Report;
 use postgres::Client;
 
 fn applied_versions(schema: &TestSchema) -> Vec<i64> {
@@ -101,4 +102,105 @@ fn a_database_error_says_what_the_database_said() {
     let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
     let err = store.execute_batch("SELECT * FROM no_such_table").unwrap_err().to_string();
     assert!(err.contains("no_such_table"), "{err}");
+}
+
+fn enrolled(store: &PostgresStore, id: &str) {
+    store
+        .insert_device(&NewDevice {
+            id: id.into(),
+            name: id.into(),
+            labels: Default::default(),
+            credential_hash: format!("hash-{id}"),
+            enrolled_ms: 1,
+            public_key: String::new(),
+            broker_hash: String::new(),
+        })
+        .unwrap();
+}
+
+fn active(detail: &str, at_ms: u64) -> UpdateStatus {
+    UpdateStatus {
+        model: "tabular".into(),
+        version: "1.0.0".into(),
+        step: proto::wire::UpdateStep::Active,
+        detail: detail.into(),
+        active_version: Some("1.0.0".into()),
+        at_ms,
+    }
+}
+
+fn view(store: &PostgresStore, id: &str) -> DeviceView {
+    store.list_devices().unwrap().into_iter().find(|d| d.id == id).unwrap()
+}
+
+#[test]
+fn heartbeats_stored_in_device_rows_before_version_4_move_to_their_table() {
+    let Some(schema) = TestSchema::new() else {
+        return eprintln!("skipped: {DATABASE_URL_VAR} is not set");
+    };
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    enrolled(&store, "d1");
+    enrolled(&store, "d2");
+    store
+        .execute_batch(
+            r#"DELETE FROM schema_migrations WHERE version = 4;
+            DROP TABLE device_heartbeats;
+            ALTER TABLE devices ADD COLUMN health TEXT, ADD COLUMN heartbeat_ms BIGINT;
+            UPDATE devices SET last_seen_ms = 900, heartbeat_ms = 900,
+              health = '{"cpu_percent":5.0,"memory_used_bytes":1,"memory_total_bytes":2,"disk_free_bytes":3,"disk_total_bytes":4}'
+              WHERE id = 'd1';"#,
+        )
+        .unwrap();
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    assert_eq!(applied_versions(&schema), all_versions());
+    let d1 = view(&store, "d1");
+    assert_eq!((d1.last_seen_ms, d1.health.map(|h| h.disk_free_bytes)), (Some(900), Some(3)));
+    let d2 = view(&store, "d2");
+    assert_eq!((d2.last_seen_ms, d2.health), (None, None), "no heartbeat, none made up");
+    let later = Heartbeat { at_ms: 1_000, uptime_secs: 1, health: Default::default(), models: Vec::new() };
+    let earlier = Heartbeat { at_ms: 800, ..later.clone() };
+    store.record_heartbeat("d1", &later).unwrap();
+    store.record_heartbeat("d1", &earlier).unwrap();
+    let d1 = view(&store, "d1");
+    assert_eq!((d1.last_seen_ms, d1.health.map(|h| h.disk_free_bytes)), (Some(1_000), Some(0)), "the newest wins");
+}
+
+/// An ingest batch holds the status rows of its devices until it commits. A check-in of one of
+/// them used to queue behind it (it updated the same device row and status row); now it leaves
+/// a status row another transaction holds, answers, and its next check-in writes it.
+#[test]
+fn a_check_in_does_not_wait_for_an_ingest_batch_holding_its_device() {
+    let Some(schema) = TestSchema::new() else {
+        return eprintln!("skipped: {DATABASE_URL_VAR} is not set");
+    };
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    enrolled(&store, "d1");
+    let seq = |seq, report| SequencedReport { device: "d1", seq, floor: 1, report };
+    let first = active("reported", 10);
+    store.record_reports(&[seq(1, Report::Status(&first))]).unwrap();
+
+    // What a batch of d1's holds, from its first statement to its commit.
+    let mut batch = Client::connect(&schema.url, NoTls).unwrap();
+    let mut held = batch.transaction().unwrap();
+    held.batch_execute(&format!(
+        "SET LOCAL search_path TO {0};
+         SELECT 1 FROM delivery WHERE device = 'd1' FOR NO KEY UPDATE;
+         UPDATE model_status SET inferences = inferences + 1 WHERE device = 'd1';
+         INSERT INTO device_heartbeats (device, heartbeat_ms) VALUES ('d1', 5);",
+        schema.name
+    ))
+    .unwrap();
+    let (answered, answer) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(|| answered.send(store.check_in("d1", 50, &[active("checked in", 20)], true)).unwrap());
+        let reply = answer.recv_timeout(std::time::Duration::from_secs(60));
+        held.commit().unwrap();
+        let (desired, counter) = reply.expect("the check-in answered while the batch held its rows").unwrap();
+        assert_eq!((desired.revision, counter), (0, Some(1)));
+    });
+    let d1 = view(&store, "d1");
+    assert_eq!(d1.last_seen_ms, Some(50), "seen, while the batch held its rows");
+    assert_eq!(d1.models[0].detail, "reported", "the busy status row was left to the batch");
+    store.check_in("d1", 60, &[active("checked in", 30)], false).unwrap();
+    assert_eq!(view(&store, "d1").models[0].detail, "checked in", "and written by the next check-in");
 }
