@@ -201,9 +201,17 @@ pub fn apply_cohort_defaults(
     let newcomers = once_each(newcomers.iter(), |(device, _)| device.as_str());
     let devices: Vec<&str> = newcomers.iter().map(|(device, _)| device.as_str()).collect();
     let versions: Vec<&str> = newcomers.iter().map(|(_, version)| version.as_str()).collect();
+    let mut prepared = Prepared::new(&mut tx, statements);
+    let stranger = prepared.query(
+        "SELECT wanted FROM unnest($1::TEXT[]) AS wanted WHERE NOT EXISTS (SELECT 1 FROM devices WHERE id = wanted) LIMIT 1",
+        &[&devices],
+    )?;
+    if let Some(row) = stranger.first() {
+        return Err(StoreError::not_enrolled(&row.try_get::<_, String>(0)?));
+    }
     // Only a device still without a desired version: a deployment since the caller read the
     // devices wins.
-    let rows = Prepared::new(&mut tx, statements).query(
+    let rows = prepared.query(
         "WITH written AS (
            INSERT INTO desired (device, model, version, attempt)
            SELECT device, $1, version, 0 FROM unnest($2::TEXT[], $3::TEXT[]) AS wanted(device, version)

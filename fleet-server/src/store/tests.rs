@@ -100,6 +100,7 @@ on_every_store!(
     operators_are_found_by_token_digest_until_revoked,
     desired_state_names_the_published_bundle_and_bumps_the_revision,
     a_deployment_naming_a_device_that_is_not_enrolled_is_a_conflict_and_writes_nothing,
+    a_cohort_default_for_a_device_that_is_not_enrolled_is_a_conflict_and_writes_nothing,
     republishing_a_version_with_other_bytes_is_a_conflict,
     a_drift_window_delivered_twice_is_stored_once_and_summarised_per_device,
     an_older_status_does_not_overwrite_a_newer_one,
@@ -327,6 +328,21 @@ fn a_deployment_naming_a_device_that_is_not_enrolled_is_a_conflict_and_writes_no
     device(store, "ghost");
     assert!(store.desired_state("ghost").unwrap().models.is_empty());
     assert_eq!(store.set_desired(&["d1".into()], "tabular", "1.0.0").unwrap(), vec![("d1".to_string(), 1)]);
+}
+
+fn a_cohort_default_for_a_device_that_is_not_enrolled_is_a_conflict_and_writes_nothing(store: &TestStore) {
+    device(store, "d1");
+    store.put_bundle(&bundle("1.0.0", "aa")).unwrap();
+    let newcomers = [("d1".to_string(), "1.0.0".to_string()), ("ghost".to_string(), "1.0.0".to_string())];
+    match store.apply_cohort_defaults("tabular", &newcomers, &[]) {
+        Err(StoreError::Conflict(message)) => assert_eq!(message, "device \"ghost\" is not enrolled"),
+        other => panic!("expected a conflict naming the device, got {other:?}"),
+    }
+    let d1 = store.desired_state("d1").unwrap();
+    assert_eq!((d1.revision, d1.models.len()), (0, 0), "the enrolled newcomer named with it was not told either");
+    device(store, "ghost");
+    assert!(store.desired_state("ghost").unwrap().models.is_empty(), "no desired row left behind");
+    assert_eq!(store.apply_cohort_defaults("tabular", &newcomers[..1], &[]).unwrap(), vec![("d1".to_string(), 1)]);
 }
 
 fn republishing_a_version_with_other_bytes_is_a_conflict(store: &TestStore) {
