@@ -2,7 +2,7 @@
 //! it cannot use. The store's behaviour itself is tested against both stores in `store/tests.rs`.
 
 use super::*;
-use crate::store::tests::{TestSchema, DATABASE_URL_VAR};
+use crate::store::tests::{new_device, TestSchema, DATABASE_URL_VAR};
 use crate::store::Report;
 use postgres::Client;
 
@@ -105,17 +105,7 @@ fn a_database_error_says_what_the_database_said() {
 }
 
 fn enrolled(store: &PostgresStore, id: &str) {
-    store
-        .insert_device(&NewDevice {
-            id: id.into(),
-            name: id.into(),
-            labels: Default::default(),
-            credential_hash: format!("hash-{id}"),
-            enrolled_ms: 1,
-            public_key: String::new(),
-            broker_hash: String::new(),
-        })
-        .unwrap();
+    store.insert_device(&new_device(id, &format!("hash-{id}"), 1)).unwrap();
 }
 
 fn active(detail: &str, at_ms: u64) -> UpdateStatus {
