@@ -8,7 +8,7 @@ use proto::wire::AuditAction;
 use thiserror::Error;
 
 use super::decide::{revert_touched, Decision};
-use super::state::{DeviceInfo, Effect, Member, MemberStatus, Phase, Rollout};
+use super::state::{eligible_order, DeviceInfo, Effect, Member, MemberStatus, Phase, Rollout};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum RolloutError {
@@ -52,10 +52,7 @@ pub fn create(
     }
     let members: BTreeMap<String, Member> =
         cohort.iter().map(|device| (device.id.clone(), new_member(device, &plan, &salt, false))).collect();
-    let mut order: Vec<(&String, f64)> =
-        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
-    order.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)));
-    let order: Vec<String> = order.into_iter().map(|(id, _)| id.clone()).collect();
+    let order = eligible_order(&members);
     if order.is_empty() {
         return Err(RolloutError::NoEligible);
     }

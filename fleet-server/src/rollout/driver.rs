@@ -18,7 +18,7 @@ use super::cohort_default::{newcomer_versions, CohortDefault};
 use super::create::{admit_late_joiners, busy_devices, create, operate, OperatorAction, RolloutError};
 use super::decide::{decide_and_read, Decision, LiveGates};
 use super::observe::WindowCache;
-use super::state::{DeviceInfo, Effect, MemberStatus, Observations, Rollout};
+use super::state::{member_writes, DeviceInfo, Effect, MemberStatus, MemberWrites, Observations, Rollout};
 use crate::drift::ModelDrift;
 use crate::lease::Lease;
 use crate::notify::Notifier;
@@ -282,7 +282,7 @@ impl Driver {
             rollout.plan.waves.len()
         );
         let effects = vec![Effect::Audit { action: AuditAction::Created, detail }];
-        self.commit(Decision { rollout, effects }, &actor).await
+        self.commit(Decision { rollout, effects }, MemberWrites::All, &actor).await
     }
 
     /// Reads, decides and saves; read again when another server saved the rollout in between.
@@ -292,7 +292,8 @@ impl Driver {
             let lookup = id.clone();
             let rollout = self.blocking(move |s| s.rollout(&lookup)).await?.ok_or(DriverError::NotFound(id.clone()))?;
             let decision = operate(&rollout, action, crate::unix_ms())?;
-            match self.commit(decision, &actor).await {
+            let members = member_writes(&rollout, &decision.rollout);
+            match self.commit(decision, members, &actor).await {
                 Err(DriverError::Store(StoreError::Stale(_))) if attempt < OPERATOR_ATTEMPTS => attempt += 1,
                 outcome => return outcome,
             }
@@ -366,7 +367,8 @@ impl Driver {
         for rollout in rollouts.iter().filter(|r| r.plan.model == model) {
             let mut rollout = rollout.clone();
             if let Some(joined) = admit_late_joiners(&rollout, &devices, &busy) {
-                rollout = timed(&mut spent.saving, self.commit(joined, "engine")).await?;
+                let members = member_writes(&rollout, &joined.rollout);
+                rollout = timed(&mut spent.saving, self.commit(joined, members, "engine")).await?;
                 busy.extend(rollout.members.keys().map(|id| (id.clone(), rollout.id.clone())));
             }
             if rollout.phase != super::Phase::Running {
@@ -386,12 +388,18 @@ impl Driver {
                 let live = gates.map(|gates| (now, gates));
                 cache.restore(observations);
                 let changed = decision.rollout != rollout || !decision.effects.is_empty();
-                Ok((changed.then_some(decision), cache, live))
+                let save = changed.then(|| {
+                    let members = member_writes(&rollout, &decision.rollout);
+                    (decision, members)
+                });
+                Ok((save, cache, live))
             });
             let (decision, cache, live) = timed(&mut spent.deciding, observe_and_decide).await?;
             self.caches().insert(id.clone(), cache);
             let saved = match decision {
-                Some(decision) => timed(&mut spent.saving, self.commit(decision, "engine")).await?.revision,
+                Some((decision, members)) => {
+                    timed(&mut spent.saving, self.commit(decision, members, "engine")).await?.revision
+                }
                 None => rollout_revision,
             };
             if let Some((read_ms, gates)) = live {
@@ -445,7 +453,8 @@ impl Driver {
     }
 
     /// Persist first (state, audit and desired versions in one transaction), then notify devices.
-    async fn commit(&self, decision: Decision, actor: &str) -> Result<Rollout, DriverError> {
+    /// `members` names those the decision changed (the store writes only those).
+    async fn commit(&self, decision: Decision, members: MemberWrites, actor: &str) -> Result<Rollout, DriverError> {
         let now = crate::unix_ms();
         let Decision { rollout, effects } = decision;
         let mut audit = Vec::new();
@@ -471,7 +480,7 @@ impl Driver {
         }
         let (revisions, rollout) = self
             .blocking(move |s| {
-                let revisions = s.save_rollout(&rollout, &audit, &desired)?;
+                let revisions = s.save_rollout(&rollout, &members, &audit, &desired)?;
                 Ok((revisions, rollout))
             })
             .await?;
@@ -519,7 +528,8 @@ impl Driver {
                     _ => None,
                 })
                 .collect();
-            let revisions = self.blocking(move |s| s.save_rollout(&rollout, &[], &wanted)).await?;
+            let revisions =
+                self.blocking(move |s| s.save_rollout(&rollout, &MemberWrites::Only(Vec::new()), &[], &wanted)).await?;
             self.notify(revisions);
         }
         Ok(())
@@ -626,7 +636,7 @@ mod tests {
         let device = enrolled_d1(store.as_ref());
         let mut rollout = create("ro-1", plan(), &[device], &Default::default(), 1).unwrap();
         rollout.phase = Phase::Paused;
-        store.save_rollout(&rollout, &[], &[]).unwrap();
+        store.save_rollout(&rollout, &MemberWrites::All, &[], &[]).unwrap();
         let (_handle, cancel) = ticking(&store, Duration::from_millis(20));
         let waiting = |store: &Arc<dyn Store>| store.rollout("ro-1").unwrap().unwrap().members["d1"].status.clone();
         // The driver holds it paused for a few ticks and leaves it be.
@@ -635,7 +645,7 @@ mod tests {
         // Another server resumes it: the driver's next tick reads it again and starts its wave.
         let mut resumed = store.rollout("ro-1").unwrap().unwrap();
         resumed.phase = Phase::Running;
-        store.save_rollout(&resumed, &[], &[]).unwrap();
+        store.save_rollout(&resumed, &MemberWrites::All, &[], &[]).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while waiting(&store) == MemberStatus::Waiting {
             assert!(std::time::Instant::now() < deadline, "the resumed rollout was never driven");
@@ -664,6 +674,7 @@ mod tests {
         store
             .save_rollout(
                 &rollout,
+                &MemberWrites::All,
                 &[],
                 &[DesiredChange {
                     device: "d1".into(),
@@ -693,6 +704,7 @@ mod tests {
         let revisions = store
             .save_rollout(
                 &rollout,
+                &MemberWrites::All,
                 &[],
                 &[DesiredChange {
                     device: "d1".into(),
@@ -710,6 +722,7 @@ mod tests {
         let again = store
             .save_rollout(
                 &rollout,
+                &MemberWrites::All,
                 &[],
                 &[DesiredChange {
                     device: "d1".into(),
@@ -749,7 +762,7 @@ mod tests {
         let device = enrolled_d1(store.as_ref());
         let rollout = create("ro-live", plan(), &[device], &Default::default(), 1).unwrap();
         assert_eq!(rollout.phase, Phase::Running);
-        store.save_rollout(&rollout, &[], &[]).unwrap();
+        store.save_rollout(&rollout, &MemberWrites::All, &[], &[]).unwrap();
 
         let (handle, cancel) = started(&store);
         // The first tick runs at once; it assigns d1 (a save) and reads the gates.

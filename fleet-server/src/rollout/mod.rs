@@ -16,7 +16,7 @@ pub mod state;
 pub use cohort_default::CohortDefault;
 pub use decide::{decide, Decision};
 pub use observe::observe;
-pub use state::{DeviceInfo, Effect, Member, MemberStatus, Observations, Phase, Rollout};
+pub use state::{DeviceInfo, Effect, Member, MemberStatus, MemberWrites, Observations, Phase, Rollout};
 
 #[cfg(test)]
 mod membership_tests;

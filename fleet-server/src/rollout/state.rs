@@ -178,6 +178,117 @@ pub struct Rollout {
     pub revision: u64,
 }
 
+/// A rollout without its members: what the store keeps in the rollout's own row. The members are
+/// rows of their own, so a tick that moves a hundred of 10,000 members writes a hundred rows
+/// instead of the whole cohort's 1.6 MB of JSON (docs/BENCHMARKS.md, "Rollout wave save"). The
+/// wave order is not stored: it follows from the members ([`eligible_order`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RolloutHead {
+    pub id: String,
+    pub plan: RolloutPlan,
+    pub salt: String,
+    pub phase: Phase,
+    pub wave: usize,
+    pub soak_until_ms: Option<u64>,
+    #[serde(default)]
+    pub promoted: bool,
+    #[serde(default)]
+    pub waiting_for: Option<String>,
+    #[serde(default)]
+    pub shadow_passed: bool,
+    pub reason: Option<String>,
+    pub evidence: Option<Evidence>,
+    pub created_ms: u64,
+}
+
+/// The eligible (non-holdout) members in bucket order, ties by id: the order waves take prefixes
+/// of. Rollouts keep it as they grow (late joiners are inserted at their bucket's place).
+pub fn eligible_order(members: &BTreeMap<String, Member>) -> Vec<String> {
+    let mut order: Vec<(&String, f64)> =
+        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)));
+    order.into_iter().map(|(id, _)| id.clone()).collect()
+}
+
+impl Rollout {
+    /// Everything but the members (and the order that follows from them).
+    pub fn head(&self) -> RolloutHead {
+        RolloutHead {
+            id: self.id.clone(),
+            plan: self.plan.clone(),
+            salt: self.salt.clone(),
+            phase: self.phase,
+            wave: self.wave,
+            soak_until_ms: self.soak_until_ms,
+            promoted: self.promoted,
+            waiting_for: self.waiting_for.clone(),
+            shadow_passed: self.shadow_passed,
+            reason: self.reason.clone(),
+            evidence: self.evidence.clone(),
+            created_ms: self.created_ms,
+        }
+    }
+
+    /// The rollout stored as `head` and `members`, at store revision `revision`.
+    pub fn from_parts(head: RolloutHead, members: BTreeMap<String, Member>, revision: u64) -> Rollout {
+        let RolloutHead {
+            id,
+            plan,
+            salt,
+            phase,
+            wave,
+            soak_until_ms,
+            promoted,
+            waiting_for,
+            shadow_passed,
+            reason,
+            evidence,
+            created_ms,
+        } = head;
+        let order = eligible_order(&members);
+        Rollout {
+            id,
+            plan,
+            salt,
+            phase,
+            wave,
+            soak_until_ms,
+            promoted,
+            waiting_for,
+            shadow_passed,
+            reason,
+            evidence,
+            created_ms,
+            members,
+            order,
+            revision,
+        }
+    }
+}
+
+/// Which of a rollout's members a save writes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MemberWrites {
+    /// Every member, replacing whatever the store holds: a new rollout, or one saved from a
+    /// state whose stored members are not known.
+    All,
+    /// Only these (new or changed since the revision the rollout was read at); the store keeps
+    /// the others as they are.
+    Only(Vec<String>),
+}
+
+/// What a save of `after` must write when the store holds `before` (the same rollout at the
+/// revision it was read at): the members that joined or changed. A member that left (never done
+/// today) makes it all of them, so the stored set cannot keep one that is gone.
+pub fn member_writes(before: &Rollout, after: &Rollout) -> MemberWrites {
+    if before.members.keys().any(|id| !after.members.contains_key(id)) {
+        return MemberWrites::All;
+    }
+    MemberWrites::Only(
+        after.members.iter().filter(|(id, m)| before.members.get(*id) != Some(*m)).map(|(id, _)| id.clone()).collect(),
+    )
+}
+
 /// An enrolled device as a rollout's cohort selection sees it.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct DeviceInfo {

@@ -6,6 +6,7 @@
 
 mod pool;
 mod postgres;
+mod rollout_rows;
 mod sqlite;
 
 use proto::delivery::{DeliveryEvent, DeliveryView, TelemetryAck, TelemetryRow};
@@ -15,7 +16,7 @@ use proto::wire::{
 
 pub use self::postgres::{without_password, PostgresStore};
 use crate::drift::retrain::Watch;
-use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, MemberWrites, Phase, Rollout};
 use proto::events::RetrainEvent;
 pub use sqlite::SqliteStore;
 use thiserror::Error;
@@ -390,14 +391,16 @@ pub trait Store: Send + Sync + 'static {
         since_ms: u64,
         received_from_ms: u64,
     ) -> Result<ObservationRows, StoreError>;
-    /// Writes the rollout state, its audit lines and the desired versions it sets in one
-    /// transaction (and, once it has completed, its version as the cohort default); returns the
-    /// devices whose revision changed (unchanged assertions are quiet). The save is refused with
-    /// [`StoreError::Stale`] unless the stored rollout is still at `rollout.revision` (0: it must
-    /// not exist yet); the stored revision becomes `rollout.revision + 1`.
+    /// Writes the rollout state (its head, and of its members those `members` names), its audit
+    /// lines and the desired versions it sets in one transaction (and, once it has completed,
+    /// its version as the cohort default); returns the devices whose revision changed
+    /// (unchanged assertions are quiet). The save is refused with [`StoreError::Stale`] unless
+    /// the stored rollout is still at `rollout.revision` (0: it must not exist yet); the stored
+    /// revision becomes `rollout.revision + 1`.
     fn save_rollout(
         &self,
         rollout: &Rollout,
+        members: &MemberWrites,
         audit: &[AuditEntry],
         desired: &[DesiredChange],
     ) -> Result<Vec<(String, u64)>, StoreError>;

@@ -27,7 +27,7 @@ use super::{
     Pruned, SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
-use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, MemberWrites, Phase, Rollout};
 
 /// Connections one server opens at most (PostgreSQL's default limit is 100 for all clients).
 const CONNECTIONS: usize = 8;
@@ -511,10 +511,11 @@ impl Store for PostgresStore {
     fn save_rollout(
         &self,
         rollout: &Rollout,
+        members: &MemberWrites,
         audit: &[AuditEntry],
         desired: &[DesiredChange],
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        rollouts::save(&mut *self.conn()?, rollout, audit, desired)
+        rollouts::save(&mut *self.conn()?, rollout, members, audit, desired)
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {

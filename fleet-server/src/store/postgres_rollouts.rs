@@ -8,7 +8,8 @@ use proto::wire::{AuditEntry, UpdateStep};
 
 use super::devices::lock_devices;
 use super::prepared::{PgConn, Prepared};
-use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, MemberWrites, Phase, Rollout};
+use crate::store::rollout_rows::{head_json, member_rows, rollout_from_rows};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
 /// A deployment: `devices` are told to run `version` of `model` at once (no shadow, no
@@ -292,10 +293,12 @@ pub fn parse_step(device: &str, text: &str) -> Result<UpdateStep, StoreError> {
 pub fn save(
     conn: &mut PgConn,
     rollout: &Rollout,
+    members: &MemberWrites,
     audit: &[AuditEntry],
     desired: &[DesiredChange],
 ) -> Result<Vec<(String, u64)>, StoreError> {
-    let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let state = head_json(rollout)?;
+    let (devices, member_texts) = member_rows(rollout, members)?;
     let (mut tx, statements) = conn.transaction_and_statements()?;
     lock_devices(&mut tx, desired.iter().map(|d| d.device.as_str()))?;
     let saved = if rollout.revision == 0 {
@@ -312,6 +315,17 @@ pub fn save(
     };
     if saved == 0 {
         return Err(StoreError::Stale(rollout.id.clone()));
+    }
+    if *members == MemberWrites::All && rollout.revision != 0 {
+        tx.execute("DELETE FROM rollout_members WHERE rollout = $1", &[&rollout.id])?;
+    }
+    if !devices.is_empty() {
+        tx.execute(
+            "INSERT INTO rollout_members (rollout, device, member)
+             SELECT $1, u.device, u.member FROM UNNEST($2::TEXT[], $3::TEXT[]) AS u(device, member)
+             ON CONFLICT (rollout, device) DO UPDATE SET member = excluded.member",
+            &[&rollout.id, &devices, &member_texts],
+        )?;
     }
     for entry in audit {
         append_audit(&mut tx, entry)?;
@@ -344,16 +358,20 @@ pub fn append_audit(conn: &mut impl GenericClient, e: &AuditEntry) -> Result<(),
 pub fn load(conn: &mut PgConn, id: Option<&str>, active_only: bool) -> Result<Vec<Rollout>, StoreError> {
     let active: Vec<&str> = Phase::ACTIVE.iter().map(|p| p.as_str()).collect();
     let rows = conn.prepared().query(
-        "SELECT state, revision FROM rollouts WHERE ($1::TEXT IS NULL OR id = $1) AND (NOT $2 OR phase = ANY($3))
+        "SELECT id, state, revision FROM rollouts WHERE ($1::TEXT IS NULL OR id = $1) AND (NOT $2 OR phase = ANY($3))
          ORDER BY created_ms DESC, id",
         &[&id, &active_only, &active],
     )?;
     rows.iter()
         .map(|r| {
-            let mut rollout: Rollout =
-                serde_json::from_str(r.try_get(0)?).map_err(|e| StoreError::Corrupt(format!("rollout state: {e}")))?;
-            rollout.revision = r.try_get::<_, i64>(1)? as u64;
-            Ok(rollout)
+            let id: &str = r.try_get(0)?;
+            let members = conn
+                .prepared()
+                .query("SELECT device, member FROM rollout_members WHERE rollout = $1", &[&id])?
+                .iter()
+                .map(|m| Ok((m.try_get(0)?, m.try_get(1)?)))
+                .collect::<Result<Vec<(String, String)>, StoreError>>()?;
+            rollout_from_rows(r.try_get(1)?, r.try_get::<_, i64>(2)? as u64, members)
         })
         .collect()
 }

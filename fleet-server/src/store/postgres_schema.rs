@@ -12,7 +12,20 @@ const LOCK_NAMESPACE: i32 = 0x466c_7473; // "Flts"
 /// (version, SQL), in order. Version 1 is the schema the SQLite store had when PostgreSQL came:
 /// the same tables and columns, BIGINT for integers, BYTEA for blobs, identity columns where
 /// SQLite has rowids. Keys that are sorted on are `COLLATE "C"`, so they sort bytewise as SQLite's.
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4)];
+pub const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, V3), (4, V4), (5, V5)];
+
+/// A rollout's members as rows of their own (`rollout_rows.rs`): a save writes the members that
+/// changed instead of the whole cohort in the rollout's JSON state (1.6 MB at 10,000 members,
+/// rewritten by every tick that moved one). The stored members move out of each state, and the
+/// wave order is dropped (it follows from the members).
+const V5: &str = r#"
+CREATE TABLE rollout_members (
+    rollout TEXT COLLATE "C" NOT NULL, device TEXT COLLATE "C" NOT NULL, member TEXT NOT NULL,
+    PRIMARY KEY (rollout, device));
+INSERT INTO rollout_members (rollout, device, member)
+    SELECT r.id, m.key, m.value::TEXT FROM rollouts r, jsonb_each(r.state::jsonb -> 'members') m;
+UPDATE rollouts SET state = (state::jsonb - 'members' - 'order')::TEXT;
+"#;
 
 /// A device's newest heartbeat (its health and when) in a table of its own, out of its `devices`
 /// row: a check-in updates that row, and an ingest batch writing heartbeats into it held it

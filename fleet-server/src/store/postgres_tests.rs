@@ -194,3 +194,22 @@ fn a_check_in_does_not_wait_for_an_ingest_batch_holding_its_device() {
     store.check_in("d1", 60, &[active("checked in", 30)], false).unwrap();
     assert_eq!(view(&store, "d1").models[0].detail, "checked in", "and written by the next check-in");
 }
+
+#[test]
+fn a_rollout_stored_whole_before_members_were_rows_reads_back_the_same() {
+    use crate::store::tests::{back_to_whole_rollout_states, rollout_with_a_late_joiner};
+    let Some(schema) = TestSchema::new() else {
+        return eprintln!("skipped: {DATABASE_URL_VAR} is not set");
+    };
+    let created = rollout_with_a_late_joiner();
+    let rollout = crate::rollout::Rollout { revision: 1, ..created.clone() };
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    store.save_rollout(&created, &MemberWrites::All, &[], &[]).unwrap();
+    store.execute_batch(&back_to_whole_rollout_states(5, &rollout)).unwrap();
+    let store = PostgresStore::open(&schema.url, Some(&schema.name)).unwrap();
+    assert_eq!(applied_versions(&schema), all_versions());
+    assert_eq!(store.rollout("r1").unwrap(), Some(rollout.clone()));
+    let mut client = Client::connect(&schema.url, NoTls).unwrap();
+    let state: String = client.query_one(&format!("SELECT state FROM {}.rollouts", schema.name), &[]).unwrap().get(0);
+    assert!(!state.contains("\"members\"") && !state.contains("\"order\""), "{state}");
+}

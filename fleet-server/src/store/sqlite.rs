@@ -25,7 +25,7 @@ use super::{
     Pruned, SequencedReport, Store, StoreError, StoredDrift, StoredTelemetry, TelemetryQuery,
 };
 use crate::drift::retrain::Watch;
-use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, MemberWrites, Phase, Rollout};
 use proto::delivery::{DeliveryView, TelemetryAck, TelemetryRow};
 use proto::events::RetrainEvent;
 use proto::wire::AuditEntry;
@@ -488,10 +488,11 @@ impl Store for SqliteStore {
     fn save_rollout(
         &self,
         rollout: &Rollout,
+        members: &MemberWrites,
         audit: &[AuditEntry],
         desired: &[DesiredChange],
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        rollouts::save(&mut self.conn(), rollout, audit, desired)
+        rollouts::save(&mut self.conn(), rollout, members, audit, desired)
     }
 
     fn rollout(&self, id: &str) -> Result<Option<Rollout>, StoreError> {

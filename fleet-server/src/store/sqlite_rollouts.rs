@@ -5,7 +5,8 @@ use proto::window::ActivationWindow;
 use proto::wire::{AuditEntry, UpdateStep};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::rollout::{CohortDefault, DeviceInfo, Phase, Rollout};
+use crate::rollout::{CohortDefault, DeviceInfo, MemberWrites, Phase, Rollout};
+use crate::store::rollout_rows::{head_json, member_rows, rollout_from_rows};
 use crate::store::{DesiredChange, ObservationRows, StatusRow, StoreError, WindowRow};
 
 /// A `desired` row's version, attempt, shadow version and rate, and activation window (JSON).
@@ -229,10 +230,12 @@ pub fn parse_step(device: &str, text: &str) -> Result<UpdateStep, StoreError> {
 pub fn save(
     conn: &mut Connection,
     rollout: &Rollout,
+    members: &MemberWrites,
     audit: &[AuditEntry],
     desired: &[DesiredChange],
 ) -> Result<Vec<(String, u64)>, StoreError> {
-    let state = serde_json::to_string(rollout).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let state = head_json(rollout)?;
+    let (devices, member_texts) = member_rows(rollout, members)?;
     let tx = conn.transaction()?;
     let saved = if rollout.revision == 0 {
         tx.execute(
@@ -248,6 +251,18 @@ pub fn save(
     };
     if saved == 0 {
         return Err(StoreError::Stale(rollout.id.clone()));
+    }
+    if *members == MemberWrites::All && rollout.revision != 0 {
+        tx.execute("DELETE FROM rollout_members WHERE rollout = ?1", params![rollout.id])?;
+    }
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO rollout_members (rollout, device, member) VALUES (?1, ?2, ?3)
+             ON CONFLICT (rollout, device) DO UPDATE SET member = excluded.member",
+        )?;
+        for (device, member) in devices.iter().zip(&member_texts) {
+            upsert.execute(params![rollout.id, device, member])?;
+        }
     }
     for entry in audit {
         insert_audit(&tx, entry)?;
@@ -292,19 +307,24 @@ pub fn append_audit(conn: &Connection, entry: &AuditEntry) -> Result<(), StoreEr
 pub fn load(conn: &Connection, id: Option<&str>, active_only: bool) -> Result<Vec<Rollout>, StoreError> {
     let [running, paused] = Phase::ACTIVE.map(Phase::as_str);
     let mut stmt = conn.prepare_cached(
-        "SELECT state, revision FROM rollouts WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR phase IN (?3, ?4))
+        "SELECT id, state, revision FROM rollouts WHERE (?1 IS NULL OR id = ?1) AND (NOT ?2 OR phase IN (?3, ?4))
          ORDER BY created_ms DESC, id",
     )?;
-    let rows = stmt
-        .query_map(params![id, active_only, running, paused], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-    rows.map(|row| {
-        let (text, revision) = row?;
-        let mut rollout: Rollout =
-            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("rollout state: {e}")))?;
-        rollout.revision = revision as u64;
-        Ok(rollout)
-    })
-    .collect()
+    let heads = stmt
+        .query_map(params![id, active_only, running, paused], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut members = conn.prepare_cached("SELECT device, member FROM rollout_members WHERE rollout = ?1")?;
+    heads
+        .into_iter()
+        .map(|(id, head, revision)| {
+            let rows = members
+                .query_map(params![id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rollout_from_rows(&head, revision as u64, rows)
+        })
+        .collect()
 }
 
 pub fn active_revisions(conn: &Connection) -> Result<Vec<(String, u64)>, StoreError> {

@@ -14,7 +14,7 @@ use crate::store::StoreError;
 type Migration = fn(&Connection) -> rusqlite::Result<()>;
 
 /// (version, migration), in order.
-pub const MIGRATIONS: &[(i64, Migration)] = &[(1, v1), (2, v2), (3, v3)];
+pub const MIGRATIONS: &[(i64, Migration)] = &[(1, v1), (2, v2), (3, v3), (4, v4)];
 
 const V1_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS tokens (
@@ -112,6 +112,20 @@ fn v3(tx: &Connection) -> rusqlite::Result<()> {
     tx.execute_batch(
         "CREATE INDEX IF NOT EXISTS drift_by_received ON drift (received_ms);
          CREATE INDEX IF NOT EXISTS telemetry_by_received ON telemetry (received_ms);",
+    )
+}
+
+/// A rollout's members as rows of their own (`rollout_rows.rs`): a save writes the members that
+/// changed instead of the whole cohort in the rollout's JSON state. The stored members move out
+/// of each state, and the wave order is dropped (it follows from the members).
+fn v4(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS rollout_members (
+             rollout TEXT NOT NULL, device TEXT NOT NULL, member TEXT NOT NULL,
+             PRIMARY KEY (rollout, device)) WITHOUT ROWID;
+         INSERT OR IGNORE INTO rollout_members (rollout, device, member)
+             SELECT r.id, m.key, m.value FROM rollouts r, json_each(r.state, '$.members') m;
+         UPDATE rollouts SET state = json_remove(state, '$.members', '$.order');",
     )
 }
 

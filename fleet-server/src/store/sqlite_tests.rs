@@ -48,6 +48,23 @@ fn rows_from_before_retention_count_as_stored_at_the_upgrade() {
 }
 
 #[test]
+fn a_rollout_stored_whole_before_members_were_rows_reads_back_the_same() {
+    use crate::store::tests::{back_to_whole_rollout_states, rollout_with_a_late_joiner};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let created = rollout_with_a_late_joiner();
+    let rollout = crate::rollout::Rollout { revision: 1, ..created.clone() };
+    let store = SqliteStore::open(&path).unwrap();
+    store.save_rollout(&created, &MemberWrites::All, &[], &[]).unwrap();
+    store.execute_batch(&back_to_whole_rollout_states(4, &rollout)).unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(versions(&path), all_versions());
+    assert_eq!(store.rollout("r1").unwrap(), Some(rollout.clone()));
+    let state: String = store.conn().query_row("SELECT state FROM rollouts", [], |r| r.get(0)).unwrap();
+    assert!(!state.contains("\"members\"") && !state.contains("\"order\""), "{state}");
+}
+
+#[test]
 fn opening_a_migrated_database_again_applies_nothing_and_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");

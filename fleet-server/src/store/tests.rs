@@ -4,6 +4,7 @@
 //! PostgreSQL instances pass and say they were skipped.
 
 use super::*;
+use crate::rollout::MemberWrites;
 use crate::store::Report;
 use proto::drift::WindowSketch;
 use proto::lineage::MAX_HISTORY;
@@ -116,6 +117,7 @@ on_every_store!(
     retention_keeps_what_a_running_rollout_may_read,
     a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it,
     a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale,
+    a_rollout_save_writes_the_members_it_names_and_keeps_the_others_as_stored,
     a_rollouts_desired_writes_raise_only_the_changed_devices_revisions_and_a_deploy_raises_every_one,
     a_lease_has_one_holder_until_it_expires_or_is_released,
     only_running_and_paused_rollouts_are_read_as_active_and_every_phase_is_counted,
@@ -636,7 +638,7 @@ fn retention_keeps_what_a_running_rollout_may_read(store: &TestStore) {
     let created_ms = 50 * 86_400_000;
     let mut rollout = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), created_ms).unwrap();
     let save = |rollout: &mut crate::rollout::Rollout| {
-        store.save_rollout(rollout, &[], &[]).unwrap();
+        store.save_rollout(rollout, &MemberWrites::All, &[], &[]).unwrap();
         rollout.revision += 1;
     };
     save(&mut rollout);
@@ -664,14 +666,17 @@ fn a_rollouts_activation_window_reaches_the_desired_state_and_a_deploy_clears_it
         shadow: None,
         window: window.cloned(),
     };
-    assert_eq!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().len(), 1);
+    assert_eq!(store.save_rollout(&rollout, &MemberWrites::All, &[], &[change(Some(&window))]).unwrap().len(), 1);
     assert_eq!(store.desired_state("d1").unwrap().models[0].activation_window, Some(window.clone()));
     rollout.revision += 1;
-    assert!(store.save_rollout(&rollout, &[], &[change(Some(&window))]).unwrap().is_empty(), "unchanged");
+    assert!(
+        store.save_rollout(&rollout, &MemberWrites::All, &[], &[change(Some(&window))]).unwrap().is_empty(),
+        "unchanged"
+    );
     rollout.revision += 1;
     let wider = proto::window::ActivationWindow::new("01:00", "05:00");
     assert_eq!(
-        store.save_rollout(&rollout, &[], &[change(Some(&wider))]).unwrap().len(),
+        store.save_rollout(&rollout, &MemberWrites::All, &[], &[change(Some(&wider))]).unwrap().len(),
         1,
         "a new window is a change"
     );
@@ -704,7 +709,7 @@ fn a_rollouts_desired_writes_raise_only_the_changed_devices_revisions_and_a_depl
         window: None,
     };
     let mut save = |desired: &[DesiredChange]| {
-        let revised = store.save_rollout(&rollout, &[], desired).unwrap();
+        let revised = store.save_rollout(&rollout, &MemberWrites::All, &[], desired).unwrap();
         rollout.revision += 1;
         revised
     };
@@ -746,9 +751,9 @@ fn a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale(store
         toml::from_str("model = \"tabular\"\nversion = \"2.0.0\"\nwaves = [{percent = 100.0}]").unwrap();
     let d1 = crate::rollout::DeviceInfo { id: "d1".into(), active_version: Some("1.0.0".into()), ..Default::default() };
     let created = crate::rollout::create::create("r1", plan, &[d1], &Default::default(), 1).unwrap();
-    store.save_rollout(&created, &[], &[]).unwrap();
+    store.save_rollout(&created, &MemberWrites::All, &[], &[]).unwrap();
     assert!(
-        matches!(store.save_rollout(&created, &[], &[]), Err(StoreError::Stale(id)) if id == "r1"),
+        matches!(store.save_rollout(&created, &MemberWrites::All, &[], &[]), Err(StoreError::Stale(id)) if id == "r1"),
         "created twice"
     );
     // Two servers read revision 1; the first to save wins, the second is refused and changes nothing.
@@ -756,11 +761,11 @@ fn a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale(store
     assert_eq!(read.revision, 1);
     let mut paused = read.clone();
     paused.phase = crate::rollout::Phase::Paused;
-    store.save_rollout(&paused, &[], &[]).unwrap();
+    store.save_rollout(&paused, &MemberWrites::All, &[], &[]).unwrap();
     let mut advanced = read.clone();
     advanced.wave = 1;
     let change = DesiredChange { device: "d1".into(), version: "2.0.0".into(), attempt: 0, shadow: None, window: None };
-    let refused = store.save_rollout(&advanced, &[], &[change]);
+    let refused = store.save_rollout(&advanced, &MemberWrites::All, &[], &[change]);
     assert!(matches!(refused, Err(StoreError::Stale(_))), "{refused:?}");
     let stored = store.rollout("r1").unwrap().unwrap();
     assert_eq!((stored.phase, stored.wave, stored.revision), (crate::rollout::Phase::Paused, 0, 2));
@@ -768,8 +773,81 @@ fn a_rollout_saved_by_another_writer_since_it_was_read_is_refused_as_stale(store
     // Read again, it saves.
     let mut again = stored;
     again.wave = 1;
-    store.save_rollout(&again, &[], &[]).unwrap();
+    store.save_rollout(&again, &MemberWrites::All, &[], &[]).unwrap();
     assert_eq!(store.rollout("r1").unwrap().unwrap().revision, 3);
+}
+
+/// A rollout `r1` of eight devices (some in the holdout), one of them failed with a reason that
+/// holds a quote, and one that joined late.
+pub(crate) fn rollout_with_a_late_joiner() -> crate::rollout::Rollout {
+    use crate::rollout::create::{admit_late_joiners, create, Busy};
+    use crate::rollout::DeviceInfo;
+    let plan: proto::rollout::RolloutPlan = toml::from_str(
+        "model = \"tabular\"\nversion = \"2.0.0\"\nholdout = 0.3\nwaves = [{percent = 50.0}, {percent = 100.0}]",
+    )
+    .unwrap();
+    let info = |id: &str| DeviceInfo { id: id.into(), active_version: Some("1.0.0".into()), ..Default::default() };
+    let devices: Vec<DeviceInfo> = (1..=7).map(|i| info(&format!("d{i}"))).collect();
+    let mut rollout = create("r1", plan, &devices, &Busy::new(), 1).unwrap();
+    let first = rollout.order[0].clone();
+    let member = rollout.members.get_mut(&first).unwrap();
+    member.status = crate::rollout::MemberStatus::Failed("checksum of 'model.onnx' differs".into());
+    member.wave = Some(0);
+    member.assigned_ms = Some(5);
+    admit_late_joiners(&rollout, &[info("d8")], &Busy::new()).unwrap().rollout
+}
+
+fn a_rollout_save_writes_the_members_it_names_and_keeps_the_others_as_stored(store: &TestStore) {
+    use crate::rollout::state::member_writes;
+    use crate::rollout::{MemberStatus, Rollout};
+    let created = rollout_with_a_late_joiner();
+    store.save_rollout(&created, &MemberWrites::All, &[], &[]).unwrap();
+    let read = store.rollout("r1").unwrap().unwrap();
+    assert_eq!(read, Rollout { revision: 1, ..created.clone() }, "read back whole, the late joiner in its place");
+
+    // A tick moves one member and the wave: the save names that member only.
+    let mut moved = read.clone();
+    let second = moved.order[1].clone();
+    moved.members.get_mut(&second).unwrap().status = MemberStatus::Active;
+    moved.wave = 1;
+    let writes = member_writes(&read, &moved);
+    assert_eq!(writes, MemberWrites::Only(vec![second.clone()]));
+    store.save_rollout(&moved, &writes, &[], &[]).unwrap();
+    assert_eq!(store.rollout("r1").unwrap().unwrap(), Rollout { revision: 2, ..moved.clone() });
+
+    // What a save does not name stays as stored, whatever the saved copy holds.
+    let mut unnamed = Rollout { revision: 2, ..moved.clone() };
+    let third = unnamed.order[2].clone();
+    unnamed.members.get_mut(&third).unwrap().status = MemberStatus::Active;
+    store.save_rollout(&unnamed, &MemberWrites::Only(Vec::new()), &[], &[]).unwrap();
+    let stored = store.rollout("r1").unwrap().unwrap();
+    assert_eq!(stored.members[&third], read.members[&third], "a member not named was written");
+    assert_eq!(stored.members[&second].status, MemberStatus::Active);
+
+    // All replaces the stored members: one gone from the saved copy is gone from the store.
+    let mut shrunk = stored.clone();
+    shrunk.members.remove("d8");
+    shrunk.order.retain(|id| id != "d8");
+    assert_eq!(member_writes(&stored, &shrunk), MemberWrites::All);
+    store.save_rollout(&shrunk, &MemberWrites::All, &[], &[]).unwrap();
+    assert_eq!(store.rollout("r1").unwrap().unwrap(), Rollout { revision: 4, ..shrunk.clone() });
+
+    // Naming a member the rollout does not have is refused before anything is written.
+    let refused =
+        store.save_rollout(&Rollout { revision: 4, ..shrunk }, &MemberWrites::Only(vec!["d8".into()]), &[], &[]);
+    assert!(matches!(refused, Err(StoreError::Corrupt(ref text)) if text.contains("d8")), "{refused:?}");
+    assert_eq!(store.rollout("r1").unwrap().unwrap().revision, 4);
+}
+
+/// Turns a migrated store's rollout `r1` back into one stored whole in its state (its members
+/// and order in the JSON, no member rows), as before migration `version`.
+pub(crate) fn back_to_whole_rollout_states(version: i64, rollout: &crate::rollout::Rollout) -> String {
+    let whole = serde_json::to_string(rollout).unwrap().replace('\'', "''");
+    format!(
+        "DELETE FROM schema_migrations WHERE version = {version};
+         DROP TABLE rollout_members;
+         UPDATE rollouts SET state = '{whole}' WHERE id = 'r1';"
+    )
 }
 
 fn only_running_and_paused_rollouts_are_read_as_active_and_every_phase_is_counted(store: &TestStore) {
@@ -790,10 +868,10 @@ fn only_running_and_paused_rollouts_are_read_as_active_and_every_phase_is_counte
             i as u64,
         )
         .unwrap();
-        store.save_rollout(&rollout, &[], &[]).unwrap();
+        store.save_rollout(&rollout, &MemberWrites::All, &[], &[]).unwrap();
         rollout.revision = 1;
         rollout.phase = phase;
-        store.save_rollout(&rollout, &[], &[]).unwrap();
+        store.save_rollout(&rollout, &MemberWrites::All, &[], &[]).unwrap();
     }
     let active: Vec<(String, Phase)> = store.active_rollouts().unwrap().into_iter().map(|r| (r.id, r.phase)).collect();
     assert_eq!(active, vec![("r3".to_string(), Phase::Paused), ("r1".to_string(), Phase::Running)], "newest first");
