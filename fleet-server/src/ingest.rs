@@ -254,7 +254,7 @@ impl Ingest {
             if received == 0 {
                 break;
             }
-            self.on_batch(std::mem::take(&mut batch)).await;
+            self.on_batch(std::mem::take(&mut batch), &cancel).await;
         }
     }
 
@@ -263,8 +263,10 @@ impl Ingest {
     /// redelivered until then) and, per device in one message, every record stored now or
     /// before. Unreadable or forged records are logged and acknowledged to the broker so they do
     /// not come back forever; one the store refused is not, so the broker redelivers it after a
-    /// reconnect.
-    async fn on_batch(&mut self, publishes: Vec<Publish>) {
+    /// reconnect. Acknowledgements that cannot be sent are logged once per batch: a warning,
+    /// or a note when the server is shutting down (its broker session is closing, and the broker
+    /// and devices send those records again to whoever serves next).
+    async fn on_batch(&mut self, publishes: Vec<Publish>, cancel: &CancellationToken) {
         let revocations = self.revocations.generation();
         if revocations != self.seen_revocations {
             self.known.keys.clear();
@@ -284,6 +286,7 @@ impl Ingest {
         };
         self.known = known;
         let mut acks: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        let mut unsent = UnsentAcks::default();
         for (publish, slot) in publishes.iter().zip(slots) {
             let done = match slot {
                 Slot::Done => true,
@@ -303,15 +306,50 @@ impl Ingest {
             };
             if done {
                 if let Err(e) = self.client.ack(publish).await {
-                    tracing::warn!(error = %e, "broker acknowledgement not sent");
+                    unsent.to_broker += 1;
+                    unsent.first_error.get_or_insert_with(|| e.to_string());
                 }
             }
         }
         for (device, seqs) in acks {
             let topic = Topic::Ack { device: device.to_string() }.render();
             if let Err(e) = self.client.try_publish(topic, QoS::AtMostOnce, false, encode(&Ack { seqs })) {
-                tracing::warn!(error = %e, "acknowledgement not sent; the device will send the records again");
+                unsent.to_devices += 1;
+                unsent.first_error.get_or_insert_with(|| e.to_string());
             }
+        }
+        unsent.log(cancel.is_cancelled());
+    }
+}
+
+/// The acknowledgements of one batch that could not be sent, logged in one line.
+#[derive(Default)]
+struct UnsentAcks {
+    /// Publishes the broker was not told were handled: it delivers them again.
+    to_broker: usize,
+    /// Devices not told which records were stored: they send them again.
+    to_devices: usize,
+    first_error: Option<String>,
+}
+
+impl UnsentAcks {
+    fn log(&self, shutting_down: bool) {
+        let Some(error) = &self.first_error else { return };
+        let (to_broker, to_devices) = (self.to_broker, self.to_devices);
+        if shutting_down {
+            tracing::info!(
+                to_broker,
+                to_devices,
+                error = %error,
+                "acknowledgements not sent while shutting down; the broker and the devices send those records again"
+            );
+        } else {
+            tracing::warn!(
+                to_broker,
+                to_devices,
+                error = %error,
+                "acknowledgements not sent; the broker and the devices send those records again"
+            );
         }
     }
 }
