@@ -8,7 +8,7 @@ use proto::wire::AuditAction;
 use thiserror::Error;
 
 use super::decide::{revert_touched, Decision};
-use super::state::{eligible_order, DeviceInfo, Effect, Member, MemberStatus, Phase, Rollout};
+use super::state::{eligible_order, wave_order, DeviceInfo, Effect, Member, MemberStatus, Phase, Rollout};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum RolloutError {
@@ -118,7 +118,7 @@ pub fn admit_late_joiners(current: &Rollout, devices: &[DeviceInfo], busy: &Busy
             "the holdout".to_string()
         } else {
             let key = (member.bucket, device.id.as_str());
-            let at = r.order.partition_point(|id| (r.members[id].bucket, id.as_str()) < key);
+            let at = r.order.partition_point(|id| wave_order((r.members[id].bucket, id), key).is_lt());
             r.order.insert(at, device.id.clone());
             format!("position {} of {} in wave order", at + 1, r.order.len())
         };

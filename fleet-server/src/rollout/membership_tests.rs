@@ -7,7 +7,7 @@ use proto::rollout::RolloutPlan;
 use proto::wire::{AuditAction, UpdateStep};
 
 use super::create::{admit_late_joiners, busy_devices, create, operate, OperatorAction};
-use super::state::{DeviceInfo, DeviceObservation, Effect, MemberStatus, Observations, Phase, Rollout};
+use super::state::{eligible_order, DeviceInfo, DeviceObservation, Effect, MemberStatus, Observations, Phase, Rollout};
 use super::{decide, Decision};
 
 const T0: u64 = 1_000_000;
@@ -150,6 +150,7 @@ fn a_late_joiner_lands_in_the_holdout_or_the_wave_order_by_its_stable_bucket() {
         assert_eq!(m.holdout, m.bucket < 0.5, "{id}");
         assert_eq!(joined.order.contains(id), !m.holdout, "{id}");
     }
+    assert_eq!(joined.order, eligible_order(&joined.members), "the order held is the order read back");
     let holdouts = late.iter().filter(|(_, m)| m.holdout).count();
     assert!((8..=32).contains(&holdouts), "about half of 40 late devices fall in a 50% holdout, got {holdouts}");
     let again = create("r1", joined.plan.clone(), &fleet, &Default::default(), T0).unwrap();

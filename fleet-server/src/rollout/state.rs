@@ -204,10 +204,17 @@ pub struct RolloutHead {
 /// The eligible (non-holdout) members in bucket order, ties by id: the order waves take prefixes
 /// of. Rollouts keep it as they grow (late joiners are inserted at their bucket's place).
 pub fn eligible_order(members: &BTreeMap<String, Member>) -> Vec<String> {
-    let mut order: Vec<(&String, f64)> =
-        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (id, m.bucket)).collect();
-    order.sort_by(|a, b| a.1.total_cmp(&b.1).then_with(|| a.0.cmp(b.0)));
-    order.into_iter().map(|(id, _)| id.clone()).collect()
+    let mut order: Vec<(f64, &String)> =
+        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (m.bucket, id)).collect();
+    order.sort_by(|a, b| wave_order((a.0, a.1), (b.0, b.1)));
+    order.into_iter().map(|(_, id)| id.clone()).collect()
+}
+
+/// How two eligible members, as (bucket, id), compare in wave order: the one comparison both
+/// [`eligible_order`] and a late joiner's insertion use, so the order a server holds is the
+/// order it reads back.
+pub fn wave_order(a: (f64, &str), b: (f64, &str)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1))
 }
 
 impl Rollout {
