@@ -204,10 +204,10 @@ pub struct RolloutHead {
 /// The eligible (non-holdout) members in bucket order, ties by id: the order waves take prefixes
 /// of. Rollouts keep it as they grow (late joiners are inserted at their bucket's place).
 pub fn eligible_order(members: &BTreeMap<String, Member>) -> Vec<String> {
-    let mut order: Vec<(f64, &String)> =
-        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (m.bucket, id)).collect();
-    order.sort_by(|a, b| wave_order((a.0, a.1), (b.0, b.1)));
-    order.into_iter().map(|(_, id)| id.clone()).collect()
+    let mut order: Vec<(f64, &str)> =
+        members.iter().filter(|(_, m)| !m.holdout).map(|(id, m)| (m.bucket, id.as_str())).collect();
+    order.sort_by(|a, b| wave_order(*a, *b));
+    order.into_iter().map(|(_, id)| id.to_string()).collect()
 }
 
 /// How two eligible members, as (bucket, id), compare in wave order: the one comparison both
